@@ -1,0 +1,11 @@
+"""qgraph: a compression compiler for ONNX models.
+
+    model, report = qgraph.optimize("model.onnx", "fold,cleanup", output="model.opt.onnx")
+"""
+from qgraph.api import optimize
+from qgraph.errors import ModelError, OptionError, PassError, QGraphError
+from qgraph.pipeline import Context, Pass, PassManager, PassResult
+
+__version__ = "0.1.0"
+__all__ = ["optimize", "Context", "Pass", "PassManager", "PassResult",
+           "QGraphError", "ModelError", "OptionError", "PassError"]

@@ -1,0 +1,283 @@
+"""Instruments observe a pipeline from outside the passes: Report, Verify, Dump.
+
+Measurement lives here, not in the passes: a pass returns notes; these record size, parameters,
+MACs, node counts and time after every pass (Report), check outputs against the original model
+through ONNX Runtime (Verify), or write the model after every pass (Dump).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from qgraph import ir
+from qgraph.analysis import model_stats
+from qgraph.errors import QGraphError
+from qgraph.pipeline import Context, Instrument, Pass, PassResult
+
+
+# ----------------------------------------------------------------------------- Report
+
+class Report(Instrument):
+    """Per pass: model bytes, parameters, MACs, node count by op type, wall time and the pass's notes."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.meta: dict[str, Any] = {}
+
+    def start(self, g, model, ctx) -> None:
+        self.rows = [self._row("input", 0, model, seconds=0.0, notes={})]
+
+    def after(self, index: int, p: Pass, g, model, result: PassResult, seconds: float, ctx: Context) -> None:
+        row = self._row(p.label(), index, model, seconds, result.notes)
+        row["modified"] = result.modified
+        self.rows.append(row)
+
+    @staticmethod
+    def _row(name: str, index: int, model: onnx.ModelProto, seconds: float, notes: dict) -> dict:
+        s = model_stats(model)
+        return {"pass": name, "index": index, "bytes": s.bytes, "params": s.params, "macs": s.macs,
+                "nodes": s.nodes, "ops": dict(sorted(s.ops.items())), "seconds": round(seconds, 4),
+                "notes": _jsonable(notes)}
+
+    def attach_verify(self, index: int, diffs: dict[str, dict[str, float]], tolerance: float | None) -> None:
+        for row in self.rows:
+            if row["index"] == index:
+                row["verify"] = {"outputs": diffs, "tolerance": tolerance}
+
+    def to_dict(self) -> dict:
+        return {"qgraph_report": 1, **self.meta, "passes": self.rows}
+
+    def save(self, path: str | os.PathLike) -> None:
+        ir.atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+
+    def format(self) -> str:
+        if not self.rows:
+            return "(empty report)"
+        head = ["#", "pass", "nodes", "params", "size", "MACs", "time", "verify", "notes"]
+        table = [head]
+        for r in self.rows:
+            v = r.get("verify")
+            vtxt = "-"
+            if v:
+                worst = max((d["max_rel"] for d in v["outputs"].values()), default=0.0)
+                vtxt = f"rel {worst:.1e}"
+            table.append([str(r["index"]), r["pass"], str(r["nodes"]), _si(r["params"]),
+                          _bytes(r["bytes"]), _si(r["macs"]), f"{r['seconds']:.2f}s", vtxt,
+                          _notes(r["notes"])])
+        widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+        lines = []
+        for row in table:
+            cells = [c.ljust(w) if i in (1,) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+            lines.append("  ".join(cells) + "  " + row[-1])
+        lines.insert(1, "-" * min(120, len(lines[0])))
+        lines.append("")
+        lines.append(self._op_table())
+        return "\n".join(lines)
+
+    def _op_table(self) -> str:
+        """Op-type counts across the pipeline, only the rows that changed (plus the total)."""
+        ops = sorted({op for r in self.rows for op in r["ops"]})
+        changed = [op for op in ops if len({r["ops"].get(op, 0) for r in self.rows}) > 1]
+        stages = [str(r["index"]) for r in self.rows]
+        width = max([len(op) for op in changed] + [len("op type")])
+        out = ["op type".ljust(width) + "  " + "  ".join(s.rjust(4) for s in stages) + "   (after pass #)"]
+        for op in changed:
+            out.append(op.ljust(width) + "  " + "  ".join(str(r["ops"].get(op, 0)).rjust(4) for r in self.rows))
+        if not changed:
+            out.append("(no op counts changed)")
+        return "\n".join(out)
+
+
+def _si(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for unit, div in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n}B"
+
+
+def _notes(notes: dict) -> str:
+    parts = []
+    for k, v in notes.items():
+        if k == "details":
+            continue
+        if isinstance(v, dict):
+            if v:
+                parts.append(f"{k}: " + ", ".join(f"{kk}={vv}" for kk, vv in v.items()))
+        elif isinstance(v, (list, tuple)):
+            parts.append(f"{k}={len(v)}")
+        elif isinstance(v, bool):
+            parts.append(f"{k}={'yes' if v else 'no'}")
+        elif isinstance(v, (int, float)) and v == 0:
+            continue  # zero counts are noise in the table; the JSON keeps them
+        elif isinstance(v, float):
+            parts.append(f"{k}={v:.4g}")
+        else:
+            parts.append(f"{k}={v}")
+    return "; ".join(parts) or "-"
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+# ----------------------------------------------------------------------------- Verify
+
+class VerifyError(QGraphError):
+    pass
+
+
+def ort_session(model: onnx.ModelProto, *, threads: int = 0):
+    """One ONNX Runtime CPU session for a ModelProto (through a temp file when it is too large)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        if not ir.is_large(model):
+            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        import tempfile
+        tmp = tempfile.mkdtemp(prefix="qgraph-ort-")
+        path = os.path.join(tmp, "model.onnx")
+        ir.save(model, path)
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise QGraphError(f"ONNX Runtime cannot load the model: {ir._first_line(exc)}") from None
+
+
+def seeded_inputs(model: onnx.ModelProto, seed: int, batch: int = 2) -> dict[str, np.ndarray]:
+    """Random inputs for every graph input: normal floats, small ints (token-id-like), masks of ones.
+
+    Symbolic dimensions become ``batch`` for the first axis and 8 elsewhere.
+    """
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (batch if i == 0 else 8)
+                for i, d in enumerate(tt.shape.dim)]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        lname = vi.name.lower()
+        if np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[vi.name] = rng.random(dims) < 0.5
+        elif "mask" in lname:
+            feeds[vi.name] = np.ones(dims, dtype=dtype)
+        elif "type" in lname or "segment" in lname:
+            feeds[vi.name] = np.zeros(dims, dtype=dtype)
+        else:
+            feeds[vi.name] = rng.integers(0, 100, size=dims).astype(dtype)
+    return feeds
+
+
+def output_diffs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per output: max |Δ| and max |Δ| / max |reference| (a relative error that does not blow up at 0)."""
+    out = {}
+    for name, r in ref.items():
+        g = got[name]
+        if r.shape != g.shape:
+            raise VerifyError(f"output '{name}' changed shape: {r.shape} -> {g.shape}")
+        r64, g64 = r.astype(np.float64), g.astype(np.float64)
+        max_abs = float(np.max(np.abs(r64 - g64))) if r.size else 0.0
+        scale = float(np.max(np.abs(r64))) if r.size else 0.0
+        out[name] = {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs}
+    return out
+
+
+class Verify(Instrument):
+    """After each pass, run the current model and the original through ORT on the same inputs.
+
+    A pass that claims to preserve function (``Pass.preserves_function``) fails when its worst
+    output's relative error exceeds the pass's ``tolerance`` (or the one given here).
+    Inputs: the first calibration batch when calibration data is given, else seeded random inputs.
+    """
+
+    def __init__(self, report: Report | None = None, tolerance: float | None = None, max_samples: int = 8):
+        self.report = report
+        self.tolerance = tolerance
+        self.max_samples = max_samples
+        self.feeds: dict[str, np.ndarray] = {}
+        self.reference: dict[str, np.ndarray] = {}
+        self.history: list[tuple[str, dict]] = []
+
+    def start(self, g, model, ctx: Context) -> None:
+        self.feeds = self._inputs(model, ctx)
+        self.reference = self._run(model)
+
+    def _inputs(self, model: onnx.ModelProto, ctx: Context) -> dict[str, np.ndarray]:
+        if ctx.calib is not None:
+            batch = next(iter(ctx.calib.batches(self.max_samples)), None)
+            if batch:
+                return batch
+        return seeded_inputs(model, ctx.seed)
+
+    def _run(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+        sess = ort_session(model)
+        names = [o.name for o in sess.get_outputs()]
+        wanted = {i.name for i in sess.get_inputs()}
+        missing = wanted - set(self.feeds)
+        if missing:
+            raise VerifyError(f"verify inputs lack {', '.join(sorted(missing))}")
+        try:
+            outs = sess.run(names, {k: v for k, v in self.feeds.items() if k in wanted})
+        except Exception as exc:
+            raise VerifyError(f"ONNX Runtime failed to run the model: {ir._first_line(exc)}") from None
+        return dict(zip(names, outs))
+
+    def after(self, index, p, g, model, result, seconds, ctx) -> None:
+        got = self._run(model)
+        missing = set(self.reference) - set(got)
+        if missing:
+            raise VerifyError(f"outputs disappeared: {', '.join(sorted(missing))}")
+        diffs = output_diffs(self.reference, got)
+        tol = self.tolerance if self.tolerance is not None else p.tolerance
+        self.history.append((p.label(), diffs))
+        if self.report is not None:
+            self.report.attach_verify(index, diffs, tol if p.preserves_function else None)
+        if p.preserves_function:
+            name, worst = max(diffs.items(), key=lambda kv: kv[1]["max_rel"])
+            if worst["max_rel"] > tol:
+                raise VerifyError(f"output '{name}' differs from the original: max rel diff "
+                                  f"{worst['max_rel']:.3g} > tolerance {tol:g} (max abs {worst['max_abs']:.3g})")
+
+
+# ----------------------------------------------------------------------------- Dump
+
+class Dump(Instrument):
+    """Write ``DIR/NN_<pass>.onnx`` after every pass (``00_input.onnx`` first), for bisecting."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+
+    def start(self, g, model, ctx) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ir.save(model, self.dir / "00_input.onnx")
+
+    def after(self, index, p, g, model, result, seconds, ctx) -> None:
+        ir.save(model, self.dir / f"{index:02d}_{p.name}.onnx")

@@ -1,0 +1,438 @@
+"""Pass infrastructure: Pass, PassResult, Context, PassManager, and the ``-p`` option syntax.
+
+A pipeline is the user's ordered list of passes; the manager runs it in exactly that order,
+checks each pass's preconditions on the graph, runs ``onnx.checker`` after every pass, and lets
+instruments (report, verify, dump) observe each step. Any failure becomes a ``PassError`` naming
+the pass and the ones already run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Sequence
+
+import numpy as np
+import onnx
+
+from qgraph import ir
+from qgraph.errors import OptionError, PassError, QGraphError
+
+
+# ----------------------------------------------------------------------------- results and context
+
+@dataclass
+class PassResult:
+    """What a pass did: whether it changed the graph, and what it wants reported."""
+    modified: bool
+    notes: dict = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What several passes share across one pipeline run.
+
+    calib     -- calibration inputs (a ``qgraph.data.Samples``), or None
+    seed      -- seed for everything random (Verify inputs, k-means init, sampling)
+    original  -- the model as loaded, before any pass (for Verify and for passes that compare)
+    stats     -- cached statistics, keyed by whoever computes them (e.g. calibration ranges)
+    state     -- facts one pass leaves for a later one (e.g. BatchNorm statistics kept by ``fold``)
+    progress  -- whether long steps show progress bars
+    """
+    calib: Any = None
+    seed: int = 0
+    original: onnx.ModelProto | None = None
+    stats: dict = field(default_factory=dict)
+    state: dict = field(default_factory=dict)
+    progress: bool = True
+
+    def rng(self, salt: int = 0) -> np.random.Generator:
+        return np.random.default_rng([self.seed, salt])
+
+
+# ----------------------------------------------------------------------------- preconditions
+
+@dataclass(frozen=True)
+class Requirement:
+    """A property the graph must have before a pass runs, checked on the graph itself."""
+    name: str
+    check: Callable[[ir.Graph], str | None]  # None when satisfied, else what is wrong
+    hint: str = ""
+
+    def __call__(self, g: ir.Graph) -> str | None:
+        return self.check(g)
+
+
+def _no_op(op: str) -> Callable[[ir.Graph], str | None]:
+    def check(g: ir.Graph) -> str | None:
+        n = sum(1 for node in g.nodes if node.op == op)
+        return f"{n} {op} node(s) left" if n else None
+    return check
+
+
+no_batchnorm = Requirement("no BatchNormalization left", _no_op("BatchNormalization"),
+                           hint="put 'fold' before this pass")
+not_quantized = Requirement("no QuantizeLinear/DequantizeLinear yet",
+                            lambda g: (None if not any(n.op in ("QuantizeLinear", "DequantizeLinear")
+                                                       for n in g.nodes)
+                                       else "the model is already quantized"),
+                            hint="run this pass before 'quant'")
+quantized = Requirement("QuantizeLinear/DequantizeLinear present",
+                        lambda g: (None if any(n.op == "DequantizeLinear" for n in g.nodes)
+                                   else "the model has no DequantizeLinear nodes"),
+                        hint="put 'quant' before this pass")
+
+
+# ----------------------------------------------------------------------------- options
+
+@dataclass
+class NoOptions:
+    """This pass takes no options."""
+
+
+def option(default: Any, help: str, *, choices: Sequence[Any] | None = None,
+           range: tuple[float, float] | None = None) -> Any:
+    """A pass option: a dataclass field with help text and an optional set of choices or a range."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "range": range}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+LIST_SEPARATOR = ";"
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _convert(pass_name: str, f: dataclasses.Field, raw: Any, hints: dict) -> Any:
+    typ = hints.get(f.name, str)
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    where = f"{pass_name}:{f.name}"
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        non_none = [a for a in args if a is not type(None)]
+        if isinstance(raw, str) and raw.lower() in ("none", "") and type(None) in args:
+            return None
+        if raw is None and type(None) in args:
+            return None
+        typ = non_none[0] if non_none else str
+        origin, args = typing.get_origin(typ), typing.get_args(typ)
+    try:
+        if origin in (tuple, list):
+            items = raw.split(LIST_SEPARATOR) if isinstance(raw, str) else list(raw)
+            item_t = args[0] if args else str
+            value = tuple(_scalar(item_t, x.strip() if isinstance(x, str) else x) for x in items
+                          if not (isinstance(x, str) and not x.strip()))
+        elif origin is dict:
+            value = _parse_mapping(raw, args)
+        else:
+            value = _scalar(typ, raw)
+    except (ValueError, TypeError):
+        kind = getattr(typ, "__name__", str(typ))
+        raise OptionError(f"{where}: expected {kind}, got {raw!r}") from None
+    meta = f.metadata or {}
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise OptionError(f"{where}: {raw!r} is not one of {', '.join(map(str, choices))}")
+    rng = meta.get("range")
+    if rng and value is not None and not (rng[0] <= value <= rng[1]):
+        raise OptionError(f"{where}: {value} is outside [{rng[0]}, {rng[1]}]")
+    return value
+
+
+def _scalar(typ: Any, raw: Any) -> Any:
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        s = str(raw).strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+        raise ValueError(raw)
+    if typ is int:
+        if isinstance(raw, bool):
+            raise ValueError(raw)
+        if isinstance(raw, str):
+            return int(raw.strip(), 0)
+        if isinstance(raw, float) and not raw.is_integer():
+            raise ValueError(raw)
+        return int(raw)
+    if typ is float:
+        if isinstance(raw, bool):
+            raise ValueError(raw)
+        return float(raw)
+    return str(raw) if typ is str else typ(raw)
+
+
+def _parse_mapping(raw: Any, args: tuple) -> dict:
+    """``name@value;name@value`` -> {name: value} (for per-node overrides on the command line)."""
+    if isinstance(raw, dict):
+        items = raw.items()
+    else:
+        items = []
+        for part in str(raw).split(LIST_SEPARATOR):
+            if not part.strip():
+                continue
+            if "@" not in part:
+                raise ValueError(part)
+            k, v = part.rsplit("@", 1)
+            items.append((k.strip(), v.strip()))
+    vt = args[1] if len(args) == 2 else str
+    return {str(k): _scalar(vt, v) for k, v in items}
+
+
+def make_options(pass_cls: type["Pass"], values: dict[str, Any]) -> Any:
+    """Build the pass's options dataclass from raw values, with did-you-mean for unknown names."""
+    opts_cls = pass_cls.options
+    fields = {f.name: f for f in dataclasses.fields(opts_cls)}
+    hints = typing.get_type_hints(opts_cls)
+    kwargs = {}
+    for key, raw in values.items():
+        if key not in fields:
+            valid = ", ".join(fields) if fields else "none (this pass takes no options)"
+            guess = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+            raise OptionError(f"unknown option '{key}' for pass '{pass_cls.name}'{hint}; valid: {valid}")
+        kwargs[key] = _convert(pass_cls.name, fields[key], raw, hints)
+    opts = opts_cls(**kwargs)
+    check = getattr(opts, "validate", None)
+    if callable(check):
+        problem = check()
+        if problem:
+            raise OptionError(f"{pass_cls.name}: {problem}")
+    return opts
+
+
+def describe_options(pass_cls: type["Pass"]) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, help) for each option of a pass, for --explain and the README."""
+    rows = []
+    hints = typing.get_type_hints(pass_cls.options)
+    for f in dataclasses.fields(pass_cls.options):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        typ = hints.get(f.name)
+        tname = getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
+        meta = f.metadata or {}
+        help_text = meta.get("help", "")
+        if meta.get("choices"):
+            help_text += f" [{'|'.join(map(str, meta['choices']))}]"
+        if meta.get("range"):
+            help_text += f" [{meta['range'][0]}..{meta['range'][1]}]"
+        rows.append((f.name, tname, _fmt_default(default), help_text))
+    return rows
+
+
+def _fmt_default(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (tuple, list)):
+        return LIST_SEPARATOR.join(map(str, v)) if v else "(none)"
+    if isinstance(v, dict):
+        return LIST_SEPARATOR.join(f"{k}@{x}" for k, x in v.items()) if v else "(none)"
+    return "(none)" if v is None else str(v)
+
+
+# ----------------------------------------------------------------------------- passes
+
+class Pass:
+    """Base of every pass. Subclasses set ``name``, ``summary``, ``options``, ``requires`` and
+    implement ``run(g, ctx) -> PassResult``.
+
+    ``preserves_function`` says the pass claims to keep the model's outputs (within
+    ``tolerance``, a relative error: max|Δ| / max|reference| per output); ``Verify`` holds it to that.
+    """
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    options: ClassVar[type] = NoOptions
+    requires: ClassVar[tuple[Requirement, ...]] = ()
+    preserves_function: ClassVar[bool] = True
+    tolerance: ClassVar[float] = 1e-4
+
+    def __init__(self, opts: Any = None, **values: Any):
+        if opts is not None and values:
+            raise OptionError(f"{self.name}: give an options object or keyword options, not both")
+        self.opts = opts if opts is not None else make_options(type(self), values)
+
+    def run(self, g: ir.Graph, ctx: Context) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError(f"pass {self.name} has no run()")
+
+    def unmet(self, g: ir.Graph) -> str | None:
+        """The first unmet precondition as a message, or None."""
+        for req in self.requires:
+            problem = req(g)
+            if problem:
+                hint = f"; {req.hint}" if req.hint else ""
+                return f"requires {req.name}: {problem}{hint}"
+        return None
+
+    def label(self) -> str:
+        """The pass as it would be written on the command line, with its non-default options."""
+        changed = []
+        for f in dataclasses.fields(self.opts):
+            value = getattr(self.opts, f.name)
+            default = (f.default if f.default is not dataclasses.MISSING
+                       else f.default_factory())  # type: ignore[misc]
+            if value != default:
+                changed.append(f"{f.name}={_fmt_default(value)}")
+        return self.name + (":" + ",".join(changed) if changed else "")
+
+    def __repr__(self) -> str:
+        return f"<Pass {self.label()}>"
+
+
+# ----------------------------------------------------------------------------- -p syntax
+
+_TOKEN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+def parse_pipeline(spec: str | Sequence[str]) -> list[tuple[str, dict[str, str]]]:
+    """``"fold,quant:bits=4,granularity=channel"`` -> [("fold", {}), ("quant", {"bits": "4", ...})].
+
+    A comma-separated token that holds ``=`` but no ``:`` continues the previous pass's options.
+    A list of strings is taken as one token list (each may itself hold commas).
+    """
+    text = ",".join(spec) if not isinstance(spec, str) else spec
+    steps: list[tuple[str, dict[str, str]]] = []
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            raise OptionError(f"empty pass name in pipeline '{text}'")
+        if ":" in token:
+            name, _, first = token.partition(":")
+            name = name.strip()
+            _check_pass_name(name, text)
+            steps.append((name, {}))
+            if first.strip():
+                _add_option(steps, first, text)
+        elif "=" in token:
+            if not steps:
+                raise OptionError(f"option '{token}' comes before any pass in '{text}'")
+            _add_option(steps, token, text)
+        else:
+            _check_pass_name(token, text)
+            steps.append((token, {}))
+    if not steps:
+        raise OptionError("the pipeline is empty: give passes with -p, e.g. -p fold,cleanup")
+    return steps
+
+
+def _check_pass_name(name: str, text: str) -> None:
+    if not _TOKEN.match(name):
+        raise OptionError(f"bad pass name '{name}' in pipeline '{text}'")
+
+
+def _add_option(steps: list, token: str, text: str) -> None:
+    key, eq, value = token.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise OptionError(f"option '{token}' of pass '{steps[-1][0]}' must be key=value")
+    if key in steps[-1][1]:
+        raise OptionError(f"option '{key}' given twice for pass '{steps[-1][0]}'")
+    steps[-1][1][key] = value.strip()
+
+
+def registry() -> dict[str, type[Pass]]:
+    from qgraph.passes import PASSES  # the one explicit table
+    return PASSES
+
+
+def lookup(name: str) -> type[Pass]:
+    table = registry()
+    if name in table:
+        return table[name]
+    guess = difflib.get_close_matches(name, list(table), n=1, cutoff=0.5)
+    hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+    raise OptionError(f"unknown pass '{name}'{hint}; known passes: {', '.join(table)}")
+
+
+def build_passes(spec: str | Sequence[str | Pass]) -> list[Pass]:
+    """Pass objects from a ``-p`` string, a list of such strings, or Pass instances."""
+    if isinstance(spec, str):
+        items: list[str | Pass] = [spec]
+    else:
+        items = list(spec)
+    out: list[Pass] = []
+    for item in items:
+        if isinstance(item, Pass):
+            out.append(item)
+            continue
+        if not isinstance(item, str):
+            raise OptionError(f"a pipeline item must be a pass name or a Pass, got {type(item).__name__}")
+        for name, values in parse_pipeline(item):
+            out.append(lookup(name)(**values))
+    if not out:
+        raise OptionError("the pipeline is empty")
+    return out
+
+
+# ----------------------------------------------------------------------------- manager
+
+class Instrument:
+    """Observes a pipeline run. Raising a QGraphError from ``after`` fails the pass."""
+
+    def start(self, g: ir.Graph, model: onnx.ModelProto, ctx: Context) -> None: ...
+    def after(self, index: int, p: Pass, g: ir.Graph, model: onnx.ModelProto, result: PassResult,
+              seconds: float, ctx: Context) -> None: ...
+
+
+class PassManager:
+    """Runs passes in the order given (never reordered), checking the model after each one."""
+
+    def __init__(self, passes: Iterable[Pass], instruments: Iterable[Instrument] = ()):
+        self.passes = list(passes)
+        self.instruments = list(instruments)
+        self.results: list[tuple[Pass, PassResult]] = []
+        self.model: onnx.ModelProto | None = None  # the graph as last exported (after the last pass)
+
+    def run(self, g: ir.Graph, ctx: Context | None = None) -> ir.Graph:
+        ctx = ctx or Context()
+        model = ir.to_model(g)
+        if ctx.original is None:
+            ctx.original = model
+        for inst in self.instruments:
+            inst.start(g, model, ctx)
+        done: list[str] = []
+        for index, p in enumerate(self.passes, start=1):
+            problem = p.unmet(g)
+            if problem:
+                raise PassError(p.name, done, problem)
+            t0 = time.perf_counter()
+            try:
+                result = p.run(g, ctx)
+                if not isinstance(result, PassResult):
+                    raise TypeError(f"run() returned {type(result).__name__}, not PassResult")
+                g.cleanup().toposort()
+                model = ir.to_model(g)
+                _check(model)
+            except PassError:
+                raise
+            except QGraphError as exc:
+                raise PassError(p.name, done, str(exc)) from exc
+            except Exception as exc:
+                raise PassError(p.name, done, f"{type(exc).__name__}: {ir._first_line(exc)}") from exc
+            seconds = time.perf_counter() - t0
+            self.results.append((p, result))
+            for inst in self.instruments:
+                try:
+                    inst.after(index, p, g, model, result, seconds, ctx)
+                except PassError:
+                    raise
+                except QGraphError as exc:
+                    raise PassError(p.name, done, str(exc)) from exc
+            done.append(p.name)
+        self.model = model
+        return g
+
+
+def _check(model: onnx.ModelProto) -> None:
+    try:
+        ir.check(model)
+    except onnx.checker.ValidationError as exc:
+        raise QGraphError(f"the rewritten model fails onnx.checker: {ir._first_line(exc)}") from None
