@@ -1,0 +1,205 @@
+"""int8 GEMM with int32 accumulation and zero points: the one matrix kernel conv and matmul share.
+
+Every signedness is reduced to u8 x s8 (what ``vpdpbusd`` multiplies) by shifting operands by 128 and
+moving the shift into the zero points, which are then taken out with row and column sums:
+
+    sum_k (A - za)(B - zb) = sum_k (Au - za')(Bs - zb')          Au = A + oa, Bs = B - ob
+                           = raw + zb'*(K*za' - rowsum(Au)) - za'*colsum(Bs)
+    za' = za + oa,  zb' = zb - ob,   oa = 128 for int8 A,  ob = 128 for uint8 B,  raw = sum_k Au*Bs
+
+``raw`` is exact in int32 (|Au*Bs| <= 32640 per term). The correction is evaluated in wrapping int32:
+the true result fits int32, so arithmetic mod 2^32 is exact, and the loops stay branch-free.
+
+Either operand can be the one packed once: matmul packs the constant B (weights), convolution packs
+the constant A (weights, ``C[Cout, pixels] = W @ im2col``) and builds B panels per call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from qgraph.kernels import vnni
+from qgraph.kernels.vnni import MR, NR
+
+
+@dataclass
+class Packed:
+    """One operand in panel layout (see ``vnni``), plus its sums for the zero-point terms."""
+    data: np.ndarray       # flat uint8 (A panels [M/MR][k4][MR][4]) or int8 (B panels [N/NR][k4][NR][4])
+    rows: int              # M for A, N for B (the non-k extent)
+    k: int
+    k4: int
+    sums: np.ndarray       # int64 [rows]: sum over k of the shifted operand
+    offset: int            # oa (A) or ob (B)
+
+
+def k4_of(k: int) -> int:
+    return max(1, (k + 3) // 4)
+
+
+@njit(cache=True)
+def _pack(src, k4, tile, flip, out, sums):
+    """src [rows, K] (any strides) -> panels [rows/tile][k4][tile][4] of (src ^ flip); sums of the
+    shifted values (src ^ 0x80 reinterpreted is src + 128 for int8->uint8 and src - 128 for the reverse)."""
+    rows, k = src.shape
+    n_t = out.size // (tile * k4 * 4)
+    for t in range(n_t):
+        for r in range(tile):
+            i = t * tile + r
+            s = np.int64(0)
+            for kk in range(k4):
+                base = ((t * k4 + kk) * tile + r) * 4
+                for q in range(4):
+                    j = kk * 4 + q
+                    if i < rows and j < k:
+                        v = src[i, j] ^ flip
+                        out[base + q] = v
+                        s += v
+                    else:
+                        out[base + q] = 0
+            if i < rows:
+                sums[i] = s
+
+
+def pack_a(a: np.ndarray) -> Packed:
+    """A [M, K] int8/uint8 (any strides) -> uint8 panels; int8 is shifted by +128 (oa = 128)."""
+    if a.ndim != 2 or a.dtype not in (np.int8, np.uint8):
+        raise ValueError(f"pack_a wants a 2-D int8/uint8 matrix, got {a.dtype} {a.shape}")
+    m, k = a.shape
+    k4, oa = k4_of(k), (128 if a.dtype == np.int8 else 0)
+    out = np.empty(-(-m // MR) * MR * k4 * 4, np.uint8)
+    sums = np.zeros(m, np.int64)
+    _pack(a.view(np.uint8), k4, MR, np.uint8(0x80 if oa else 0), out, sums)
+    return Packed(out, m, k, k4, sums, oa)
+
+
+def pack_b(b: np.ndarray) -> Packed:
+    """B [K, N] int8/uint8 (any strides) -> int8 panels; uint8 is shifted by -128 (ob = 128)."""
+    if b.ndim != 2 or b.dtype not in (np.int8, np.uint8):
+        raise ValueError(f"pack_b wants a 2-D int8/uint8 matrix, got {b.dtype} {b.shape}")
+    k, n = b.shape
+    k4, ob = k4_of(k), (128 if b.dtype == np.uint8 else 0)
+    out = np.empty(-(-n // NR) * NR * k4 * 4, np.int8)
+    sums = np.zeros(n, np.int64)
+    _pack(b.T.view(np.int8), k4, NR, np.int8(-128 if ob else 0), out, sums)
+    return Packed(out, n, k, k4, sums, ob)
+
+
+@njit(cache=True)
+def gemm_u8s8_generic(a_packed, b_packed, c, k4):
+    """Same contract as ``vnni.gemm_u8s8_vnni``, in plain Numba (any CPU)."""
+    mt_n = c.shape[0] // MR
+    nt_n = c.shape[1] // NR
+    acc = np.zeros((MR, NR), np.int32)
+    for nt in range(nt_n):
+        for mt in range(mt_n):
+            acc[:, :] = 0
+            for k in range(k4):
+                a0 = (mt * k4 + k) * MR * 4
+                b0 = (nt * k4 + k) * NR * 4
+                for r in range(MR):
+                    for q in range(4):
+                        av = np.int32(a_packed[a0 + r * 4 + q])
+                        for j in range(NR):
+                            acc[r, j] = np.int32(acc[r, j] + av * np.int32(b_packed[b0 + j * 4 + q]))
+            for r in range(MR):
+                for j in range(NR):
+                    c[mt * MR + r, nt * NR + j] += acc[r, j]
+
+
+@njit(cache=True)
+def _zero_point_terms(raw, k, rowsum, oa, za, colsum, ob, zb, out):
+    """out[i, j] = raw[i, j] + zb'_j * (K*za'_i - rowsum_i) - za'_i * colsum_j, in wrapping int32."""
+    m, n = out.shape
+    zbv = np.empty(n, np.int32)
+    csum = np.empty(n, np.int32)
+    for j in range(n):
+        zbv[j] = np.int32((np.int64(zb[j if zb.size > 1 else 0]) - ob) & 0xFFFFFFFF)
+        csum[j] = np.int32(colsum[j] & 0xFFFFFFFF)
+    for i in range(m):
+        zai64 = np.int64(za[i if za.size > 1 else 0]) + oa
+        zai = np.int32(zai64 & 0xFFFFFFFF)
+        u = np.int32((k * zai64 - rowsum[i]) & 0xFFFFFFFF)
+        _epilogue_row(raw[i], zbv, u, zai, csum, out[i])
+
+
+@njit(cache=True)
+def _epilogue_row(raw, zbv, u, zai, csum, out):
+    for j in range(out.shape[0]):         # a separate function so LLVM vectorizes it
+        out[j] = raw[j] + zbv[j] * u - zai * csum[j]
+
+
+@njit(cache=True)
+def _zero_point_terms_requant(raw, k, rowsum, oa, za, colsum, ob, zb, bias, scale, mult, shift, zp,
+                              qmin, qmax, fixed, out):
+    """``_zero_point_terms`` + bias + per-row requantization (``requant.requantize`` arithmetic) in
+    one pass: the int32 result is never written out. Rows are output channels (conv orientation)."""
+    m, n = out.shape
+    zbv = np.empty(n, np.int32)
+    csum = np.empty(n, np.int32)
+    for j in range(n):
+        zbv[j] = np.int32((np.int64(zb[j if zb.size > 1 else 0]) - ob) & 0xFFFFFFFF)
+        csum[j] = np.int32(colsum[j] & 0xFFFFFFFF)
+    lo = np.float32(qmin - zp)
+    hi = np.float32(qmax - zp)
+    for i in range(m):
+        zai64 = np.int64(za[i if za.size > 1 else 0]) + oa
+        zai = np.int32(zai64 & 0xFFFFFFFF)
+        u = np.int32((k * zai64 - rowsum[i]) & 0xFFFFFFFF)
+        ci = i if scale.size > 1 else 0
+        if fixed:
+            _requant_row_fixed(raw[i], zbv, u, zai, csum, np.int32(bias[i]), np.int64(mult[ci]),
+                               np.int64(shift[ci]), zp, qmin, qmax, out[i])
+        else:
+            _requant_row_float(raw[i], zbv, u, zai, csum, np.int32(bias[i]), scale[ci], zp, lo, hi, out[i])
+
+
+@njit(cache=True)
+def _requant_row_float(raw, zbv, u, zai, csum, b, s, zp, lo, hi, out):
+    for j in range(out.shape[0]):
+        v = np.int32(raw[j] + zbv[j] * u - zai * csum[j] + b)
+        out[j] = np.int32(np.rint(min(max(np.float32(v) * s, lo), hi))) + zp
+
+
+@njit(cache=True)
+def _requant_row_fixed(raw, zbv, u, zai, csum, b, m, sh, zp, qmin, qmax, out):
+    half = np.int64(1) << (sh - 1)
+    for j in range(out.shape[0]):
+        v = np.int64(np.int32(raw[j] + zbv[j] * u - zai * csum[j] + b))
+        q = ((v * m + half) >> sh) + zp
+        out[j] = qmin if q < qmin else (qmax if q > qmax else q)
+
+
+def qgemm_packed(pa: Packed, za, pb: Packed, zb, out: np.ndarray | None = None, rq: tuple | None = None):
+    """(A - za) @ (B - zb) -> int32 [M, N] from packed operands; za per tensor or per row, zb per
+    tensor or per column. ``out`` may be a preallocated [M, N] array (rows contiguous).
+
+    With ``rq = (bias[M], scale, mult, shift, zp, qmin, qmax, fixed)`` (per row or per tensor) the
+    result is requantized in the same pass and ``out`` is the int8/uint8 output."""
+    if pa.k != pb.k:
+        raise ValueError(f"qgemm: A has K={pa.k}, B has K={pb.k}")
+    raw = np.zeros((-(-pa.rows // MR) * MR, -(-pb.rows // NR) * NR), np.int32)
+    (vnni.gemm_u8s8_vnni if vnni.HAS_VNNI else gemm_u8s8_generic)(pa.data, pb.data, raw, pa.k4)
+    za = np.asarray(za, np.int64).reshape(-1)
+    zb = np.asarray(zb, np.int64).reshape(-1)
+    if rq is not None:
+        _zero_point_terms_requant(raw, pa.k, pa.sums, pa.offset, za, pb.sums, pb.offset, zb, *rq, out)
+        return out
+    if out is None:
+        out = np.empty((pa.rows, pb.rows), np.int32)
+    _zero_point_terms(raw, pa.k, pa.sums, pa.offset, za, pb.sums, pb.offset, zb, out)
+    return out
+
+
+def qgemm(a: np.ndarray, za, pb: Packed, zb) -> np.ndarray:
+    """sum_k (A[m,k] - za) * (B[k,n] - zb) in int32, B packed once (``pack_b``)."""
+    return qgemm_packed(pack_a(np.asarray(a)), za, pb, zb)
+
+
+def qgemm_reference(a: np.ndarray, za, b: np.ndarray, zb) -> np.ndarray:
+    """Plain numpy: (A - za) @ (B - zb) in int64, returned as int32."""
+    a64 = np.asarray(a, np.int64) - np.asarray(za, np.int64).reshape(-1, 1)
+    b64 = np.asarray(b, np.int64) - np.asarray(zb, np.int64).reshape(1, -1)
+    return (a64 @ b64).astype(np.int32)

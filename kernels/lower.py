@@ -1,0 +1,363 @@
+"""Lowering: a quantized ONNX model (QDQ or QOperator) -> a ``Program`` of integer steps.
+
+QOperator nodes (QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger, QGemm, QLinearAdd, ...)
+become steps as they are. A QDQ model is matched group by group::
+
+    DQ(x), DQ(w), [DQ(b) | float b] -> Conv | MatMul | Gemm -> [Relu | Clip] -> Q(y)   => QLinearConv ...
+    DQ(a), DQ(b) -> Add | Mul -> [Relu] -> Q                                            => QLinearAdd / Mul
+    DQ(x) -> GlobalAveragePool | AveragePool -> Q                                       => QLinear pools
+    DQ(x...) -> Concat -> Q                                                             => QLinearConcat
+    DQ(x) -> Reshape | Transpose | ... | MaxPool -> Q                                   => Move (+ requant)
+    DQ(x) -> Sigmoid | Tanh | HardSwish | ... -> Q                                      => 256-entry table
+
+so each lowered group is the QOperator step ORT would fuse it into, and the runtime has one
+implementation per op. Q of a float graph input and DQ to a float graph output stay as
+Quantize/DequantizeLinear steps. Relu/Clip between the op and its Q become the output clamp; several
+identical Qs of one output (dedicated Q/DQ pairs) share one result. Also lowered, as not arithmetic on
+activations: nodes whose inputs are all constants (folded once here), Shape and integer arithmetic on
+shapes (evaluated at run time by ONNX's reference implementation), and data movement of a float
+input before its first Q (e.g. Flatten). Anything else is a ``ModelError`` naming the node and op:
+there is no float fallback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from qgraph import ir
+from qgraph.errors import ModelError
+from qgraph.kernels.eltwise import TABLE_FUNCS, build_table
+from qgraph.kernels.requant import BOUNDS
+
+QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",
+                 "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
+                 "QuantizeLinear", "DequantizeLinear"}
+MOVE_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Pad",
+            "Resize", "Identity", "Expand", "MaxPool", "Dropout"}
+GROUP_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool", "AveragePool", "Concat"} \
+    | MOVE_OPS | set(TABLE_FUNCS)
+
+
+@dataclass
+class Step:
+    op: str                    # key of runtime.KERNELS
+    name: str                  # the node (or the group's compute node) it came from
+    inputs: list[str]          # value names; "" for an absent optional input
+    outputs: list[str]
+    attrs: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Program:
+    steps: list[Step]
+    inputs: list[str]
+    outputs: list[str]
+    consts: dict[str, np.ndarray]
+
+    def add_const(self, hint: str, value) -> str:
+        name = hint
+        i = 0
+        while name in self.consts:
+            i += 1
+            name = f"{hint}_{i}"
+        self.consts[name] = np.asarray(value)
+        return name
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for s in self.steps:
+            key = s.attrs.get("op", s.op) if s.op == "Move" else s.op
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+def _fail(node, why: str):
+    raise ModelError(f"cannot lower node {node.name or '?'} ({node.op}): {why}")
+
+
+class _Lowering:
+    def __init__(self, g: ir.Graph):
+        self.g = g
+        consts = {t.name: np.asarray(t.values) for t in ir.initializers(g)}
+        self.prog = Program([], [t.name for t in g.inputs], [t.name for t in g.outputs], consts)
+        self.done: set[int] = set()          # ids of nodes absorbed into a group
+        self.shapes: set[str] = set()        # int64 shape tensors computed at run time
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def name_of(self, t) -> str:
+        return "" if t is None or (isinstance(t, ir.Variable) and not t.name) else t.name
+
+    def dq_parts(self, t, node, what: str):
+        """(int value name, scale name, zero point name, axis) of a tensor made by DequantizeLinear."""
+        dq = ir.producer(t) if t is not None else None
+        if dq is None or dq.op != "DequantizeLinear":
+            _fail(node, f"{what} is not produced by DequantizeLinear (float inputs are not lowered)")
+        scale = ir.const(dq.inputs[1])
+        if scale is None:
+            _fail(node, f"the scale of {what} is not a constant")
+        zp = ir.const(dq.inputs[2]) if len(dq.inputs) > 2 else None
+        src = dq.inputs[0]
+        if zp is None:
+            zp = np.zeros((), ir.const(src).dtype if ir.const(src) is not None else np.uint8)
+        if dq.attrs.get("block_size", 0):
+            _fail(node, f"{what} uses blocked quantization")
+        p = self.prog
+        return (src.name, p.add_const(f"{src.name}::scale", scale.astype(np.float32)),
+                p.add_const(f"{src.name}::zp", zp), int(dq.attrs.get("axis", 1)))
+
+    def q_after(self, node):
+        """Follow node -> [Relu | Clip] -> QuantizeLinear; returns (q node, clamp nodes, other qs).
+
+        Several QuantizeLinear readers with the same scale and zero point (one per consumer, as
+        quantizers emit with dedicated Q/DQ pairs) share the first one's result."""
+        out = node.outputs[0]
+        chain = []
+        while True:
+            users = ir.consumers(out)
+            if users and all(u.op == "QuantizeLinear" for u in users) and len(users) > 1 \
+                    and not ir.is_graph_output(self.g, out) and all(self.same_q(users[0], u) for u in users):
+                return users[0], chain, users[1:]
+            if ir.is_graph_output(self.g, out) or len(users) != 1:
+                _fail(node, "its output is not quantized by exactly one QuantizeLinear")
+            nxt = users[0]
+            if nxt.op == "QuantizeLinear":
+                return nxt, chain, []
+            if nxt.op in ("Relu", "Clip") and node.op in ("Conv", "MatMul", "Gemm", "Add", "Mul"):
+                chain.append(nxt)
+                out = nxt.outputs[0]
+                continue
+            _fail(node, f"its output goes to {nxt.op}, not to QuantizeLinear")
+
+    @staticmethod
+    def same_q(a, b) -> bool:
+        pa = [ir.const(t) for t in a.inputs[1:]]
+        pb = [ir.const(t) for t in b.inputs[1:]]
+        return (len(pa) == len(pb) and all(x is not None and y is not None and x.dtype == y.dtype
+                                           and np.array_equal(x, y) for x, y in zip(pa, pb))
+                and a.attrs == b.attrs)
+
+    def q_parts(self, q):
+        scale = ir.const(q.inputs[1])
+        if scale is None:
+            _fail(q, "the output scale is not a constant")
+        zp = ir.const(q.inputs[2]) if len(q.inputs) > 2 else np.zeros((), np.uint8)
+        if scale.size != 1:
+            _fail(q, "per-channel activation quantization is not supported")
+        p = self.prog
+        y = q.outputs[0].name
+        return y, p.add_const(f"{y}::scale", scale.astype(np.float32)), p.add_const(f"{y}::zp", zp), zp, scale
+
+    def clamp(self, chain, zp, scale) -> tuple[int, int]:
+        lo, hi = BOUNDS[np.asarray(zp).dtype.name]
+        z, s = int(np.asarray(zp).reshape(-1)[0]), float(np.asarray(scale).reshape(-1)[0])
+        for n in chain:
+            if n.op == "Relu":
+                lo = max(lo, z)
+            else:
+                cmin = ir.const(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1].name else n.attrs.get("min")
+                cmax = ir.const(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2].name else n.attrs.get("max")
+                if cmin is not None:
+                    lo = max(lo, z + int(np.rint(np.float32(np.asarray(cmin).reshape(-1)[0]) / np.float32(s))))
+                if cmax is not None:
+                    hi = min(hi, z + int(np.rint(np.float32(np.asarray(cmax).reshape(-1)[0]) / np.float32(s))))
+            self.done.add(id(n))
+        return lo, hi
+
+    def bias(self, node, t, sx_name, sw_name) -> str:
+        if t is None or not t.name:
+            return ""
+        prod = ir.producer(t)
+        if prod is not None and prod.op == "DequantizeLinear" and ir.const(prod.inputs[0]) is not None:
+            self.done.add(id(prod))
+            return prod.inputs[0].name                      # int32 bias, scale s_x*s_w by construction
+        b = ir.const(t)
+        if b is None:
+            _fail(node, "bias is neither a constant nor a dequantized constant")
+        s = (self.prog.consts[sx_name].reshape(()).astype(np.float32)
+             * self.prog.consts[sw_name].astype(np.float32).reshape(-1))
+        return self.prog.add_const(f"{t.name}::int32", np.rint(b.astype(np.float32) / s).astype(np.int32))
+
+    def emit(self, kernel, node, inputs, outputs, **attrs):
+        self.prog.steps.append(Step(kernel, node.name, list(inputs), list(outputs), attrs))
+
+    # -- groups -------------------------------------------------------------------------------------
+    def group(self, node):
+        q, chain, twins = self.q_after(node)
+        self.done.add(id(q))
+        self.group_step(node, q, chain)
+        for t in twins:                                          # same values under another name
+            self.done.add(id(t))
+            self.emit("Move", t, [q.outputs[0].name], [t.outputs[0].name], op="Identity", attrs={},
+                      requant=False)
+
+    def group_step(self, node, q, chain):
+        y, sy, zy, zp_arr, s_arr = self.q_parts(q)
+        clamp = self.clamp(chain, zp_arr, s_arr)
+        op, at = node.op, dict(node.attrs)
+        if op == "Conv":
+            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
+            w, sw, zw, _ = self.dq_parts(node.inputs[1], node, "weight")
+            b = self.bias(node, node.inputs[2] if len(node.inputs) > 2 else None, sx, sw)
+            self.emit("QLinearConv", node, [x, sx, zx, w, sw, zw, sy, zy, b], [y], **at, clamp=clamp)
+        elif op == "MatMul":
+            a, sa, za, _ = self.dq_parts(node.inputs[0], node, "input A")
+            b, sb, zb, _ = self.dq_parts(node.inputs[1], node, "input B")
+            self.emit("QLinearMatMul", node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp)
+        elif op == "Gemm":
+            if float(at.get("alpha", 1.0)) != 1.0 or float(at.get("beta", 1.0)) != 1.0:
+                _fail(node, "Gemm with alpha or beta != 1")
+            a, sa, za, _ = self.dq_parts(node.inputs[0], node, "input A")
+            b, sb, zb, _ = self.dq_parts(node.inputs[1], node, "input B")
+            c = self.bias(node, node.inputs[2] if len(node.inputs) > 2 else None, sa, sb)
+            self.emit("QGemm", node, [a, sa, za, b, sb, zb, c, sy, zy], [y],
+                      transA=int(at.get("transA", 0)), transB=int(at.get("transB", 0)), clamp=clamp)
+        elif op in ("Add", "Mul"):
+            a, sa, za, _ = self.dq_parts(node.inputs[0], node, "input A")
+            b, sb, zb, _ = self.dq_parts(node.inputs[1], node, "input B")
+            self.emit("QLinear" + op, node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp)
+        elif op in ("GlobalAveragePool", "AveragePool"):
+            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
+            self.emit("QLinear" + op, node, [x, sx, zx, sy, zy], [y], **at)
+        elif op == "Concat":
+            ins = [sy, zy]
+            for i, t in enumerate(node.inputs):
+                ins += list(self.dq_parts(t, node, f"input {i}")[:3])
+            self.emit("QLinearConcat", node, ins, [y], axis=int(at.get("axis", 0)))
+        elif op in TABLE_FUNCS:
+            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
+            c = self.prog.consts
+            table = build_table(op, at, c[sx], c[zx], c[zx].dtype, c[sy], c[zy], c[zy].dtype)
+            self.emit("Lookup", node, [x, self.prog.add_const(f"{y}::table", table)], [y])
+        else:  # data movement
+            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
+            c = self.prog.consts
+            same = (np.float32(c[sx].reshape(-1)[0]) == np.float32(c[sy].reshape(-1)[0])
+                    and int(c[zx].reshape(-1)[0]) == int(c[zy].reshape(-1)[0]) and c[zx].dtype == c[zy].dtype)
+            extra = [self.name_of(t) for t in node.inputs[1:]]
+            if op == "Pad" and len(extra) > 1 and extra[1]:      # float pad value -> its code
+                v = np.float32(np.asarray(ir.const(node.inputs[2])).reshape(-1)[0])
+                code = np.clip(np.rint(v / np.float32(c[sx].reshape(-1)[0])) + int(c[zx].reshape(-1)[0]),
+                               *BOUNDS[c[zx].dtype.name]).astype(c[zx].dtype)
+                extra[1] = self.prog.add_const(f"{y}::pad_value", code)
+            elif op == "Pad":
+                extra = (extra + ["", ""])[:1] + [self.prog.add_const(f"{y}::pad_value", c[zx])] + extra[2:]
+            ins = [x] + extra + ([] if same else [sx, zx, sy, zy])
+            self.emit("Move", node, ins, [y], op=op, attrs=at, requant=not same)
+
+    # -- driver -------------------------------------------------------------------------------------
+    def fold_constants(self) -> None:
+        """Evaluate nodes whose inputs are all constants (shape arithmetic, constant pad values) once,
+        with ONNX's reference implementation; they compute metadata, not quantized activations.
+        Q nodes and the DQs of weights and biases are kept: the groups read them."""
+        from onnx import numpy_helper
+        from onnx.reference import ReferenceEvaluator
+        for node in list(self.g.nodes):
+            ins = [t for t in node.inputs if t is not None and t.name]
+            if not node.outputs or node.op == "QuantizeLinear" or not ins:
+                continue
+            if any(ir.const(t) is None for t in ins) or any(ir.is_graph_output(self.g, o) for o in node.outputs):
+                continue
+            if node.op == "DequantizeLinear" and not all(
+                    u.op == "Pad" and not any(u.inputs[0] is o for o in node.outputs)
+                    for o in node.outputs for u in ir.consumers(o)):
+                continue
+            attrs = {k: (numpy_helper.from_array(np.asarray(v.values)) if isinstance(v, ir.Constant) else v)
+                     for k, v in node.attrs.items()}
+            proto = onnx.helper.make_node(node.op, [self.name_of(t) for t in node.inputs],
+                                          [o.name for o in node.outputs], domain=node.domain or "", **attrs)
+            try:
+                values = ReferenceEvaluator(proto).run(None, {t.name: ir.const(t) for t in ins})
+            except Exception as exc:  # pragma: no cover - reported as the node that cannot be lowered
+                _fail(node, f"constant folding failed: {exc}")
+            for out, val in zip(list(node.outputs), values):
+                c = ir.Constant(out.name, values=np.asarray(val))
+                for user in ir.consumers(out):
+                    ir.swap_input(user, out, c)
+                self.prog.consts[out.name] = np.asarray(val)
+            node.outputs.clear()
+            node.inputs.clear()
+            self.done.add(id(node))
+
+    def run(self) -> Program:
+        self.g.toposort()
+        self.fold_constants()
+        for node in self.g.nodes:
+            if id(node) in self.done:
+                continue
+            if self.shape_arithmetic(node):
+                continue
+            if node.op in ("QuantizeLinear", "DequantizeLinear"):
+                self.boundary(node)
+            elif node.op in QOPERATOR_OPS or node.domain == "com.microsoft" and node.op.startswith("QLinear"):
+                if node.op not in _runtime_ops():
+                    _fail(node, "this quantized op has no integer kernel")
+                self.emit(node.op, node, [self.name_of(t) for t in node.inputs],
+                          [t.name for t in node.outputs], **dict(node.attrs))
+            elif node.op in MOVE_OPS and not self.from_dq(node.inputs[0]):
+                # moving float values (e.g. Flatten of the float graph input before its Q) is exact
+                self.emit("Move", node, [self.name_of(t) for t in node.inputs],
+                          [o.name for o in node.outputs], op=node.op, attrs=dict(node.attrs), requant=False)
+            elif node.op in GROUP_OPS:
+                self.group(node)
+            else:
+                _fail(node, "no integer kernel for this op")
+        return self.prog
+
+    @staticmethod
+    def from_dq(t) -> bool:
+        p = ir.producer(t) if t is not None else None
+        return p is not None and p.op == "DequantizeLinear"
+
+    def shape_arithmetic(self, node) -> bool:
+        """Shape of an activation, and integer arithmetic on shapes (dynamic batch, 'same' padding):
+        metadata, evaluated by ONNX's reference implementation on tiny int64 tensors at run time."""
+        names = [t.name for t in node.inputs if t is not None and t.name and ir.const(t) is None]
+        if node.op == "Shape":
+            src = node.inputs[0]
+            dq = ir.producer(src)
+            name = dq.inputs[0].name if dq is not None and dq.op == "DequantizeLinear" else src.name
+            self.emit("Shape", node, [name], [node.outputs[0].name], **dict(node.attrs))
+        elif names and node.op not in ("QuantizeLinear", "DequantizeLinear") \
+                and all(n in self.shapes for n in names):
+            from onnx import numpy_helper
+            attrs = {k: (numpy_helper.from_array(np.asarray(v.values)) if isinstance(v, ir.Constant) else v)
+                     for k, v in node.attrs.items()}
+            proto = onnx.helper.make_node(node.op, [self.name_of(t) for t in node.inputs],
+                                          [o.name for o in node.outputs], domain=node.domain or "", **attrs)
+            for t in node.inputs:
+                if t is not None and t.name and ir.const(t) is not None:
+                    self.prog.consts.setdefault(t.name, np.asarray(ir.const(t)))
+            self.emit("EvalShape", node, [self.name_of(t) for t in node.inputs],
+                      [o.name for o in node.outputs], proto=proto)
+        else:
+            return False
+        self.shapes.update(o.name for o in node.outputs)
+        return True
+
+    def boundary(self, node):
+        """Emit a Q or DQ step unless a group consumes it (DQ of constants and DQs feeding groups)."""
+        if node.op == "DequantizeLinear":
+            if ir.const(node.inputs[0]) is not None and not ir.is_graph_output(self.g, node.outputs[0]):
+                return                                       # weights: read by the groups
+            users = ir.consumers(node.outputs[0])
+            if users and all(u.op in GROUP_OPS or u.op == "Shape" for u in users) \
+                    and not ir.is_graph_output(self.g, node.outputs[0]):
+                return
+        at = dict(node.attrs)
+        if node.op == "QuantizeLinear" and "output_dtype" in at:
+            at["output_dtype_name"] = onnx.helper.tensor_dtype_to_np_dtype(at["output_dtype"]).name
+        self.emit(node.op, node, [self.name_of(t) for t in node.inputs], [t.name for t in node.outputs], **at)
+
+
+def _runtime_ops():
+    from qgraph.kernels.runtime import KERNELS
+    return KERNELS
+
+
+def lower(model) -> Program:
+    """Lower a quantized model (path, ModelProto or qgraph.ir Graph) to a Program; ModelError if it cannot."""
+    g = model if isinstance(model, ir.Graph) else ir.load(model)
+    return _Lowering(g).run()

@@ -1,0 +1,202 @@
+"""Runtime implementations of the quantized linear ops (QOperator semantics, as ONNX defines them).
+
+Each function takes the step (for attributes and its weight cache), the argument arrays in ONNX input
+order (None for an absent optional input) and the requantization mode, and returns the outputs.
+Lowered QDQ groups become these same steps (``lower.py``), so there is one implementation per op.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from qgraph.errors import ModelError
+from qgraph.kernels.conv import geometry_from_attrs, pack_conv, conv_int
+from qgraph.kernels.gemm import pack_b, qgemm
+from qgraph.kernels.requant import (BOUNDS, dequantize_linear, fixed_multiplier, output_scale, quantize_linear,
+                                    requantize_into)
+
+
+def int_dtype_name(a: np.ndarray) -> str:
+    name = np.asarray(a).dtype.name
+    return {"int4": "int4", "uint4": "uint4"}.get(name, name)
+
+
+def _zp(z, dtype=np.int64) -> np.ndarray:
+    return np.zeros(1, dtype) if z is None else np.asarray(z).astype(dtype).reshape(-1)
+
+
+def _scalar(z) -> int:
+    z = _zp(z)
+    if z.size != 1:
+        raise ModelError(f"expected a per-tensor zero point, got {z.size} values")
+    return int(z[0])
+
+
+def _cached(step, key: str, src: np.ndarray, build):
+    """Pack weights once per step when they are the same array object (constants are)."""
+    hit = step.cache.get(key)
+    if hit is not None and hit[0] is src:
+        return hit[1]
+    val = build()
+    step.cache[key] = (src, val)
+    return val
+
+
+def _bounds(step, zy) -> tuple[int, int]:
+    qmin, qmax = BOUNDS[int_dtype_name(zy)]
+    lo, hi = step.attrs.get("clamp", (qmin, qmax))   # Relu/Clip folded into the output clamp
+    return max(qmin, lo), min(qmax, hi)
+
+
+def _requant_out(step, acc3, sx, sw, sy, zy, mode):
+    qmin, qmax = _bounds(step, zy)
+    return requantize_into(acc3, output_scale(sx, sw, sy), _scalar(zy), qmin, qmax, mode,
+                           np.asarray(zy).dtype)
+
+
+# ----------------------------------------------------------------------------- convolution
+
+def _conv_acc(step, x, zx, w, zw):
+    geo = geometry_from_attrs(step.attrs, w.shape, x.shape[2:])
+    pc = _cached(step, "w", w, lambda: pack_conv(w, geo.group))
+    acc = conv_int(x, zx, pc, _zp(zw), geo)
+    return acc if x.ndim == 4 else np.ascontiguousarray(acc[:, :, 0, :])
+
+
+def qlinear_conv(step, args, mode):
+    x, sx, zx, w, sw, zw, sy, zy = args[:8]
+    bias = args[8] if len(args) > 8 else None
+    geo = geometry_from_attrs(step.attrs, w.shape, x.shape[2:])
+    pc = _cached(step, "w", w, lambda: pack_conv(w, geo.group))
+    if pc.groups is not None:                   # GEMM path: requantize inside the GEMM epilogue
+        qmin, qmax = _bounds(step, zy)
+        scale = np.ascontiguousarray(np.broadcast_to(output_scale(sx, sw, sy), (pc.cout,)))
+        mult, shift = fixed_multiplier(scale) if mode == "fixed" else (np.zeros(pc.cout, np.int64),
+                                                                        np.ones(pc.cout, np.int64))
+        b = np.zeros(pc.cout, np.int32) if bias is None else np.asarray(bias, np.int32).reshape(-1)
+        rq = (b, scale, mult, shift, _scalar(zy), qmin, qmax, mode == "fixed")
+        out = conv_int(x, _scalar(zx), pc, _zp(zw), geo, rq=rq, out_dtype=np.asarray(zy).dtype)
+        return [out if x.ndim == 4 else np.ascontiguousarray(out[:, :, 0, :])]
+    acc = _conv_acc(step, x, _scalar(zx), w, zw)
+    if bias is not None:
+        acc += np.asarray(bias, np.int32).reshape(1, -1, *([1] * (acc.ndim - 2)))
+    if acc.ndim == 4 and acc.transpose(0, 2, 3, 1).flags.c_contiguous:      # channels-last memory
+        nhwc = acc.transpose(0, 2, 3, 1)
+        out = _requant_out(step, nhwc.reshape(-1, acc.shape[1], 1), sx, sw, sy, zy, mode)
+        return [np.ascontiguousarray(out.reshape(nhwc.shape).transpose(0, 3, 1, 2))]
+    out = _requant_out(step, acc.reshape(acc.shape[0], acc.shape[1], -1), sx, sw, sy, zy, mode)
+    return [out.reshape(acc.shape)]
+
+
+def conv_integer(step, args, mode):
+    x, w = args[0], args[1]
+    zx = args[2] if len(args) > 2 else None
+    zw = args[3] if len(args) > 3 else None
+    return [_conv_acc(step, x, _scalar(zx), w, zw)]
+
+
+# ----------------------------------------------------------------------------- matmul
+
+def _matmul_acc(step, a, za, b, zb):
+    """Batched (A - za) @ (B - zb) -> int32, numpy broadcasting over leading axes."""
+    za = _zp(za)
+    zb = _zp(zb)
+    if b.ndim == 2:
+        pb = _cached(step, "b", b, lambda: pack_b(b))
+        if za.size > 1 and a.ndim > 2:
+            raise ModelError(f"{step.name}: per-row a_zero_point with batched A is not supported")
+        a2 = a.reshape(-1, a.shape[-1])
+        return qgemm(a2, za, pb, zb).reshape(*a.shape[:-1], b.shape[-1])
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a_b = np.broadcast_to(a, batch + a.shape[-2:])
+    b_b = np.broadcast_to(b, batch + b.shape[-2:])
+    out = np.empty(batch + (a.shape[-2], b.shape[-1]), np.int32)
+    for idx in np.ndindex(*batch):
+        out[idx] = qgemm(a_b[idx], za, pack_b(np.ascontiguousarray(b_b[idx])), zb)
+    return out
+
+
+def qlinear_matmul(step, args, mode):
+    a, sa, za, b, sb, zb, sy, zy = args
+    acc = _matmul_acc(step, a, za, b, zb)
+    n = acc.shape[-1]
+    out = _requant_out(step, acc.reshape(-1, n, 1), sa, sb, sy, zy, mode)
+    return [out.reshape(acc.shape)]
+
+
+def matmul_integer(step, args, mode):
+    a, b = args[0], args[1]
+    za = args[2] if len(args) > 2 else None
+    zb = args[3] if len(args) > 3 else None
+    return [_matmul_acc(step, a, za, b, zb)]
+
+
+def qgemm_op(step, args, mode):
+    """com.microsoft QGemm with a quantized output: Y = requant((A'-za)(B'-zb) + C)."""
+    a, sa, za, b, sb, zb = args[:6]
+    c = args[6] if len(args) > 6 else None
+    sy = args[7] if len(args) > 7 else None
+    zy = args[8] if len(args) > 8 else None
+    if sy is None:
+        raise ModelError(f"{step.name}: QGemm with a float output is not supported")
+    if float(step.attrs.get("alpha", 1.0)) != 1.0:
+        raise ModelError(f"{step.name}: QGemm alpha != 1 is not supported")
+    if step.attrs.get("transA", 0):
+        a = a.T
+    if step.attrs.get("transB", 0):
+        b = _cached(step, "bT", b, lambda: np.ascontiguousarray(b.T))
+    acc = _matmul_acc(step, np.ascontiguousarray(a), za, b, zb)
+    if c is not None:
+        acc = acc + np.asarray(c, np.int32)
+    zy = np.zeros((), np.asarray(za).dtype) if zy is None else zy
+    return [_requant_out(step, acc.reshape(-1, acc.shape[-1], 1), sa, sb, sy, zy, mode).reshape(acc.shape)]
+
+
+# ----------------------------------------------------------------------------- float boundary
+
+def _broadcast_param(p, x_shape, axis: int, block: int):
+    p = np.asarray(p)
+    if p.size == 1 and p.ndim <= 1:
+        return p.reshape(())
+    axis = axis % len(x_shape)
+    if block:
+        full = np.repeat(p, block, axis=axis)
+        return np.take(full, np.arange(x_shape[axis]), axis=axis)
+    shape = [1] * len(x_shape)
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+_TO_NP = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16,
+          "int4": np.int8, "uint4": np.uint8}
+
+
+def quantize(step, args, mode):
+    x, scale = args[0], args[1]
+    zp = args[2] if len(args) > 2 else None
+    axis, block = int(step.attrs.get("axis", 1)), int(step.attrs.get("block_size", 0))
+    kind = int_dtype_name(zp) if zp is not None else step.attrs.get("output_dtype_name", "uint8")
+    if kind not in _TO_NP:
+        raise ModelError(f"{step.name}: QuantizeLinear to {kind} is not supported")
+    zpv = np.zeros((), np.int64) if zp is None else np.asarray(zp).astype(np.int64)
+    qmin, qmax = BOUNDS[kind]
+    return [quantize_linear(x, _broadcast_param(scale, x.shape, axis, block),
+                            _broadcast_param(zpv, x.shape, axis, block), qmin, qmax, _TO_NP[kind])]
+
+
+def dequantize(step, args, mode):
+    x, scale = args[0], args[1]
+    zp = args[2] if len(args) > 2 else None
+    if int_dtype_name(x) not in _TO_NP and x.dtype != np.int32:
+        raise ModelError(f"{step.name}: DequantizeLinear from {x.dtype} is not supported")
+    axis, block = int(step.attrs.get("axis", 1)), int(step.attrs.get("block_size", 0))
+    zpv = np.zeros((), np.int64) if zp is None else np.asarray(zp).astype(np.int64)
+    y = dequantize_linear(np.asarray(x).astype(np.int64), _broadcast_param(scale, x.shape, axis, block),
+                          _broadcast_param(zpv, x.shape, axis, block))
+    return [y.astype(np.asarray(scale).dtype)]
+
+
+KERNELS = {
+    "QLinearConv": qlinear_conv, "ConvInteger": conv_integer,
+    "QLinearMatMul": qlinear_matmul, "MatMulInteger": matmul_integer, "QGemm": qgemm_op,
+    "QuantizeLinear": quantize, "DequantizeLinear": dequantize,
+}

@@ -1,0 +1,169 @@
+"""Requantization: int32 accumulators -> int8/uint8 outputs, in one function with two modes.
+
+``float`` (what ONNX Runtime's MlasRequantizeOutput computes)::
+
+    y = clamp(rne(float32(acc) * M) + zp_y, qmin, qmax),   M = float32(s_x * s_w / s_y)
+
+with float32 arithmetic throughout and round-half-to-even. ``fixed`` (what integer-only hardware
+computes, gemmlowp / TFLite style)::
+
+    M = m * 2^-n,  m an int32 in [2^30, 2^31)  ->  y = clamp(((acc * m + 2^(n-1)) >> n) + zp_y)
+
+i.e. a 64-bit product, round half up, arithmetic shift. Both modes use ``requantize``; the only
+difference is the branch on ``fixed``. Quantize/dequantize at the float boundary live here too.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+MODES = ("float", "fixed")
+
+#: saturation bounds per integer storage type (int4/uint4 are held in int8/uint8 arrays)
+BOUNDS = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535),
+          "int4": (-8, 7), "uint4": (0, 15), "int32": (-2**31, 2**31 - 1)}
+
+
+def output_scale(s_x, s_w, s_y) -> np.ndarray:
+    """Per-channel M = s_x * s_w / s_y in float32, evaluated in the order ORT does."""
+    s_x = np.float32(np.asarray(s_x, np.float32).reshape(()))
+    s_y = np.float32(np.asarray(s_y, np.float32).reshape(()))
+    s_w = np.asarray(s_w, np.float32).reshape(-1)
+    return ((s_x * s_w) / s_y).astype(np.float32)
+
+
+def fixed_multiplier(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split each positive float scale into (int32 multiplier in [2^30, 2^31), right shift)."""
+    scale = np.asarray(scale, np.float64).reshape(-1)
+    mult = np.zeros(scale.shape, np.int64)
+    shift = np.zeros(scale.shape, np.int64)
+    for i, s in enumerate(scale):
+        if not s > 0:
+            mult[i], shift[i] = 0, 1
+            continue
+        m, e = np.frexp(s)                       # s = m * 2^e, m in [0.5, 1)
+        q = int(round(m * (1 << 31)))
+        if q == 1 << 31:
+            q //= 2
+            e += 1
+        n = 31 - int(e)
+        if n < 1:
+            raise ValueError(f"requantization scale {s} >= 2^30 cannot be a fixed-point multiplier")
+        if n > 62:                               # tiny scales: drop low multiplier bits instead
+            q >>= min(n - 62, 31)
+            n = 62
+        mult[i], shift[i] = q, n
+    return mult, shift
+
+
+@njit(cache=True)
+def requantize(acc, scale, mult, shift, zp, qmin, qmax, fixed, out):
+    """acc int32 (outer, C, inner) -> out (outer, C, inner); per-channel scale/mult/shift of length
+    C or 1. ``out`` is any integer array of that shape (int8, uint8, int32). Memory order is
+    followed (outer, channel, inner), so NCHW (inner = pixels) and NHWC (inner = 1) both stream."""
+    n0, nc, n1 = acc.shape
+    per_ch = scale.shape[0] > 1
+    lo = np.float32(qmin - zp)
+    hi = np.float32(qmax - zp)
+    for i in range(n0):
+        for c in range(nc):
+            ci = c if per_ch else 0
+            s = scale[ci]
+            m = np.int64(mult[ci])
+            sh = np.int64(shift[ci])
+            half = np.int64(1) << (sh - 1)
+            for j in range(n1):
+                a = acc[i, c, j]
+                if fixed:
+                    v = (np.int64(a) * m + half) >> sh
+                    v += zp
+                    if v < qmin:
+                        v = qmin
+                    elif v > qmax:
+                        v = qmax
+                    out[i, c, j] = v
+                else:
+                    f = np.float32(a) * s
+                    f = min(max(f, lo), hi)
+                    out[i, c, j] = np.int64(np.rint(f)) + zp
+    return out
+
+
+@njit(cache=True)
+def _requantize_channels_last(acc, scale, zp, lo, hi, out):
+    """Float mode for (pixels, C) int32 with a per-channel scale vector: the channel loop is the
+    inner one and vectorizes (same arithmetic as ``requantize``)."""
+    for i in range(acc.shape[0]):
+        _requant_row(acc[i], scale, zp, lo, hi, out[i])
+
+
+@njit(cache=True)
+def _requant_row(a, scale, zp, lo, hi, o):
+    for c in range(a.shape[0]):
+        f = min(max(np.float32(a[c]) * scale[c], lo), hi)
+        o[c] = np.int32(np.rint(f)) + zp
+
+
+def requantize_reference(acc, scale, zp, qmin, qmax, mode="float"):
+    """Plain numpy version of ``requantize`` (acc shaped (outer, C, inner), scale of length C or 1)."""
+    acc = np.asarray(acc)
+    scale = np.asarray(scale, np.float32).reshape(1, -1, 1)
+    if mode == "float":
+        r = np.rint(acc.astype(np.float32) * scale).astype(np.int64)
+    else:
+        mult, shift = fixed_multiplier(scale.reshape(-1))
+        mult, shift = mult.reshape(1, -1, 1), shift.reshape(1, -1, 1)
+        r = (acc.astype(np.int64) * mult + (np.int64(1) << (shift - 1))) >> shift
+    return np.clip(r + int(zp), qmin, qmax)
+
+
+def requantize_into(acc3: np.ndarray, scale, zp: int, qmin: int, qmax: int, mode: str,
+                    dtype) -> np.ndarray:
+    """Convenience wrapper: allocate the output, derive fixed-point multipliers, call ``requantize``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    scale = np.ascontiguousarray(np.asarray(scale, np.float32).reshape(-1))
+    if mode == "fixed":
+        mult, shift = fixed_multiplier(scale)
+    else:
+        mult = np.zeros(scale.shape, np.int64)
+        shift = np.ones(scale.shape, np.int64)
+    out = np.empty(acc3.shape, dtype)
+    acc3 = np.ascontiguousarray(acc3, dtype=np.int32)
+    if mode == "float" and acc3.shape[2] == 1 and acc3.shape[1] > 1:       # channels last
+        vec = np.ascontiguousarray(np.broadcast_to(scale, (acc3.shape[1],)), dtype=np.float32)
+        _requantize_channels_last(acc3[:, :, 0], vec, np.int32(zp), np.float32(qmin - zp),
+                                  np.float32(qmax - zp), out[:, :, 0])
+        return out
+    return requantize(acc3, scale, mult, shift, int(zp), int(qmin), int(qmax), mode == "fixed", out)
+
+
+# ----------------------------------------------------------------------------- float boundary
+
+def quantize_linear(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int,
+                    dtype=np.int64) -> np.ndarray:
+    """ONNX QuantizeLinear: saturate(rne(x / scale) + zp) with float32 division, as ORT and the spec.
+
+    ``scale`` and ``zp`` already broadcast against ``x``; returns ``dtype`` values."""
+    x = np.asarray(x, np.float32)
+    scale, zp = np.asarray(scale, np.float32), np.asarray(zp)
+    if scale.size == 1 and zp.size == 1:                      # per tensor: one pass, no temporaries
+        out = np.empty(x.shape, dtype)
+        _quantize_flat(np.ascontiguousarray(x).reshape(-1), np.float32(scale.reshape(-1)[0]),
+                       int(zp.reshape(-1)[0]), qmin, qmax, out.reshape(-1))
+        return out
+    q = np.rint(x / scale)
+    return np.clip(q.astype(np.float64) + zp.astype(np.float64), qmin, qmax).astype(dtype)
+
+
+@njit(cache=True)
+def _quantize_flat(x, scale, zp, qmin, qmax, out):
+    for i in range(x.shape[0]):
+        q = np.rint(x[i] / scale) + zp
+        out[i] = qmin if q < qmin else (qmax if q > qmax else q)
+
+
+def dequantize_linear(q: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    """ONNX DequantizeLinear: (q - zp) * scale, in float32 (exact for <= 16-bit integers)."""
+    d = (np.asarray(q, np.int64) - np.asarray(zp, np.int64)).astype(np.float32)
+    return d * np.asarray(scale, np.float32)

@@ -1,0 +1,176 @@
+"""Each integer kernel equals its plain-numpy reference exactly on seeded random inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qgraph.kernels import gemm, pool, vnni
+from qgraph.kernels.conv import ConvGeometry, conv_int, conv_reference, pack_conv
+from qgraph.kernels.requant import fixed_multiplier, requantize_into, requantize_reference
+
+DT = {"s8": np.int8, "u8": np.uint8}
+
+
+def _ints(rng, dtype, shape):
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max + 1, shape).astype(dtype)
+
+
+@pytest.mark.parametrize("a_t,b_t", [("s8", "s8"), ("u8", "s8"), ("u8", "u8"), ("s8", "u8")])
+def test_qgemm_equals_reference_with_zero_points(a_t, b_t):
+    rng = np.random.default_rng(7)
+    for trial in range(12):
+        m, k, n = (int(v) for v in rng.integers(1, 80, 3))
+        a, b = _ints(rng, DT[a_t], (m, k)), _ints(rng, DT[b_t], (k, n))
+        za = _ints(rng, DT[a_t], (m,) if trial % 2 else ())          # per-row or per-tensor
+        zb = _ints(rng, DT[b_t], (n,) if trial % 3 else ())          # per-column or per-tensor
+        got = gemm.qgemm(a, za, gemm.pack_b(b), zb)
+        np.testing.assert_array_equal(got, gemm.qgemm_reference(a, za, b, zb), err_msg=f"trial {trial}")
+
+
+def test_generic_and_vnni_microkernels_agree():
+    # the plain-Numba fallback must compute the same raw u8 x s8 sums as the VNNI tile
+    rng = np.random.default_rng(3)
+    a, b = _ints(rng, np.uint8, (37, 301)), _ints(rng, np.int8, (301, 45))
+    pa, pb = gemm.pack_a(a), gemm.pack_b(b)
+    c = np.zeros((-(-37 // vnni.MR) * vnni.MR, -(-45 // vnni.NR) * vnni.NR), np.int32)
+    gemm.gemm_u8s8_generic(pa.data, pb.data, c, pa.k4)
+    np.testing.assert_array_equal(c[:37, :45], a.astype(np.int32) @ b.astype(np.int32))
+    if vnni.HAS_VNNI:
+        c2 = np.zeros_like(c)
+        vnni.gemm_u8s8_vnni(pa.data, pb.data, c2, pa.k4)
+        np.testing.assert_array_equal(c2, c)
+
+
+def test_packing_either_operand_gives_the_same_product():
+    # conv packs the weights as A and the activations as B; matmul the other way round
+    rng = np.random.default_rng(4)
+    a, b = _ints(rng, np.int8, (19, 40)), _ints(rng, np.uint8, (40, 23))
+    left = gemm.qgemm_packed(gemm.pack_a(a), 3, gemm.pack_b(b), 130)
+    right = gemm.qgemm_packed(gemm.pack_a(np.ascontiguousarray(b.T)), 130, gemm.pack_b(np.ascontiguousarray(a.T)), 3)
+    np.testing.assert_array_equal(left, right.T)
+    np.testing.assert_array_equal(left, gemm.qgemm_reference(a, 3, b, 130))
+
+
+def test_qgemm_long_k_crosses_cache_blocks():
+    rng = np.random.default_rng(11)
+    k = vnni.KC4 * 4 * 2 + 13                                        # three k blocks, ragged tail
+    a, b = _ints(rng, np.int8, (9, k)), _ints(rng, np.int8, (k, 33))
+    np.testing.assert_array_equal(gemm.qgemm(a, 3, gemm.pack_b(b), -2), gemm.qgemm_reference(a, 3, b, -2))
+
+
+@pytest.mark.parametrize("kind", ["dense", "grouped", "depthwise", "depthwise_multiplier", "conv1d"])
+def test_conv_equals_reference(kind):
+    rng = np.random.default_rng(hash(kind) % 2**32)
+    for trial in range(6):
+        g = {"dense": 1, "grouped": 2, "depthwise": 4, "depthwise_multiplier": 3, "conv1d": 1}[kind]
+        cin = g if kind.startswith("depthwise") else g * int(rng.integers(1, 4))
+        cout = cin * 2 if kind == "depthwise_multiplier" else (cin if kind == "depthwise" else g * 3)
+        kh = 1 if kind == "conv1d" else int(rng.integers(1, 4))
+        kw = int(rng.integers(1, 4))
+        geo = ConvGeometry((kh, kw), (1 if kind == "conv1d" else int(rng.integers(1, 3)), int(rng.integers(1, 3))),
+                           (1, int(rng.integers(1, 3))),
+                           (0 if kind == "conv1d" else int(rng.integers(0, 3)), int(rng.integers(0, 3)),
+                            0 if kind == "conv1d" else int(rng.integers(0, 3)), int(rng.integers(0, 3))), g)
+        x = _ints(rng, np.int8 if trial % 2 else np.uint8, (2, cin, 1 if kind == "conv1d" else 7, 9))
+        w = _ints(rng, np.int8, (cout, cin // g, kh, kw))
+        zx, zw = int(rng.integers(-5, 5)) + (128 if x.dtype == np.uint8 else 0), rng.integers(-3, 3, cout)
+        got = conv_int(x, zx, pack_conv(w, g), zw, geo)
+        np.testing.assert_array_equal(got, conv_reference(x, zx, w, zw, geo), err_msg=f"{kind} {trial} {geo}")
+
+
+@pytest.mark.parametrize("mode", ["float", "fixed"])
+def test_requantize_equals_reference(mode):
+    rng = np.random.default_rng(5)
+    acc = rng.integers(-200_000, 200_000, (3, 8, 50)).astype(np.int32)
+    acc[0, 0, :4] = [0, 1, -1, 2**31 - 1]
+    scale = rng.uniform(1e-5, 1e-3, 8).astype(np.float32)
+    got = requantize_into(acc, scale, -3, -128, 127, mode, np.int8)
+    np.testing.assert_array_equal(got, requantize_reference(acc, scale, -3, -128, 127, mode))
+
+
+def test_requantize_channels_last_layout_equals_reference():
+    # (pixels, C, 1): the NHWC / matmul layout takes a separate vectorized loop
+    rng = np.random.default_rng(6)
+    acc = rng.integers(-100_000, 100_000, (300, 24, 1)).astype(np.int32)
+    scale = rng.uniform(1e-5, 1e-3, 24).astype(np.float32)
+    for mode in ("float", "fixed"):
+        got = requantize_into(acc, scale, 7, -128, 127, mode, np.int8)
+        np.testing.assert_array_equal(got, requantize_reference(acc, scale, 7, -128, 127, mode))
+
+
+def test_requantize_float_mode_rounds_half_to_even():
+    acc = np.array([1, 3, 5, -1, -3], np.int32).reshape(1, 1, -1)   # x 0.5 -> .5 ties
+    got = requantize_into(acc, [0.5], 0, -128, 127, "float", np.int8).reshape(-1)
+    np.testing.assert_array_equal(got, [0, 2, 2, 0, -2])
+
+
+def test_fixed_multiplier_represents_scale_to_31_bits():
+    scale = np.array([0.75, 1e-4, 3.0e-7, 0.999999], np.float32)
+    mult, shift = fixed_multiplier(scale)
+    assert ((mult >= 2**30) & (mult < 2**31)).all()
+    np.testing.assert_allclose(mult / 2.0**shift, scale, rtol=2**-30)
+
+
+@pytest.mark.parametrize("attrs", [
+    {"kernel_shape": [3, 3]},
+    {"kernel_shape": [2, 2], "strides": [2, 2]},
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 0, 1, 2]},
+    {"kernel_shape": [2, 3], "dilations": [2, 1], "pads": [1, 1, 0, 0]},
+])
+def test_max_pool_and_window_sums_equal_reference(attrs):
+    rng = np.random.default_rng(9)
+    x = _ints(rng, np.int8, (2, 3, 8, 7))
+    np.testing.assert_array_equal(pool.max_pool(x, attrs), pool.pool_reference(x, attrs, True))
+    # fixed mode: integer window sums of (x - zx), one fixed-point requantization per window size
+    sums = pool.pool_reference(x, attrs, False, zx=5)
+    counts = pool.pool_reference(np.ones_like(x), attrs, False, zx=0)
+    y = pool.average_pool(x, np.float32(0.02), 5, np.float32(0.03), np.int8(0), attrs, "fixed")
+    want = np.empty_like(y)
+    for cnt in np.unique(counts):
+        sel = counts == cnt
+        m = np.float32(np.float32(0.02) / (np.float32(0.03) * np.float32(cnt)))
+        want[sel] = requantize_reference(sums[sel].reshape(1, 1, -1), [m], 0, -128, 127, "fixed").reshape(-1)
+    np.testing.assert_array_equal(y, want)
+
+
+def test_average_pool_float_mode_averages_dequantized_values_as_ort():
+    # ORT's QLinearAveragePool: float32 sum of dequantized values in window order, / count,
+    # then rne(avg / sy + zy); written out by hand for a 2x2 / stride-2 pool
+    rng = np.random.default_rng(10)
+    x = _ints(rng, np.int8, (1, 2, 4, 4))
+    sx, sy, zx, zy = np.float32(0.05), np.float32(0.07), 3, -2
+    y = pool.average_pool(x, sx, zx, sy, np.int8(zy), {"kernel_shape": [2, 2], "strides": [2, 2]}, "float")
+    for c in range(2):
+        for i in range(2):
+            for j in range(2):
+                acc = np.float32(0)
+                for v in x[0, c, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(-1):
+                    acc = np.float32(acc + np.float32(sx * np.float32(int(v) - zx)))
+                want = np.clip(np.rint(np.float32(np.float32(acc / np.float32(4)) / sy) + np.float32(zy)), -128, 127)
+                assert y[0, c, i, j] == want
+
+
+def test_global_average_pool_rounds_the_integer_mean():
+    x = np.array([1, 2, 2, 2], np.int8).reshape(1, 1, 2, 2)          # sum 7, mean 1.75 -> 2
+    y = pool.global_average_pool(x, np.float32(1.0), 0, np.float32(1.0), np.int8(0), "float")
+    assert y.shape == (1, 1, 1, 1) and int(y.reshape(())) == 2
+
+
+@pytest.mark.parametrize("mode", ["float", "fixed"])
+@pytest.mark.parametrize("group,w_shape", [(2, (10, 3, 3, 3)), (1, (4, 1, 3, 2))], ids=["grouped", "cin1"])
+def test_requantization_fused_in_the_gemm_epilogue_equals_the_separate_pass(mode, group, w_shape):
+    # conv_int(rq=...) requantizes inside the GEMM epilogue; it must equal conv_int + requantize
+    rng = np.random.default_rng(8)
+    x, w = _ints(rng, np.uint8, (2, w_shape[1] * group, 9, 9)), _ints(rng, np.int8, w_shape)
+    geo = ConvGeometry(w_shape[2:], (2, 1), (1, 2), (1, 0, 2, 1), group)
+    pc, zw = pack_conv(w, group), np.zeros(w_shape[0], np.int64)
+    cout = w_shape[0]
+    bias = rng.integers(-3000, 3000, cout).astype(np.int32)
+    scale = rng.uniform(2e-4, 2e-3, cout).astype(np.float32)
+    mult, shift = fixed_multiplier(scale)
+    acc = conv_int(x, 131, pc, zw, geo) + bias.reshape(1, -1, 1, 1)
+    want = requantize_into(acc.reshape(2, cout, -1), scale, 120, 0, 255, mode, np.uint8).reshape(acc.shape)
+    got = conv_int(x, 131, pc, zw, geo, rq=(bias, scale, mult, shift, 120, 0, 255, mode == "fixed"),
+                   out_dtype=np.uint8)
+    np.testing.assert_array_equal(got, want)

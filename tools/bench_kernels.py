@@ -1,0 +1,236 @@
+"""Benchmark qgraph's integer kernels against ONNX Runtime in one run, one thread each.
+
+    python tools/bench_kernels.py [--quick] [--model QDQ.onnx --inputs x.npz] [--json out.json]
+
+Sections (every figure is a ratio against ORT measured in the same process, same shapes):
+  gemm   int8 GEMM C[M,N] = A[M,K] B[K,N] (256^3, 512^3, 1024^3 and im2col shapes of MobileNetV2
+         layers) vs ORT MatMulInteger, s8s8 and u8s8 (ORT's fastest path; ours is one kernel for both)
+  conv   QLinearConv layers of MobileNetV2 (224x224 input, s8s8) vs ORT QLinearConv
+  model  whole-model latency of a QDQ model vs ORT on the same model (default: digits_cnn quantized
+         s8s8 by ORT's quantize_static, after fold)
+  jit    start-up of the runtime in a fresh process: cold (empty Numba cache) and warm (cache filled)
+Best of N repetitions after a warm-up; GOP/s counts 2*M*N*K.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, M = OH*OW, K = Cin*KH*KW, N = Cout): pointwise and full convs of MobileNetV2 at 224x224
+IM2COL = [("mbv2 stem 3x3", 112 * 112, 27, 32), ("mbv2 pw 16->96", 112 * 112, 16, 96),
+          ("mbv2 pw 144->24", 56 * 56, 144, 24), ("mbv2 pw 192->64", 28 * 28, 192, 64),
+          ("mbv2 pw 576->160", 7 * 7 * 4, 576, 160), ("mbv2 pw 320->1280", 7 * 7, 320, 1280)]
+# (name, Cin, H, Cout, k, stride, group) for QLinearConv layers of MobileNetV2
+CONVS = [("stem 3x3 s2", 3, 224, 32, 3, 2, 1), ("dw 3x3 32", 32, 112, 32, 3, 1, 32),
+         ("pw 32->16", 32, 112, 16, 1, 1, 1), ("pw 16->96", 16, 112, 96, 1, 1, 1),
+         ("dw 3x3 s2 96", 96, 112, 96, 3, 2, 96), ("pw 144->24", 144, 56, 24, 1, 1, 1),
+         ("pw 192->64", 192, 28, 64, 1, 1, 1), ("dw 3x3 384", 384, 14, 384, 3, 1, 384),
+         ("pw 960->320", 960, 7, 320, 1, 1, 1), ("pw 320->1280", 320, 7, 1280, 1, 1, 1)]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+
+
+def best_of(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def session(model: onnx.ModelProto):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _model(nodes, inputs, outputs, inits, opset=19):
+    g = helper.make_graph(nodes, "bench", inputs, outputs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 9
+    return m
+
+
+def bench_gemm(quick: bool) -> list[dict]:
+    from qgraph.kernels.gemm import pack_b, qgemm
+    rng = np.random.default_rng(0)
+    shapes = [(f"{s}^3", s, s, s) for s in ((256, 512) if quick else (256, 512, 1024))] + \
+        (IM2COL[:3] if quick else IM2COL)
+    rows = []
+    for name, m, k, n in shapes:
+        b = rng.integers(-128, 128, (k, n)).astype(np.int8)
+        pb = pack_b(b)
+        ops = 2.0 * m * n * k
+        row = {"shape": name, "M": m, "K": k, "N": n}
+        for a_t, onnx_t in (("s8", TensorProto.INT8), ("u8", TensorProto.UINT8)):
+            a = (rng.integers(-128, 128, (m, k)).astype(np.int8) if a_t == "s8"
+                 else rng.integers(0, 256, (m, k)).astype(np.uint8))
+            sess = session(_model([helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
+                                  [helper.make_tensor_value_info("a", onnx_t, [m, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
+                                  [numpy_helper.from_array(b, "b")]))
+            reps = 3 if ops > 1e9 else 7
+            t_ort = best_of(lambda: sess.run(None, {"a": a}), reps)
+            t_ours = best_of(lambda: qgemm(a, 0, pb, 0), reps)
+            row[f"ort_{a_t}s8_gops"] = ops / t_ort / 1e9
+            row[f"ours_{a_t}s8_gops"] = ops / t_ours / 1e9
+        row["ratio_s8s8"] = row["ours_s8s8_gops"] / row["ort_s8s8_gops"]
+        row["ratio_vs_ort_u8s8"] = row["ours_s8s8_gops"] / row["ort_u8s8_gops"]
+        rows.append(row)
+        print(f"  gemm {name:<20} ours s8s8 {row['ours_s8s8_gops']:7.1f} GOP/s | ORT s8s8 {row['ort_s8s8_gops']:7.1f} "
+              f"(x{row['ratio_s8s8']:.2f}) | ORT u8s8 {row['ort_u8s8_gops']:7.1f} (x{row['ratio_vs_ort_u8s8']:.2f})",
+              flush=True)
+    return rows
+
+
+def bench_conv(quick: bool) -> list[dict]:
+    from qgraph.kernels import lower, run
+    rng = np.random.default_rng(1)
+    rows = []
+    for name, cin, h, cout, k, s, g in (CONVS[:4] if quick else CONVS):
+        w = rng.integers(-127, 128, (cout, cin // g, k, k)).astype(np.int8)
+        x = rng.integers(-128, 128, (1, cin, h, h)).astype(np.int8)
+        consts = {"sx": np.float32(0.02), "zx": np.int8(0), "w": w, "sw": np.full(cout, 0.01, np.float32),
+                  "zw": np.zeros(cout, np.int8), "sy": np.float32(0.02 * 0.01 * 40 * np.sqrt(cin // g * k * k)),
+                  "zy": np.int8(0), "b": rng.integers(-500, 500, cout).astype(np.int32)}
+        node = helper.make_node("QLinearConv", ["x", "sx", "zx", "w", "sw", "zw", "sy", "zy", "b"], ["y"],
+                                group=g, strides=[s, s], pads=[k // 2] * 4)
+        model = _model([node], [helper.make_tensor_value_info("x", TensorProto.INT8, list(x.shape))],
+                       [helper.make_tensor_value_info("y", TensorProto.INT8, [None] * 4)],
+                       [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
+        sess, prog = session(model), lower(model)
+        exact = bool((run(prog, {"x": x})["y"] == sess.run(None, {"x": x})[0]).all())
+        t_ort = best_of(lambda: sess.run(None, {"x": x}), 5)
+        t_ours = best_of(lambda: run(prog, {"x": x}), 5)
+        rows.append({"layer": name, "ours_ms": t_ours * 1e3, "ort_ms": t_ort * 1e3,
+                     "ratio": t_ours / t_ort, "bit_exact": exact})
+        print(f"  conv {name:<14} ours {t_ours * 1e3:7.2f} ms | ORT {t_ort * 1e3:7.2f} ms | "
+              f"ours/ORT x{t_ours / t_ort:.2f} | bit-exact {exact}", flush=True)
+    return rows
+
+
+def digits_qdq(tmp: Path) -> tuple[Path, dict]:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from qgraph.api import optimize
+    data = np.load(ROOT / "models" / "digits_sample.npz")
+    folded, _ = optimize(str(ROOT / "models" / "digits_cnn.onnx"), "fold", progress=False)
+    onnx.save(folded, tmp / "fold.onnx")
+    feeds = iter([{"input": data["input"][i:i + 60]} for i in range(0, 360, 60)])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return next(feeds, None)
+
+    quantize_static(str(tmp / "fold.onnx"), str(tmp / "qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return tmp / "qdq.onnx", {"input": data["input"]}
+
+
+def bench_model(path: Path, feeds: dict) -> dict:
+    from qgraph.kernels import lower, run
+    from qgraph.kernels.diff import against_ort
+    model = onnx.load(path)
+    sess, prog = session(model), lower(model)
+    figures, _, _ = against_ort(model, feeds, "float", prog)
+    t_ort = best_of(lambda: sess.run(None, feeds), 10)
+    t_ours = best_of(lambda: run(prog, feeds), 10)
+    row = {"model": str(path), "ours_ms": t_ours * 1e3, "ort_ms": t_ort * 1e3, "ratio": t_ours / t_ort,
+           "diff": figures}
+    print(f"  model {path.name}: ours {t_ours * 1e3:.2f} ms | ORT {t_ort * 1e3:.2f} ms | ours/ORT x{row['ratio']:.2f}",
+          flush=True)
+    return row
+
+
+def bench_jit(path: Path, npz: Path) -> dict:
+    code = ("import time; t=time.perf_counter(); import numpy as np; from qgraph.kernels import run; "
+            f"d=np.load({str(npz)!r}); run({str(path)!r}, {{k: d[k] for k in d.files}}); "
+            "print(time.perf_counter()-t)")
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        for label in ("cold", "warm"):
+            res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            out[f"{label}_s"] = float(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else None
+    print(f"  jit start (import + lower + first run): cold {out['cold_s']:.2f} s, warm cache {out['warm_s']:.2f} s",
+          flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    ap.add_argument("--sections", default="gemm,conv,model,jit")
+    ap.add_argument("--model", help="QDQ model for the whole-model section (default: digits_cnn, s8s8)")
+    ap.add_argument("--inputs", help=".npz inputs for --model")
+    ap.add_argument("--json", help="write all figures here")
+    args = ap.parse_args(argv)
+    import numba
+    import onnxruntime
+    from qgraph.kernels import vnni
+    head = {"cpu": cpu_model(), "flags": cpu_flags(), "vnni_kernel": vnni.HAS_VNNI, "threads": 1,
+            "onnxruntime": onnxruntime.__version__, "numba": numba.__version__}
+    print(f"CPU: {head['cpu']}  flags: {' '.join(head['flags'])}  our VNNI kernel: {head['vnni_kernel']}  "
+          f"threads: 1  onnxruntime {head['onnxruntime']}  numba {head['numba']}", flush=True)
+    result = {"host": head}
+    sections = args.sections.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        if "gemm" in sections:
+            result["gemm"] = bench_gemm(args.quick)
+        if "conv" in sections:
+            result["conv"] = bench_conv(args.quick)
+        if "model" in sections or "jit" in sections:
+            if args.model:
+                path, d = Path(args.model), np.load(args.inputs)
+                feeds = {k: d[k] for k in d.files}
+            else:
+                path, feeds = digits_qdq(Path(tmp))
+            npz = Path(tmp) / "inputs.npz"
+            np.savez(npz, **feeds)
+            if "model" in sections:
+                result["model"] = bench_model(path, feeds)
+            if "jit" in sections:
+                result["jit"] = bench_jit(path, npz)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
