@@ -45,6 +45,8 @@ class Skip(Exception):
 class FoldOptions:
     bn: bool = option(True, "fold BatchNormalization into the producing Conv/ConvTranspose/Gemm/MatMul")
     affine: bool = option(True, "fold a following constant per-channel Mul/Add into weight and bias")
+    rest: str = option("keep", "a BatchNormalization that cannot be folded: keep it, or turn it into Mul+Add",
+                       choices=("keep", "affine"))
 
 
 class FoldBatchNorm(Pass):
@@ -89,7 +91,11 @@ class FoldBatchNorm(Pass):
                 counts[kind] += 1
                 changed = True
         ctx.state.pop("_fold_reported", None)
+        if self.opts.rest == "affine":
+            counts["to_affine"] = self._rest_to_affine(g)
         notes = {"folded": counts["bn"]}
+        if counts["to_affine"]:
+            notes["to_affine"] = counts["to_affine"]
         if counts["mul"] or counts["add"]:
             notes["folded_mul"], notes["folded_add"] = counts["mul"], counts["add"]
         if skipped:
@@ -100,6 +106,40 @@ class FoldBatchNorm(Pass):
     @staticmethod
     def _reported(ctx: Context, node) -> set:
         return ctx.state.setdefault("_fold_reported", {}).setdefault(id(node), set())
+
+    @staticmethod
+    def _rest_to_affine(g: ir.Graph) -> int:
+        """BN left in place -> Mul(a) + Add(b) per channel: the same function, ops every runtime has."""
+        done = 0
+        for node in list(g.nodes):
+            if node.op != "BatchNormalization" or not node.outputs:
+                continue
+            if any(ir.const(t) is None for t in node.inputs[1:5]):
+                continue
+            if len([o for o in node.outputs if o.outputs or ir.is_graph_output(g, o)]) > 1:
+                continue
+            x = node.inputs[0]
+            rank = len(x.shape) if x.shape is not None else None
+            if rank is None or rank < 2:
+                continue
+            scale, bias, mean, var = (ir.const(t).astype(np.float64) for t in node.inputs[1:5])
+            a = scale / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+            b = bias - a * mean
+            shape = (1, -1) + (1,) * (rank - 2)
+            dtype = ir.const(node.inputs[1]).dtype
+            y = node.outputs[0]
+            mul_out = ir.Variable(ir.fresh_name(g, node.name + "_scaled"), dtype=y.dtype, shape=y.shape)
+            g.nodes.append(ir.Node("Mul", name=ir.fresh_name(g, node.name + "_mul"),
+                                   inputs=[x, ir.add_const(g, node.name + "_a", a.astype(dtype).reshape(shape))],
+                                   outputs=[mul_out]))
+            node.op = "Add"
+            node.attrs.clear()
+            node.inputs.clear()
+            node.inputs.extend([mul_out, ir.add_const(g, node.name + "_b", b.astype(dtype).reshape(shape))])
+            while len(node.outputs) > 1:  # unused running-stat outputs
+                node.outputs.pop()
+            done += 1
+        return done
 
     @staticmethod
     def _bn_gamma_beta(node) -> tuple[np.ndarray, np.ndarray]:

@@ -168,6 +168,18 @@ def test_fold_skips_bn_after_join(rng):
     assert notes["skipped"] == {"bn_after_join": 1}
 
 
+def test_rest_affine_turns_unfoldable_bn_into_mul_add(rng):
+    #   x ─Relu─ r ─BN─ y     →    x ─Relu─ r ─Mul(a)─Add(b)─ y     (a = γ/sqrt(σ²+ε), b = β − aμ)
+    model = make_model([helper.make_node("Relu", ["x"], ["r"], name="relu"), bn_node("r", "y")],
+                       [("x", [2, 4, 3, 3])], [("y", [2, 4, 3, 3])], bn_params(rng, 4))
+    g = ir.load(model)
+    notes = FoldBatchNorm(rest="affine").run(g, Context()).notes
+    out = ir.to_model(g)
+    assert ops(out) == ["Relu", "Mul", "Add"] and notes["to_affine"] == 1
+    assert notes["skipped"] == {"not_after_layer": 1}
+    check_same(model, out, {"x": rng.normal(size=(2, 4, 3, 3)).astype(np.float32)})
+
+
 def test_fold_skips_bn_fed_by_graph_input(rng):
     #   x ─BN─ y
     model = make_model([bn_node("x", "y")], [("x", [1, 4, 3, 3])], [("y", [1, 4, 3, 3])], bn_params(rng, 4))
