@@ -8,10 +8,12 @@ if __name__ != "qgraph.passes":  # pragma: no cover - guard for the package-dir 
 
 from qgraph.passes.cleanup import Cleanup  # noqa: E402
 from qgraph.passes.fold import FoldBatchNorm  # noqa: E402
+from qgraph.passes.quant import Quantize  # noqa: E402
 
 PASSES = {cls.name: cls for cls in (
     FoldBatchNorm,
     Cleanup,
+    Quantize,
 )}
 
-__all__ = ["PASSES", "FoldBatchNorm", "Cleanup"]
+__all__ = ["PASSES", "FoldBatchNorm", "Cleanup", "Quantize"]

@@ -100,7 +100,7 @@ class Cleanup(Pass):
             if by_shape[(t.dtype, tuple(t.shape))] < 2:
                 continue  # nothing else of its dtype and shape: no need to read or hash it
             v = np.ascontiguousarray(t.values)
-            key = (v.dtype.str, v.shape, hashlib.sha1(v.tobytes()).hexdigest())
+            key = (v.dtype.str, tuple(np.shape(t.values)), hashlib.sha1(v.tobytes()).hexdigest())  # not v.shape: 0-d -> (1,)
             keep = seen.get(key)
             if keep is None:
                 seen[key] = t

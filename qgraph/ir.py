@@ -250,6 +250,7 @@ def meta_of(g: Graph) -> dict:
 def to_model(g: Graph) -> onnx.ModelProto:
     """Export the graph as a ModelProto, keeping the source model's metadata."""
     g.toposort()
+    _pack_subbyte_constants(g)
     model = gs.export_onnx(g, do_type_check=False)
     meta = meta_of(g)
     for key, value in meta.get("metadata_props", {}).items():
@@ -261,6 +262,27 @@ def to_model(g: Graph) -> onnx.ModelProto:
     if src_ir:
         model.ir_version = max(src_ir, _min_ir_for(opset_of(model)))
     return model
+
+
+_SUBBYTE = {"int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4}
+
+
+def _pack_subbyte_constants(g: Graph) -> None:
+    """Re-wrap 4-bit constants as packed TensorProtos before export.
+
+    onnx-graphsurgeon exports a numpy int4/uint4 array one byte per element (ONNX wants two per byte),
+    and reading ``Constant.values`` turns a lazily held packed proto into such an array; so every
+    export packs them again.
+    """
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+    for t in g.tensors().values():
+        if not isinstance(t, gs.Constant) or isinstance(t._values, LazyValues):
+            continue
+        kind = _SUBBYTE.get(getattr(t._values, "dtype", np.dtype(np.float32)).name)
+        if kind is None:
+            continue
+        v = np.asarray(t._values).astype(np.int64)
+        t._values = LazyValues(onnx.helper.make_tensor(t.name, kind, list(v.shape), v.reshape(-1).tolist()))
 
 
 def _min_ir_for(opset: int) -> int:
@@ -280,7 +302,7 @@ def save(model: Graph | onnx.ModelProto, path: str | os.PathLike, *,
         model = to_model(model)
     path = Path(path)
     for p in protect:
-        if p is not None and _same_file(path, Path(p)):
+        if p is not None and same_file(path, Path(p)):
             raise ModelError(f"refusing to write the output over the input model: {path}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -325,7 +347,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _atomic_write(Path(path), data)
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file (also when neither exists yet)."""
     try:
         if a.exists() and b.exists():
             return os.path.samefile(a, b)
@@ -406,7 +429,8 @@ def fresh_name(g: Graph, prefix: str) -> str:
 
 def add_const(g: Graph, prefix: str, values: np.ndarray) -> Constant:
     """A new constant tensor with a fresh name."""
-    return gs.Constant(fresh_name(g, prefix), values=np.ascontiguousarray(values))
+    # np.array, not np.ascontiguousarray: that one turns a 0-d scalar into shape (1,)
+    return gs.Constant(fresh_name(g, prefix), values=np.array(values, order="C", copy=True))
 
 
 def swap_input(node: Node, old: Tensor, new: Tensor) -> None:

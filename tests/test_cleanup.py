@@ -78,3 +78,15 @@ def test_does_not_merge_equal_values_of_different_dtype():
     g = ir.load(model)
     notes = Cleanup(fold_constants=False).run(g, Context()).notes
     assert notes["merged_initializers"] == 0
+
+
+def test_does_not_merge_a_scalar_with_a_one_element_vector():
+    #   a scalar (shape ()) and a (1,) constant hold the same bytes; merging them changes shapes
+    #   (a (1,) scale reads as per-axis to DequantizeLinear)
+    model = make_model([helper.make_node("Add", ["x", "s"], ["a"], name="a1"),
+                        helper.make_node("Add", ["a", "v"], ["y"], name="a2")],
+                       [("x", [3])], [("y", [3])],
+                       [init("s", np.float32(2.0)), init("v", np.array([2.0], np.float32))])
+    g = ir.load(model)
+    notes = Cleanup(fold_constants=False).run(g, Context()).notes
+    assert notes["merged_initializers"] == 0

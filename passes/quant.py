@@ -1,0 +1,308 @@
+"""Post-training quantization to a QDQ model that plain ONNX Runtime runs with integer kernels.
+
+Jacob et al. 2018 ("Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+Inference", §2) affine map, per tensor or per output channel:
+
+    r = s (q - z),   q = clamp(round(r / s) + z, qmin, qmax)
+
+1. Placement (``quant_placement``): which tensors get Q -> DQ, following ONNX Runtime's QDQ fusion rules.
+2. Calibration (``qgraph.calibrate``): one ORT session over ``ctx.calib``, streaming min/max and
+   histograms of every tensor to quantize (cached in ``ctx.stats`` per graph state).
+3. Decisions (``qgraph.qparams``): activations by ``act_method`` (minmax | percentile | mse | entropy);
+   weights by ``weight_method`` (minmax | mse), per tensor or per output channel, symmetric.
+   Tensors that must share a scale (Concat, MaxPool/Reshape/...) take the widest member's range.
+   Bias: int32, s_b = s_x · s_w (per channel), z_b = 0, so the integer accumulator needs no rescale.
+4. Rewrite: integer constants read through DequantizeLinear; Q -> DQ after every quantized activation.
+5. Report: SQNR = 10 log10(E[x^2] / E[(x - x')^2]) per quantized tensor on the calibration data:
+   ``own`` (the float tensor vs its own fake-quantization) and ``model`` (the float model's tensor vs the
+   quantized model's, i.e. accumulated error). Worst N in the notes, all in notes["details"].
+
+Later passes find what was done in ``ctx.state["quant"]``: per activation its QParams, per weight the
+float original and its QParams, and per layer the float tensors around it; ``qgraph.qdq.find_groups``
+finds the DQ(x), DQ(w), DQ(b) -> op -> Q(y) groups on the graph itself.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import njit
+
+from qgraph import ir
+from qgraph.calibrate import DEFAULT_BINS, cached_collect, stream
+from qgraph.errors import ModelError
+from qgraph.pipeline import Context, Pass, PassResult, no_batchnorm, not_quantized, option
+from qgraph.qdq import dq_constant, insert_qdq
+from qgraph.qparams import (ACT_METHODS, WEIGHT_METHODS, QParams, act_range, dequantize, fake_quant,
+                            make_qparams, quantize, sqnr_db, weight_qparams)
+from qgraph.passes.quant_placement import Matcher, Plan, clip_bounds, make_plan
+
+INT32 = (-(2 ** 31), 2 ** 31 - 1)
+
+
+@dataclass
+class QuantOptions:
+    bits: int = option(8, "weight bits; below 8 the symmetric range is narrow ([-7, 7] at 4 bits)", range=(2, 8))
+    act_bits: int = option(8, "activation bits", choices=(8, 16))
+    granularity: str = option("channel", "weight scales per output channel or per tensor",
+                              choices=("channel", "tensor"))
+    scheme: str = option("asym", "activation ranges: asymmetric (zero point) or symmetric",
+                         choices=("asym", "sym"))
+    act_dtype: str = option("int8", "activation storage type (s8s8 or u8s8 with int8 weights)",
+                            choices=("int8", "uint8"))
+    act_method: str = option("minmax", "activation range", choices=ACT_METHODS)
+    weight_method: str = option("auto", "weight range; auto: mse for per-tensor weights (one range for all "
+                                "channels: outlier channels waste it), minmax per channel",
+                                choices=("auto",) + WEIGHT_METHODS)
+    percentile: float = option(99.999, "percentile for act_method=percentile", range=(50.0, 100.0))
+    storage4: str = option("int4", "container of weights with <= 4 bits: ONNX INT4 (half the bytes; ORT "
+                           "dequantizes them to float) or int8 with the narrow range (ORT's integer kernels)",
+                           choices=("int4", "int8"))
+    weight_only: bool = option(False, "quantize weights only (no calibration data needed)")
+    exclude: tuple[str, ...] = option((), "nodes left float: names, op types, first/last, or regexes")
+    precision: dict[str, int] = option({}, "weight bits per node: name|op|first|last|regex@bits")
+    act_precision: dict[str, int] = option({}, "activation bits per tensor, by tensor name or its producer's "
+                                                "name|op|regex: key@8 or key@16")
+    absorb_relu: bool = option(True, "remove Relu/Clip after a quantized op into its output range")
+    batch_size: int = option(16, "calibration batch size", range=(1, 4096))
+    bins: int = option(DEFAULT_BINS, "histogram bins per tensor", range=(128, 1 << 16))
+    sqnr: bool = option(True, "measure per-tensor SQNR on the calibration data (one more pass)")
+    sqnr_samples: int = option(8, "calibration samples the SQNR pass uses (0: all)", range=(0, 1 << 30))
+    worst: int = option(5, "how many of the worst tensors by SQNR the printed notes show", range=(0, 1000))
+
+    def validate(self) -> str | None:
+        for key, b in self.precision.items():
+            if not 2 <= int(b) <= 8:
+                return f"precision '{key}@{b}': weight bits must be within 2..8"
+        for key, b in self.act_precision.items():
+            if int(b) not in (8, 16):
+                return f"act_precision '{key}@{b}': activation bits must be 8 or 16"
+        return None
+
+
+class Quantize(Pass):
+    __doc__ = __doc__
+    name = "quant"
+    summary = "post-training quantization to QDQ (int8 / low-bit weights) that ONNX Runtime fuses"
+    options = QuantOptions
+    requires = (no_batchnorm, not_quantized)
+    preserves_function = False
+
+    def run(self, g: ir.Graph, ctx: Context) -> PassResult:
+        o = self.opts
+        g.toposort()
+        _name_nodes(g)
+        plan = make_plan(g, granularity=o.granularity, bits=o.bits, precision=o.precision,
+                         exclude=o.exclude, absorb=o.absorb_relu and o.scheme == "asym",
+                         weight_only=o.weight_only)
+        if plan.acts and ctx.calib is None:
+            raise ModelError((
+                f"activation quantization needs calibration data ({len(plan.acts)} tensors to calibrate): "
+                f"give --calib (CLI) or calib= (API), or use quant:weight_only=true"))
+        float_model = ir.to_model(g)
+        stats = {}
+        if plan.acts:
+            bins = 0 if o.act_method == "minmax" else o.bins    # minmax needs no histogram
+            observe = [n for n in plan.acts if n not in plan.derived and n not in plan.fixed]
+            stats = cached_collect(ctx, float_model, observe, bins=bins, batch_size=o.batch_size)
+        w_qp = {name: self._decide_weight(wp) for name, wp in plan.weights.items()}
+        act_qp = self._decide_activations(plan, stats, w_qp)
+        record = self._rewrite(g, plan, act_qp, w_qp)
+        notes = self._notes(plan, act_qp, w_qp, record)
+        if o.sqnr and ctx.calib is not None and (act_qp or w_qp):
+            details = self._sqnr(float_model, ir.to_model(g), act_qp, record, ctx)
+            notes.update(_summarize_sqnr(details, w_qp, record, o.worst))
+        ctx.state["quant"] = {"options": self.label(), "activations": act_qp, "weights": record["weights"],
+                              "layers": record["layers"], "dq_of": record["dq_of"],
+                              "float_model": float_model}  # biascorr compares against it
+        return PassResult(modified=bool(plan.nodes), notes=notes)
+
+    # -- decisions -------------------------------------------------------------------------
+
+    def _act_storage(self, bits: int) -> str:
+        o = self.opts
+        if bits == 16:
+            return "int16" if o.act_dtype == "int8" else "uint16"
+        return o.act_dtype
+
+    def _decide_activations(self, plan: Plan, stats: dict, w_qp: dict) -> dict[str, QParams]:
+        o = self.opts
+        symmetric = o.scheme == "sym"
+        signed = o.act_dtype == "int8"
+        matcher = Matcher(list(o.act_precision), [])
+        out: dict[str, QParams] = {}
+
+        def bits_of(name: str) -> int:
+            node = ir.producer(plan.acts[name])
+            for key, b in o.act_precision.items():
+                if key == name or (node is not None and matcher.match(node, key)):
+                    return int(b)
+            return o.act_bits
+        for root, members in plan.groups().items():
+            fixed = [m for m in members if m in plan.fixed]
+            if fixed:  # a Gather on an integer table: its output (and what is tied to it) keeps the table's scale
+                for m in members:
+                    out[m] = w_qp[plan.fixed[fixed[0]]]
+                continue
+            # one scale for the group: the member with the widest observed range decides (outputs of
+            # data movement are not observed: their values are among their input's)
+            seen = [m for m in members if m in stats]
+            rep = max(seen, key=lambda m: stats[m].max - stats[m].min if stats[m].count else -1)
+            bits = max(bits_of(m) for m in members)   # a shared scale takes the widest request
+            rmin, rmax = act_range(stats[rep], o.act_method, bits=bits, symmetric=symmetric,
+                                   signed=signed, percentile=o.percentile)
+            qp = make_qparams(rmin, rmax, bits=bits, storage=self._act_storage(bits), symmetric=symmetric,
+                              method=o.act_method)
+            qp.meta = {"observed": (float(stats[rep].min), float(stats[rep].max)), "shared_with": len(members) - 1}
+            for m in members:
+                out[m] = qp
+        return out
+
+    def _decide_weight(self, wp) -> QParams:
+        o = self.opts
+        method = o.weight_method
+        if method == "auto":
+            method = "mse" if wp.axis is None else "minmax"
+        if not (wp.readers and wp.readers[0].op in ("Conv", "ConvTranspose", "Gemm", "MatMul")):
+            method = "minmax"     # tables and Add/Mul constants: their scale is the output's too
+        storage = "int4" if wp.bits <= 4 and o.storage4 == "int4" else "int8"
+        return weight_qparams(wp.tensor.values, bits=wp.bits, storage=storage, symmetric=True,
+                              axis=wp.axis, method=method)
+
+    # -- rewriting -------------------------------------------------------------------------
+
+    def _rewrite(self, g: ir.Graph, plan: Plan, act_qp: dict, w_qp: dict) -> dict:
+        weights, layers, dq_of, q_of = {}, {}, {}, {}
+        w_dq: dict[str, ir.Variable] = {}
+        for name, wp in plan.weights.items():
+            qp = w_qp[name]
+            _, out = dq_constant(g, quantize(wp.tensor.values, qp), qp, name)
+            w_dq[name] = out
+            for node in wp.readers:
+                ir.swap_input(node, wp.tensor, out)
+            weights[name] = {"float": wp.tensor.values, "qparams": qp, "dq_output": out.name}
+        for node, bias, x_name, w_name in plan.biases:
+            node_name = node.name
+            s_b = (act_qp[x_name].scale.astype(np.float32) * w_qp[w_name].scale.astype(np.float32))
+            b = bias.values.astype(np.float64)
+            q = np.rint(b / np.broadcast_to(s_b, b.shape))
+            clipped = int(np.sum((q < INT32[0]) | (q > INT32[1])))
+            q = np.clip(q, *INT32).astype(np.int32)
+            qp = QParams(scale=s_b.astype(np.float32), zero_point=np.zeros(np.shape(s_b), np.int32),
+                         storage="int32", bits=32, qmin=INT32[0], qmax=INT32[1],
+                         axis=0 if np.ndim(s_b) == 1 else None, symmetric=True, method="bias")
+            _, out = dq_constant(g, q, qp, bias.name + "_" + node_name)
+            ir.swap_input(node, bias, out)
+            layers.setdefault(node_name, {})["bias"] = {"float": bias.values, "qparams": qp,
+                                                         "clipped": clipped, "dq_output": out.name}
+        for name, t in plan.acts.items():
+            qp = act_qp[name]
+            relu = plan.absorbed.get(name)
+            source = relu.inputs[0] if relu is not None and self._absorbable(relu, qp) else None
+            q_node, _, dq_out = insert_qdq(g, t, qp, source=source)
+            if source is not None:
+                relu.inputs.clear()
+                relu.outputs.clear()
+            dq_of[name] = dq_out.name
+            q_of[name] = q_node.outputs[0].name
+        for node in plan.nodes:
+            if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                entry = layers.setdefault(node.name, {})
+                entry["op"] = node.op
+                entry["weight"] = next((w for w, wp in plan.weights.items() if node in wp.readers), None)
+        return {"weights": weights, "layers": layers, "dq_of": dq_of, "q_of": q_of}
+
+    @staticmethod
+    def _absorbable(relu, qp: QParams) -> bool:
+        """The quantized range must lie inside the ReLU/Clip bounds: then Q's saturation is the clip."""
+        lo, hi = clip_bounds(relu)
+        rlo, rhi = qp.real_range()
+        tol = float(np.max(qp.scale)) * 1e-3
+        return bool(np.all(rlo >= lo - tol) and np.all(rhi <= hi + max(tol, abs(hi) * 1e-6)))
+
+    # -- report ----------------------------------------------------------------------------
+
+    def _notes(self, plan: Plan, act_qp: dict, w_qp: dict, record: dict) -> dict:
+        ops = Counter(n.op for n in plan.nodes)
+        bits = Counter(qp.bits for qp in w_qp.values())
+        notes = {"quantized": dict(sorted(ops.items())), "activations": len(act_qp), "weights": len(w_qp),
+                 "weight_bits": {f"{b}b": n for b, n in sorted(bits.items())},
+                 "relu_absorbed": sum(1 for r in plan.absorbed.values() if not r.outputs),
+                 "skipped": dict(plan.skipped)}
+        clipped = sum(v.get("bias", {}).get("clipped", 0) for v in record["layers"].values())
+        if clipped:
+            notes["bias_clipped"] = clipped
+        return notes
+
+    def _sqnr(self, float_model, quant_model, act_qp: dict, record: dict, ctx: Context) -> dict:
+        """Per activation: own = x vs fake_quant(x); model = the float model's x vs the QDQ model's
+        DQ(x). The QDQ model exposes its Q outputs (integers), which keeps ORT's fusions in place."""
+        names = [n for n in act_qp if n in record["q_of"]]
+        q_names = [record["q_of"][n] for n in names]
+        acc = {n: np.zeros(3) for n in names}    # sum x^2, sum own noise^2, sum model noise^2
+        samples = ctx.calib
+        if self.opts.sqnr_samples and len(samples) > self.opts.sqnr_samples:
+            samples = samples.subset(range(self.opts.sqnr_samples))
+        bs = self.opts.batch_size
+        fl = stream(float_model, names, samples, batch_size=bs, progress=ctx.progress, desc="sqnr")
+        qt = stream(quant_model, q_names, samples, batch_size=bs)
+        for fv, qv in zip(fl, qt):
+            for n, qn in zip(names, q_names):
+                qp = act_qp[n]
+                x = np.ascontiguousarray(fv[n], dtype=np.float32).reshape(-1)
+                q = np.ascontiguousarray(qv[qn]).reshape(-1)
+                acc[n] += _noise_sums(x, q.astype(np.int32, copy=False), float(qp.scale),
+                                      float(qp.zero_point), qp.qmin, qp.qmax)
+        return {n: {"own_db": _db(a[0], a[1]), "model_db": _db(a[0], a[2])} for n, a in acc.items()}
+
+
+@njit(cache=True)
+def _noise_sums(x, q, scale, zp, qmin, qmax):
+    """[sum x^2, sum (fake_quant(x) - x)^2, sum (dequant(q) - x)^2] in one pass."""
+    out = np.zeros(3)
+    for i in range(x.shape[0]):
+        v = x[i]
+        if not abs(v) < 1e8:     # calibrate.SENTINEL: mask values (and inf/nan) are not signal
+            continue
+        r = np.rint(np.float32(v) / np.float32(scale)) + zp
+        r = min(max(r, qmin), qmax)
+        own = (r - zp) * scale - v
+        mod = (q[i] - zp) * scale - v
+        out[0] += v * v
+        out[1] += own * own
+        out[2] += mod * mod
+    return out
+
+
+def _db(signal: float, noise: float) -> float | None:
+    """SQNR rounded to 0.01 dB; None (JSON null) when it is not finite (no noise, or no signal)."""
+    v = sqnr_db(signal, noise)
+    return round(v, 2) if np.isfinite(v) else None
+
+
+def _name_nodes(g: ir.Graph) -> None:
+    """Give every node a unique name: notes, ``exclude`` and ``ctx.state`` refer to nodes by name."""
+    seen: set[str] = set()
+    for node in g.nodes:
+        if not node.name or node.name in seen:
+            node.name = ir.fresh_name(g, node.name or node.op)
+        seen.add(node.name)
+
+
+def _summarize_sqnr(act: dict, w_qp: dict, record: dict, worst: int) -> dict:
+    weights = {}
+    for name, entry in record["weights"].items():
+        w = entry["float"].astype(np.float32)
+        d = dequantize(quantize(w, entry["qparams"]), entry["qparams"]) - w
+        weights[name] = _db(float(np.vdot(w, w)), float(np.vdot(d, d)))
+    ranked = sorted(((n, v) for n, v in act.items() if v["model_db"] is not None), key=lambda kv: kv[1]["model_db"])
+    out: dict = {}
+    if ranked:
+        out["worst_sqnr_db"] = ", ".join(f"{n}={v['model_db']:.1f}" for n, v in ranked[:worst])
+        out["min_sqnr_db"] = float(ranked[0][1]["model_db"])
+    if weights:
+        wr = sorted(((n, v) for n, v in weights.items() if v is not None), key=lambda kv: kv[1])
+        out["worst_weight_sqnr_db"] = ", ".join(f"{n}={v:.1f}" for n, v in wr[:worst])
+    out["details"] = {"activations": act, "weights": weights}
+    return out
