@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -123,3 +124,112 @@ def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray | None:
         if t.name == name:
             return numpy_helper.to_array(t)
     return None
+
+
+# ----------------------------------------------------------------------------- channel coupling
+
+#: Ops that act on each channel alone and commute with a positive per-channel scale: f(x/s) = f(x)/s.
+HOMOGENEOUS = frozenset({"Relu", "PRelu", "LeakyRelu", "MaxPool", "AveragePool", "GlobalAveragePool",
+                         "GlobalMaxPool", "Identity", "Dropout"})
+_LAYERS = ("Conv", "Gemm")
+
+
+@dataclass
+class Chain:
+    """first (output channel i) -> between (channel-wise ops) -> second (input channel i)."""
+    first: Any
+    between: list
+    second: Any
+    channels: int
+    clip: Any = None  # a Clip among ``between`` (ReLU6): homogeneous only with its bound rescaled
+
+
+def equalization_chains(g) -> tuple[list[Chain], list[tuple[str, str]]]:
+    """Layer pairs whose shared channels can be rescaled, and (layer, reason) for those that cannot.
+
+    A pair is coupled to nothing else when every tensor from ``first``'s output to ``second``'s input
+    has exactly one reader: a residual join or a branch would see the rescaled channels too.
+    """
+    from qgraph import ir
+    chains: list[Chain] = []
+    refused: list[tuple[str, str]] = []
+    for node in g.nodes:
+        if node.op not in _LAYERS or len(node.inputs) < 2 or ir.const(node.inputs[1]) is None:
+            continue
+        if node.op == "Gemm" and node.attrs.get("transA", 0):
+            continue
+        found = _follow(g, node)
+        if isinstance(found, Chain):
+            chains.append(found)
+        elif found is not None:
+            refused.append((node.name, found))
+    return chains, refused
+
+
+def _follow(g, first) -> Chain | str | None:
+    from qgraph import ir
+    w = ir.const(first.inputs[1])
+    channels = w.shape[0] if first.op == "Conv" else (w.shape[0] if first.attrs.get("transB", 0) else w.shape[1])
+    t = first.outputs[0]
+    between, clip = [], None
+    while True:
+        if ir.is_graph_output(g, t):
+            return None  # a network output: nothing to pair with
+        readers = ir.consumers(t)
+        if len(readers) != 1:
+            return "coupled_output" if len(readers) > 1 else None
+        nxt = readers[0]
+        if nxt.inputs[0] is not t:
+            return "not_first_input"
+        if nxt.op in HOMOGENEOUS or _is_channelwise_clip(nxt) or _is_zero_pad(nxt) or _is_unit_flatten(nxt, t):
+            if nxt.op == "Clip":
+                if clip is not None:
+                    return "two_clips"
+                clip = nxt
+            between.append(nxt)
+            t = nxt.outputs[0]
+            continue
+        if nxt.op in _LAYERS and len(nxt.inputs) > 1 and ir.const(nxt.inputs[1]) is not None:
+            if nxt.op == "Gemm" and nxt.attrs.get("transA", 0):
+                return "second_gemm_transA"
+            w2 = ir.const(nxt.inputs[1])
+            cin = w2.shape[1] * int(nxt.attrs.get("group", 1)) if nxt.op == "Conv" else (
+                w2.shape[1] if nxt.attrs.get("transB", 0) else w2.shape[0])
+            if cin != channels:
+                return "channel_mismatch"
+            if len(ir.consumers(nxt.inputs[1])) > 1 or len(ir.consumers(first.inputs[1])) > 1:
+                return "weight_shared"
+            return Chain(first, between, nxt, channels, clip)
+        if nxt.op in _LAYERS:
+            return "weight_not_constant"
+        return None if nxt.op in ("Add", "Concat", "Sum", "Mul") else f"stops_at_{nxt.op}"
+
+
+def _is_channelwise_clip(node) -> bool:
+    return node.op == "Clip"
+
+
+def _is_zero_pad(node) -> bool:
+    from qgraph import ir
+    if node.op != "Pad":
+        return False
+    mode = node.attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        return mode in ("reflect", "edge")
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        v = ir.const(node.inputs[2])
+        return v is not None and float(v) == 0.0
+    return True
+
+
+def _is_unit_flatten(node, t) -> bool:
+    """Flatten/Reshape of [N, C, 1, 1] to [N, C]: channel i stays feature i."""
+    if node.op not in ("Flatten", "Reshape") or t.shape is None or len(t.shape) < 2:
+        return False
+    if not all(d == 1 for d in t.shape[2:]):
+        return False
+    if node.op == "Flatten":
+        return node.attrs.get("axis", 1) == 1
+    out = node.outputs[0].shape
+    return out is not None and len(out) == 2 and out[1] == t.shape[1]

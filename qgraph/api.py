@@ -25,6 +25,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
              seed: int = 0,
              preset: str | None = None,
              calib_limit: int | None = None,
+             plots: str | os.PathLike | None = None,
              progress: bool = True) -> tuple[onnx.ModelProto, Report]:
     """Run ``passes`` over ``model`` in the order given; return the rewritten model and its Report.
 
@@ -34,18 +35,19 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
                a dict of arrays, or a ``qgraph.data.Samples``
     output  -- where to write the result (atomically; never over the input); None to not write
     report  -- where to write the JSON report; verify -- check outputs against the original after
-               each pass (tolerance overrides each pass's own); dump_dir -- write NN_<pass>.onnx
+               each pass (tolerance overrides each pass's own); dump_dir -- write NN_<pass>.onnx;
+               plots -- directory for PNGs drawn by passes (equalize: channel ranges before/after)
     """
     pipeline = build_passes(passes)  # option errors before any work
     source = None if isinstance(model, onnx.ModelProto) else Path(model)
-    if output is not None and source is not None and _same_path(Path(output), source):
+    if output is not None and source is not None and ir.same_file(Path(output), source):
         raise ModelError(f"refusing to write the output over the input model: {output}")
     g = ir.load(model)
     samples = None
     if calib is not None:
         from qgraph.data import open_samples
         samples = open_samples(calib, [t.name for t in g.inputs], preset=preset, limit=calib_limit)
-    ctx = Context(calib=samples, seed=seed, progress=progress)
+    ctx = Context(calib=samples, seed=seed, progress=progress, plots=str(plots) if plots is not None else None)
     rep = Report()
     rep.meta = {"model": str(source) if source else "<ModelProto>",
                 "pipeline": [p.label() for p in pipeline]}
@@ -64,11 +66,3 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
         rep.save(report)
     return result, rep
 
-
-def _same_path(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return os.path.realpath(a) == os.path.realpath(b)

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="compare outputs with the original after every pass (ONNX Runtime)")
     p.add_argument("--tolerance", type=float, help="relative tolerance for --verify (default: each pass's own)")
     p.add_argument("--dump-dir", help="write NN_<pass>.onnx after every pass into this directory")
+    p.add_argument("--plots", help="write PNG plots from passes that draw them (equalize) into this directory "
+                                   "(needs matplotlib: pip install qgraph[plots])")
     p.add_argument("--seed", type=int, default=0, help="seed for verify inputs and any randomness (default 0)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the output path")
@@ -126,7 +128,7 @@ def _main(args) -> int:
     model, report = optimize(
         args.model, args.passes, calib=args.calib, output=output, report=args.report,
         verify=args.verify, tolerance=args.tolerance, dump_dir=args.dump_dir, seed=args.seed,
-        preset=args.preset, calib_limit=args.calib_limit, progress=not args.quiet)
+        preset=args.preset, calib_limit=args.calib_limit, plots=args.plots, progress=not args.quiet)
     if not args.quiet:
         print(report.format())
         print()

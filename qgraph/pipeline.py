@@ -41,6 +41,7 @@ class Context:
     stats     -- cached statistics, keyed by whoever computes them (e.g. calibration ranges)
     state     -- facts one pass leaves for a later one (e.g. BatchNorm statistics kept by ``fold``)
     progress  -- whether long steps show progress bars
+    plots     -- a directory where passes that draw (equalize) write PNGs, or None
     """
     calib: Any = None
     seed: int = 0
@@ -48,6 +49,7 @@ class Context:
     stats: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)
     progress: bool = True
+    plots: str | None = None
 
     def rng(self, salt: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, salt])

@@ -1,0 +1,345 @@
+"""Bias correction after quantization (Nagel et al. 2019, "Data-Free Quantization", §4.2).
+
+Quantization moves the mean of each layer's output: E[ỹ] ≠ E[y]. Since a layer is linear in its bias,
+adding the shift per output channel o to the bias puts the mean back:
+
+    b_o ← b_o + (E[y_o] − E[ỹ_o])
+
+``mode=empirical`` measures both means on the calibration data: E[y] on the float model as ``quant``
+saw it, E[ỹ] on the QDQ model, layer by layer in topological order (a layer is measured after every
+quantized layer upstream of it has been corrected, so the upstream error it sees is the final one).
+Layers that do not depend on each other are measured in the same run.
+
+``mode=analytic`` needs no data (DFQ §4.2): only the weight error is corrected,
+E[ỹ] − E[y] = (W̃ − W)·E[x], with E[x] per input channel from the BatchNorm statistics ``fold`` kept for
+the layer that produces x: its output is N(β, γ²) per channel, and after ReLU / ReLU6 / the Q range
+[lo, hi] the clipped-normal mean is
+
+    E[clip(y, lo, hi)] = μ(Φ(b) − Φ(a)) + σ(φ(a) − φ(b)) + lo·Φ(a) + hi·(1 − Φ(b)),  a = (lo−μ)/σ, b = (hi−μ)/σ
+
+(padding at the borders is ignored, as in the paper). The int32 bias (scale s_x·s_w) and its float
+record in ``ctx.state["quant"]`` are updated together; a layer without a bias gets one.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from qgraph import ir
+from qgraph.calibrate import stream
+from qgraph.errors import PassError
+from qgraph.pipeline import Context, Pass, PassResult, option, quantized
+from qgraph.qdq import QGroup, dq_constant, find_groups, float_source, is_q, qparams_of
+from qgraph.qparams import QParams, dequantize
+
+INT32 = (-(2**31), 2**31 - 1)
+_LAYER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass
+class BiasCorrOptions:
+    mode: str = option("empirical", "empirical (calibration data) or analytic (BatchNorm statistics, no data)",
+                       choices=("empirical", "analytic"))
+    samples: int = option(0, "calibration samples to use (0: all)", range=(0, 10**9))
+    batch_size: int = option(16, "batch size of the measuring runs", range=(1, 4096))
+
+
+class BiasCorrection(Pass):
+    __doc__ = __doc__
+    name = "biascorr"
+    summary = "correct the per-channel output mean shift of quantized layers (empirical or analytic, DFQ)"
+    options = BiasCorrOptions
+    requires = (quantized,)
+    preserves_function = False
+
+    def run(self, g: ir.Graph, ctx: Context) -> PassResult:
+        qstate = ctx.state.get("quant")
+        if qstate is None:
+            raise PassError(self.name, [], "needs the float weights that 'quant' records: run biascorr after "
+                                           "'quant' in the same pipeline")
+        skipped: Counter = Counter()
+        layers = []
+        for grp in find_groups(g, _LAYER_OPS):
+            reason = _unsupported(grp, qstate)
+            if reason:
+                skipped[reason] += 1
+            else:
+                layers.append(grp)
+        if self.opts.mode == "empirical":
+            shifts, runs = self._empirical(g, ctx, qstate, layers)
+        else:
+            shifts, runs = self._analytic(g, ctx, qstate, layers, skipped), 0
+        notes = {"corrected": len(shifts), "runs": runs}
+        if shifts:
+            mags = [float(np.max(np.abs(s))) for s in shifts.values()]
+            notes["max_shift"] = max(mags)
+        if skipped:
+            notes["skipped"] = dict(skipped)
+        return PassResult(modified=bool(shifts), notes=notes)
+
+    # -- empirical ------------------------------------------------------------------------
+
+    def _empirical(self, g: ir.Graph, ctx: Context, qstate: dict, layers: list[QGroup]):
+        if ctx.calib is None:
+            raise PassError(self.name, [], "mode=empirical needs calibration data: give --calib (CLI) or calib= "
+                                           "(API), or use biascorr:mode=analytic")
+        samples = ctx.calib
+        if self.opts.samples and self.opts.samples < len(samples):
+            samples = samples.subset(range(self.opts.samples))
+        float_names = {grp.node.outputs[0].name: _float_name(g, grp) for grp in layers}
+        by_float = _channel_means(qstate["float_model"], list(float_names.values()), layers, samples,
+                                  self.opts.batch_size, ctx.progress, "biascorr float",
+                                  axis={f: _channel_axis(None) for f in float_names.values()})
+        float_means = {q: by_float[f] for q, f in float_names.items()}
+        shifts: dict[str, np.ndarray] = {}
+        waves = _waves(g, layers)
+        bar = _bar(len(waves), "biascorr") if ctx.progress else None
+        for runs, wave in enumerate(waves, start=1):
+            wanted = [grp.node.outputs[0].name for grp in wave]
+            quant_means = _channel_means(_truncated(g, wanted), wanted, wave, samples, self.opts.batch_size,
+                                         False, "")
+            for grp in wave:
+                name = grp.node.outputs[0].name
+                delta = float_means[name] - quant_means[name]
+                _add_to_bias(g, grp, delta, qstate)
+                shifts[grp.node.name] = delta
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        runs = len(waves)
+        return shifts, runs
+
+    # -- analytic -------------------------------------------------------------------------
+
+    def _analytic(self, g: ir.Graph, ctx: Context, qstate: dict, layers: list[QGroup], skipped: Counter):
+        bn_stats = ctx.state.get("bn_stats", {})
+        shifts = {}
+        for grp in layers:
+            ex = _expected_input(grp, bn_stats)
+            if isinstance(ex, str):
+                skipped[ex] += 1
+                continue
+            w_float = _float_weight(grp, qstate)
+            w_quant = grp.weight_float()
+            delta = -_apply_to_mean(grp, w_quant - w_float, ex)
+            _add_to_bias(g, grp, delta, qstate)
+            shifts[grp.node.name] = delta
+        return shifts
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _unsupported(grp: QGroup, qstate: dict) -> str | None:
+    if grp.w_dq is None or grp.w_index != 1:
+        return "weight_not_quantized_constant"
+    if grp.node.op == "Gemm" and grp.node.attrs.get("transA", 0):
+        return "gemm_transA"
+    if grp.node.op == "MatMul":
+        return "matmul_has_no_bias_input"
+    if _weight_record(grp, qstate) is None:
+        return "float_weight_unknown"
+    return None
+
+
+def _weight_record(grp: QGroup, qstate: dict) -> dict | None:
+    out = grp.w_dq.outputs[0].name
+    return next((rec for rec in qstate["weights"].values() if rec["dq_output"] == out), None)
+
+
+def _float_weight(grp: QGroup, qstate: dict) -> np.ndarray:
+    return np.asarray(_weight_record(grp, qstate)["float"], dtype=np.float64)
+
+
+def _channel_axis(grp: QGroup) -> int:
+    return 1  # Conv and Gemm outputs: [N, C, ...]
+
+
+def _truncated(g: ir.Graph, outputs: list[str]):
+    """The current model cut after ``outputs``: ORT runs every node of a model, wanted or not."""
+    import onnx
+    model = ir.to_model(g)
+    keep_out = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs]
+    needed, frontier = set(), list(outputs)
+    producers = {o: node for node in model.graph.node for o in node.output}
+    nodes = []
+    while frontier:
+        name = frontier.pop()
+        node = producers.get(name)
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        frontier.extend(i for i in node.input if i)
+    nodes = [n for n in model.graph.node if id(n) in needed]
+    used = {i for n in nodes for i in n.input}
+    graph = onnx.helper.make_graph(nodes, model.graph.name, [i for i in model.graph.input if i.name in used],
+                                   keep_out, [t for t in model.graph.initializer if t.name in used])
+    cut = onnx.helper.make_model(graph, opset_imports=model.opset_import)
+    cut.ir_version = model.ir_version
+    return cut
+
+
+def _bar(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit="layer", leave=False, dynamic_ncols=True)
+
+
+def _float_name(g: ir.Graph, grp: QGroup) -> str:
+    """The layer output's name in the float model: a graph output's name moved to its DQ when quantized."""
+    y = grp.node.outputs[0]
+    if grp.y_q is not None:
+        dq = [n for n in ir.consumers(grp.y_q.outputs[0]) if n.op == "DequantizeLinear"]
+        if len(dq) == 1 and ir.is_graph_output(g, dq[0].outputs[0]):
+            return dq[0].outputs[0].name
+    return y.name
+
+
+def _channel_means(model, names: list[str], groups: list[QGroup], samples, batch_size: int, progress: bool,
+                   desc: str, axis: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Per-channel means of ``names`` over the samples, streamed (sums and counts, no activations kept)."""
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    axis = axis or {grp.node.outputs[0].name: _channel_axis(grp) for grp in groups}
+    for values in stream(model, names, samples, batch_size=batch_size, progress=progress, desc=desc):
+        for n, v in values.items():
+            v = np.moveaxis(np.asarray(v, dtype=np.float64), axis[n], 0)
+            flat = v.reshape(v.shape[0], -1)
+            sums[n] = sums.get(n, 0.0) + flat.sum(axis=1)
+            counts[n] = counts.get(n, 0) + flat.shape[1]
+    return {n: sums[n] / counts[n] for n in names}
+
+
+def _waves(g: ir.Graph, layers: list[QGroup]) -> list[list[QGroup]]:
+    """Layers in rounds: a layer joins a round once every quantized layer upstream of it is in an earlier one."""
+    index = {id(grp.node): i for i, grp in enumerate(layers)}
+    upstream: dict[int, set[int]] = {}
+    for node in g.nodes:  # topological order
+        ups: set[int] = set()
+        for t in node.inputs:
+            p = ir.producer(t)
+            if p is None:
+                continue
+            ups |= upstream.get(id(p), set())
+            if id(p) in index:
+                ups.add(index[id(p)])
+        upstream[id(node)] = ups
+    level: dict[int, int] = {}
+    for i, grp in enumerate(layers):
+        level[i] = 1 + max((level[j] for j in upstream.get(id(grp.node), ()) if j in level), default=-1)
+    waves: dict[int, list[QGroup]] = {}
+    for i, grp in enumerate(layers):
+        waves.setdefault(level[i], []).append(grp)
+    return [waves[k] for k in sorted(waves)]
+
+
+def _add_to_bias(g: ir.Graph, grp: QGroup, delta: np.ndarray, qstate: dict) -> None:
+    """b ← b + delta (float), stored as int32 with the bias's scale s_x·s_w; a missing bias is created."""
+    node = grp.node
+    beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+    b_dq = grp.b_dq
+    float_bias = node.inputs[2] if len(node.inputs) > 2 and ir.const(node.inputs[2]) is not None else None
+    if b_dq is not None:
+        qp = qparams_of(b_dq)
+        current = dequantize(ir.const(b_dq.inputs[0]).astype(np.int64), qp).astype(np.float64)
+        new = current + delta.reshape(current.shape) / beta
+        scale = np.broadcast_to(qp.scale.astype(np.float64), new.shape)
+        b_dq.inputs[0].values = np.clip(np.rint(new / scale), *INT32).astype(np.int32)
+    elif float_bias is not None:  # weight-only quantization: the bias stayed float
+        current = np.broadcast_to(ir.const(float_bias).astype(np.float64).reshape(-1), delta.shape)
+        new = current + delta / beta
+        float_bias.values = new.astype(np.float32)
+    elif grp.x_dq is None:
+        new = delta / beta
+        while len(node.inputs) < 2:
+            node.inputs.append(ir.Variable.empty())
+        node.inputs.append(ir.add_const(g, node.name + "_bias", new.astype(np.float32)))
+    else:
+        s_x = qparams_of(grp.x_dq).scale.astype(np.float32)
+        s_w = qparams_of(grp.w_dq).scale.astype(np.float32)
+        s_b = np.broadcast_to(s_x * s_w, delta.shape).astype(np.float32)
+        qp = QParams(scale=s_b, zero_point=np.zeros(delta.shape, np.int32), storage="int32", bits=32,
+                     qmin=INT32[0], qmax=INT32[1], axis=0, symmetric=True, method="bias")
+        new = delta / beta
+        q = np.clip(np.rint(new / s_b.astype(np.float64)), *INT32).astype(np.int32)
+        _, out = dq_constant(g, q, qp, node.name + "_bias")
+        while len(node.inputs) < 2:
+            node.inputs.append(ir.Variable.empty())
+        node.inputs.append(out)
+    rec = qstate.setdefault("layers", {}).setdefault(node.name, {}).setdefault("bias", {})
+    rec["float"] = new.astype(np.float32)
+    rec["corrected_by"] = (rec.get("corrected_by") or 0) + 1
+
+
+def _apply_to_mean(grp: QGroup, dw: np.ndarray, ex: np.ndarray) -> np.ndarray:
+    """(ΔW)·E[x] per output channel for a constant per-channel input mean E[x] (borders ignored)."""
+    node = grp.node
+    if node.op == "Gemm":
+        return (dw @ ex) if node.attrs.get("transB", 0) else (ex @ dw)
+    groups = int(node.attrs.get("group", 1))
+    cout, cin_g = dw.shape[0], dw.shape[1]
+    cout_g = cout // groups
+    summed = dw.reshape(cout, cin_g, -1).sum(axis=2)
+    out = np.empty(cout)
+    for o in range(cout):
+        start = (o // cout_g) * cin_g
+        out[o] = summed[o] @ ex[start:start + cin_g]
+    return out
+
+
+def _expected_input(grp: QGroup, bn_stats: dict) -> np.ndarray | str:
+    """E[x] per input channel of ``grp`` from the BN statistics of the layer producing x, or a reason."""
+    if grp.x_dq is None:  # weight-only: the input is the float tensor itself
+        lo, hi = -np.inf, np.inf
+        t = grp.node.inputs[0]
+    else:
+        q = ir.producer(grp.x_dq.inputs[0])
+        if not is_q(q):
+            return "input_not_from_quantize"
+        lo, hi = (float(v) for v in qparams_of(q).real_range())
+        t = float_source(grp.x_dq)
+    bound = None
+    while t is not None:
+        p = ir.producer(t)
+        if p is None:
+            return "input_is_graph_input"
+        if t.name in bn_stats:
+            st = bn_stats[t.name]
+            hi_c = np.full(st["beta"].shape, hi) if bound is None else np.minimum(bound, hi)
+            return _clipped_normal_mean(st["beta"], st["gamma"], lo, hi_c)
+        if p.op == "Relu":
+            lo = max(lo, 0.0)
+        elif p.op == "Clip":
+            lo_v = ir.const(p.inputs[1]) if len(p.inputs) > 1 and p.inputs[1].name else None
+            hi_v = ir.const(p.inputs[2]) if len(p.inputs) > 2 and p.inputs[2].name else None
+            lo = max(lo, float(lo_v)) if lo_v is not None else lo
+            hi = min(hi, float(hi_v)) if hi_v is not None else hi
+        elif p.op == "Min" and len(p.inputs) == 2 and ir.const(p.inputs[1]) is not None:
+            bound = ir.const(p.inputs[1]).reshape(-1).astype(np.float64)
+        elif p.op not in ("Identity", "Dropout"):
+            return "input_mean_unknown"
+        t = p.inputs[0]
+    return "input_mean_unknown"
+
+
+def _clipped_normal_mean(mu: np.ndarray, sigma: np.ndarray, lo: float, hi) -> np.ndarray:
+    mu = np.asarray(mu, np.float64)
+    sigma = np.maximum(np.abs(np.asarray(sigma, np.float64)), 1e-12)
+    hi = np.broadcast_to(np.asarray(hi, np.float64), mu.shape)
+    phi = lambda z: np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)  # noqa: E731
+    cdf = np.vectorize(lambda z: 0.5 * math.erfc(-z / math.sqrt(2)))
+    a = (lo - mu) / sigma
+    b = np.where(np.isinf(hi), np.inf, (hi - mu) / sigma)
+    Pa, Pb = cdf(a), np.where(np.isinf(b), 1.0, cdf(np.where(np.isinf(b), 0, b)))
+    pa, pb = phi(a), np.where(np.isinf(b), 0.0, phi(np.where(np.isinf(b), 0, b)))
+    mean = mu * (Pb - Pa) + sigma * (pa - pb)
+    if np.isfinite(lo):
+        mean = mean + lo * Pa
+    finite_hi = np.where(np.isinf(hi), 0.0, hi)
+    mean = mean + finite_hi * (1 - Pb)
+    return mean

@@ -1,0 +1,117 @@
+"""biascorr: per-channel mean correction after quantization (DFQ §4.2), empirical and analytic."""
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from builders import init, make_model
+from qgraph import ir
+from qgraph.errors import PassError
+from qgraph.pipeline import Context, PassManager, build_passes
+from qgraph.qdq import find_groups, qparams_of
+from qgraph.qparams import dequantize
+
+
+def chain(rng, cin=3, c=6, cout=4):
+    #   x ─Conv1x1(w1, b1)─ h ─Relu─ r ─Conv1x1(w2, b2)─ y
+    inits = [init("w1", rng.normal(size=(c, cin, 1, 1)).astype(np.float32)),
+             init("b1", rng.normal(0.5, 0.2, size=(c,)).astype(np.float32)),
+             init("w2", (rng.normal(size=(cout, c, 1, 1)) * 0.3).astype(np.float32)),
+             init("b2", rng.normal(size=(cout,)).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2")]
+    return make_model(nodes, [("x", ["N", cin, 5, 5])], [("y", ["N", cout, 5, 5])], inits)
+
+
+def quantized(model, calib, bits=6, **state):
+    g = ir.load(model)
+    ctx = Context(calib=calib, progress=False)
+    ctx.state.update(state)
+    PassManager(build_passes(f"quant:bits={bits},granularity=tensor")).run(g, ctx)
+    return g, ctx
+
+
+def conv2_bias(g) -> np.ndarray:
+    grp = next(grp for grp in find_groups(g, ("Conv",)) if grp.node.name == "conv2")
+    return dequantize(ir.const(grp.b_dq.inputs[0]).astype(np.int64), qparams_of(grp.b_dq)).astype(np.float64)
+
+
+def samples(rng, n=64):
+    from qgraph.data import open_samples
+    return open_samples({"x": rng.normal(size=(n, 3, 5, 5)).astype(np.float32)}, ["x"])
+
+
+def test_analytic_reproduces_the_clipped_normal_correction(rng):
+    model = chain(rng)
+    beta, gamma = np.array([0.5, -0.3, 1.0, 0.1, 2.0, -1.0]), np.array([1.0, 0.5, 0.2, 2.0, 1.0, 0.3])
+    g, ctx = quantized(model, samples(rng), bn_stats={"h": {"beta": beta, "gamma": gamma}})
+    before = conv2_bias(g)
+    grp = next(grp for grp in find_groups(g, ("Conv",)) if grp.node.name == "conv2")
+    w_float = next(r["float"] for r in ctx.state["quant"]["weights"].values()
+                   if r["dq_output"] == grp.w_dq.outputs[0].name).astype(np.float64)
+    w_quant = grp.weight_float()
+    lo, hi = (float(v) for v in qparams_of(ir.producer(grp.x_dq.inputs[0])).real_range())
+    # E[clip(N(β, γ²), max(lo, 0), hi)] by numerical integration, independent of the closed form
+    z = np.linspace(-12, 12, 200001)
+    pdf = np.exp(-z * z / 2) / np.sqrt(2 * np.pi)
+    ex = np.array([np.trapezoid(np.clip(b + s * z, max(lo, 0.0), hi) * pdf, z) for b, s in zip(beta, gamma)])
+    expected = -((w_quant - w_float)[:, :, 0, 0] @ ex)
+
+    PassManager(build_passes("biascorr:mode=analytic")).run(g, ctx)
+
+    scale = float(np.max(qparams_of(grp.b_dq).scale))
+    np.testing.assert_allclose(conv2_bias(g) - before, expected, atol=scale)  # int32 rounding: ≤ 1 LSB
+
+
+def test_empirical_puts_output_means_back_on_the_float_model(rng):
+    model = chain(rng)
+    data = samples(rng, 128)
+    g, ctx = quantized(model, data, bits=5)  # coarse weights: a visible mean shift
+    from builders import run_ort
+    x = np.concatenate([b["x"] for b in data.batches(128)])
+
+    def conv2_out_mean(m):
+        m = onnx.ModelProto.FromString(m.SerializeToString())
+        m.graph.output.append(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None))
+        return run_ort(m, {"x": x})[-1].mean(axis=(0, 2, 3))
+
+    target = run_ort(model, {"x": x})[0].mean(axis=(0, 2, 3))
+    err_before = np.abs(conv2_out_mean(ir.to_model(g)) - target)
+    manager = PassManager(build_passes("biascorr"))
+    manager.run(g, ctx)
+    err_after = np.abs(conv2_out_mean(ir.to_model(g)) - target)
+    assert np.max(err_after) < 0.1 * np.max(err_before)
+    notes = manager.results[0][1].notes
+    assert notes["corrected"] == 2 and notes["runs"] == 2  # conv2 measured after conv1 was corrected
+
+
+def test_biascorr_without_quant_state_says_what_to_do(rng):
+    g, _ = quantized(chain(rng), samples(rng))
+    with pytest.raises(PassError, match="after 'quant'"):
+        PassManager(build_passes("biascorr")).run(g, Context())
+
+
+def test_empirical_without_data_names_the_option(rng):
+    g, ctx = quantized(chain(rng), samples(rng))
+    ctx.calib = None
+    with pytest.raises(PassError, match="mode=analytic"):
+        PassManager(build_passes("biascorr")).run(g, ctx)
+
+
+def test_biascorr_requires_a_quantized_model(rng):
+    with pytest.raises(PassError, match="put 'quant' before"):
+        PassManager(build_passes("biascorr")).run(ir.load(chain(rng)), Context())
+
+
+def test_weight_only_model_gets_its_float_bias_corrected(rng):
+    #   weight-only quantization leaves activations (and biases) float: the float bias moves
+    model = chain(rng)
+    data = samples(rng, 64)
+    g = ir.load(model)
+    ctx = Context(calib=data, progress=False)
+    manager = PassManager(build_passes("quant:bits=3,granularity=tensor,weight_only=true,biascorr"))
+    manager.run(g, ctx)
+    notes = manager.results[-1][1].notes
+    assert notes["corrected"] == 2 and "skipped" not in notes
+    onnx.checker.check_model(ir.to_model(g))
