@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qgraph import ir
-from qgraph.calibrate import stream
+from qgraph.calibrate import progress_bar, stream
 from qgraph.errors import PassError
 from qgraph.pipeline import Context, Pass, PassResult, option, quantized
 from qgraph.qdq import QGroup, dq_constant, find_groups, float_source, is_q, qparams_of
@@ -90,16 +90,15 @@ class BiasCorrection(Pass):
         if self.opts.samples and self.opts.samples < len(samples):
             samples = samples.subset(range(self.opts.samples))
         float_names = {grp.node.outputs[0].name: _float_name(g, grp) for grp in layers}
-        by_float = _channel_means(qstate["float_model"], list(float_names.values()), layers, samples,
-                                  self.opts.batch_size, ctx.progress, "biascorr float",
-                                  axis={f: _channel_axis(None) for f in float_names.values()})
+        by_float = _channel_means(qstate["float_model"], list(float_names.values()), samples,
+                                  self.opts.batch_size, ctx.progress, "biascorr float")
         float_means = {q: by_float[f] for q, f in float_names.items()}
         shifts: dict[str, np.ndarray] = {}
         waves = _waves(g, layers)
-        bar = _bar(len(waves), "biascorr") if ctx.progress else None
+        bar = progress_bar(len(waves), "biascorr", unit="layer") if ctx.progress else None
         for runs, wave in enumerate(waves, start=1):
             wanted = [grp.node.outputs[0].name for grp in wave]
-            quant_means = _channel_means(_truncated(g, wanted), wanted, wave, samples, self.opts.batch_size,
+            quant_means = _channel_means(_truncated(g, wanted), wanted, samples, self.opts.batch_size,
                                          False, "")
             for grp in wave:
                 name = grp.node.outputs[0].name
@@ -154,10 +153,6 @@ def _float_weight(grp: QGroup, qstate: dict) -> np.ndarray:
     return np.asarray(_weight_record(grp, qstate)["float"], dtype=np.float64)
 
 
-def _channel_axis(grp: QGroup) -> int:
-    return 1  # Conv and Gemm outputs: [N, C, ...]
-
-
 def _truncated(g: ir.Graph, outputs: list[str]):
     """The current model cut after ``outputs``: ORT runs every node of a model, wanted or not."""
     import onnx
@@ -165,7 +160,6 @@ def _truncated(g: ir.Graph, outputs: list[str]):
     keep_out = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs]
     needed, frontier = set(), list(outputs)
     producers = {o: node for node in model.graph.node for o in node.output}
-    nodes = []
     while frontier:
         name = frontier.pop()
         node = producers.get(name)
@@ -182,14 +176,6 @@ def _truncated(g: ir.Graph, outputs: list[str]):
     return cut
 
 
-def _bar(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit="layer", leave=False, dynamic_ncols=True)
-
-
 def _float_name(g: ir.Graph, grp: QGroup) -> str:
     """The layer output's name in the float model: a graph output's name moved to its DQ when quantized."""
     y = grp.node.outputs[0]
@@ -200,15 +186,15 @@ def _float_name(g: ir.Graph, grp: QGroup) -> str:
     return y.name
 
 
-def _channel_means(model, names: list[str], groups: list[QGroup], samples, batch_size: int, progress: bool,
-                   desc: str, axis: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Per-channel means of ``names`` over the samples, streamed (sums and counts, no activations kept)."""
+def _channel_means(model, names: list[str], samples, batch_size: int, progress: bool,
+                   desc: str) -> dict[str, np.ndarray]:
+    """Per-channel means (axis 1: Conv and Gemm outputs are [N, C, ...]) of ``names`` over the samples,
+    streamed (sums and counts, no activations kept)."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    axis = axis or {grp.node.outputs[0].name: _channel_axis(grp) for grp in groups}
     for values in stream(model, names, samples, batch_size=batch_size, progress=progress, desc=desc):
         for n, v in values.items():
-            v = np.moveaxis(np.asarray(v, dtype=np.float64), axis[n], 0)
+            v = np.moveaxis(np.asarray(v, dtype=np.float64), 1, 0)
             flat = v.reshape(v.shape[0], -1)
             sums[n] = sums.get(n, 0.0) + flat.sum(axis=1)
             counts[n] = counts.get(n, 0) + flat.shape[1]

@@ -234,7 +234,7 @@ def stream(model: onnx.ModelProto, names: list[str], samples, *, batch_size: int
     sess = ort_session(with_outputs(model, names), threads=threads)
     inputs = [i.name for i in sess.get_inputs()]
     bs = batch_size_for(model, batch_size)
-    bar = _progress(len(samples), desc) if progress else None
+    bar = progress_bar(len(samples), desc) if progress else None
     try:
         for feed in samples.batches(bs):
             missing = [n for n in inputs if n not in feed]
@@ -253,12 +253,13 @@ def stream(model: onnx.ModelProto, names: list[str], samples, *, batch_size: int
             bar.close()
 
 
-def _progress(total: int, desc: str):
+def progress_bar(total: int, desc: str, unit: str = "sample"):
+    """A tqdm bar that disappears when done (None when tqdm is missing)."""
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         return None
-    return tqdm(total=total, desc=desc, unit="sample", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
 
 def collect(model: onnx.ModelProto, names: Iterable[str], samples, *, bins: int = DEFAULT_BINS,
