@@ -14,7 +14,17 @@ Where the output channel lives in each weight:
     Gemm            B[K, N] (transB=0), B[N, K] (1)  scale columns / rows; C folded with beta
     MatMul          W[K, N] (x[..., K] @ W), rank-2 output only (BN's channel axis 1 must be N)
 
-A BatchNormalization that cannot be folded stays in place and is reported with its reason.
+A BatchNormalization with no layer before it (after a Concat or Add join, a pool, a graph input)
+folds *forward* instead, into the one layer that reads it, W (a x + b) = (W a) x + W b:
+    BN -> Conv/Gemm/MatMul          a scales the layer's input channels, W b joins its bias
+                                    (Conv only without zero padding: padded zeros would see b)
+    BN -> Relu -> Conv/Gemm/MatMul  with every a > 0, Relu(a x + b) = a Relu(x + b/a): a goes into
+                                    the layer, b/a stays as one Add before the Relu; pools and
+                                    Flatten between the Relu and the layer commute with a > 0
+Constant per-channel Mul/Add right after such a BN join its (a, b) first. DenseNet's
+Concat -> BN -> Relu -> Conv is the second form.
+A BatchNormalization that cannot be folded either way stays in place and is reported with its
+reason.
 ``fold`` keeps the folded BatchNorm statistics (γ, β as seen by the layer's output channels) in
 ``ctx.state["bn_stats"][<layer output name>]`` for later passes (bias absorption, analytic bias
 correction).
@@ -30,6 +40,8 @@ from qgraph import ir
 from qgraph.pipeline import Context, Pass, PassResult, option
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# backward-fold failures after which the BN may still fold into the layer that reads it
+FORWARD_WHEN = ("bn_after_join", "not_after_layer", "producer_has_other_consumers", "bn_input_is_graph_input")
 
 
 class Skip(Exception):
@@ -45,6 +57,8 @@ class Skip(Exception):
 class FoldOptions:
     bn: bool = option(True, "fold BatchNormalization into the producing Conv/ConvTranspose/Gemm/MatMul")
     affine: bool = option(True, "fold a following constant per-channel Mul/Add into weight and bias")
+    forward: bool = option(True, "a BatchNormalization with no layer before it folds into the layer after it "
+                                 "(directly, or through a Relu when every scale is positive)")
     rest: str = option("keep", "a BatchNormalization that cannot be folded: keep it, or turn it into Mul+Add",
                        choices=("keep", "affine"))
 
@@ -61,6 +75,7 @@ class FoldBatchNorm(Pass):
         skipped: Counter = Counter()
         details: list[str] = []
         bn_stats = ctx.state.setdefault("bn_stats", {})
+        resolved = _resolve_shaped_constants(g)
         changed = True
         while changed:  # Conv -> Mul -> Add -> BN chains fold one step per sweep
             changed = False
@@ -75,7 +90,16 @@ class FoldBatchNorm(Pass):
                     a, b = self._affine(g, node, kind)
                     self._fold_into(g, layer, a, b)
                 except Skip as s:
-                    if kind == "bn" or s.reason != "not_after_layer":
+                    if kind == "bn" and self.opts.forward and s.reason in FORWARD_WHEN:
+                        try:
+                            counts["forward_" + self._fold_forward(g, node)] += 1
+                            changed = True
+                            continue
+                        except Skip as f:
+                            s.detail = "; ".join(x for x in (s.detail, f"forward: {f.reason}"
+                                                             + (f" ({f.detail})" if f.detail else "")) if x)
+                    # a constant Mul/Add with no layer before it is ordinary arithmetic, not a miss
+                    if kind == "bn" or s.reason not in ("not_after_layer", "bn_after_join"):
                         key = (kind, s.reason)
                         if key not in self._reported(ctx, node):
                             skipped[s.reason] += 1
@@ -93,11 +117,17 @@ class FoldBatchNorm(Pass):
         ctx.state.pop("_fold_reported", None)
         if self.opts.rest == "affine":
             counts["to_affine"] = self._rest_to_affine(g)
-        notes = {"folded": counts["bn"]}
+        notes = {"folded": counts["bn"] + counts["forward_linear"] + counts["forward_relu"]}
+        if counts["forward_linear"] or counts["forward_relu"]:
+            # forward_relu leaves the shift b/a as an Add before the Relu
+            notes["folded_forward"] = {"into_layer": counts["forward_linear"],
+                                       "through_relu": counts["forward_relu"]}
         if counts["to_affine"]:
             notes["to_affine"] = counts["to_affine"]
         if counts["mul"] or counts["add"]:
             notes["folded_mul"], notes["folded_add"] = counts["mul"], counts["add"]
+        if resolved:
+            notes["constants_resolved"] = resolved
         if skipped:
             notes["skipped"] = dict(skipped)
             notes["details"] = details
@@ -223,6 +253,125 @@ class FoldBatchNorm(Pass):
             raise Skip("not_float")
         return (vec, None) if kind == "mul" else (None, vec)
 
+    # -- forward folding ------------------------------------------------------------------
+
+    def _fold_forward(self, g: ir.Graph, bn) -> str:
+        """Fold ``bn`` into the layer that reads it; "linear" or "relu" (which form), or Skip."""
+        scale, beta, mean, var = (ir.const(t).astype(np.float64) for t in bn.inputs[1:5])
+        a = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+        b = beta - a * mean
+        c = a.size
+        t, absorbed = bn.outputs[0], []
+        rank = len(t.shape) if t.shape is not None else None
+        while True:  # BN -> Mul(s) -> Add(t): one affine map
+            readers = ir.consumers(t)
+            if len(readers) != 1 or ir.is_graph_output(g, t):
+                break
+            r = readers[0]
+            if r.op not in ("Mul", "Add") or len(r.inputs) != 2:
+                break
+            k = [ir.const(x) for x in r.inputs]
+            if sum(v is not None for v in k) != 1:
+                break
+            v = k[0] if k[0] is not None else k[1]
+            vec = _per_channel(v, c, rank) if np.issubdtype(v.dtype, np.floating) else None
+            if vec is None:
+                break
+            a, b = (a * vec, b * vec) if r.op == "Mul" else (a, b + vec)
+            absorbed.append(r)
+            t = r.outputs[0]
+        readers = ir.consumers(t)
+        if len(readers) != 1 or ir.is_graph_output(g, t):
+            raise Skip("several_readers", f"'{t.name}' is read by {len(readers)} nodes")
+        relu = readers[0] if readers[0].op == "Relu" else None
+        reach, layer_rank = a, rank  # the scale as the layer's input channels see it
+        if relu is not None:
+            if not np.all(a > 0):
+                raise Skip("nonpositive_scale_before_relu", f"{int(np.sum(a <= 0))} of {c} channels")
+            x = relu.outputs[0]
+            while True:
+                # a positive per-channel scale also commutes with pooling and with Flatten
+                readers = ir.consumers(x)
+                if len(readers) != 1 or ir.is_graph_output(g, x):
+                    raise Skip("several_readers", f"'{x.name}' is read by {len(readers)} nodes")
+                r = readers[0]
+                if r.op not in POSITIVE_COMMUTING or r.inputs[0] is not x:
+                    break
+                if r.op == "Flatten":
+                    if int(r.attrs.get("axis", 1)) != 1 or x.shape is None or any(not isinstance(d, int) for d in x.shape[1:]):
+                        raise Skip("flatten_shape", f"Flatten '{r.name}' on shape {x.shape}")
+                    reach = np.repeat(reach, int(np.prod(x.shape[2:], dtype=np.int64)))
+                    layer_rank = 2
+                x = r.outputs[0]
+        layer = readers[0]
+        if layer.inputs[0] is not (x if relu is not None else t):
+            raise Skip("not_data_input", f"feeds {layer.op} '{layer.name}' as a weight")
+        w = self._input_weight(g, layer, reach.size, layer_rank)
+        wa = w * _input_broadcast(layer, reach, w.shape)
+        if relu is None:
+            if layer.op == "Conv" and (layer.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+                                       or any(layer.attrs.get("pads", []))):
+                raise Skip("shift_into_padded_conv", f"Conv '{layer.name}' pads with zeros, which b would shift")
+            cout = _out_channels(layer)
+            shift = w * _input_broadcast(layer, b, w.shape)  # W b, summed over the input side
+            if layer.op == "Conv":
+                shift = shift.reshape(cout, -1).sum(axis=1)
+            elif layer.op == "Gemm":
+                shift = float(layer.attrs.get("alpha", 1.0)) * (shift.sum(axis=1) if layer.attrs.get("transB", 0)
+                                                                 else shift.sum(axis=0))
+            else:
+                shift = shift.sum(axis=0)
+            bias = self._bias(layer, cout) + shift
+        dtype = ir.const(layer.inputs[1]).dtype
+        layer.inputs[1].values = wa.astype(dtype)
+        for r in absorbed:
+            ir.bypass(g, r, in_index=0 if ir.const(r.inputs[0]) is None else 1)
+        if relu is None:
+            self._set_bias(g, layer, bias.astype(dtype))
+            ir.bypass(g, bn)
+            return "linear"
+        shape = (1, -1) + (1,) * (rank - 2)
+        bn.op = "Add"
+        bn.attrs.clear()
+        x = bn.inputs[0]
+        bn.inputs.clear()
+        bn.inputs.extend([x, ir.add_const(g, bn.name + "_shift", (b / a).astype(dtype).reshape(shape))])
+        while len(bn.outputs) > 1:
+            bn.outputs.pop()
+        return "relu"
+
+    @staticmethod
+    def _input_weight(g: ir.Graph, layer, c: int, rank: int | None) -> np.ndarray:
+        """The float64 weight of ``layer`` when its input channels are the BN's ``c``, else Skip."""
+        if layer.op not in ("Conv", "Gemm", "MatMul"):
+            raise Skip("no_layer_after", f"reader is {layer.op} '{layer.name}'")
+        w_t = layer.inputs[1] if len(layer.inputs) > 1 else None
+        w = ir.const(w_t)
+        if w is None or not np.issubdtype(w.dtype, np.floating):
+            raise Skip("weight_not_constant", f"{layer.op} '{layer.name}'")
+        if len(ir.consumers(w_t)) > 1:
+            raise Skip("weight_shared", f"weight '{w_t.name}' is used by {len(ir.consumers(w_t))} nodes")
+        if len(layer.inputs) > 2 and layer.inputs[2].name and (ir.const(layer.inputs[2]) is None
+                                                               or len(ir.consumers(layer.inputs[2])) > 1):
+            raise Skip("bias_not_private", f"{layer.op} '{layer.name}'")
+        if layer.op == "Conv":
+            cin = w.shape[1] * int(layer.attrs.get("group", 1))
+        elif layer.op == "Gemm":
+            if layer.attrs.get("transA", 0) or rank != 2:
+                raise Skip("unsupported_gemm", f"Gemm '{layer.name}' with transA or input rank {rank}")
+            cin = w.shape[1] if layer.attrs.get("transB", 0) else w.shape[0]
+        else:
+            if rank != 2 or w.ndim != 2:
+                raise Skip("matmul_channel_axis", f"MatMul '{layer.name}': BN axis 1 is not its K axis")
+            cin = w.shape[0]
+        if cin != c:
+            raise Skip("channel_mismatch", f"{c} BN channels vs {cin} layer inputs")
+        if layer.op == "MatMul":
+            add = _matmul_bias_reader(layer)
+            if add is not None:
+                layer.__dict__["_qgraph_bias"] = add
+        return w.astype(np.float64)
+
     # -- rewriting ------------------------------------------------------------------------
 
     def _fold_into(self, g: ir.Graph, layer, a: np.ndarray | None, b: np.ndarray | None) -> None:
@@ -310,6 +459,71 @@ def _matmul_bias(node):
     if c.size != n or (c.ndim > 1 and any(d != 1 for d in c.shape[:-1])):
         return None
     return mm, consts[0]
+
+
+POSITIVE_COMMUTING = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten")
+RESHAPING = ("Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten")
+
+
+def _resolve_shaped_constants(g: ir.Graph) -> int:
+    """Replace Unsqueeze/Squeeze/Reshape/Flatten/Identity of constants by their value, so a
+    per-channel Mul/Add or BN parameter written as Unsqueeze(initializer) (Caffe2 exports) is seen
+    as the constant it is. Returns how many nodes were resolved."""
+    done = 0
+    for node in list(g.nodes):
+        if node.op not in RESHAPING or not node.outputs or len(node.outputs) != 1:
+            continue
+        vals = [ir.const(t) if t.name else None for t in node.inputs]
+        if not vals or vals[0] is None or any(v is None for v, t in zip(vals[1:], node.inputs[1:]) if t.name):
+            continue
+        x = vals[0]
+        if node.op == "Identity":
+            y = x
+        elif node.op == "Flatten":
+            ax = int(node.attrs.get("axis", 1)) % max(x.ndim, 1)
+            y = x.reshape(int(np.prod(x.shape[:ax])), -1)
+        elif node.op == "Reshape":
+            shape = [int(d) for d in vals[1]]
+            if not node.attrs.get("allowzero", 0):
+                shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+            y = x.reshape(shape)
+        else:
+            axes = vals[1] if len(vals) > 1 and vals[1] is not None else node.attrs.get("axes")
+            if node.op == "Unsqueeze":
+                y = x
+                rank = x.ndim + len(axes)
+                for a in sorted(int(a) % rank for a in axes):
+                    y = np.expand_dims(y, a)
+            else:
+                y = np.squeeze(x, axis=None if axes is None else tuple(int(a) % x.ndim for a in axes))
+        ir.replace_uses(g, node.outputs[0], ir.add_const(g, node.outputs[0].name + "_value", y))
+        node.inputs.clear()
+        node.outputs.clear()
+        done += 1
+    return done
+
+
+def _matmul_bias_reader(mm):
+    """The bias constant of the Add that follows MatMul ``mm`` (MatMul + Add(b) is one layer), or None."""
+    readers = ir.consumers(mm.outputs[0])
+    if len(readers) == 1:
+        pair = _matmul_bias(readers[0])
+        if pair is not None and pair[0] is mm and len(ir.consumers(pair[1])) == 1:
+            return pair[1]
+    return None
+
+
+def _input_broadcast(layer, a: np.ndarray, wshape: tuple) -> np.ndarray:
+    """``a`` (one value per input channel) shaped to multiply the weight's input side."""
+    if layer.op == "Conv":
+        groups = int(layer.attrs.get("group", 1))
+        cout, cpg = wshape[0], wshape[1]
+        # W[o, j] reads input channel (o // (cout/groups)) * cpg + j
+        idx = (np.arange(cout) // (cout // groups))[:, None] * cpg + np.arange(cpg)[None, :]
+        return a[idx].reshape((cout, cpg) + (1,) * (len(wshape) - 2))
+    if layer.op == "Gemm" and layer.attrs.get("transB", 0):
+        return a.reshape(1, -1)
+    return a.reshape(-1, 1)  # Gemm transB=0 and MatMul: W[K, N]
 
 
 def _out_channels(layer) -> int:

@@ -168,6 +168,113 @@ def test_fold_skips_bn_after_join(rng):
     assert notes["skipped"] == {"bn_after_join": 1}
 
 
+def _concat_bn(rng, tail, cin_each=3, extra_inits=()):
+    """x1, x2 -Concat- cat -BN- bnout -> ``tail`` nodes (which read 'bnout' and write 'y')."""
+    c = 2 * cin_each
+    nodes = [helper.make_node("Concat", ["x1", "x2"], ["cat"], axis=1, name="cat"), bn_node("cat", "bnout"), *tail]
+    return c, nodes, [*bn_params(rng, c), *extra_inits]
+
+
+def test_fold_forward_through_relu_into_padded_conv(rng):
+    #   x1 ─┐
+    #       ├─Concat─BN─Mul(s)─Add(t)─Relu─Conv(3x3, pad 1, groups 2)─ y
+    #   x2 ─┘
+    #   →   Concat─Add(b/a)─Relu─Conv(W·a)      (DenseNet's pattern; every a > 0)
+    c = 6
+    tail = [helper.make_node("Mul", ["bnout", "s"], ["m"], name="mul"),
+            helper.make_node("Add", ["m", "t"], ["u"], name="add"),
+            helper.make_node("Relu", ["u"], ["r"], name="relu"),
+            helper.make_node("Conv", ["r", "w", "cb"], ["y"], pads=[1, 1, 1, 1], group=2, name="conv")]
+    inits = [init("s", rng.uniform(0.5, 2, (1, c, 1, 1)).astype(np.float32)),
+             init("t", rng.normal(0, 0.3, (1, c, 1, 1)).astype(np.float32)),
+             init("w", rng.normal(size=(4, 3, 3, 3)).astype(np.float32)),
+             init("cb", rng.normal(size=4).astype(np.float32))]
+    _, nodes, inits = _concat_bn(rng, tail, extra_inits=inits)
+    model = make_model(nodes, [("x1", [2, 3, 5, 5]), ("x2", [2, 3, 5, 5])], [("y", [2, 4, 5, 5])], inits)
+    folded, notes = fold(model)
+    assert ops(folded) == ["Concat", "Add", "Relu", "Conv"]
+    assert notes["folded"] == 1 and notes["folded_forward"] == {"into_layer": 0, "through_relu": 1}
+    assert "skipped" not in notes
+    check_same(model, folded, {"x1": rng.normal(size=(2, 3, 5, 5)).astype(np.float32),
+                               "x2": rng.normal(size=(2, 3, 5, 5)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("layer", ["conv1x1", "gemm_transB", "matmul"])
+def test_fold_forward_into_layer(rng, layer):
+    #   x1, x2 ─Concat─BN─ Conv 1x1 (no padding) | Gemm(transB=1) | MatMul   →   Concat─layer(W·a, bias + W·b)
+    c = 6
+    if layer == "conv1x1":
+        tail = [helper.make_node("Conv", ["bnout", "w"], ["y"], name="conv")]
+        w, xs, ys = rng.normal(size=(5, c, 1, 1)), [2, 3, 4, 4], [2, 5, 4, 4]
+    elif layer == "gemm_transB":
+        tail = [helper.make_node("Gemm", ["bnout", "w", "cb"], ["y"], transB=1, alpha=0.5, beta=2.0, name="gemm")]
+        w, xs, ys = rng.normal(size=(5, c)), [2, 3], [2, 5]
+    else:
+        tail = [helper.make_node("MatMul", ["bnout", "w"], ["y"], name="mm")]
+        w, xs, ys = rng.normal(size=(c, 5)), [2, 3], [2, 5]
+    extra = [init("w", w.astype(np.float32))] + ([init("cb", rng.normal(size=5).astype(np.float32))]
+                                                 if layer == "gemm_transB" else [])
+    _, nodes, inits = _concat_bn(rng, tail, extra_inits=extra)
+    model = make_model(nodes, [("x1", xs), ("x2", xs)], [("y", ys)], inits)
+    folded, notes = fold(model)
+    assert "BatchNormalization" not in ops(folded)
+    assert notes["folded_forward"] == {"into_layer": 1, "through_relu": 0}
+    check_same(model, folded, {"x1": rng.normal(size=xs).astype(np.float32),
+                               "x2": rng.normal(size=xs).astype(np.float32)})
+
+
+@pytest.mark.parametrize("pool", ["GlobalAveragePool", "MaxPool"])
+def test_fold_forward_through_relu_pool_and_flatten_into_gemm(rng, pool):
+    #   Concat─BN─Relu─pool─Flatten─Gemm     a > 0 commutes with pooling; Flatten repeats a per position
+    #   (MaxPool 2x2 on 4x4 leaves 2x2 positions per channel: Gemm's K = 6·4)
+    k = 6 if pool == "GlobalAveragePool" else 24
+    pool_node = (helper.make_node(pool, ["r"], ["p"], name="pool") if pool == "GlobalAveragePool"
+                 else helper.make_node(pool, ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"))
+    tail = [helper.make_node("Relu", ["bnout"], ["r"], name="relu"), pool_node,
+            helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+            helper.make_node("Gemm", ["f", "w", "cb"], ["y"], transB=1, name="gemm")]
+    extra = [init("w", rng.normal(size=(5, k)).astype(np.float32)), init("cb", rng.normal(size=5).astype(np.float32))]
+    _, nodes, inits = _concat_bn(rng, tail, extra_inits=extra)
+    model = make_model(nodes, [("x1", [2, 3, 4, 4]), ("x2", [2, 3, 4, 4])], [("y", [2, 5])], inits)
+    folded, notes = fold(model)
+    assert "BatchNormalization" not in ops(folded) and notes["folded_forward"]["through_relu"] == 1
+    check_same(model, folded, {"x1": rng.normal(size=(2, 3, 4, 4)).astype(np.float32),
+                               "x2": rng.normal(size=(2, 3, 4, 4)).astype(np.float32)})
+
+
+def test_fold_sees_constants_behind_unsqueeze(rng):
+    #   x ─Conv─BN─Mul(Unsqueeze(s))─ y      Caffe2-style exports write per-channel constants this way
+    inits = [init("w", rng.normal(size=(4, 3, 1, 1)).astype(np.float32)), *bn_params(rng, 4),
+             init("s", rng.uniform(0.5, 2, 4).astype(np.float32)), init("axes", np.array([1, 2], np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn_node("c", "b"),
+             helper.make_node("Unsqueeze", ["s", "axes"], ["s3"], name="unsq"),
+             helper.make_node("Mul", ["b", "s3"], ["y"], name="mul")]
+    model = make_model(nodes, [("x", [1, 3, 4, 4])], [("y", [1, 4, 4, 4])], inits)
+    folded, notes = fold(model)
+    assert ops(folded) == ["Conv"] and notes["constants_resolved"] == 1 and notes["folded_mul"] == 1
+    check_same(model, folded, {"x": rng.normal(size=(1, 3, 4, 4)).astype(np.float32)})
+
+
+def test_fold_forward_refuses_shift_into_padded_conv_and_negative_scale_before_relu(rng):
+    #   Concat─BN─Conv(3x3, pad 1)        b would shift the padded zeros: kept
+    #   Concat─BN(γ<0 somewhere)─Relu─Conv   Relu(a x + b) != a Relu(x + b/a) for a < 0: kept
+    tail = [helper.make_node("Conv", ["bnout", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")]
+    _, nodes, inits = _concat_bn(rng, tail, extra_inits=[init("w", rng.normal(size=(4, 6, 3, 3)).astype(np.float32))])
+    model = make_model(nodes, [("x1", [1, 3, 4, 4]), ("x2", [1, 3, 4, 4])], [("y", [1, 4, 4, 4])], inits)
+    folded, notes = fold(model)
+    assert "BatchNormalization" in ops(folded) and notes["skipped"] == {"bn_after_join": 1}
+    assert "forward: shift_into_padded_conv" in notes["details"][0]
+
+    tail = [helper.make_node("Relu", ["bnout"], ["r"], name="relu"),
+            helper.make_node("Conv", ["r", "w"], ["y"], name="conv")]
+    _, nodes, inits = _concat_bn(rng, tail, extra_inits=[init("w", rng.normal(size=(4, 6, 1, 1)).astype(np.float32))])
+    inits[0] = init("bn_scale", np.array([1, 1, -0.5, 1, 1, 1], np.float32))
+    model = make_model(nodes, [("x1", [1, 3, 4, 4]), ("x2", [1, 3, 4, 4])], [("y", [1, 4, 4, 4])], inits)
+    folded, notes = fold(model)
+    assert "BatchNormalization" in ops(folded)
+    assert "forward: nonpositive_scale_before_relu (1 of 6 channels)" in notes["details"][0]
+
+
 def test_rest_affine_turns_unfoldable_bn_into_mul_add(rng):
     #   x ─Relu─ r ─BN─ y     →    x ─Relu─ r ─Mul(a)─Add(b)─ y     (a = γ/sqrt(σ²+ε), b = β − aμ)
     model = make_model([helper.make_node("Relu", ["x"], ["r"], name="relu"), bn_node("r", "y")],
