@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qgraph import ir
-from qgraph.analysis import Chain, equalization_chains
+from qgraph.analysis import Chain, CoupledSet, coupled_sets, equalization_chains
 from qgraph.pipeline import Context, Pass, PassResult, no_batchnorm, not_quantized, option
 
 
@@ -39,6 +39,8 @@ class EqualizeOptions:
     tol: float = option(1e-6, "stop when every scale is within this of 1 (relative)", range=(0.0, 1.0))
     relu6: str = option("carry", "ReLU6/Clip between layers", choices=("carry", "relu", "skip"))
     absorb: bool = option(False, "bias absorption through ReLU using fold's BatchNorm statistics")
+    coupled: bool = option(True, "equalize residual streams and fan-outs as a whole: all layers writing a "
+                                 "channel against all layers reading it")
     min_range: float = option(1e-8, "channels with a smaller weight range are left unscaled", range=(0.0, 1.0))
 
 
@@ -68,6 +70,12 @@ class EqualizeCrossLayer(Pass):
                     details.append(f"{chain.first.name} -> {chain.second.name}: {problem}")
                     continue
             pairs.append(chain)
+        sets: list[CoupledSet] = []
+        if self.opts.coupled:
+            sets, refused_sets = coupled_sets(g)
+            for name, reason in refused_sets:
+                skipped[reason] += 1
+                details.append(f"stream '{name}': {reason}")
         # one cumulative scale per chain (the clip bound and the BN statistics follow it)
         total = {id(c): np.ones(c.channels) for c in pairs}
         before = {id(c): (_out_ranges(c.first), _in_ranges(c.second, c.channels)) for c in pairs}
@@ -80,9 +88,22 @@ class EqualizeCrossLayer(Pass):
                 _scale_in(chain.second, s)
                 total[id(chain)] *= s
                 worst = max(worst, float(np.max(np.abs(s - 1.0))))
+            for cs in sets:
+                s = self._set_scales(cs)
+                for layer in cs.producers:
+                    _scale_out(layer, 1.0 / s)
+                for layer in cs.consumers:
+                    _scale_in(layer, s)
+                total[id(cs)] = total.get(id(cs), 1.0) * s
+                worst = max(worst, float(np.max(np.abs(s - 1.0))))
             if worst <= self.opts.tol:
                 break
         bn_stats = ctx.state.get("bn_stats", {})
+        for cs in sets:
+            for layer in cs.producers:
+                key = layer.outputs[0].name
+                if key in bn_stats and id(cs) in total:
+                    bn_stats[key] = {k: v / total[id(cs)] for k, v in bn_stats[key].items()}
         replaced = 0
         for chain in pairs:
             s = total[id(chain)]
@@ -92,7 +113,9 @@ class EqualizeCrossLayer(Pass):
             if chain.clip is not None:
                 replaced += self._rewrite_clip(g, chain, s)
         absorbed = self._absorb(g, pairs, bn_stats, skipped, details) if self.opts.absorb else 0
-        notes = {"pairs": len(pairs), "sweeps": sweeps if pairs else 0}
+        notes = {"pairs": len(pairs), "sweeps": sweeps if pairs or sets else 0}
+        if sets:
+            notes["coupled_sets"] = len(sets)
         if replaced:
             notes["relu6_" + self.opts.relu6] = replaced
         if self.opts.absorb:
@@ -101,17 +124,25 @@ class EqualizeCrossLayer(Pass):
             notes["skipped"] = dict(skipped)
             notes["details"] = details
         ctx.state["equalized"] = [(c.first.name, c.second.name) for c in pairs]
-        notes["converged"] = bool(not pairs or sweeps < self.opts.iterations)
+        notes["converged"] = bool(not (pairs or sets) or sweeps < self.opts.iterations)
         if ctx.plots and pairs:
             after = {id(c): (_out_ranges(c.first), _in_ranges(c.second, c.channels)) for c in pairs}
             notes["plots"] = plot_ranges(ctx.plots, pairs, before, after)
-        return PassResult(modified=bool(pairs), notes=notes)
+        return PassResult(modified=bool(pairs or sets), notes=notes)
 
     # -- scales ---------------------------------------------------------------------------
 
     def _scales(self, chain: Chain) -> np.ndarray:
         r1 = _out_ranges(chain.first)
         r2 = _in_ranges(chain.second, chain.channels)
+        ok = (r1 > self.opts.min_range) & (r2 > self.opts.min_range)
+        s = np.ones_like(r1)
+        s[ok] = np.sqrt(r1[ok] * r2[ok]) / r2[ok]
+        return s
+
+    def _set_scales(self, cs: CoupledSet) -> np.ndarray:
+        r1 = np.max([_out_ranges(p) for p in cs.producers], axis=0)
+        r2 = np.max([_in_ranges(c, cs.channels) for c in cs.consumers], axis=0)
         ok = (r1 > self.opts.min_range) & (r2 > self.opts.min_range)
         s = np.ones_like(r1)
         s[ok] = np.sqrt(r1[ok] * r2[ok]) / r2[ok]

@@ -24,7 +24,7 @@ finds the DQ(x), DQ(w), DQ(b) -> op -> Q(y) groups on the graph itself.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numba import njit
@@ -36,6 +36,7 @@ from qgraph.pipeline import Context, Pass, PassResult, no_batchnorm, not_quantiz
 from qgraph.qdq import dq_constant, insert_qdq
 from qgraph.qparams import (ACT_METHODS, WEIGHT_METHODS, QParams, act_range, dequantize, fake_quant,
                             make_qparams, quantize, sqnr_db, weight_qparams)
+from qgraph.rounding import round_layers
 from qgraph.passes.quant_placement import Matcher, Plan, clip_bounds, make_plan
 
 INT32 = (-(2 ** 31), 2 ** 31 - 1)
@@ -64,6 +65,8 @@ class QuantOptions:
     precision: dict[str, int] = option({}, "weight bits per node: name|op|first|last|regex@bits")
     act_precision: dict[str, int] = option({}, "activation bits per tensor, by tensor name or its producer's "
                                                 "name|op|regex: key@8 or key@16")
+    rounding: str = option("nearest", "weight rounding: nearest, or gptq (each layer's output error on the "
+                           "calibration data, column by column; needs --calib)", choices=("nearest", "gptq"))
     absorb_relu: bool = option(True, "remove Relu/Clip after a quantized op into its output range")
     batch_size: int = option(16, "calibration batch size", range=(1, 4096))
     bins: int = option(DEFAULT_BINS, "histogram bins per tensor", range=(128, 1 << 16))
@@ -108,8 +111,18 @@ class Quantize(Pass):
             stats = cached_collect(ctx, float_model, observe, bins=bins, batch_size=o.batch_size)
         w_qp = {name: self._decide_weight(wp) for name, wp in plan.weights.items()}
         act_qp = self._decide_activations(plan, stats, w_qp)
-        record = self._rewrite(g, plan, act_qp, w_qp)
+        w_int, rounding_notes = self._round(g, plan, w_qp, float_model, ctx)
+        before = {name: qp.scale for name, qp in w_qp.items()}
+        widened = _fit_biases(plan, act_qp, w_qp)
+        for name in w_int:
+            if w_qp[name].scale is not before[name]:   # widened rows: nearest at their new scale
+                w_int[name] = _requantize_changed(plan.weights[name].tensor.values, w_int[name],
+                                                  before[name], w_qp[name])
+        record = self._rewrite(g, plan, act_qp, w_qp, w_int)
         notes = self._notes(plan, act_qp, w_qp, record)
+        if widened:
+            notes["bias_fit"] = widened
+        notes.update(rounding_notes)
         if o.sqnr and ctx.calib is not None and (act_qp or w_qp):
             details = self._sqnr(float_model, ir.to_model(g), act_qp, record, ctx)
             notes.update(_summarize_sqnr(details, w_qp, record, o.worst))
@@ -154,7 +167,16 @@ class Quantize(Pass):
                                    signed=signed, percentile=o.percentile)
             qp = make_qparams(rmin, rmax, bits=bits, storage=self._act_storage(bits), symmetric=symmetric,
                               method=o.act_method)
+            cap = _min_cap(plan.acts[rep]) if len(members) == 1 else None
+            if cap is not None and rmax > cap:
+                # x only feeds Min(x, c): values above max(c) never get through, so Q may saturate
+                # there (ReLU6 carried by equalize as a per-channel bound: Relu -> Min(6/s))
+                rmax = max(cap, rmin + 1e-12)
+                qp = make_qparams(rmin, rmax, bits=bits, storage=self._act_storage(bits), symmetric=symmetric,
+                                  method=o.act_method)
             qp.meta = {"observed": (float(stats[rep].min), float(stats[rep].max)), "shared_with": len(members) - 1}
+            if cap is not None:
+                qp.meta["capped_by_min"] = cap
             for m in members:
                 out[m] = qp
         return out
@@ -170,18 +192,52 @@ class Quantize(Pass):
         return weight_qparams(wp.tensor.values, bits=wp.bits, storage=storage, symmetric=True,
                               axis=wp.axis, method=method)
 
+    def _round(self, g: ir.Graph, plan: Plan, w_qp: dict, float_model, ctx: Context) -> tuple[dict, dict]:
+        """GPTQ integers for the layers' weights (``rounding=gptq``), with what the notes say of it."""
+        if self.opts.rounding == "nearest" or not plan.weights:
+            return {}, {}
+        if ctx.calib is None:
+            raise ModelError("quant:rounding=gptq needs calibration data (the layers' inputs): give --calib "
+                             "(CLI) or calib= (API), or use rounding=nearest")
+        targets, kept = {}, {}
+        for name, wp in plan.weights.items():
+            node = wp.readers[0] if len(wp.readers) == 1 else None
+            if node is None or node.op not in ("Conv", "Gemm", "MatMul") or node.inputs[1] is not wp.tensor:
+                if node is not None and node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                    kept[name] = f"{node.op} '{node.name}' reads it in a form gptq does not handle"
+                elif len(wp.readers) > 1:
+                    kept[name] = f"shared by {len(wp.readers)} nodes"
+                continue
+            targets[name] = (node, wp.tensor.values, w_qp[name])
+        ints, errors, scales, unsupported = round_layers(float_model, targets, ctx.calib, batch_size=self.opts.batch_size,
+                                                 progress=getattr(ctx, "progress", False))
+        kept.update(unsupported)
+        for name, scale in scales.items():
+            qp = w_qp[name]
+            w_qp[name] = replace(qp, scale=np.asarray(scale, np.float32).reshape(np.shape(qp.scale)),
+                                 meta={**qp.meta, "clipped_by": "gptq"})
+        ratios = [e_g / e_n for e_n, e_g in errors.values() if e_n > 0]
+        notes = {"rounding": {"gptq": len(ints), "nearest": len(kept)}}
+        if ratios:
+            # the layers' output squared error with gptq, relative to nearest rounding (geometric mean)
+            notes["rounding"]["output_error_vs_nearest"] = round(float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-12))))), 4)
+        if kept:
+            notes["rounding"]["nearest_because"] = {n: r for n, r in list(kept.items())[:20]}
+        return ints, notes
+
     # -- rewriting -------------------------------------------------------------------------
 
-    def _rewrite(self, g: ir.Graph, plan: Plan, act_qp: dict, w_qp: dict) -> dict:
+    def _rewrite(self, g: ir.Graph, plan: Plan, act_qp: dict, w_qp: dict, w_int: dict | None = None) -> dict:
         weights, layers, dq_of, q_of = {}, {}, {}, {}
         w_dq: dict[str, ir.Variable] = {}
         for name, wp in plan.weights.items():
             qp = w_qp[name]
-            _, out = dq_constant(g, quantize(wp.tensor.values, qp), qp, name)
+            q = w_int[name] if w_int and name in w_int else quantize(wp.tensor.values, qp)
+            _, out = dq_constant(g, q, qp, name)
             w_dq[name] = out
             for node in wp.readers:
                 ir.swap_input(node, wp.tensor, out)
-            weights[name] = {"float": wp.tensor.values, "qparams": qp, "dq_output": out.name}
+            weights[name] = {"float": wp.tensor.values, "qparams": qp, "dq_output": out.name, "int": q}
         for node, bias, x_name, w_name in plan.biases:
             node_name = node.name
             s_b = (act_qp[x_name].scale.astype(np.float32) * w_qp[w_name].scale.astype(np.float32))
@@ -257,6 +313,62 @@ class Quantize(Pass):
         return {n: {"own_db": _db(a[0], a[1]), "model_db": _db(a[0], a[2])} for n, a in acc.items()}
 
 
+def _requantize_changed(w: np.ndarray, q: np.ndarray, old_scale, qp: QParams) -> np.ndarray:
+    """``q`` with the slices whose scale changed from ``old_scale`` to ``qp.scale`` rounded anew."""
+    fresh = quantize(w, qp)
+    if not qp.per_channel:
+        return fresh
+    changed = np.asarray(old_scale).reshape(-1) != np.asarray(qp.scale).reshape(-1)
+    shape = [1] * q.ndim
+    shape[qp.axis] = -1
+    return np.where(changed.reshape(shape), fresh, q)
+
+
+def _min_cap(t) -> float | None:
+    """max(c) when ``t``'s only reader is Min(t, c) with a constant c (else None)."""
+    readers = ir.consumers(t)
+    if len(readers) != 1 or readers[0].op != "Min" or len(readers[0].inputs) != 2:
+        return None
+    consts = [ir.const(x) for x in readers[0].inputs if x is not t]
+    if len(consts) != 1 or consts[0] is None or not np.issubdtype(consts[0].dtype, np.floating):
+        return None
+    return float(np.max(consts[0]))
+
+
+#: the largest |int32 bias| quant writes: half the int32 range, the other half is the accumulator's
+BIAS_LIMIT = 2 ** 30
+
+
+def _fit_biases(plan: Plan, act_qp: dict, w_qp: dict) -> int:
+    """Widen weight scales where the int32 bias b / (s_x · s_w) would pass ``BIAS_LIMIT``.
+
+    A channel whose weights are all (nearly) zero gets a tiny minmax scale; its bias then needs more
+    than int32 at s_b = s_x · s_w, and a clipped bias is a wrong output (an integer accumulator near
+    the limit also wraps). The weight scale of such a channel rises to |b| / (s_x · BIAS_LIMIT): its
+    weights were ~0 and stay ~0, and the bias is exact. Returns how many channels were widened."""
+    widened = 0
+    for _, bias, x_name, w_name in plan.biases:
+        if x_name not in act_qp or w_name not in w_qp:
+            continue
+        qp = w_qp[w_name]
+        s_x = float(np.max(act_qp[x_name].scale))
+        b = np.abs(bias.values.astype(np.float64)).reshape(-1)
+        s_w = np.broadcast_to(np.asarray(qp.scale, np.float64), b.shape) if np.ndim(qp.scale) else np.full(b.shape, float(qp.scale))
+        need = b / (s_x * BIAS_LIMIT)
+        over = need > s_w
+        if not over.any():
+            continue
+        if qp.per_channel:
+            scale = np.where(over, need * (1 + 1e-6), s_w).astype(np.float32)
+            widened += int(over.sum())
+        else:
+            scale = np.float32(need.max() * (1 + 1e-6))
+            widened += b.size
+        w_qp[w_name] = replace(qp, scale=np.asarray(scale, np.float32),
+                               meta={**qp.meta, "bias_fit": int(over.sum())})
+    return widened
+
+
 @njit(cache=True)
 def _noise_sums(x, q, scale, zp, qmin, qmax):
     """[sum x^2, sum (fake_quant(x) - x)^2, sum (dequant(q) - x)^2] in one pass."""
@@ -294,7 +406,7 @@ def _summarize_sqnr(act: dict, w_qp: dict, record: dict, worst: int) -> dict:
     weights = {}
     for name, entry in record["weights"].items():
         w = entry["float"].astype(np.float32)
-        d = dequantize(quantize(w, entry["qparams"]), entry["qparams"]) - w
+        d = dequantize(entry["int"], entry["qparams"]) - w
         weights[name] = _db(float(np.vdot(w, w)), float(np.vdot(d, d)))
     ranked = sorted(((n, v) for n, v in act.items() if v["model_db"] is not None), key=lambda kv: kv[1]["model_db"])
     out: dict = {}

@@ -166,6 +166,108 @@ def equalization_chains(g) -> tuple[list[Chain], list[tuple[str, str]]]:
     return chains, refused
 
 
+@dataclass
+class CoupledSet:
+    """Tensors tied channel by channel (a residual stream joined by Adds, or one layer's output read
+    by several layers): every ``producers`` layer writes channel i, every ``consumers`` layer reads
+    it. Scaling channel i by 1/s_i in all producers and by s_i in all consumers keeps the function."""
+    producers: list
+    consumers: list
+    channels: int
+    tensors: list
+
+
+def coupled_sets(g) -> tuple[list[CoupledSet], list[tuple[str, str]]]:
+    """Residual streams and fan-outs that can be equalized as a whole, and (tensor, reason) for the
+    ones that cannot (a reader or writer that is neither a layer nor the joining Add)."""
+    from qgraph import ir
+    parent: dict[str, str] = {}
+    tensor = {}
+
+    def find(n: str) -> str:
+        while parent.setdefault(n, n) != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for node in g.nodes:
+        if node.op == "Add" and len(node.inputs) == 2 and all(ir.const(t) is None for t in node.inputs):
+            a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
+            if a.shape is None or b.shape is None or tuple(a.shape) != tuple(b.shape):
+                continue
+            for t in (a, b, y):
+                tensor[t.name] = t
+            parent[find(a.name)] = find(y.name)
+            parent[find(b.name)] = find(y.name)
+    for node in g.nodes:   # a layer's output read by several readers: a set of its own
+        if _layer_weight(node) is not None:
+            t = node.outputs[0]
+            if len(ir.consumers(t)) > 1 and t.name not in tensor:
+                tensor[t.name] = t
+                find(t.name)
+    groups: dict[str, list] = {}
+    for name, t in tensor.items():
+        groups.setdefault(find(name), []).append(t)
+    sets, refused = [], []
+    for members in groups.values():
+        names = {t.name for t in members}
+        producers, consumers, problem = [], [], None
+        for t in members:
+            if ir.is_graph_output(g, t):
+                problem = "stream_is_a_graph_output"
+                break
+            p = ir.producer(t)
+            if p is None:
+                problem = "stream_starts_at_a_graph_input"
+                break
+            if not (p.op == "Add" and p.outputs[0].name in names):
+                if _layer_weight(p) is None:
+                    problem = f"stream_written_by_{p.op}"
+                    break
+                producers.append(p)
+            for r in ir.consumers(t):
+                if r.op == "Add" and r.outputs[0].name in names:
+                    continue
+                if _layer_weight(r) is None or r.inputs[0] is not t:
+                    problem = f"stream_read_by_{r.op}"
+                    break
+                consumers.append(r)
+            if problem:
+                break
+        rep = members[0].name
+        if problem:
+            refused.append((rep, problem))
+            continue
+        chans = {_layer_channels(p, out=True) for p in producers} | {_layer_channels(c, out=False) for c in consumers}
+        if len(chans) != 1 or not producers or not consumers:
+            refused.append((rep, "channel_mismatch"))
+            continue
+        weights = [l.inputs[1] for l in producers + consumers]
+        if any(len(ir.consumers(w)) > 1 for w in weights):
+            refused.append((rep, "weight_shared"))
+            continue
+        unique = list({id(c): c for c in consumers}.values())
+        sets.append(CoupledSet(producers, unique, chans.pop(), members))
+    return sets, refused
+
+
+def _layer_weight(node):
+    from qgraph import ir
+    if node.op not in _LAYERS or len(node.inputs) < 2 or ir.const(node.inputs[1]) is None:
+        return None
+    if node.op == "Gemm" and node.attrs.get("transA", 0):
+        return None
+    return ir.const(node.inputs[1])
+
+
+def _layer_channels(node, out: bool) -> int:
+    w = _layer_weight(node)
+    if node.op == "Conv":
+        return w.shape[0] if out else w.shape[1] * int(node.attrs.get("group", 1))
+    transb = node.attrs.get("transB", 0)
+    return (w.shape[0] if transb else w.shape[1]) if out else (w.shape[1] if transb else w.shape[0])
+
+
 def _follow(g, first) -> Chain | str | None:
     from qgraph import ir
     w = ir.const(first.inputs[1])

@@ -106,7 +106,41 @@ def test_residual_coupled_pair_is_skipped_with_reason(rng):
     model.graph.node.append(helper.make_node("Add", ["h1", "h1"], ["z"], name="join"))
     out, notes = equalize(model)
     assert notes["pairs"] == 0
-    assert notes["skipped"] == {"coupled_output": 1}
+    # as a pair it is coupled; as a set it is written by a Relu, which no scale passes exactly
+    assert notes["skipped"] == {"coupled_output": 1, "stream_written_by_Relu": 1}
+    assert not notes.get("coupled_sets")
+
+
+def test_residual_stream_is_equalized_as_a_set(rng):
+    #   x ─Conv_a─ t0 ─┬─Conv_e─Relu─Conv_p─ t1 ─┐
+    #                  └─────────────────────────Add─ s ─Conv_n─ y
+    #   producers of the stream {t0, t1, s}: Conv_a, Conv_p; consumers: Conv_e, Conv_n.
+    #   Channel i scaled by 1/s_i in both producers and s_i in both consumers keeps y.
+    c = 4
+    spread = np.array([40, 1, 0.05, 5])[:, None, None, None]
+    inits = [init("wa", (rng.normal(size=(c, 3, 1, 1)) * spread).astype(np.float32)),
+             init("ba", rng.normal(size=c).astype(np.float32)),
+             init("we", rng.normal(size=(6, c, 1, 1)).astype(np.float32)),
+             init("wp", (rng.normal(size=(c, 6, 3, 3)) * spread).astype(np.float32)),
+             init("wn", rng.normal(size=(5, c, 1, 1)).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["t0"], name="conv_a"),
+             helper.make_node("Conv", ["t0", "we"], ["e"], name="conv_e"),
+             helper.make_node("Relu", ["e"], ["er"], name="relu"),
+             helper.make_node("Conv", ["er", "wp"], ["t1"], name="conv_p", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["t0", "t1"], ["s"], name="join"),
+             helper.make_node("Conv", ["s", "wn"], ["y"], name="conv_n")]
+    model = make_model(nodes, [("x", [2, 3, 5, 5])], [("y", [2, 5, 5, 5])], inits)
+    out, notes = equalize(model, iterations=200, tol=1e-9)
+    assert notes["coupled_sets"] == 1
+    w = weights(out)
+    r_prod = np.maximum(np.abs(w["wa"]).reshape(c, -1).max(axis=1), np.abs(w["wp"]).reshape(c, -1).max(axis=1))
+    r_cons = np.maximum(np.abs(w["we"]).transpose(1, 0, 2, 3).reshape(c, -1).max(axis=1),
+                        np.abs(w["wn"]).transpose(1, 0, 2, 3).reshape(c, -1).max(axis=1))
+    np.testing.assert_allclose(r_prod, r_cons, rtol=1e-4)
+    assert np.ptp(np.log(r_prod)) < np.ptp(np.log(np.abs(spread.reshape(-1))))   # the 800x spread shrank
+    check_same(model, out, {"x": rng.normal(size=(2, 3, 5, 5)).astype(np.float32)})
+    _, off = equalize(model, coupled=False)
+    assert "coupled_sets" not in off
 
 
 def test_relu6_carry_keeps_function_with_per_channel_bound(rng):

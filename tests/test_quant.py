@@ -115,6 +115,40 @@ def test_symmetric_activations_keep_relu(rng):
     check_close(model, q, calib)
 
 
+def test_dead_channel_with_a_bias_widens_its_weight_scale_so_the_int32_bias_fits(rng):
+    #   x ─Conv─ y    channel 0: weights 1e-12 (a pruned/dead channel), bias 3.0
+    #   minmax gives s_w ~ 1e-14, so b / (s_x s_w) ~ 1e14 does not fit int32: the channel's weight scale
+    #   widens instead of the bias being clipped (a clipped bias is a wrong output)
+    w = rng.standard_normal((4, 3, 1, 1)).astype(np.float32)
+    w[0] = 1e-12
+    b = np.array([3.0, 0.1, -0.2, 0.3], np.float32)
+    model = make_model([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")],
+                       [("x", ["N", 3, 4, 4])], [("y", ["N", 4, 4, 4])], [init("w", w), init("b", b)])
+    q, notes, calib = quantize(model, rng)
+    assert notes["bias_fit"] == 1 and "bias_clipped" not in notes
+    bias = next(t for t in q.graph.initializer if t.data_type == TensorProto.INT32)
+    assert np.abs(numpy_helper.to_array(bias)).max() <= 2 ** 30
+    check_close(model, q, calib)
+
+
+def test_range_before_a_constant_min_stops_at_its_largest_bound(rng):
+    #   x ─Conv─Relu─Min(c)─Conv─ y      (a ReLU6 carried through equalization: c = 6/s per channel)
+    #   the Relu output only feeds Min: its Q saturates at max(c) instead of spending levels above it
+    c = np.array([0.5, 1.0, 2.0, 1.5], np.float32).reshape(1, 4, 1, 1)
+    w1 = (rng.standard_normal((4, 3, 1, 1)) * 3).astype(np.float32)
+    w2 = rng.standard_normal((2, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1"), helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Min", ["r", "c"], ["m"], name="min"), helper.make_node("Conv", ["m", "w2"], ["y"], name="c2")]
+    model = make_model(nodes, [("x", ["N", 3, 4, 4])], [("y", ["N", 2, 4, 4])], [init("w1", w1), init("w2", w2), init("c", c)])
+    q, notes, calib = quantize(model, rng, "quant")
+    g = ir.load(q)
+    relu_q = next(n for n in g.nodes if n.op == "QuantizeLinear" and ir.producer(n.inputs[0]) is not None
+                  and ir.producer(n.inputs[0]).op == "Conv")
+    scale, zp = float(ir.const(relu_q.inputs[1])), int(ir.const(relu_q.inputs[2]))
+    assert (127 - zp) * scale == pytest.approx(2.0, rel=1e-3)   # not the Relu's observed max (~10)
+    check_close(model, q, calib)
+
+
 def test_gemm_fuses_to_qgemm_with_int32_bias(rng):
     #   x[N,16] ─Gemm(w[8,16]ᵀ, b)─ y
     w = init("w", rng.standard_normal((8, 16)).astype(np.float32))

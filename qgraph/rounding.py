@@ -1,0 +1,292 @@
+"""Weight rounding that minimizes each layer's output error, not each weight's own error (GPTQ).
+
+Rounding every weight to its nearest grid point minimizes ||W - Ŵ||², but what a layer's output
+loses is ||(W - Ŵ) X||² over its real inputs X. With H = X Xᵀ (the input's second moments, one
+K x K matrix per layer, streamed over the calibration data) that is the quadratic tr(ΔW H ΔWᵀ), and
+the optimal-brain-quantizer step (Frantar & Alistarh 2022; GPTQ, Frantar et al. 2023) rounds one
+input column at a time and moves its rounding error onto the columns not yet rounded, along H⁻¹:
+
+    for column i (largest diag(H) first):   q_i = Q(w_i);   e = (w_i − q_i) / [U]_ii
+                                            w_j −= e · [U]_ij   for j > i,  U = chol(H⁻¹)ᵀ
+
+Each row's clipping is chosen with it: the row's scale is tried at 0.5..1 of its min-max scale and the
+one with the smallest output error kept (GPTQ itself decides for rows of at most 32 inputs — depthwise
+3x3 has 9, where the clipping matters most —, nearest rounding under H for wider rows). The grid
+stays uniform and symmetric, so the QDQ graph and every integer kernel are unchanged.
+
+Layers and their input matrix X (K input features per output row):
+    Conv (2-D, any groups)    im2col patches per group: K = Cin/g · kh · kw, in W[o].ravel() order
+    Gemm                       A (or Aᵀ with transA) rows: K = the reduction size
+    MatMul (constant right)    x[..., K] rows
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from qgraph import ir
+from qgraph.calibrate import stream
+
+#: damping added to H's diagonal, as a fraction of its mean (GPTQ's default)
+DAMP = 0.01
+BLOCK = 128
+
+
+class Unsupported(Exception):
+    """A layer whose input patches this module does not form; it keeps nearest rounding."""
+
+
+# ----------------------------------------------------------------------------- layer geometry
+
+def _conv_geometry(node, w_shape, x_shape) -> dict:
+    if len(w_shape) != 4:
+        raise Unsupported(f"{len(w_shape) - 2}-D convolution")
+    auto = node.attrs.get("auto_pad", "NOTSET")
+    kh, kw = w_shape[2:]
+    dh, dw = node.attrs.get("dilations", [1, 1])
+    sh, sw = node.attrs.get("strides", [1, 1])
+    if auto in ("NOTSET", "VALID"):
+        pads = list(node.attrs.get("pads", [0, 0, 0, 0])) if auto == "NOTSET" else [0, 0, 0, 0]
+    else:  # SAME_UPPER / SAME_LOWER
+        pads = [0, 0, 0, 0]
+        for i, (n, k, d, s) in enumerate(((x_shape[2], kh, dh, sh), (x_shape[3], kw, dw, sw))):
+            total = max(0, (-(-n // s) - 1) * s + (k - 1) * d + 1 - n)
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + 2] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    return {"k": (kh, kw), "d": (dh, dw), "s": (sh, sw), "pads": pads, "groups": int(node.attrs.get("group", 1))}
+
+
+def _conv_patches(x: np.ndarray, geo: dict) -> np.ndarray:
+    """[G, K, L] patches of one image x [C, H, W] (K in W[o, cin, kh, kw] order)."""
+    t, l, b, r = geo["pads"]
+    xp = np.pad(x, ((0, 0), (t, b), (l, r)))
+    (kh, kw), (dh, dw), (sh, sw) = geo["k"], geo["d"], geo["s"]
+    win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
+    win = win[:, ::sh, ::sw, ::dh, ::dw]                 # [C, Ho, Wo, kh, kw]
+    c, ho, wo = win.shape[:3]
+    g = geo["groups"]
+    win = win.reshape(g, c // g, ho * wo, kh * kw).transpose(0, 1, 3, 2)   # [G, cpg, kh·kw, L]
+    return np.ascontiguousarray(win.reshape(g, (c // g) * kh * kw, ho * wo))
+
+
+def layer_matrix(node, w: np.ndarray) -> tuple[np.ndarray, callable]:
+    """W as [G, R, K] (rows = output features) and the function mapping such an array back."""
+    if node.op == "Conv":
+        g = int(node.attrs.get("group", 1))
+        cout = w.shape[0]
+        m = w.reshape(g, cout // g, -1)
+        return m, lambda a: a.reshape(w.shape)
+    if node.op == "Gemm":
+        if node.attrs.get("transB", 0):
+            return w[None], lambda a: a[0]
+        return w.T[None], lambda a: a[0].T
+    if node.op == "MatMul" and w.ndim == 2:
+        return w.T[None], lambda a: a[0].T
+    raise Unsupported(f"{node.op} with a weight of rank {w.ndim}")
+
+
+def row_scales(qp, node, w_shape, m_shape) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point per row of the [G, R, K] matrix."""
+    s = np.asarray(qp.scale, np.float64)
+    z = np.asarray(qp.zero_point, np.float64)
+    if s.ndim == 0 or s.size == 1:
+        return np.full(m_shape[:2], float(s.reshape(-1)[0])), np.full(m_shape[:2], float(z.reshape(-1)[0]))
+    out_axis = {"Conv": 0, "Gemm": 0 if node.attrs.get("transB", 0) else 1, "MatMul": 1}[node.op]
+    if qp.axis != out_axis:
+        raise Unsupported(f"weight scales along axis {qp.axis}, not the output axis")
+    return s.reshape(m_shape[:2]), z.reshape(m_shape[:2])
+
+
+# ----------------------------------------------------------------------------- statistics
+
+class Hessians:
+    """Streaming H = Σ x xᵀ of each layer's input features, [G, K, K] per layer (float64)."""
+
+    def __init__(self, layers: dict):
+        # layers: name -> (node, input tensor name, weight shape, input shape)
+        self.layers = layers
+        self.h: dict[str, np.ndarray] = {}
+        self.count: dict[str, int] = {}
+        self.geo = {}     # per Conv, from the first batch's shape (SAME padding depends on it)
+
+    def update(self, name: str, x: np.ndarray) -> None:
+        node = self.layers[name][0]
+        if node.op == "Conv":
+            if name not in self.geo:
+                self.geo[name] = _conv_geometry(node, self.layers[name][2], x.shape)
+            for img in x.astype(np.float32, copy=False):
+                p = _conv_patches(img, self.geo[name])
+                self._add(name, p @ p.transpose(0, 2, 1), p.shape[2])
+            return
+        if node.op == "Gemm" and node.attrs.get("transA", 0):
+            x = x.T
+        rows = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
+        self._add(name, (rows.T @ rows)[None], rows.shape[0])
+
+    def _add(self, name: str, h: np.ndarray, n: int) -> None:
+        if name in self.h:
+            self.h[name] += h
+            self.count[name] += n
+        else:
+            self.h[name] = h.astype(np.float64)
+            self.count[name] = n
+
+
+def collect_hessians(model, layers: dict, samples, *, batch_size: int = 16, progress: bool = False) -> Hessians:
+    """One ORT session over ``samples``; every layer's H accumulated batch by batch (nothing kept)."""
+    acc = Hessians(layers)
+    by_input: dict[str, list[str]] = {}
+    for name, (_, x_name, _, _) in layers.items():
+        by_input.setdefault(x_name, []).append(name)
+    for values in stream(model, list(by_input), samples, batch_size=batch_size, progress=progress,
+                         desc="gptq: input statistics"):
+        for x_name, v in values.items():
+            for name in by_input[x_name]:
+                acc.update(name, v)
+    return acc
+
+
+# ----------------------------------------------------------------------------- rounding
+
+def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int, *,
+         damp: float = DAMP, block: int = BLOCK, act_order: bool = True) -> np.ndarray:
+    """Integer weights [G, R, K] for w [G, R, K] given H [G, K, K] and per-row scale/zero [G, R]."""
+    w = np.array(w, dtype=np.float64)
+    h = np.array(h, dtype=np.float64)
+    g, r, k = w.shape
+    idx = np.arange(k)
+    diag = h[:, idx, idx]
+    dead = diag <= 0
+    h[:, idx, idx] = np.where(dead, 1.0, diag)
+    if act_order:
+        perm = np.argsort(-h[:, idx, idx], axis=1, kind="stable")
+    else:
+        perm = np.broadcast_to(idx, (g, k)).copy()
+    w = np.take_along_axis(w, perm[:, None, :], axis=2)
+    h = np.take_along_axis(np.take_along_axis(h, perm[:, :, None], axis=1), perm[:, None, :], axis=2)
+    h[:, idx, idx] += damp * h[:, idx, idx].mean(axis=1, keepdims=True)
+    u = _upper_cholesky_of_inverse(h)
+    s = np.where(scale > 0, scale, 1.0)[:, :, None]
+    z = zero[:, :, None]
+    q = np.empty((g, r, k), dtype=np.int64)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, :, i1:i2].copy()
+        err1 = np.zeros_like(w1)
+        u1 = u[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, :, i:i + 1]
+            qc = np.clip(np.rint(col / s) + z, qmin, qmax)
+            q[:, :, i1 + i] = qc[:, :, 0]
+            e = (col - (qc - z) * s) / u1[:, i, i][:, None, None]
+            w1[:, :, i:] -= e * u1[:, i, i:][:, None, :]
+            err1[:, :, i] = e[:, :, 0]
+        if i2 < k:
+            w[:, :, i2:] -= err1 @ u[:, i1:i2, i2:]
+    out = np.empty_like(q)
+    np.put_along_axis(out, perm[:, None, :], q, axis=2)
+    return out
+
+
+def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
+    """U with H⁻¹ = Uᵀ U (upper triangular), batched; more damping if H is numerically singular."""
+    extra = 0.0
+    idx = np.arange(h.shape[-1])
+    for _ in range(8):
+        try:
+            hh = h.copy()
+            if extra:
+                hh[:, idx, idx] += extra * hh[:, idx, idx].mean(axis=1, keepdims=True)
+            lower = np.linalg.cholesky(hh)
+            inv = np.linalg.inv(lower)                      # L⁻¹
+            hinv = inv.transpose(0, 2, 1) @ inv             # H⁻¹ = L⁻ᵀ L⁻¹
+            return np.linalg.cholesky(hinv).transpose(0, 2, 1)
+        except np.linalg.LinAlgError:
+            extra = 0.01 if extra == 0 else extra * 10
+    raise np.linalg.LinAlgError("input second-moment matrix stays singular after damping")
+
+
+def output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
+    """tr((W − Ŵ) H (W − Ŵ)ᵀ) summed over groups: the layer's output squared error on the data."""
+    d = (w - wq).astype(np.float64)
+    return float(np.einsum("grk,gkl,grl->", d, h, d))
+
+
+def round_layers(float_model, targets: dict, samples, *, batch_size: int = 16, progress: bool = False
+                 ) -> tuple[dict, dict, dict, dict]:
+    """GPTQ integer weights for ``targets`` (weight name -> (node, weight array, qparams)).
+
+    Returns, by weight name: the integers, (nearest error, gptq error) of the layer's output, the
+    chosen scales (per row, or one), and {weight name: reason} for layers left to nearest rounding."""
+    layers, kept = {}, {}
+    for wname, (node, w, qp) in targets.items():
+        try:
+            x = node.inputs[0]
+            m, _ = layer_matrix(node, w)
+            row_scales(qp, node, w.shape, m.shape)
+            if node.op == "Conv" and len(w.shape) != 4:
+                raise Unsupported(f"{len(w.shape) - 2}-D convolution")
+            layers[wname] = (node, x.name, w.shape, x.shape)
+        except Unsupported as exc:
+            kept[wname] = str(exc)
+    if not layers:
+        return {}, {}, {}, kept
+    hs = collect_hessians(float_model, layers, samples, batch_size=batch_size, progress=progress)
+    ints, errors, scales = {}, {}, {}
+    for wname in layers:
+        h = hs.h[wname] / max(hs.count[wname], 1)
+        ints[wname], errors[wname], scales[wname] = _round_one(layers[wname][0], targets[wname][1],
+                                                               targets[wname][2], h)
+    return ints, errors, scales, kept
+
+
+#: clipping candidates: each row's scale is tried at these fractions of its min-max scale
+CLIP_RATIOS = np.linspace(0.5, 1.0, 11)
+#: rows with at most this many inputs choose their clipping by GPTQ itself, wider ones by nearest
+#: rounding under H (depthwise 3x3: 9 inputs, where the clipping matters most)
+SEARCH_WITH_GPTQ = 32
+
+
+def _row_errors(m, wq, h) -> np.ndarray:
+    d = m - wq
+    return np.einsum("grk,gkl,grl->gr", d, h, d)
+
+
+def _round_one(node, w, qp, h):
+    """GPTQ integers of one layer, each row's scale chosen among ``CLIP_RATIOS`` of the given one
+    to minimize that row's output error (one scale for all rows when ``qp`` is per tensor).
+    Never worse than nearest rounding at the given scale. Returns (integers, (nearest error, gptq
+    error), the scale per row as QParams.scale wants it)."""
+    m, back = layer_matrix(node, np.asarray(w, np.float64))
+    s0, z = row_scales(qp, node, w.shape, m.shape)
+    s0 = np.where(s0 > 0, s0, 1.0)
+    zz = z[:, :, None]
+
+    def deq(a, s):
+        return (a - zz) * s[:, :, None]
+
+    def nearest(s):
+        return np.clip(np.rint(m / s[:, :, None]) + zz, qp.qmin, qp.qmax)
+
+    small = m.shape[2] <= SEARCH_WITH_GPTQ
+    best_err = np.full(m.shape[:2], np.inf)
+    best_s = s0.copy()
+    best_q = None
+    for a in CLIP_RATIOS:
+        s = s0 * a
+        q = gptq(m, h, s, z, qp.qmin, qp.qmax) if small else nearest(s)
+        err = _row_errors(m, deq(q, s), h)
+        if not qp.per_channel:
+            err = np.full_like(err, err.sum())
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        if small:
+            best_q = q if best_q is None else np.where(better[:, :, None], q, best_q)
+    q = best_q if small else gptq(m, h, best_s, z, qp.qmin, qp.qmax)
+    near = nearest(s0)
+    e_near, e_gptq = output_error(m, deq(near, s0), h), output_error(m, deq(q, best_s), h)
+    if e_gptq > e_near:   # damping can lose on a tiny layer: never do worse than nearest
+        q, best_s, e_gptq = near, s0, e_near
+    scale = best_s.reshape(-1) if qp.per_channel else np.float32(best_s.reshape(-1)[0])
+    return back(q).astype(np.int64), (e_near, e_gptq), scale
