@@ -240,7 +240,9 @@ def round_layers(float_model, targets: dict, samples, *, batch_size: int = 16, p
     return ints, errors, scales, kept
 
 
-#: clipping candidates: each row's scale is tried at these fractions of its min-max scale
+#: clipping candidates below 8 bits: each row's scale is tried at these fractions of its min-max scale
+#: (at 8 bits the min-max step is fine already and a search on 100 calibration images fits their noise:
+#: MobileNetV2 W8A8 per-channel measured 82.50 without it, 81.25 with it)
 CLIP_RATIOS = np.linspace(0.5, 1.0, 11)
 #: rows with at most this many inputs choose their clipping by GPTQ itself, wider ones by nearest
 #: rounding under H (depthwise 3x3: 9 inputs, where the clipping matters most)
@@ -272,7 +274,8 @@ def _round_one(node, w, qp, h):
     best_err = np.full(m.shape[:2], np.inf)
     best_s = s0.copy()
     best_q = None
-    for a in CLIP_RATIOS:
+    ratios = CLIP_RATIOS if qp.bits < 8 else CLIP_RATIOS[-1:]
+    for a in ratios:
         s = s0 * a
         q = gptq(m, h, s, z, qp.qmin, qp.qmax) if small else nearest(s)
         err = _row_errors(m, deq(q, s), h)
