@@ -7,20 +7,21 @@ Padding reads as ``zx`` (it contributes zero). Two kernels:
 - groups with more than one input channel each: ``C[Cout_g, pixels] = W_g @ im2col`` per image and
   group, the weights packed once as the A operand and im2col written straight into B panels (padding
   reads as ``zx``), so the result lands in NCHW order without a transpose;
-- one input channel per group, several groups (depthwise, any channel multiplier): a direct loop
-  in channels-last order, vectorized over channels.
+- one input channel per group, several groups (depthwise, any channel multiplier): direct NCHW
+  kernels in ``depthwise.py``.
 
 1-D convolutions run as 2-D with height 1. ``conv_reference`` is the plain numpy definition.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit
 
 from qgraph.errors import ModelError
-from qgraph.kernels.gemm import Packed, k4_of, pack_a, qgemm_packed
+from qgraph.kernels.gemm import Packed, conv_gemm_requant, k4_of, pack_a, qgemm_packed
+from qgraph.kernels.depthwise import depthwise
 from qgraph.kernels.vnni import NR
 
 
@@ -73,6 +74,7 @@ class PackedConv:
     kernel: tuple[int, int]
     groups: list[Packed] | None      # weights as packed A operands per group; None: depthwise path
     w: np.ndarray                    # original weights [Cout, Cin/g, KH, KW]
+    cache: dict = field(default_factory=dict)    # depthwise: weights with zw taken out
 
 
 def pack_conv(w: np.ndarray, group: int) -> PackedConv:
@@ -134,13 +136,13 @@ def _pack_pointwise(x, n0, n1, c0, cin_g, zf, flip, k4, out, sums):
 
 @njit(cache=True)
 def _pack_rows(x, n0, n1, c0, cin_g, zf, flip, k4, out, sums):
-    """Four channel rows at a time: the 4 bytes of one pixel form one int32 lane of the panel;
-    sums[p] accumulates the four (signed, flipped) values. ``sums`` must start at zero."""
+    """Four channel rows at a time: byte q of lane r of a panel's 4-k group is channel 4g + q of
+    pixel r, so each run of pixels within one panel is an interleaving store of 4 rows (vectorized).
+    sums[p] += the pixel's (signed, flipped) values, channel row by channel row."""
     _, _, h, w = x.shape
     hw = h * w
-    out32 = out.view(np.int32)
-    tile = k4 * NR
     zrow = np.full(hw, zf, np.int8)
+    s32 = np.empty(hw, np.int32)
     for n in range(n0, n1):
         pbase = (n - n0) * hw
         for g in range(k4):
@@ -148,22 +150,32 @@ def _pack_rows(x, n0, n1, c0, cin_g, zf, flip, k4, out, sums):
             r1 = x[n, c0 + 4 * g + 1].ravel() if 4 * g + 1 < cin_g else zrow
             r2 = x[n, c0 + 4 * g + 2].ravel() if 4 * g + 2 < cin_g else zrow
             r3 = x[n, c0 + 4 * g + 3].ravel() if 4 * g + 3 < cin_g else zrow
-            f0 = flip if 4 * g < cin_g else 0
-            f1 = flip if 4 * g + 1 < cin_g else 0
-            f2 = flip if 4 * g + 2 < cin_g else 0
-            f3 = flip if 4 * g + 3 < cin_g else 0
-            tbase = (pbase // NR) * tile + g * NR
-            lane = pbase % NR
+            f0 = flip if 4 * g < cin_g else np.int8(0)
+            f1 = flip if 4 * g + 1 < cin_g else np.int8(0)
+            f2 = flip if 4 * g + 2 < cin_g else np.int8(0)
+            f3 = flip if 4 * g + 3 < cin_g else np.int8(0)
+            i = 0
+            while i < hw:
+                p = pbase + i
+                lane = p % NR
+                cnt = min(NR - lane, hw - i)
+                d0 = ((p // NR * k4 + g) * NR + lane) * 4
+                dst = out[d0:d0 + 4 * cnt]
+                s0, s1, s2, s3 = r0[i:i + cnt], r1[i:i + cnt], r2[i:i + cnt], r3[i:i + cnt]
+                for r in range(cnt):               # slices: no index wraparound, so this vectorizes
+                    dst[4 * r] = s0[r] ^ f0
+                    dst[4 * r + 1] = s1[r] ^ f1
+                    dst[4 * r + 2] = s2[r] ^ f2
+                    dst[4 * r + 3] = s3[r] ^ f3
+                i += cnt
+        s32[:] = (4 * k4 - cin_g) * np.int32(zf)        # padded channels read zf
+        for c in range(cin_g):
+            row = x[n, c0 + c].ravel()
             for i in range(hw):
-                b0, b1, b2, b3 = r0[i] ^ f0, r1[i] ^ f1, r2[i] ^ f2, r3[i] ^ f3
-                v = ((np.int64(b0) & 0xFF) | ((np.int64(b1) & 0xFF) << 8)
-                     | ((np.int64(b2) & 0xFF) << 16) | ((np.int64(b3) & 0xFF) << 24))
-                out32[tbase + lane] = np.int32(v - ((v >> 31) << 32))
-                sums[pbase + i] += np.int64(b0) + np.int64(b1) + np.int64(b2) + np.int64(b3)
-                lane += 1
-                if lane == NR:
-                    lane = 0
-                    tbase += tile
+                s32[i] += np.int32(row[i] ^ flip)
+        dsum = sums[pbase:pbase + hw]
+        for i in range(hw):
+            dsum[i] += s32[i]
 
 
 @njit(cache=True)
@@ -199,60 +211,13 @@ def _gather_panels(xp32, chan, nb, hp, wp, g4, kh, kw, sh, sw, dh, dw, oh, ow, k
                 out32[base + r] = xp32[src[p0 + r] + off]
 
 
-@njit(cache=True)
-def _axpy(acc, x, a):
-    for k in range(acc.shape[0]):          # a separate function: LLVM vectorizes it (vpmulld/vpaddd)
-        acc[k] += a[k] * x[k]
-
-
-@njit(cache=True)
-def _depthwise_nhwc(x, zx, w, pt, pl, sh, sw, dh, dw, out):
-    """Depthwise (one input channel per output channel) in channels-last order.
-
-    x [N, H, W, C] int8/uint8; w [KH, KW, C] int32 with zw taken out; out [N, OH, OW, C] int32.
-    One output row is one contiguous run of OW*C int32, and so is its source for each tap once the
-    padded image is split by column residue mod the stride (plane r holds columns r, r+sw, ...).
-    Each tap is then one long vectorized multiply-add against the weights tiled along the row."""
-    n_b, h, wd, c_n = x.shape
-    kh, kw, _ = w.shape
-    _, oh, ow, _ = out.shape
-    hp = max(h + pt, (oh - 1) * sh + (kh - 1) * dh + 1)
-    wp = max(wd + pl, (ow - 1) * sw + (kw - 1) * dw + 1)
-    wq = -(-wp // sw)
-    planes = np.zeros((sw, hp, wq, c_n), np.int32)          # x - zx; padding reads 0
-    wrow = np.empty((kh, kw, ow * c_n), np.int32)
-    for i in range(kh):
-        for j in range(kw):
-            for xo in range(ow):
-                wrow[i, j, xo * c_n:(xo + 1) * c_n] = w[i, j]
-    for n in range(n_b):
-        for y in range(h):
-            for xi in range(wd):
-                col = xi + pl
-                dst = planes[col % sw, y + pt, col // sw]
-                src = x[n, y, xi]
-                for c in range(c_n):
-                    dst[c] = np.int32(src[c]) - zx
-        for y in range(oh):
-            acc = out[n, y].ravel()
-            acc[:] = 0
-            for i in range(kh):
-                row = y * sh + i * dh
-                for j in range(kw):
-                    col0 = j * dw
-                    src = planes[col0 % sw, row, col0 // sw:col0 // sw + ow].ravel()
-                    _axpy(acc, src, wrow[i, j])
-
-
 def conv_int(x: np.ndarray, zx: int, pc: PackedConv, zw, geo: ConvGeometry, rq: tuple | None = None,
              out_dtype=None) -> np.ndarray:
     """Integer convolution -> int32 [N, Cout, OH, OW] (x [N, C, H, W] or [N, C, L] -> [N, Cout, 1, OL]).
 
-    The depthwise path returns an NCHW view of channels-last memory (callers that care check
-    ``acc.transpose(0, 2, 3, 1).flags.c_contiguous`` to requantize without a copy). On the GEMM
-    path, ``rq = (bias, scale, mult, shift, zp, qmin, qmax, fixed)`` (per output channel) fuses the
-    requantization into the GEMM epilogue and the result is the ``out_dtype`` NCHW output (see
-    ``gemm.qgemm_packed``); the depthwise path ignores ``rq``."""
+    ``rq = (bias, scale, mult, shift, zp, qmin, qmax, fixed)`` (per output channel) fuses the
+    requantization into the epilogue (GEMM: ``gemm.conv_gemm_requant``, block by block; depthwise:
+    ``depthwise.depthwise``) and the result is the ``out_dtype`` NCHW output."""
     if x.ndim == 3:
         x = x[:, :, None, :]
     x = np.ascontiguousarray(x)
@@ -263,16 +228,24 @@ def conv_int(x: np.ndarray, zx: int, pc: PackedConv, zw, geo: ConvGeometry, rq: 
     oh, ow = geo.out_hw(h, w)
     (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.strides, geo.dilations
     pt, pl = geo.pads[0], geo.pads[1]
-    zw = np.ascontiguousarray(np.asarray(zw, np.int64).reshape(-1))
+    zw_in, zw = zw, np.ascontiguousarray(np.asarray(zw, np.int64).reshape(-1))
     if pc.groups is None:
-        mult = pc.cout // g
-        if mult > 1:                                     # channel multiplier: repeat the inputs
-            x = np.ascontiguousarray(np.repeat(x, mult, axis=1))
-        wz = pc.w[:, 0].astype(np.int32) - zw.astype(np.int32).reshape(-1, 1, 1)
-        out = np.empty((n_b, oh, ow, pc.cout), np.int32)
-        _depthwise_nhwc(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), np.int32(zx),
-                        np.ascontiguousarray(wz.transpose(1, 2, 0)), pt, pl, sh, sw, dh, dw, out)
-        return out.transpose(0, 3, 1, 2)                 # an NCHW view of channels-last data
+        if rq is None:
+            out = np.empty((n_b, pc.cout, oh, ow), np.int32)
+            bias, scale, mult, shift, zp, qmin, qmax, mode = (np.zeros(pc.cout, np.int32), np.ones(1, np.float32),
+                                                              np.zeros(1, np.int64), np.ones(1, np.int64), 0, 0, 0, 0)
+        else:
+            out = np.empty((n_b, pc.cout, oh, ow), out_dtype)
+            bias, scale, mult, shift, zp, qmin, qmax, fixed = rq
+            mode = 2 if fixed else 1
+        hit = pc.cache.get("wz")                         # (zw as given, as int64, weights - zw)
+        if hit is None or not (hit[0] is zw_in or np.array_equal(hit[1], zw)):
+            hit = (zw_in, zw, pc.w[:, 0].astype(np.int32) - zw.astype(np.int32).reshape(-1, 1, 1))
+            pc.cache["wz"] = hit
+        wz = hit[2]
+        depthwise(x, np.int32(zx), wz, pt, pl, sh, sw, dh, dw, np.asarray(bias, np.int32), scale, mult, shift,
+                   zp, qmin, qmax, mode, out)
+        return out
     cout_g = pc.cout // g
     pixels = oh * ow
     k = pc.groups[0].k                                   # kh * kw * channels padded to 4
@@ -282,16 +255,17 @@ def conv_int(x: np.ndarray, zx: int, pc: PackedConv, zw, geo: ConvGeometry, rq: 
     zx_code = np.int8(np.array(zx).astype(x.dtype).view(np.int8))
     out = np.empty((n_b, pc.cout, pixels), np.int32 if rq is None else out_dtype)
     pointwise = (kh, kw, sh, sw) == (1, 1, 1, 1) and not any(geo.pads)
-    # small images: several per GEMM (pixels of consecutive images side by side), one transpose after
+    # small images: several per GEMM (pixels of consecutive images side by side)
     per = max(1, min(n_b, 4096 // max(pixels, 1)))
+    flip = np.int8(-128 if ob else 0)
     for n0 in range(0, n_b, per):
         n1 = min(n_b, n0 + per)
         cols = (n1 - n0) * pixels
-        res = np.empty((pc.cout, cols), out.dtype) if per > 1 else out[n0]
+        res = None if rq is not None else (np.empty((pc.cout, cols), out.dtype) if per > 1 else out[n0])
         for gi, pa in enumerate(pc.groups):
-            panels = np.zeros(-(-cols // NR) * NR * k4 * 4, np.int8)
+            panels = np.empty(-(-cols // NR) * NR * k4 * 4, np.int8)
+            panels[cols // NR * NR * k4 * 4:] = 0                  # the last panel's unused lanes
             sums = np.zeros(cols, np.int64)
-            flip = np.int8(-128 if ob else 0)
             if pointwise:
                 _pack_pointwise(xs, n0, n1, gi * pc.cin_g, pc.cin_g, np.int8(zx_code ^ flip), flip, k4,
                                 panels, sums)
@@ -300,10 +274,14 @@ def conv_int(x: np.ndarray, zx: int, pc: PackedConv, zw, geo: ConvGeometry, rq: 
                                oh, ow, flip, k4, panels, sums)
             zw_g = zw if zw.size == 1 else zw[gi * cout_g:(gi + 1) * cout_g]
             rows = slice(gi * cout_g, (gi + 1) * cout_g)
-            rq_g = None if rq is None else tuple(
-                v[rows] if isinstance(v, np.ndarray) and v.size == pc.cout and pc.cout > 1 else v for v in rq)
-            qgemm_packed(pa, zw_g, Packed(panels, cols, k, k4, sums, ob), zx, out=res[rows], rq=rq_g)
-        if per > 1:
+            pb = Packed(panels, cols, k, k4, sums, ob)
+            if rq is None:
+                qgemm_packed(pa, zw_g, pb, zx, out=res[rows])
+                continue
+            rq_g = tuple(v[rows] if isinstance(v, np.ndarray) and v.size == pc.cout and pc.cout > 1 else v
+                         for v in rq)
+            conv_gemm_requant(pa, zw_g, pb, zx, pixels, rq_g, gi * cout_g, out[n0:n1])
+        if rq is None and per > 1:
             out[n0:n1] = res.reshape(pc.cout, n1 - n0, pixels).transpose(1, 0, 2)
     return out.reshape(n_b, pc.cout, oh, ow)
 

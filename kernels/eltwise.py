@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit
 
 from qgraph.errors import ModelError
+from qgraph.kernels import ortfloat
 from qgraph.kernels.requant import BOUNDS, fixed_multiplier, quantize_linear
 
 
@@ -48,7 +49,18 @@ def _saturate(v: np.ndarray, dtype) -> np.ndarray:
     return np.clip(v, qmin, qmax).astype(dtype)
 
 
+def _float_unit(op, step, args):
+    """A unit ORT leaves DQ -> float Add | Mul -> Q (see ``ortfloat``)."""
+    a, sa, za, b, sb, zb, sc, zc = args
+    dtype = np.asarray(zc).dtype
+    lo, hi = step.attrs.get("clamp", BOUNDS[dtype.name])
+    return [ortfloat.binary_unit(op, a, _f32(sa), _zp(za), b, _f32(sb), _zp(zb), _f32(sc), _zp(zc),
+                                 lo, hi, dtype)]
+
+
 def qlinear_add(step, args, mode):
+    if mode == "float" and "ort_float" in step.attrs:
+        return _float_unit("Add", step, args)
     a, sa, za, b, sb, zb, sc, zc = args
     dtype = np.asarray(zc).dtype
     za, zb, zc = _zp(za), _zp(zb), _zp(zc)
@@ -89,6 +101,8 @@ def _add_kernel(a, b, r_a, r_b, k, side, lo, hi, out):
 
 
 def qlinear_mul(step, args, mode):
+    if mode == "float" and "ort_float" in step.attrs:
+        return _float_unit("Mul", step, args)
     a, sa, za, b, sb, zb, sc, zc = args
     dtype = np.asarray(zc).dtype
     prod = (a.astype(np.int64) - _zp(za)) * (b.astype(np.int64) - _zp(zb))

@@ -132,35 +132,11 @@ def _epilogue_row(raw, zbv, u, zai, csum, out):
 
 
 @njit(cache=True)
-def _zero_point_terms_requant(raw, k, rowsum, oa, za, colsum, ob, zb, bias, scale, mult, shift, zp,
-                              qmin, qmax, fixed, out):
-    """``_zero_point_terms`` + bias + per-row requantization (``requant.requantize`` arithmetic) in
-    one pass: the int32 result is never written out. Rows are output channels (conv orientation)."""
-    m, n = out.shape
-    zbv = np.empty(n, np.int32)
-    csum = np.empty(n, np.int32)
-    for j in range(n):
-        zbv[j] = np.int32((np.int64(zb[j if zb.size > 1 else 0]) - ob) & 0xFFFFFFFF)
-        csum[j] = np.int32(colsum[j] & 0xFFFFFFFF)
-    lo = np.float32(qmin - zp)
-    hi = np.float32(qmax - zp)
-    for i in range(m):
-        zai64 = np.int64(za[i if za.size > 1 else 0]) + oa
-        zai = np.int32(zai64 & 0xFFFFFFFF)
-        u = np.int32((k * zai64 - rowsum[i]) & 0xFFFFFFFF)
-        ci = i if scale.size > 1 else 0
-        if fixed:
-            _requant_row_fixed(raw[i], zbv, u, zai, csum, np.int32(bias[i]), np.int64(mult[ci]),
-                               np.int64(shift[ci]), zp, qmin, qmax, out[i])
-        else:
-            _requant_row_float(raw[i], zbv, u, zai, csum, np.int32(bias[i]), scale[ci], zp, lo, hi, out[i])
-
-
-@njit(cache=True)
 def _requant_row_float(raw, zbv, u, zai, csum, b, s, zp, lo, hi, out):
-    for j in range(out.shape[0]):
-        v = np.int32(raw[j] + zbv[j] * u - zai * csum[j] + b)
-        out[j] = np.int32(np.rint(min(max(np.float32(v) * s, lo), hi))) + zp
+    z32 = np.int32(zp)
+    for j in range(out.shape[0]):         # wrapping int32 throughout (numba widens to int64 otherwise)
+        v = np.int32(np.int32(raw[j] + b) + np.int32(zbv[j] * u) - np.int32(zai * csum[j]))
+        out[j] = np.int32(np.int32(np.rint(min(max(np.float32(v) * s, lo), hi))) + z32)
 
 
 @njit(cache=True)
@@ -172,21 +148,102 @@ def _requant_row_fixed(raw, zbv, u, zai, csum, b, m, sh, zp, qmin, qmax, out):
         out[j] = qmin if q < qmin else (qmax if q > qmax else q)
 
 
-def qgemm_packed(pa: Packed, za, pb: Packed, zb, out: np.ndarray | None = None, rq: tuple | None = None):
-    """(A - za) @ (B - zb) -> int32 [M, N] from packed operands; za per tensor or per row, zb per
-    tensor or per column. ``out`` may be a preallocated [M, N] array (rows contiguous).
+@njit(cache=True)
+def _requant_block(raw, c0, valid, pix, k, rowsum, oa, za, colsum, ob, zb, bias, scale, mult, shift, zp, qmin,
+                   qmax, fixed, o0, out3):
+    """``_zero_point_terms`` + bias + per-row requantization (``requant.requant_run`` arithmetic) of
+    columns c0..c0+valid of a conv GEMM whose columns are the pixels of consecutive images: row i
+    goes to out3[image, o0 + i, pixel], image by image. Rows are output channels."""
+    zbv = np.empty(valid, np.int32)
+    csum = np.empty(valid, np.int32)
+    for j in range(valid):
+        zbv[j] = np.int32((np.int64(zb[c0 + j if zb.size > 1 else 0]) - ob) & 0xFFFFFFFF)
+        csum[j] = np.int32(colsum[c0 + j] & 0xFFFFFFFF)
+    lo = np.float32(qmin - zp)
+    hi = np.float32(qmax - zp)
+    for i in range(rowsum.shape[0]):
+        zai64 = np.int64(za[i if za.size > 1 else 0]) + oa
+        zai = np.int32(zai64 & 0xFFFFFFFF)
+        u = np.int32((k * zai64 - rowsum[i]) & 0xFFFFFFFF)
+        ci = i if scale.size > 1 else 0
+        p = c0
+        while p < c0 + valid:                      # one image's run of pixels at a time
+            n = p // pix
+            q0 = p - n * pix
+            q1 = min(pix, q0 + c0 + valid - p)
+            j0 = p - c0
+            j1 = j0 + q1 - q0
+            dst = out3[n, o0 + i, q0:q1]
+            if fixed:
+                _requant_row_fixed(raw[i, j0:j1], zbv[j0:j1], u, zai, csum[j0:j1], np.int32(bias[i]),
+                                   np.int64(mult[ci]), np.int64(shift[ci]), zp, qmin, qmax, dst)
+            else:
+                _requant_row_float(raw[i, j0:j1], zbv[j0:j1], u, zai, csum[j0:j1], np.int32(bias[i]), scale[ci],
+                                   zp, lo, hi, dst)
+            p += q1 - q0
 
-    With ``rq = (bias[M], scale, mult, shift, zp, qmin, qmax, fixed)`` (per row or per tensor) the
-    result is requantized in the same pass and ``out`` is the int8/uint8 output."""
+
+def _block_cols(mp: int) -> int:
+    """Columns per block of the blocked conv GEMM: the int32 block [Mp, cols] stays ~256 KiB (in L2)."""
+    return max(NR, 65536 // mp // NR * NR)
+
+
+@njit(cache=True)
+def conv_gemm_vnni(a, b, k4, cols, nb, pix, k, rowsum, oa, za, colsum, ob, zb, bias, scale, mult, shift, zp,
+                   qmin, qmax, fixed, o0, out3):
+    """C = A @ B (packed) in column blocks of ``nb`` with the requantizing epilogue per block, so the
+    int32 result never leaves the cache; out3 [images, Cout, pixels] (see ``_requant_block``)."""
+    mp = a.shape[0] // (k4 * 4)
+    scratch = np.empty(mp * nb, np.int32)
+    ncols = -(-cols // NR) * NR
+    for c0 in range(0, ncols, nb):
+        w = min(nb, ncols - c0)
+        raw = scratch[:mp * w].reshape(mp, w)
+        raw[:] = 0
+        vnni.gemm_u8s8_vnni(a, b[c0 * k4 * 4:], raw, k4)
+        _requant_block(raw, c0, min(w, cols - c0), pix, k, rowsum, oa, za, colsum, ob, zb, bias, scale, mult,
+                       shift, zp, qmin, qmax, fixed, o0, out3)
+
+
+@njit(cache=True)
+def conv_gemm_generic(a, b, k4, cols, nb, pix, k, rowsum, oa, za, colsum, ob, zb, bias, scale, mult, shift, zp,
+                      qmin, qmax, fixed, o0, out3):
+    """``conv_gemm_vnni`` with the plain-Numba micro-kernel (the only line that differs)."""
+    mp = a.shape[0] // (k4 * 4)
+    scratch = np.empty(mp * nb, np.int32)
+    ncols = -(-cols // NR) * NR
+    for c0 in range(0, ncols, nb):
+        w = min(nb, ncols - c0)
+        raw = scratch[:mp * w].reshape(mp, w)
+        raw[:] = 0
+        gemm_u8s8_generic(a, b[c0 * k4 * 4:], raw, k4)
+        _requant_block(raw, c0, min(w, cols - c0), pix, k, rowsum, oa, za, colsum, ob, zb, bias, scale, mult,
+                       shift, zp, qmin, qmax, fixed, o0, out3)
+
+
+def conv_gemm_requant(pa: Packed, za, pb: Packed, zb, pix: int, rq: tuple, o0: int, out3: np.ndarray) -> None:
+    """Requantized (A - za) @ (B - zb) of a conv group, written to out3[image, o0 + row, pixel]
+    where B's columns are the pixels (``pix`` per image) of images 0, 1, ... of ``out3``."""
+    if pa.k != pb.k:
+        raise ValueError(f"qgemm: A has K={pa.k}, B has K={pb.k}")
+    za = np.asarray(za, np.int64).reshape(-1)
+    zb = np.asarray(zb, np.int64).reshape(-1)
+    mp = -(-pa.rows // MR) * MR
+    fn = conv_gemm_vnni if vnni.HAS_VNNI else conv_gemm_generic
+    fn(pa.data, pb.data, pa.k4, pb.rows, _block_cols(mp), pix, pa.k, pa.sums, pa.offset, za, pb.sums, pb.offset,
+       zb, *rq, o0, out3)
+
+
+def qgemm_packed(pa: Packed, za, pb: Packed, zb, out: np.ndarray | None = None):
+    """(A - za) @ (B - zb) -> int32 [M, N] from packed operands; za per tensor or per row, zb per
+    tensor or per column. ``out`` may be a preallocated [M, N] array (rows contiguous). (A conv's
+    requantized product is ``conv_gemm_requant``.)"""
     if pa.k != pb.k:
         raise ValueError(f"qgemm: A has K={pa.k}, B has K={pb.k}")
     raw = np.zeros((-(-pa.rows // MR) * MR, -(-pb.rows // NR) * NR), np.int32)
     (vnni.gemm_u8s8_vnni if vnni.HAS_VNNI else gemm_u8s8_generic)(pa.data, pb.data, raw, pa.k4)
     za = np.asarray(za, np.int64).reshape(-1)
     zb = np.asarray(zb, np.int64).reshape(-1)
-    if rq is not None:
-        _zero_point_terms_requant(raw, pa.k, pa.sums, pa.offset, za, pb.sums, pb.offset, zb, *rq, out)
-        return out
     if out is None:
         out = np.empty((pa.rows, pb.rows), np.int32)
     _zero_point_terms(raw, pa.k, pa.sums, pa.offset, za, pb.sums, pb.offset, zb, out)

@@ -9,6 +9,7 @@ become steps as they are. A QDQ model is matched group by group::
     DQ(x...) -> Concat -> Q                                                             => QLinearConcat
     DQ(x) -> Reshape | Transpose | ... | MaxPool -> Q                                   => Move (+ requant)
     DQ(x) -> Sigmoid | Tanh | HardSwish | ... -> Q                                      => 256-entry table
+    DQ(x) -> Softmax -> Q                                                               => QLinearSoftmax
 
 so each lowered group is the QOperator step ORT would fuse it into, and the runtime has one
 implementation per op. Q of a float graph input and DQ to a float graph output stay as
@@ -36,7 +37,7 @@ QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                  "QuantizeLinear", "DequantizeLinear"}
 MOVE_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Pad",
             "Resize", "Identity", "Expand", "MaxPool", "Dropout"}
-GROUP_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool", "AveragePool", "Concat"} \
+GROUP_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool", "AveragePool", "Concat", "Softmax"} \
     | MOVE_OPS | set(TABLE_FUNCS)
 
 
@@ -84,6 +85,8 @@ class _Lowering:
         consts = {t.name: np.asarray(t.values) for t in ir.initializers(g)}
         self.prog = Program([], [t.name for t in g.inputs], [t.name for t in g.outputs], consts)
         self.done: set[int] = set()          # ids of nodes absorbed into a group
+        self.float_units: set[int] = set()   # ids of group nodes ORT runs as DQ -> float op -> Q
+        self.bias_float = None
         self.shapes: set[str] = set()        # int64 shape tensors computed at run time
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -167,15 +170,23 @@ class _Lowering:
         return lo, hi
 
     def bias(self, node, t, sx_name, sw_name) -> str:
+        """Name of the int32 bias (scale s_x*s_w); records its float value, as ORT's float path
+        sees it, in ``self.bias_float`` (DQ of the stored int32 with the stored scale)."""
+        self.bias_float = None
         if t is None or not t.name:
             return ""
         prod = ir.producer(t)
         if prod is not None and prod.op == "DequantizeLinear" and ir.const(prod.inputs[0]) is not None:
             self.done.add(id(prod))
+            scale = ir.const(prod.inputs[1])
+            if scale is not None:
+                self.bias_float = (ir.const(prod.inputs[0]).astype(np.float32).reshape(-1)
+                                   * scale.astype(np.float32).reshape(-1)).astype(np.float32)
             return prod.inputs[0].name                      # int32 bias, scale s_x*s_w by construction
         b = ir.const(t)
         if b is None:
             _fail(node, "bias is neither a constant nor a dequantized constant")
+        self.bias_float = b.astype(np.float32).reshape(-1)
         s = (self.prog.consts[sx_name].reshape(()).astype(np.float32)
              * self.prog.consts[sw_name].astype(np.float32).reshape(-1))
         return self.prog.add_const(f"{t.name}::int32", np.rint(b.astype(np.float32) / s).astype(np.int32))
@@ -201,7 +212,8 @@ class _Lowering:
             x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
             w, sw, zw, _ = self.dq_parts(node.inputs[1], node, "weight")
             b = self.bias(node, node.inputs[2] if len(node.inputs) > 2 else None, sx, sw)
-            self.emit("QLinearConv", node, [x, sx, zx, w, sw, zw, sy, zy, b], [y], **at, clamp=clamp)
+            extra = {"ort_float": {"bias": self.bias_float}} if id(node) in self.float_units else {}
+            self.emit("QLinearConv", node, [x, sx, zx, w, sw, zw, sy, zy, b], [y], **at, clamp=clamp, **extra)
         elif op == "MatMul":
             a, sa, za, _ = self.dq_parts(node.inputs[0], node, "input A")
             b, sb, zb, _ = self.dq_parts(node.inputs[1], node, "input B")
@@ -217,7 +229,8 @@ class _Lowering:
         elif op in ("Add", "Mul"):
             a, sa, za, _ = self.dq_parts(node.inputs[0], node, "input A")
             b, sb, zb, _ = self.dq_parts(node.inputs[1], node, "input B")
-            self.emit("QLinear" + op, node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp)
+            extra = {"ort_float": {}} if id(node) in self.float_units else {}
+            self.emit("QLinear" + op, node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp, **extra)
         elif op in ("GlobalAveragePool", "AveragePool"):
             x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
             self.emit("QLinear" + op, node, [x, sx, zx, sy, zy], [y], **at)
@@ -226,6 +239,11 @@ class _Lowering:
             for i, t in enumerate(node.inputs):
                 ins += list(self.dq_parts(t, node, f"input {i}")[:3])
             self.emit("QLinearConcat", node, ins, [y], axis=int(at.get("axis", 0)))
+        elif op == "Softmax":                       # ORT fuses it into com.microsoft QLinearSoftmax
+            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
+            opset = int(self.g.opset or 13)
+            self.emit("QLinearSoftmax", node, [x, sx, zx, sy, zy], [y], opset=opset,
+                      axis=int(at.get("axis", -1 if opset >= 13 else 1)))
         elif op in TABLE_FUNCS:
             x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
             c = self.prog.consts
@@ -284,6 +302,7 @@ class _Lowering:
     def run(self) -> Program:
         self.g.toposort()
         self.fold_constants()
+        self.float_units = {id(n) for n in ort_float_units(self.g)}
         for node in self.g.nodes:
             if id(node) in self.done:
                 continue
@@ -350,6 +369,90 @@ class _Lowering:
         if node.op == "QuantizeLinear" and "output_dtype" in at:
             at["output_dtype_name"] = onnx.helper.tensor_dtype_to_np_dtype(at["output_dtype"]).name
         self.emit(node.op, node, [self.name_of(t) for t in node.inputs], [t.name for t in node.outputs], **at)
+
+
+# ----------------------------------------------------------------------------- ORT's float units
+
+X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def _edges(g, t) -> int:
+    """Consumer edges of ``t`` once ORT's EnsureUniqueDQForNodeUnit has given every reader of a
+    DequantizeLinear its own copy (a graph output counts as one more)."""
+    n = int(ir.is_graph_output(g, t))
+    for user in ir.consumers(t):
+        if user.op == "DequantizeLinear":
+            out = user.outputs[0]
+            n += max(1, len(ir.consumers(out)) + int(ir.is_graph_output(g, out)))
+        else:
+            n += 1
+    return n
+
+
+def _ort_type(g, q) -> str:
+    """Storage type ORT's x86 CPU provider gives the output of QuantizeLinear ``q``:
+    ``QDQS8ToU8Transformer`` rewrites an int8 Q -> DQ pair to uint8 only when the Q has exactly
+    one consumer edge (and a constant scalar zero point)."""
+    zp = ir.const(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2].name else None
+    kind = np.asarray(zp).dtype.name if zp is not None else "uint8"
+    if kind == "int8" and np.asarray(zp).size == 1 and not ir.is_graph_output(g, q.outputs[0]) \
+            and _edges(g, q.outputs[0]) == 1:
+        return "uint8"
+    return kind
+
+
+def _input_type(g, t) -> str | None:
+    """Storage type of the integer tensor behind DequantizeLinear output ``t`` as ORT runs it (an int8
+    constant is rewritten to uint8 as well: the transformer's "lone DQ" case)."""
+    dq = ir.producer(t) if t is not None else None
+    if dq is None or dq.op != "DequantizeLinear":
+        return None
+    src = dq.inputs[0]
+    q = ir.producer(src)
+    if q is not None and q.op == "QuantizeLinear":
+        return _ort_type(g, q)
+    zp = ir.const(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2].name else None
+    kind = np.asarray(zp).dtype.name if zp is not None else "uint8"
+    return "uint8" if kind == "int8" and ir.const(src) is not None else kind
+
+
+def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
+    """Compute nodes of QDQ units that ONNX Runtime's CPU provider leaves unfused (DQ -> float op -> Q).
+
+    On x86-64 (``platform`` "auto" on such a machine, or "x86"): after the int8 -> uint8 rewrite of
+    single-consumer Q -> DQ pairs (``_ort_type``), the QDQ selectors fuse Conv and MatMul only when
+    input and output share one type and it is not int8 (int8 activations are not allowed there),
+    Gemm when A and Y share a type, and Add / Mul when both inputs and the output share one. So an
+    int8 tensor read by two nodes (a residual) keeps its writer, its readers and the Add in float.
+    Elsewhere ("none", or a non-x86 machine under "auto") every unit is taken as fused.
+    """
+    import platform as _pf
+    if platform == "auto":
+        platform = "x86" if _pf.machine().lower() in X86 else "none"
+    if platform == "none":
+        return []
+    units = []
+    for node in g.nodes:
+        if node.op not in ("Conv", "MatMul", "Gemm", "Add", "Mul"):
+            continue
+        users = ir.consumers(node.outputs[0]) if node.outputs else []
+        if len(users) == 1 and users[0].op in ("Relu", "Clip"):
+            users = ir.consumers(users[0].outputs[0])
+        if len(users) != 1 or users[0].op != "QuantizeLinear":
+            continue
+        out = _ort_type(g, users[0])
+        ins = [_input_type(g, t) for t in node.inputs[:2]]
+        if any(t is None for t in ins):
+            continue
+        if node.op in ("Conv", "MatMul"):       # the weight (input 1) stays int8: not compared
+            fused = ins[0] == out and ins[0] != "int8"
+        elif node.op == "Gemm":
+            fused = ins[0] == out
+        else:
+            fused = ins[0] == ins[1] == out
+        if not fused:
+            units.append(node)
+    return units
 
 
 def _runtime_ops():

@@ -50,7 +50,11 @@ def _pad(x, pads, value, axes, attrs):
         width[a % x.ndim] = (pads[i], pads[i + half])
     if mode == "constant":
         fill = 0 if value is None else np.asarray(value).reshape(-1)[0]
-        return np.pad(x, width, mode="constant", constant_values=fill)
+        if min(min(w) for w in width) < 0:
+            return np.pad(x, width, mode="constant", constant_values=fill)
+        out = np.full([d + a + b for d, (a, b) in zip(x.shape, width)], fill, x.dtype)   # np.pad is slow
+        out[tuple(slice(a, a + d) for d, (a, _) in zip(x.shape, width))] = x
+        return out
     return np.pad(x, width, mode={"reflect": "reflect", "edge": "edge", "wrap": "wrap"}[mode])
 
 

@@ -63,30 +63,39 @@ def requantize(acc, scale, mult, shift, zp, qmin, qmax, fixed, out):
     followed (outer, channel, inner), so NCHW (inner = pixels) and NHWC (inner = 1) both stream."""
     n0, nc, n1 = acc.shape
     per_ch = scale.shape[0] > 1
-    lo = np.float32(qmin - zp)
-    hi = np.float32(qmax - zp)
     for i in range(n0):
         for c in range(nc):
             ci = c if per_ch else 0
-            s = scale[ci]
-            m = np.int64(mult[ci])
-            sh = np.int64(shift[ci])
-            half = np.int64(1) << (sh - 1)
-            for j in range(n1):
-                a = acc[i, c, j]
-                if fixed:
-                    v = (np.int64(a) * m + half) >> sh
-                    v += zp
-                    if v < qmin:
-                        v = qmin
-                    elif v > qmax:
-                        v = qmax
-                    out[i, c, j] = v
-                else:
-                    f = np.float32(a) * s
-                    f = min(max(f, lo), hi)
-                    out[i, c, j] = np.int64(np.rint(f)) + zp
+            requant_run(acc[i, c], np.int32(0), scale[ci], mult[ci], shift[ci], zp, qmin, qmax, fixed, out[i, c])
     return out
+
+
+@njit(cache=True)
+def requant_run(acc, bias, s, m, sh, zp, qmin, qmax, fixed, out):
+    """The requantization arithmetic, for one run of accumulators of one channel (every kernel that
+    requantizes calls this): v = acc + bias (int32), then
+
+        float:  clamp(rne(float32(v) * s), qmin - zp, qmax - zp) + zp     (float32 throughout)
+        fixed:  clamp(((v * m + 2^(sh-1)) >> sh) + zp, qmin, qmax)        (64-bit product)"""
+    if fixed:
+        m64 = np.int64(m)
+        sh64 = np.int64(sh)
+        half = np.int64(1) << (sh64 - 1)
+        for j in range(acc.shape[0]):
+            v = (np.int64(np.int32(acc[j] + bias)) * m64 + half) >> sh64
+            v += zp
+            if v < qmin:
+                v = qmin
+            elif v > qmax:
+                v = qmax
+            out[j] = v
+    else:
+        lo = np.float32(qmin - zp)
+        hi = np.float32(qmax - zp)
+        for j in range(acc.shape[0]):
+            f = np.float32(np.int32(acc[j] + bias)) * s
+            f = min(max(f, lo), hi)
+            out[j] = np.int64(np.rint(f)) + zp
 
 
 @njit(cache=True)

@@ -174,3 +174,43 @@ def test_requantization_fused_in_the_gemm_epilogue_equals_the_separate_pass(mode
     got = conv_int(x, 131, pc, zw, geo, rq=(bias, scale, mult, shift, 120, 0, 255, mode == "fixed"),
                    out_dtype=np.uint8)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("mode", ["int32", "float", "fixed"])
+def test_depthwise_kernels_equal_reference(mode):
+    # two kernels (depthwise.py): stride 1 with OW == W ("same" padding) and the residue planes for
+    # the rest; each with the bias and requantization of its epilogue, against conv_reference
+    rng = np.random.default_rng(21)
+    seen = set()
+    for trial in range(24):
+        per, kh, kw = int(rng.integers(1, 3)), int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        dh, dw = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+        same = trial % 2 == 0
+        if same:
+            pl = int(rng.integers(0, (kw - 1) * dw + 1))
+            pads, strides = (int(rng.integers(0, 3)), pl, int(rng.integers(0, 3)), (kw - 1) * dw - pl), (1, 1)
+        else:
+            pads = tuple(int(v) for v in rng.integers(0, 3, 4))
+            strides = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        c = int(rng.integers(1, 5))
+        hw = (int(rng.integers(kh * dh, 20)), int(rng.integers(1 if same else kw * dw, 20)))   # W < KW too
+        x = _ints(rng, np.int8 if trial % 3 else np.uint8, (2, c) + hw)
+        w = _ints(rng, np.int8, (c * per, 1, kh, kw))
+        zx, zw = int(rng.integers(-5, 5)) + (128 if x.dtype == np.uint8 else 0), rng.integers(-3, 3, c * per)
+        geo = ConvGeometry((kh, kw), strides, (dh, dw), pads, c)
+        bias = rng.integers(-3000, 3000, c * per).astype(np.int32)
+        acc = conv_reference(x, zx, w, zw, geo).astype(np.int64) + bias.reshape(1, -1, 1, 1)
+        scale = rng.uniform(2e-3, 2e-2, c * per).astype(np.float32)
+        mult, shift = fixed_multiplier(scale)
+        if mode == "int32":
+            rq, dtype, want = None, np.int32, acc.astype(np.int32)
+        else:
+            rq, dtype = (bias, scale, mult, shift, -3, -128, 127, mode == "fixed"), np.int8
+            want = requantize_reference(acc.reshape(2, c * per, -1), scale, -3, -128, 127, mode).reshape(acc.shape)
+        pc = pack_conv(w, c)
+        got = conv_int(x, zx, pc, zw, geo, rq=rq, out_dtype=dtype)
+        if mode == "int32":
+            got = got + bias.reshape(1, -1, 1, 1)
+        np.testing.assert_array_equal(got, want, err_msg=f"trial {trial} {geo}")
+        seen.add("same" if strides == (1, 1) and got.shape[3] == x.shape[3] else "planes")
+    assert seen == {"same", "planes"}

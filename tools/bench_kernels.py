@@ -1,13 +1,15 @@
 """Benchmark qgraph's integer kernels against ONNX Runtime in one run, one thread each.
 
-    python tools/bench_kernels.py [--quick] [--model QDQ.onnx --inputs x.npz] [--json out.json]
+    python tools/bench_kernels.py [--quick] [--batches 1,8] [--model QDQ.onnx --inputs x.npz] [--json out.json]
 
 Sections (every figure is a ratio against ORT measured in the same process, same shapes):
   gemm   int8 GEMM C[M,N] = A[M,K] B[K,N] (256^3, 512^3, 1024^3 and im2col shapes of MobileNetV2
          layers) vs ORT MatMulInteger, s8s8 and u8s8 (ORT's fastest path; ours is one kernel for both)
   conv   QLinearConv layers of MobileNetV2 (224x224 input, s8s8) vs ORT QLinearConv
-  model  whole-model latency of a QDQ model vs ORT on the same model (default: digits_cnn quantized
-         s8s8 by ORT's quantize_static, after fold)
+  model  whole-model latency of a QDQ model vs ORT on the same model, at each --batches size: by default
+         MobileNetV2 and EfficientNet-Lite0 quantized s8s8 by qgraph (tools/runtime_zoo.py, cached),
+         on evaluation images of the zoo; digits_cnn (ORT's quantize_static, after fold) when the zoo
+         is absent; or --model with --inputs. Ours and ORT alternate, best of each.
   jit    start-up of the runtime in a fresh process: cold (empty Numba cache) and warm (cache filled)
 Best of N repetitions after a warm-up; GOP/s counts 2*M*N*K.
 """
@@ -163,18 +165,54 @@ def digits_qdq(tmp: Path) -> tuple[Path, dict]:
     return tmp / "qdq.onnx", {"input": data["input"]}
 
 
-def bench_model(path: Path, feeds: dict) -> dict:
+ZOO_MODELS = ("mobilenet_v2", "efficientnet_lite0")
+
+
+def zoo_models(batches: list[int]) -> list[tuple[str, Path, dict]]:
+    """(label, s8s8 QDQ model, feeds) per zoo model and batch size; models whose zoo data is absent
+    are reported and left out."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from runtime_zoo import qdq_model
+    from qgraph.data import zoo_split
+    out = []
+    for name in ZOO_MODELS:
+        try:
+            path = qdq_model(name)
+            feeds = next(zoo_split(name)[1].batches(max(batches)))
+        except Exception as exc:  # noqa: BLE001 - any missing piece of the zoo: say so, go on
+            print(f"  model {name}: skipped ({type(exc).__name__}: {exc})", flush=True)
+            continue
+        out += [(f"{name} batch {b}", path, {k: v[:b] for k, v in feeds.items()}) for b in batches]
+    return out
+
+
+def best_pair(fa, fb, reps: int) -> tuple[float, float]:
+    """Best time of each of two functions, run alternately (a noisy shared machine slows both alike)."""
+    fa(), fb()
+    ta = tb = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fa()
+        ta = min(ta, time.perf_counter() - t)
+        t = time.perf_counter()
+        fb()
+        tb = min(tb, time.perf_counter() - t)
+    return ta, tb
+
+
+def bench_model(label: str, path: Path, feeds: dict, reps: int = 10) -> dict:
     from qgraph.kernels import lower, run
     from qgraph.kernels.diff import against_ort
     model = onnx.load(path)
     sess, prog = session(model), lower(model)
     figures, _, _ = against_ort(model, feeds, "float", prog)
-    t_ort = best_of(lambda: sess.run(None, feeds), 10)
-    t_ours = best_of(lambda: run(prog, feeds), 10)
-    row = {"model": str(path), "ours_ms": t_ours * 1e3, "ort_ms": t_ort * 1e3, "ratio": t_ours / t_ort,
-           "diff": figures}
-    print(f"  model {path.name}: ours {t_ours * 1e3:.2f} ms | ORT {t_ort * 1e3:.2f} ms | ours/ORT x{row['ratio']:.2f}",
-          flush=True)
+    t_ours, t_ort = best_pair(lambda: run(prog, feeds), lambda: sess.run(None, feeds), reps)
+    row = {"model": label, "path": str(path), "ours_ms": t_ours * 1e3, "ort_ms": t_ort * 1e3,
+           "ratio": t_ours / t_ort, "diff": figures}
+    exact = min(f.get("exact", 0.0) for f in figures.values())
+    worst = max(f.get("max_lsb", -1) for f in figures.values())
+    print(f"  model {label:<28} ours {t_ours * 1e3:8.2f} ms | ORT {t_ort * 1e3:8.2f} ms | ours/ORT x{row['ratio']:.2f}"
+          f" | float mode {100 * exact:.4f}% bit-exact, max {worst} LSB", flush=True)
     return row
 
 
@@ -197,7 +235,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     ap.add_argument("--sections", default="gemm,conv,model,jit")
-    ap.add_argument("--model", help="QDQ model for the whole-model section (default: digits_cnn, s8s8)")
+    ap.add_argument("--model", help="QDQ model for the whole-model section (default: the zoo's MobileNetV2 and "
+                                    "EfficientNet-Lite0, s8s8)")
+    ap.add_argument("--batches", default="1,8", help="batch sizes of the zoo models in the model section")
     ap.add_argument("--inputs", help=".npz inputs for --model")
     ap.add_argument("--json", help="write all figures here")
     args = ap.parse_args(argv)
@@ -216,16 +256,19 @@ def main(argv=None) -> int:
         if "conv" in sections:
             result["conv"] = bench_conv(args.quick)
         if "model" in sections or "jit" in sections:
+            batches = [int(b) for b in args.batches.split(",")]
             if args.model:
-                path, d = Path(args.model), np.load(args.inputs)
-                feeds = {k: d[k] for k in d.files}
+                d = np.load(args.inputs)
+                runs = [(Path(args.model).name, Path(args.model), {k: d[k] for k in d.files})]
             else:
-                path, feeds = digits_qdq(Path(tmp))
-            npz = Path(tmp) / "inputs.npz"
-            np.savez(npz, **feeds)
+                runs = zoo_models(batches) or [("digits_cnn (s8s8, quantize_static)", *digits_qdq(Path(tmp)))]
             if "model" in sections:
-                result["model"] = bench_model(path, feeds)
+                print(f"  whole model, one thread, on {head['cpu']} ({' '.join(head['flags'])})", flush=True)
+                result["model"] = [bench_model(*r) for r in runs]
             if "jit" in sections:
+                label, path, feeds = runs[0]
+                npz = Path(tmp) / "inputs.npz"
+                np.savez(npz, **{k: v[:1] for k, v in feeds.items()})
                 result["jit"] = bench_jit(path, npz)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")

@@ -1,0 +1,291 @@
+"""ONNX Runtime's float path for the QDQ units it does not fuse, reproduced operation for operation.
+
+On x86-64, ORT's CPU provider has no int8-activation QLinearConv / QLinearMatMul: its
+``QDQS8ToU8Transformer`` turns an int8 Q -> DQ pair into uint8 only when the Q has exactly one
+consumer, and the QDQ selectors then fuse a unit only when all its activations ended up one type.
+A tensor read twice (a residual: the next block's Conv and the Add) keeps int8, so the Conv that
+writes it, the Conv that reads it and the Add stay ``DQ -> float op -> Q``. ``lower.ort_float_units``
+predicts which; in ``float`` mode those steps run here, integer tensors in and out, with ORT's float32
+arithmetic in ORT's order:
+
+    DQ        x_f = float32(x - zx) * sx                 (one rounding; weights per channel the same)
+    Conv      MlasConv: im2col (k = (c, i, j)), then MLAS SGEMM per image and group: for every output
+              y = sum over k-blocks of (fma chain from 0 over the block), blocks added in order,
+              then + bias. The block is MLAS_SGEMM_STRIDEK = 128, doubled (with STRIDEN = 128 halved)
+              while N < K and STRIDEN/2 >= N (N = output pixels, K = Cin/group * KH * KW).
+    Add / Mul a_f + b_f (a_f * b_f) in float32
+    Q         rne(y / sy) + zy, saturated (Relu/Clip before Q are the step's output clamp:
+              Q is monotone, so clamping codes equals clipping floats first)
+
+``fixed`` mode never comes here: integer-only hardware has no float units.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir as llir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from qgraph.kernels import sgemm
+from qgraph.kernels.conv import geometry_from_attrs
+
+SGEMM_STRIDE_N = 128
+SGEMM_STRIDE_K = 128
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """float32 fused multiply-add (one rounding), as the FMA instructions MLAS uses."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = llir.FloatType()
+        name = "llvm.fma.f32"
+        fn = builder.module.globals.get(name) or llir.Function(
+            builder.module, llir.FunctionType(f32, [f32, f32, f32]), name)
+        return builder.call(fn, list(args))
+
+    return sig, codegen
+
+
+def sgemm_block_k(k: int, n: int) -> int:
+    """The k-block MLAS's SGEMM sums separately for a (., K) x (K, N) product (see module docstring)."""
+    stride_n, stride_k = SGEMM_STRIDE_N, SGEMM_STRIDE_K
+    if n < k:
+        while stride_n > 16 and stride_n // 2 >= n:
+            stride_k *= 2
+            stride_n //= 2
+    return stride_k
+
+
+@njit(cache=True)
+def _fma_row(acc, x, w):
+    for j in range(acc.shape[0]):           # a separate function: LLVM vectorizes it
+        acc[j] = fma32(x[j], w, acc[j])
+
+
+@njit(cache=True)
+def _add_row(tot, acc):
+    for j in range(tot.shape[0]):
+        tot[j] = np.float32(tot[j] + acc[j])
+
+
+@njit(cache=True)
+def sgemm_mlas(w, cols, bias, kc, out):
+    """out[m, n] = MLAS SGEMM order of sum_k w[m, k] * cols[k, n], then + bias[m] (float32): per
+    output, an fma chain from 0 over each k-block, the blocks added in order, then the bias."""
+    m_n, k_n = w.shape
+    n_n = cols.shape[1]
+    acc = np.empty(n_n, np.float32)
+    for m in range(m_n):
+        tot = out[m]
+        for k0 in range(0, k_n, kc):
+            acc[:] = 0
+            for k in range(k0, min(k_n, k0 + kc)):
+                _fma_row(acc, cols[k], w[m, k])
+            if k0 == 0:
+                tot[:] = acc
+            else:
+                _add_row(tot, acc)
+        b = bias[m]
+        for j in range(n_n):
+            tot[j] = np.float32(tot[j] + b)
+
+
+@njit(cache=True)
+def _dequantize_im2col(x, zx, sx, c0, cin_g, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow, cols):
+    """cols[(c*KH + i)*KW + j, y*OW + x] = DQ(x[c0 + c, y*sh - pt + i*dh, x*sw - pl + j*dw]), 0 outside."""
+    h, wd = x.shape[1], x.shape[2]
+    for c in range(cin_g):
+        for i in range(kh):
+            for j in range(kw):
+                row = cols[(c * kh + i) * kw + j]
+                for y in range(oh):
+                    iy = y * sh - pt + i * dh
+                    for xo in range(ow):
+                        ix = xo * sw - pl + j * dw
+                        if iy < 0 or iy >= h or ix < 0 or ix >= wd:
+                            row[y * ow + xo] = np.float32(0.0)
+                        else:
+                            row[y * ow + xo] = np.float32(np.int32(x[c0 + c, iy, ix]) - zx) * sx
+
+
+@njit(cache=True)
+def _quantize_rows(y, sy, zy, lo, hi, out):
+    """ORT QuantizeLinear on float32: rne(y / sy) + zy, clamped to [lo, hi] (codes)."""
+    flat_y = y.ravel()
+    flat_o = out.ravel()
+    for i in range(flat_y.shape[0]):
+        q = np.rint(flat_y[i] / sy) + zy
+        flat_o[i] = lo if q < lo else (hi if q > hi else np.int32(q))
+
+
+def dequantize_weights(w, sw, zw) -> np.ndarray:
+    """ORT DequantizeLinear of per-channel (axis 0) or per-tensor weights, float32."""
+    w = np.asarray(w)
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    d = (w.astype(np.int32) - np.asarray(zw, np.int32).reshape(shape)).astype(np.float32)
+    return (d * np.asarray(sw, np.float32).reshape(shape)).astype(np.float32)
+
+
+def conv_unit(step, x, sx, zx, w_f, bias_f, sy, zy, lo, hi, out_dtype) -> np.ndarray:
+    """DQ(x) -> float Conv (MLAS order) -> Q, for int8/uint8 x [N, C, H, W] or [N, C, L].
+
+    The weights are packed once per step (``step.cache``); each call dequantizes im2col straight into
+    ``sgemm`` B panels a few hundred pixels at a time, runs the tiled MLAS-order GEMM and quantizes
+    the tile of C while it is still in cache (``_conv_float``)."""
+    one_d = x.ndim == 3
+    if one_d:
+        x = x[:, :, None, :]
+    n_b, _, h, wd = x.shape
+    hit = step.cache.get("sgemm")
+    if hit is None or hit[0] is not w_f or hit[1] != (h, wd):
+        w4 = w_f[:, :, None, :] if one_d else w_f
+        geo = geometry_from_attrs(step.attrs, w_f.shape, (wd,) if one_d else (h, wd))   # 1-D: as 2-D, height 1
+        cout, cin_g, kh, kw = w4.shape
+        cout_g = cout // geo.group
+        wmat = w4.reshape(cout, cin_g * kh * kw)
+        panels = np.stack([sgemm.pack_a(wmat[gi * cout_g:(gi + 1) * cout_g]) for gi in range(geo.group)])
+        b = np.zeros(cout, np.float32) if bias_f is None else np.ascontiguousarray(bias_f, np.float32)
+        hit = (w_f, (h, wd), geo, w4.shape, panels, b)
+        step.cache["sgemm"] = hit
+    _, _, geo, (cout, cin_g, kh, kw), panels, bias = hit
+    oh, ow = geo.out_hw(h, wd)
+    cout_g = cout // geo.group
+    k = cin_g * kh * kw
+    kc = sgemm_block_k(k, oh * ow)
+    # pixels per chunk: B panels (K x NB) and the C tile (Mp x NB) stay within ~256 KiB
+    mp = panels.shape[1] // k
+    nb = max(sgemm.NR, min(-(-n_b * oh * ow // sgemm.NR), 65536 // max(k, mp) // sgemm.NR) * sgemm.NR)
+    out = np.empty((n_b, cout, oh * ow), out_dtype)
+    _conv_float(np.ascontiguousarray(x).reshape(n_b, x.shape[1], h * wd), h, wd, np.int32(zx), np.float32(sx),
+                panels, cout_g, cin_g, kh, kw, *geo.strides, *geo.dilations, geo.pads[0], geo.pads[1], oh, ow, kc,
+                nb, bias, np.float32(sy), np.int32(zy), np.int32(lo), np.int32(hi), out)
+    out = out.reshape(n_b, cout, oh, ow)
+    return out[:, :, 0, :] if one_d else out
+
+
+@njit(cache=True)
+def _conv_float(x, h, wd, zx, sx, panels, cout_g, cin_g, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow, kc, nb, bias,
+                sy, zy, lo, hi, out):
+    """Per group and chunk of ``nb`` output pixels (images side by side; x is [N, C, H*W]):
+    dequantizing im2col into B panels, MLAS-order GEMM into C, then out = Q(C + bias) for the chunk."""
+    n_b = x.shape[0]
+    nr = sgemm.NR
+    k_n = cin_g * kh * kw
+    pix = oh * ow
+    total = n_b * pix
+    mp = panels.shape[1] // k_n
+    bp = np.empty(nb * k_n, np.float32)
+    c = np.empty((mp, nb), np.float32)
+    pointwise = kh == 1 and kw == 1 and sh == 1 and sw == 1 and pt == 0 and pl == 0 and oh == h and ow == wd
+    for gi in range(panels.shape[0]):
+        c0 = gi * cin_g
+        for g0 in range(0, total, nb):
+            g1 = min(total, g0 + nb)
+            cols = -(-(g1 - g0) // nr) * nr
+            for t in range(cols // nr):
+                t0 = g0 + t * nr
+                n = t0 // pix
+                q0 = t0 - n * pix
+                if pointwise and q0 + nr <= pix and t0 + nr <= g1:      # 32 pixels of one image
+                    for kk in range(k_n):
+                        _dq_run(x[n, c0 + kk, q0:q0 + nr], zx, sx, bp[(t * k_n + kk) * nr:(t * k_n + kk + 1) * nr])
+                    continue
+                for r in range(nr):                                     # k = (c, i, j); tail columns 0
+                    gp = t0 + r
+                    n = gp // pix
+                    rem = gp - n * pix
+                    y = rem // ow
+                    xo = rem - y * ow
+                    for kk in range(k_n):
+                        v = np.float32(0.0)
+                        if gp < g1:
+                            ci = kk // (kh * kw)
+                            iy = y * sh - pt + (kk // kw % kh) * dh
+                            ix = xo * sw - pl + (kk % kw) * dw
+                            if 0 <= iy < h and 0 <= ix < wd:
+                                v = np.float32(np.int32(x[n, c0 + ci, iy * wd + ix]) - zx) * sx
+                        bp[(t * k_n + kk) * nr + r] = v
+            sgemm.sgemm_panels(panels[gi], bp, k_n, kc, c, cols)
+            for m in range(cout_g):
+                o = gi * cout_g + m
+                p = g0
+                while p < g1:                                           # one image's run of pixels
+                    n = p // pix
+                    q0 = p - n * pix
+                    q1 = min(pix, q0 + g1 - p)
+                    _quantize_run(c[m, p - g0:p - g0 + q1 - q0], bias[o], sy, zy, lo, hi, out[n, o, q0:q1])
+                    p += q1 - q0
+
+
+@njit(cache=True)
+def _dq_run(src, zx, sx, dst):
+    for r in range(dst.shape[0]):
+        dst[r] = np.float32(np.int32(src[r]) - zx) * sx
+
+
+@njit(cache=True)
+def _quantize_run(y, b, sy, zy, lo, hi, out):
+    """out = Q(float32(y + b)): rne(. / sy) + zy clamped to [lo, hi], as ``_quantize_rows``. Done in
+    float32 so it vectorizes: rint(.) + zy is exact below 2^24 and beyond that far outside [lo, hi]."""
+    zf, lf, hf = np.float32(zy), np.float32(lo), np.float32(hi)
+    for i in range(y.shape[0]):
+        q = np.rint(np.float32(y[i] + b) / sy) + zf
+        out[i] = np.int32(min(max(q, lf), hf))
+
+
+def conv_unit_reference(attrs, x, sx, zx, w_f, bias_f, sy, zy, lo, hi, out_dtype) -> np.ndarray:
+    """The plain loops ``conv_unit`` must equal exactly: per image and group, im2col
+    (``_dequantize_im2col``), ``sgemm_mlas``, then ``_quantize_rows``. For tests."""
+    one_d = x.ndim == 3
+    geo = geometry_from_attrs(attrs, w_f.shape, x.shape[2:])
+    if one_d:
+        x, w_f = x[:, :, None, :], w_f[:, :, None, :]
+    n_b, _, h, wd = x.shape
+    cout, cin_g, kh, kw = w_f.shape
+    oh, ow = geo.out_hw(h, wd)
+    cout_g = cout // geo.group
+    k = cin_g * kh * kw
+    wmat = np.ascontiguousarray(w_f.reshape(cout, k))
+    bias_f = np.zeros(cout, np.float32) if bias_f is None else np.ascontiguousarray(bias_f, np.float32)
+    y = np.empty((n_b, cout, oh * ow), np.float32)
+    cols = np.empty((k, oh * ow), np.float32)
+    for n in range(n_b):
+        for gi in range(geo.group):
+            _dequantize_im2col(np.ascontiguousarray(x[n]), np.int32(zx), np.float32(sx), gi * cin_g, cin_g, kh, kw,
+                               *geo.strides, *geo.dilations, geo.pads[0], geo.pads[1], oh, ow, cols)
+            rows = slice(gi * cout_g, (gi + 1) * cout_g)
+            sgemm_mlas(wmat[rows], cols, bias_f[rows], sgemm_block_k(k, oh * ow), y[n, rows])
+    out = np.empty(y.shape, out_dtype)
+    _quantize_rows(y, np.float32(sy), np.int32(zy), np.int32(lo), np.int32(hi), out)
+    out = out.reshape(n_b, cout, oh, ow)
+    return out[:, :, 0, :] if one_d else out
+
+
+def binary_unit(op: str, a, sa, za, b, sb, zb, sy, zy, lo, hi, out_dtype) -> np.ndarray:
+    """DQ(a), DQ(b) -> float Add | Mul (numpy broadcasting) -> Q."""
+    if a.shape == b.shape:                     # the residual Add: one pass, no temporaries
+        out = np.empty(a.shape, out_dtype)
+        _binary_same_shape(np.ascontiguousarray(a).reshape(-1), np.int32(za), np.float32(sa),
+                           np.ascontiguousarray(b).reshape(-1), np.int32(zb), np.float32(sb), op == "Add",
+                           np.float32(sy), np.int32(zy), np.int32(lo), np.int32(hi), out.reshape(-1))
+        return out
+    a_f = (a.astype(np.int32) - np.int32(za)).astype(np.float32) * np.float32(sa)
+    b_f = (b.astype(np.int32) - np.int32(zb)).astype(np.float32) * np.float32(sb)
+    y = np.ascontiguousarray(a_f + b_f if op == "Add" else a_f * b_f, np.float32)
+    out = np.empty(y.shape, out_dtype)
+    _quantize_rows(y, np.float32(sy), np.int32(zy), np.int32(lo), np.int32(hi), out)
+    return out
+
+
+@njit(cache=True)
+def _binary_same_shape(a, za, sa, b, zb, sb, add, sy, zy, lo, hi, out):
+    """The numpy path's float32 operations, element by element (each one IEEE-rounded the same way)."""
+    zf, lf, hf = np.float32(zy), np.float32(lo), np.float32(hi)
+    for i in range(out.shape[0]):
+        a_f = np.float32(np.int32(a[i]) - za) * sa
+        b_f = np.float32(np.int32(b[i]) - zb) * sb
+        y = np.float32(a_f + b_f) if add else np.float32(a_f * b_f)
+        q = np.rint(y / sy) + zf                  # as ``_quantize_run``: exact where it matters
+        out[i] = np.int32(min(max(q, lf), hf))

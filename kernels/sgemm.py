@@ -1,0 +1,144 @@
+"""float32 GEMM in MLAS's summation order, register-tiled: the fast path of ``ortfloat``'s float Convs.
+
+    C[m, n] = sum over k-blocks of (fma chain from 0 over k in the block, k ascending), blocks added
+              in order                                                 (``ortfloat.sgemm_mlas``)
+
+Each output's chain is the same as in the plain loops (same operands, same order, one rounding per
+fma, one per block add), so tiling across outputs changes nothing but speed: a tile holds ``MR``
+rows x ``NR = 16 * NV`` columns of C in ``MR * NV`` vector registers for a whole k-block, written in
+LLVM IR (``llvm.fma.v16f32``, no fast-math flags) as ``vnni._vnni_tile`` is. On any x86-64 with FMA
+LLVM lowers it to native FMAs (two ymm halves without AVX-512). Layouts:
+
+    A panels  [M/MR][K][MR]  float32   (``pack_a``: the weights, once per step)
+    B panels  [N/NR][K][NR]  float32   (written by the caller, e.g. ``ortfloat``'s dequantizing im2col)
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+MR = 12         # rows of A (output channels) per tile
+NV = 2          # zmm registers of B per tile
+NR = 16 * NV    # columns of B (pixels) per tile
+
+
+@intrinsic
+def _fma_tile(typingctx, a, a_off, b, b_off, c, c_off, ldc, kn, first):
+    """C tile (=| +=) sum_{k < kn} A[:, k] x B[k, :] with a fresh fma chain: ``first`` stores the
+    block's sums, otherwise C = C + sums (one float32 add, as MLAS adds k-blocks)."""
+    sig = types.void(a, types.intp, b, types.intp, c, types.intp, types.intp, types.intp, types.boolean)
+
+    def codegen(context, builder, signature, args):
+        a_arr = context.make_array(signature.args[0])(context, builder, args[0])
+        b_arr = context.make_array(signature.args[2])(context, builder, args[2])
+        c_arr = context.make_array(signature.args[4])(context, builder, args[4])
+        a_off_v, b_off_v, c_off_v, ldc_v, kn_v, first_v = args[1], args[3], args[5], args[6], args[7], args[8]
+        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        v16 = ir.VectorType(f32, 16)
+        zero = ir.Constant(v16, None)
+        izero = ir.Constant(ir.VectorType(i32, 16), None)
+        ap = builder.gep(a_arr.data, [a_off_v])
+        bp = builder.gep(b_arr.data, [b_off_v])
+        cp = builder.gep(c_arr.data, [c_off_v])
+        name = "llvm.fma.v16f32"
+        fma = builder.module.globals.get(name) or ir.Function(
+            builder.module, ir.FunctionType(v16, [v16, v16, v16]), name)
+
+        entry = builder.block
+        loop = builder.append_basic_block("fma_k")
+        done = builder.append_basic_block("fma_done")
+        store = builder.append_basic_block("fma_store")
+        add = builder.append_basic_block("fma_add")
+        end = builder.append_basic_block("fma_end")
+        builder.cbranch(builder.icmp_signed(">", kn_v, ir.Constant(i64, 0)), loop, done)
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        k.add_incoming(ir.Constant(i64, 0), entry)
+        acc = []
+        for _ in range(MR * NV):
+            p = builder.phi(v16)
+            p.add_incoming(zero, entry)
+            acc.append(p)
+        a_k = builder.gep(ap, [builder.mul(k, ir.Constant(i64, MR))])
+        b_k = builder.gep(bp, [builder.mul(k, ir.Constant(i64, NR))])
+        b_vec = [builder.load(builder.bitcast(builder.gep(b_k, [ir.Constant(i64, 16 * v)]), v16.as_pointer()),
+                              align=4) for v in range(NV)]
+        new = []
+        for r in range(MR):
+            a1 = builder.load(builder.gep(a_k, [ir.Constant(i64, r)]), align=4)
+            a_bc = builder.shuffle_vector(builder.insert_element(zero, a1, ir.Constant(i32, 0)), zero, izero)
+            for v in range(NV):
+                new.append(builder.call(fma, [a_bc, b_vec[v], acc[r * NV + v]]))
+        k_next = builder.add(k, ir.Constant(i64, 1))
+        k.add_incoming(k_next, loop)
+        for p, n in zip(acc, new):
+            p.add_incoming(n, loop)
+        builder.cbranch(builder.icmp_signed("<", k_next, kn_v), loop, done)
+
+        builder.position_at_end(done)
+        sums = []
+        for i in range(MR * NV):
+            p = builder.phi(v16)
+            p.add_incoming(zero, entry)
+            p.add_incoming(new[i], loop)
+            sums.append(p)
+        builder.cbranch(first_v, store, add)
+
+        def ptr(r, v):
+            row = builder.gep(cp, [builder.mul(ir.Constant(i64, r), ldc_v)])
+            return builder.bitcast(builder.gep(row, [ir.Constant(i64, 16 * v)]), v16.as_pointer())
+
+        builder.position_at_end(store)
+        for r in range(MR):
+            for v in range(NV):
+                builder.store(sums[r * NV + v], ptr(r, v), align=4)
+        builder.branch(end)
+        builder.position_at_end(add)
+        for r in range(MR):
+            for v in range(NV):
+                q = ptr(r, v)
+                builder.store(builder.fadd(builder.load(q, align=4), sums[r * NV + v]), q, align=4)
+        builder.branch(end)
+        builder.position_at_end(end)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _pack_a(w, out):
+    m_n, k_n = w.shape
+    for t in range(out.shape[0] // (k_n * MR)):
+        for k in range(k_n):
+            base = (t * k_n + k) * MR
+            for r in range(MR):
+                i = t * MR + r
+                out[base + r] = w[i, k] if i < m_n else np.float32(0)
+
+
+def pack_a(w: np.ndarray) -> np.ndarray:
+    """w [M, K] float32 -> flat A panels [M/MR][K][MR] (rows padded with zeros)."""
+    m, k = w.shape
+    out = np.empty(-(-m // MR) * MR * k, np.float32)
+    _pack_a(np.ascontiguousarray(w, np.float32), out)
+    return out
+
+
+@njit(cache=True)
+def sgemm_panels(a_packed, b_packed, k_n, kc, c, ncols):
+    """c[:, :ncols] = A @ B in MLAS order (k-blocks of ``kc``) from packed panels; c is [Mp, ldc]
+    (C-contiguous, Mp a multiple of MR), ncols a multiple of NR. Block by block over all tiles, so
+    each block's B panel slice stays in cache."""
+    mt_n = c.shape[0] // MR
+    nt_n = ncols // NR
+    ldc = c.shape[1]
+    flat = c.ravel()
+    for k0 in range(0, k_n, kc):
+        kn = min(kc, k_n - k0)
+        for nt in range(nt_n):
+            b_off = (nt * k_n + k0) * NR
+            for mt in range(mt_n):
+                _fma_tile(a_packed, (mt * k_n + k0) * MR, b_packed, b_off, flat, mt * MR * ldc + nt * NR, ldc,
+                          kn, k0 == 0)

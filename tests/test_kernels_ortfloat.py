@@ -1,0 +1,233 @@
+"""The units ONNX Runtime leaves in float, and table-lookup Softmax, against ONNX Runtime.
+
+A residual tensor (one int8 Q read by two nodes) is what ORT's x86 CPU provider does not fuse: its
+int8 -> uint8 rewrite needs a single consumer and it has no int8-activation QLinearConv. Each test
+builds such a graph by hand, checks that ``lower.ort_float_units`` names exactly the nodes ORT's own
+optimized graph keeps as float ops, and that ``float`` mode equals ORT's output bit for bit
+(tolerance 0: it is ORT's float32 arithmetic in ORT's order). Skipped off x86, where ORT fuses
+differently.
+"""
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qgraph import ir
+from qgraph.kernels import lower, run
+from qgraph.kernels.diff import fixed_vs_float_per_layer, ort_float_nodes
+from qgraph.kernels.lower import X86, ort_float_units
+from qgraph.kernels.ortfloat import sgemm_block_k, sgemm_mlas
+from qgraph.kernels.softmax import softmax_reference
+
+x86 = pytest.mark.skipif(platform.machine().lower() not in X86, reason="ORT's fusion rules differ off x86")
+
+
+def _session(model):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _residual_block(rng, cin, cmid, hw, k=1, pad=0, residual=True):
+    #   x ─Q─DQ─Conv a (k x k)─Q─DQ─┬─Conv b (1x1)─Q─DQ─┐
+    #                               └──────────────────Add─Q─DQ─ y
+    # the tensor after Conv a has two readers: ORT keeps Conv a, Conv b and the Add in float.
+    # residual=False: no Add (y = Conv b's output), every tensor has one reader: all fused
+    consts, nodes = {}, []
+
+    def qdq(t, scale, zp, tag):
+        consts[f"s_{tag}"], consts[f"z_{tag}"] = np.float32(scale), np.int8(zp)
+        nodes.append(helper.make_node("QuantizeLinear", [t, f"s_{tag}", f"z_{tag}"], [f"q_{tag}"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"q_{tag}", f"s_{tag}", f"z_{tag}"], [f"d_{tag}"]))
+        return f"d_{tag}"
+
+    def conv(x, cout, cin_, tag, kk, pp, s_x):
+        w = rng.integers(-127, 128, (cout, cin_, kk, kk)).astype(np.int8)
+        sw = rng.uniform(0.002, 0.02, cout).astype(np.float32)
+        consts[f"w_{tag}"], consts[f"ws_{tag}"], consts[f"wz_{tag}"] = w, sw, np.zeros(cout, np.int8)
+        consts[f"b_{tag}"] = rng.integers(-3000, 3000, cout).astype(np.int32)
+        consts[f"bs_{tag}"] = (np.float32(s_x) * sw).astype(np.float32)
+        consts[f"bz_{tag}"] = np.zeros(cout, np.int32)
+        nodes.append(helper.make_node("DequantizeLinear", [f"w_{tag}", f"ws_{tag}", f"wz_{tag}"], [f"wd_{tag}"], axis=0))
+        nodes.append(helper.make_node("DequantizeLinear", [f"b_{tag}", f"bs_{tag}", f"bz_{tag}"], [f"bd_{tag}"], axis=0))
+        nodes.append(helper.make_node("Conv", [x, f"wd_{tag}", f"bd_{tag}"], [f"y_{tag}"], pads=[pp] * 4))
+        return f"y_{tag}"
+
+    x = qdq("x", 0.05, 3, "in")
+    r = qdq(conv(x, cmid, cin, "a", k, pad, 0.05), 0.09, -7, "r")
+    b = qdq(conv(r, cmid, cmid, "b", 1, 0, 0.09), 0.08, 5, "b")
+    if residual:
+        nodes.append(helper.make_node("Add", [r, b], ["s"]))
+        b = qdq("s", 0.11, -2, "y")
+    nodes[-1].output[0] = "y"                       # the last DQ writes the graph output
+    for i, n in enumerate(nodes):
+        n.name = f"{n.op_type}_{i}"
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, cin, hw, hw])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, cmid, hw - k + 1 + 2 * pad] * 1 + [hw - k + 1 + 2 * pad])],
+                              [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    return m
+
+
+@x86
+@pytest.mark.parametrize("cin,cmid,hw,k,pad", [
+    (24, 40, 8, 1, 0),        # K < 128: one block
+    (300, 64, 7, 1, 0),       # K = 300 > N = 49: MLAS doubles the k-block to 256
+    (200, 96, 4, 1, 0),       # N = 16: k-block 1024
+    (160, 48, 12, 1, 0),      # K > N = 144: k-block 128, two blocks
+    (16, 32, 9, 3, 1),        # 3x3 with padding: im2col order (c, i, j)
+])
+def test_float_units_match_ort_bit_for_bit(cin, cmid, hw, k, pad):
+    rng = np.random.default_rng(cin * 7 + hw)
+    model = _residual_block(rng, cin, cmid, hw, k, pad)
+    g = ir.load(model)
+    g.toposort()
+    assert {n.name for n in ort_float_units(g, "x86")} == ort_float_nodes(model) == {"Conv_4", "Conv_9", "Add_12"}
+    x = rng.standard_normal((2, cin, hw, hw)).astype(np.float32) * 3
+    ref = _session(model).run(None, {"x": x})[0]
+    ours = run(lower(model), {"x": x})["y"]
+    np.testing.assert_array_equal(ours, ref)
+
+
+@x86
+def test_no_float_units_when_every_tensor_has_one_reader():
+    rng = np.random.default_rng(4)
+    model = _residual_block(rng, 8, 8, 4, residual=False)
+    g = ir.load(model)
+    g.toposort()
+    assert ort_float_units(g, "x86") == [] and ort_float_nodes(model) == set()
+    x = rng.standard_normal((2, 8, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(run(lower(model), {"x": x})["y"], _session(model).run(None, {"x": x})[0])
+
+
+def test_mlas_k_block_follows_sgemm_strides():
+    assert sgemm_block_k(576, 196) == 128          # N >= STRIDEN/2: the default block
+    assert sgemm_block_k(960, 49) == 256
+    assert sgemm_block_k(960, 16) == 1024
+    assert sgemm_block_k(40, 784) == 128           # N >= K: one block anyway
+
+
+def test_sgemm_order_equals_plain_loops(rng):
+    w = rng.standard_normal((5, 300)).astype(np.float32)
+    cols = rng.standard_normal((300, 7)).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32)
+    out = np.empty((5, 7), np.float32)
+    sgemm_mlas(w, cols, bias, 128, out)
+    ref = np.empty((5, 7), np.float32)
+    for m in range(5):
+        for n in range(7):
+            total = None
+            for k0 in range(0, 300, 128):
+                acc = np.float32(0)
+                for k in range(k0, min(300, k0 + 128)):   # fma: exact product, one rounding
+                    acc = np.float32(np.float64(w[m, k]) * np.float64(cols[k, n]) + np.float64(acc))
+                total = acc if total is None else np.float32(total + acc)
+            ref[m, n] = np.float32(total + bias[m])
+    np.testing.assert_array_equal(out, ref)
+
+
+# ----------------------------------------------------------------------------- Softmax
+
+def _softmax_model(dtype, zx, sx, sy, zy, shape, axis, opset, qoperator):
+    #   x(int) ─DQ─Softmax─Q─ y     (ORT fuses it into QLinearSoftmax)   or the QLinearSoftmax itself
+    np_t = np.int8 if dtype == "int8" else np.uint8
+    onnx_t = TensorProto.INT8 if dtype == "int8" else TensorProto.UINT8
+    inits = [numpy_helper.from_array(np.float32(sx), "sx"), numpy_helper.from_array(np_t(zx), "zx"),
+             numpy_helper.from_array(np.float32(sy), "sy"), numpy_helper.from_array(np_t(zy), "zy")]
+    if qoperator:
+        nodes = [helper.make_node("QLinearSoftmax", ["x", "sx", "zx", "sy", "zy"], ["y"], domain="com.microsoft",
+                                  axis=axis, opset=opset)]
+    else:
+        nodes = [helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["xf"]),
+                 helper.make_node("Softmax", ["xf"], ["sf"], axis=axis),
+                 helper.make_node("QuantizeLinear", ["sf", "sy", "zy"], ["y"])]
+    graph = helper.make_graph(nodes, "softmax", [helper.make_tensor_value_info("x", onnx_t, list(shape))],
+                              [helper.make_tensor_value_info("y", onnx_t, list(shape))], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_softmax_matches_ort(seed):
+    rng = np.random.default_rng(seed)
+    dtype = ("int8", "uint8")[seed % 2]
+    lo = -128 if dtype == "int8" else 0
+    opset = (11, 13)[seed // 2 % 2]
+    shape = [(3, 10), (2, 4, 5), (4, 1000), (5, 2)][seed // 4 % 4]
+    if opset < 13:          # qgraph reads opset-11 Softmax through ONNX's version converter: 2-D rows
+        shape = (int(np.prod(shape[:-1])), shape[-1])
+    axis = -1 if opset >= 13 else 1
+    sy = float(rng.choice([1 / 256, 1 / 255, 0.003, 0.01]))
+    zy = int(rng.choice([lo, lo + 10]))
+    model = _softmax_model(dtype, int(rng.integers(lo, lo + 256)), float(rng.uniform(0.01, 0.5)), sy, zy,
+                           shape, axis, opset, qoperator=seed % 3 == 0)
+    x = rng.integers(lo, lo + 256, shape).astype(np.int8 if dtype == "int8" else np.uint8)
+    if seed % 5 == 1:
+        x = (x // 16).astype(x.dtype)                 # many equal codes: ties in the sum
+    ref = _session(model).run(None, {"x": x})[0]
+    prog = lower(model)
+    ours = run(prog, {"x": x})["y"]
+    assert np.array_equal(ours, ref), (f"seed {seed}: {int((ours != ref).sum())} codes differ; reproduce with "
+                                       f"pytest tests/test_kernels_ortfloat.py -k 'test_softmax_matches_ort and {seed}'")
+    fixed = fixed_vs_float_per_layer(prog, {"x": x})
+    assert max(r["max_lsb"] for r in fixed) <= 1
+
+
+def test_softmax_kernel_equals_reference(rng):
+    x = rng.integers(-128, 128, (3, 4, 17)).astype(np.int8)
+    model = _softmax_model("int8", 0, 0.07, 1 / 256, -128, x.shape, -1, 13, qoperator=True)
+    ours = run(lower(model), {"x": x})["y"]
+    np.testing.assert_array_equal(ours, softmax_reference(x, 0.07, 1 / 256, -128))
+
+
+# ----------------------------------------------------------------------------- the fast float conv
+
+@pytest.mark.parametrize("seed", range(8))
+def test_tiled_float_conv_equals_the_plain_mlas_loops(seed):
+    # conv_unit (register-tiled GEMM over pixel chunks, images side by side) must keep every output's
+    # MLAS summation order: equal, bit for bit, to per-image im2col + sgemm_mlas + quantize
+    from qgraph.kernels.lower import Step
+    from qgraph.kernels.ortfloat import conv_unit, conv_unit_reference
+    rng = np.random.default_rng(seed)
+    one_d = seed == 7
+    g = 2 if seed == 5 else 1
+    cin, cout = g * int(rng.integers(1, 200)), g * int(rng.integers(1, 40))
+    k = 1 if seed < 3 else int(rng.integers(1, 4))
+    n_b, h, w = int(rng.integers(1, 4)), int(rng.integers(1, 12)), int(rng.integers(1, 12))
+    attrs = {"group": g, "strides": [int(rng.integers(1, 3))] * (1 if one_d else 2),
+             "pads": [int(rng.integers(0, 2))] * (2 if one_d else 4)} if k > 1 else {"group": g}
+    x_shape = (n_b, cin, w) if one_d else (n_b, cin, h, w)
+    x = rng.integers(-128, 128, x_shape).astype(np.int8 if seed % 2 else np.uint8)
+    w_f = (rng.standard_normal((cout, cin // g) + ((k,) if one_d else (k, k))) * 0.05).astype(np.float32)
+    bias = (rng.standard_normal(cout) * 0.5).astype(np.float32) if seed != 4 else None
+    args = (x, np.float32(0.03), int(rng.integers(-5, 5)) + (128 if x.dtype == np.uint8 else 0), w_f, bias,
+            np.float32(0.05), -3, -128, 127, np.int8)
+    got = conv_unit(Step("QLinearConv", "c", [], [], attrs), *args)
+    np.testing.assert_array_equal(got, conv_unit_reference(attrs, *args),
+                                  err_msg=f"seed {seed}: pytest tests/test_kernels_ortfloat.py -k 'tiled and {seed}'")
+
+
+def test_sgemm_tile_equals_plain_order_across_k_blocks(rng):
+    from qgraph.kernels import sgemm
+    for m, k, n, kc in [(5, 300, 7, 128), (13, 1000, 33, 256), (25, 40, 70, 128)]:
+        w = rng.standard_normal((m, k)).astype(np.float32)
+        cols = rng.standard_normal((k, n)).astype(np.float32)
+        ref = np.empty((m, n), np.float32)
+        sgemm_mlas(w, cols, np.zeros(m, np.float32), kc, ref)
+        npad = -(-n // sgemm.NR) * sgemm.NR
+        b = np.zeros((npad // sgemm.NR, k, sgemm.NR), np.float32)     # B panels [N/NR][K][NR]
+        colp = np.zeros((k, npad), np.float32)
+        colp[:, :n] = cols
+        b[:] = colp.reshape(k, -1, sgemm.NR).transpose(1, 0, 2)
+        a = sgemm.pack_a(w)
+        c = np.empty((a.size // k, npad), np.float32)
+        sgemm.sgemm_panels(a, b.reshape(-1), k, kc, c, npad)
+        np.testing.assert_array_equal(c[:m, :n] + np.float32(0), ref, err_msg=f"{m}x{k}x{n} kc={kc}")
