@@ -20,6 +20,7 @@ import numpy as np
 from numba import njit
 
 from qgraph.errors import ModelError
+from qgraph.kernels.amx import aligned_empty
 from qgraph.kernels.gemm import Packed, conv_gemm_requant, k4_of, pack_a, qgemm_packed
 from qgraph.kernels.depthwise import depthwise
 from qgraph.kernels.vnni import NR
@@ -263,7 +264,7 @@ def conv_int(x: np.ndarray, zx: int, pc: PackedConv, zw, geo: ConvGeometry, rq: 
         cols = (n1 - n0) * pixels
         res = None if rq is not None else (np.empty((pc.cout, cols), out.dtype) if per > 1 else out[n0])
         for gi, pa in enumerate(pc.groups):
-            panels = np.empty(-(-cols // NR) * NR * k4 * 4, np.int8)
+            panels = aligned_empty(-(-cols // NR) * NR * k4 * 4, np.int8)    # 64-byte aligned (AMX)
             panels[cols // NR * NR * k4 * 4:] = 0                  # the last panel's unused lanes
             sums = np.zeros(cols, np.int64)
             if pointwise:

@@ -12,6 +12,12 @@ the true result fits int32, so arithmetic mod 2^32 is exact, and the loops stay 
 
 Either operand can be the one packed once: matmul packs the constant B (weights), convolution packs
 the constant A (weights, ``C[Cout, pixels] = W @ im2col``) and builds B panels per call.
+
+Micro-kernels, chosen at import: AMX tiles (``amx``, when the CPU has AMX-INT8 and Linux grants the
+tile state; ``QGRAPH_NO_AMX=1`` turns it off), else AVX-512 VNNI (``vnni``), else plain Numba. The
+AMX kernels read the same B panels, but A row-major and unshifted (``tdpbssd`` for int8 A,
+``tdpbusd`` for uint8 A, so oa = 0): ``qgemm`` reads the caller's A in place, and ``pack_a`` keeps an
+extra row-major copy of A (``Packed.amx_rows``) for the conv path.
 """
 from __future__ import annotations
 
@@ -20,8 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from qgraph.kernels import vnni
+from qgraph.kernels import amx, vnni
 from qgraph.kernels.vnni import MR, NR
+
+assert NR == amx.TN, "the AMX kernels read gemm's B panels as they are"
 
 
 @dataclass
@@ -33,6 +41,10 @@ class Packed:
     k4: int
     sums: np.ndarray       # int64 [rows]: sum over k of the shifted operand
     offset: int            # oa (A) or ob (B)
+    # for the AMX kernels (``amx``), only when the CPU has AMX:
+    amx_tail: np.ndarray | None = None   # B: ``amx.b_tail`` of data (made on first use); A: the A tail
+    amx_rows: np.ndarray | None = None   # A: the unshifted row-major copy of ``amx.pack_a_rows``
+    amx_sums: np.ndarray | None = None   # A: its row sums (offset 0)
 
 
 def k4_of(k: int) -> int:
@@ -72,7 +84,10 @@ def pack_a(a: np.ndarray) -> Packed:
     out = np.empty(-(-m // MR) * MR * k4 * 4, np.uint8)
     sums = np.zeros(m, np.int64)
     _pack(a.view(np.uint8), k4, MR, np.uint8(0x80 if oa else 0), out, sums)
-    return Packed(out, m, k, k4, sums, oa)
+    pa = Packed(out, m, k, k4, sums, oa)
+    if amx.HAS_AMX and m > 0 and k > 0:
+        pa.amx_rows, pa.amx_tail, pa.amx_sums = amx.pack_a_rows(a)
+    return pa
 
 
 def pack_b(b: np.ndarray) -> Packed:
@@ -81,7 +96,7 @@ def pack_b(b: np.ndarray) -> Packed:
         raise ValueError(f"pack_b wants a 2-D int8/uint8 matrix, got {b.dtype} {b.shape}")
     k, n = b.shape
     k4, ob = k4_of(k), (128 if b.dtype == np.uint8 else 0)
-    out = np.empty(-(-n // NR) * NR * k4 * 4, np.int8)
+    out = amx.aligned_empty(-(-n // NR) * NR * k4 * 4, np.int8)    # 64-byte aligned for the AMX tiles
     sums = np.zeros(n, np.int64)
     _pack(b.T.view(np.int8), k4, NR, np.int8(-128 if ob else 0), out, sums)
     return Packed(out, n, k, k4, sums, ob)
@@ -221,6 +236,22 @@ def conv_gemm_generic(a, b, k4, cols, nb, pix, k, rowsum, oa, za, colsum, ob, zb
                        shift, zp, qmin, qmax, fixed, o0, out3)
 
 
+@njit(cache=True)
+def conv_gemm_amx(a_rows, a_tail, b, k4, cols, nb, pix, k, rowsum, za, colsum, ob, zb, bias, scale, mult, shift, zp,
+                  qmin, qmax, fixed, o0, out3):
+    """``conv_gemm_vnni`` with the AMX tiles: A from ``amx.pack_a_rows`` (unshifted, oa = 0), so the
+    block is overwritten rather than zeroed and accumulated."""
+    mp = a_rows.shape[0] // (k4 * 4)
+    ld = nb + 16                                   # see amx.gemm_amx_raw
+    scratch = amx.aligned_zeros_like(mp * ld, np.empty(0, np.int32)).reshape(mp, ld)
+    ncols = -(-cols // NR) * NR
+    for c0 in range(0, ncols, nb):
+        w = min(nb, ncols - c0)
+        amx.gemm_amx_raw(a_rows, a_tail, b[c0 * k4 * 4:], scratch, w, k4)
+        _requant_block(scratch, c0, min(w, cols - c0), pix, k, rowsum, 0, za, colsum, ob, zb, bias, scale, mult,
+                       shift, zp, qmin, qmax, fixed, o0, out3)
+
+
 def conv_gemm_requant(pa: Packed, za, pb: Packed, zb, pix: int, rq: tuple, o0: int, out3: np.ndarray) -> None:
     """Requantized (A - za) @ (B - zb) of a conv group, written to out3[image, o0 + row, pixel]
     where B's columns are the pixels (``pix`` per image) of images 0, 1, ... of ``out3``."""
@@ -228,6 +259,11 @@ def conv_gemm_requant(pa: Packed, za, pb: Packed, zb, pix: int, rq: tuple, o0: i
         raise ValueError(f"qgemm: A has K={pa.k}, B has K={pb.k}")
     za = np.asarray(za, np.int64).reshape(-1)
     zb = np.asarray(zb, np.int64).reshape(-1)
+    if pa.amx_rows is not None and amx.HAS_AMX:
+        mp = -(-pa.rows // amx.TM) * amx.TM
+        conv_gemm_amx(pa.amx_rows, pa.amx_tail, pb.data, pa.k4, pb.rows, _block_cols(mp), pix, pa.k, pa.amx_sums,
+                      za, pb.sums, pb.offset, zb, *rq, o0, out3)
+        return
     mp = -(-pa.rows // MR) * MR
     fn = conv_gemm_vnni if vnni.HAS_VNNI else conv_gemm_generic
     fn(pa.data, pb.data, pa.k4, pb.rows, _block_cols(mp), pix, pa.k, pa.sums, pa.offset, za, pb.sums, pb.offset,
@@ -240,19 +276,39 @@ def qgemm_packed(pa: Packed, za, pb: Packed, zb, out: np.ndarray | None = None):
     requantized product is ``conv_gemm_requant``.)"""
     if pa.k != pb.k:
         raise ValueError(f"qgemm: A has K={pa.k}, B has K={pb.k}")
-    raw = np.zeros((-(-pa.rows // MR) * MR, -(-pb.rows // NR) * NR), np.int32)
-    (vnni.gemm_u8s8_vnni if vnni.HAS_VNNI else gemm_u8s8_generic)(pa.data, pb.data, raw, pa.k4)
+    if pa.amx_rows is not None and amx.HAS_AMX and pb.rows > 0:
+        raw = amx.aligned_empty((-(-pa.rows // amx.TM) * amx.TM, -(-pb.rows // NR) * NR), np.int32)
+        amx.gemm_amx_raw(pa.amx_rows, pa.amx_tail, pb.data, raw, raw.shape[1], pa.k4)
+        rowsum, oa = pa.amx_sums, 0
+    else:
+        raw = np.zeros((-(-pa.rows // MR) * MR, -(-pb.rows // NR) * NR), np.int32)
+        (vnni.gemm_u8s8_vnni if vnni.HAS_VNNI else gemm_u8s8_generic)(pa.data, pb.data, raw, pa.k4)
+        rowsum, oa = pa.sums, pa.offset
     za = np.asarray(za, np.int64).reshape(-1)
     zb = np.asarray(zb, np.int64).reshape(-1)
     if out is None:
         out = np.empty((pa.rows, pb.rows), np.int32)
-    _zero_point_terms(raw, pa.k, pa.sums, pa.offset, za, pb.sums, pb.offset, zb, out)
+    _zero_point_terms(raw, pa.k, rowsum, oa, za, pb.sums, pb.offset, zb, out)
     return out
 
 
+_NO_TAIL = np.zeros(0, np.int8)
+
+
 def qgemm(a: np.ndarray, za, pb: Packed, zb) -> np.ndarray:
-    """sum_k (A[m,k] - za) * (B[k,n] - zb) in int32, B packed once (``pack_b``)."""
-    return qgemm_packed(pack_a(np.asarray(a)), za, pb, zb)
+    """sum_k (A[m,k] - za) * (B[k,n] - zb) in int32, B packed once (``pack_b``). With AMX, A is
+    read in place by the tile kernel (``amx.qgemm_amx``); otherwise it is packed per call."""
+    a = np.asarray(a)
+    if amx.HAS_AMX and a.ndim == 2 and a.dtype in (np.int8, np.uint8) and a.shape[0] > 0 and a.shape[1] == pb.k > 0:
+        if pb.amx_tail is None:
+            tail = amx.b_tail(pb.data, pb.k4)
+            pb.amx_tail = _NO_TAIL if tail is None else tail
+        out = amx.aligned_empty((a.shape[0], pb.rows), np.int32)
+        if pb.rows:
+            amx.qgemm_amx(np.ascontiguousarray(a), np.asarray(za, np.int64).reshape(-1), pb.data, pb.amx_tail,
+                          pb.k4, pb.sums, pb.offset, np.asarray(zb, np.int64).reshape(-1), out)
+        return out
+    return qgemm_packed(pack_a(a), za, pb, zb)
 
 
 def qgemm_reference(a: np.ndarray, za, b: np.ndarray, zb) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qgraph.kernels import gemm, pool, vnni
+from qgraph.kernels import amx, gemm, pool, vnni
 from qgraph.kernels.conv import ConvGeometry, conv_int, conv_reference, pack_conv
 from qgraph.kernels.requant import fixed_multiplier, requantize_into, requantize_reference
 
@@ -57,6 +57,77 @@ def test_qgemm_long_k_crosses_cache_blocks():
     k = vnni.KC4 * 4 * 2 + 13                                        # three k blocks, ragged tail
     a, b = _ints(rng, np.int8, (9, k)), _ints(rng, np.int8, (k, 33))
     np.testing.assert_array_equal(gemm.qgemm(a, 3, gemm.pack_b(b), -2), gemm.qgemm_reference(a, 3, b, -2))
+
+
+needs_amx = pytest.mark.skipif(not amx.HAS_AMX, reason="no AMX-INT8 here (CPU without amx-tile/amx-int8, "
+                                                       "tile state not granted by the OS, or QGRAPH_NO_AMX set)")
+# M, N not multiples of 16/32; K = 1, 3 and 27 (one short k block, A rows over-read into B's zero
+# padding), 64 and 128 (whole blocks), 65, 144 and 200 (the overlapping last block)
+AMX_SHAPES = [(1, 1, 1), (5, 3, 7), (31, 27, 33), (32, 27, 32), (33, 1, 17), (64, 64, 64), (70, 65, 24),
+              (17, 144, 45), (96, 128, 31), (40, 200, 70), (3, 65, 96)]
+
+
+@needs_amx
+@pytest.mark.parametrize("a_t,b_t", [("s8", "s8"), ("u8", "s8"), ("u8", "u8"), ("s8", "u8")])
+def test_amx_qgemm_equals_reference_on_awkward_shapes(a_t, b_t):
+    rng = np.random.default_rng(17)
+    for trial, (m, k, n) in enumerate(AMX_SHAPES):
+        a, b = _ints(rng, DT[a_t], (m, k)), _ints(rng, DT[b_t], (k, n))
+        for zp in ("zero", "tensor", "channel"):
+            za = {"zero": 0, "tensor": _ints(rng, DT[a_t], ()), "channel": _ints(rng, DT[a_t], (m,))}[zp]
+            zb = {"zero": 0, "tensor": _ints(rng, DT[b_t], ()), "channel": _ints(rng, DT[b_t], (n,))}[zp]
+            pb = gemm.pack_b(b)
+            want = gemm.qgemm_reference(a, za, b, zb)
+            np.testing.assert_array_equal(gemm.qgemm(a, za, pb, zb), want, err_msg=f"{(m, k, n)} {zp}")
+            # the same through the tile kernel called directly (qgemm's dispatch aside)
+            out = np.empty((m, n), np.int32)
+            tail = amx.b_tail(pb.data, pb.k4)
+            tail = np.zeros(0, np.int8) if tail is None else tail
+            amx.qgemm_amx(a, np.asarray(za, np.int64).reshape(-1), pb.data, tail, pb.k4, pb.sums, pb.offset,
+                          np.asarray(zb, np.int64).reshape(-1), out)
+            np.testing.assert_array_equal(out, want, err_msg=f"direct {(m, k, n)} {zp}")
+            # packed A (the conv path's tile kernel: A row-major copy, B panels as they are)
+            np.testing.assert_array_equal(gemm.qgemm_packed(gemm.pack_a(a), za, pb, zb), want,
+                                          err_msg=f"packed {(m, k, n)} {zp}")
+
+
+@needs_amx
+def test_amx_qgemm_reads_strided_a_and_reuses_the_packed_b():
+    rng = np.random.default_rng(18)
+    big = _ints(rng, np.int8, (90, 150))
+    b = _ints(rng, np.int8, (75, 33))
+    pb = gemm.pack_b(b)
+    for a in (big[::2, ::2], big[:45, 10:85], np.asfortranarray(big[:40, :75])):
+        np.testing.assert_array_equal(gemm.qgemm(a, -3, pb, 5), gemm.qgemm_reference(a, -3, b, 5))
+    np.testing.assert_array_equal(pb.data, gemm.pack_b(b).data)        # the B tail is a copy
+
+
+@needs_amx
+@pytest.mark.parametrize("cin,kernel", [(20, 3), (40, 1), (3, 3)])
+def test_amx_conv_with_ragged_k_equals_reference(cin, kernel):
+    # k = kernel^2 * channels padded to 4: 180 (k4 = 45, overlapping last block), 40, 36
+    rng = np.random.default_rng(cin)
+    x = _ints(rng, np.uint8, (2, cin, 11, 13))
+    w = _ints(rng, np.int8, (37, cin, kernel, kernel))
+    zw = rng.integers(-3, 3, 37)
+    geo = ConvGeometry((kernel, kernel), (1, 2), (1, 1), (1, 0, 1, 2) if kernel > 1 else (0, 0, 0, 0), 1)
+    pc = pack_conv(w, 1)
+    acc = conv_int(x, 133, pc, zw, geo)
+    np.testing.assert_array_equal(acc, conv_reference(x, 133, w, zw, geo))
+    bias = rng.integers(-3000, 3000, 37).astype(np.int32)
+    scale = rng.uniform(2e-4, 2e-3, 37).astype(np.float32)
+    mult, shift = fixed_multiplier(scale)
+    for mode in ("float", "fixed"):
+        want = requantize_into((acc + bias.reshape(1, -1, 1, 1)).reshape(2, 37, -1), scale, 120, 0, 255, mode,
+                               np.uint8).reshape(acc.shape)
+        got = conv_int(x, 133, pc, zw, geo, rq=(bias, scale, mult, shift, 120, 0, 255, mode == "fixed"),
+                       out_dtype=np.uint8)
+        np.testing.assert_array_equal(got, want, err_msg=mode)
+
+
+def test_amx_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("QGRAPH_NO_AMX", "1")
+    assert amx._request_amx() is False
 
 
 @pytest.mark.parametrize("kind", ["dense", "grouped", "depthwise", "depthwise_multiplier", "conv1d"])

@@ -4,7 +4,8 @@
 
 Sections (every figure is a ratio against ORT measured in the same process, same shapes):
   gemm   int8 GEMM C[M,N] = A[M,K] B[K,N] (256^3, 512^3, 1024^3 and im2col shapes of MobileNetV2
-         layers) vs ORT MatMulInteger, s8s8 and u8s8 (ORT's fastest path; ours is one kernel for both)
+         layers) vs ORT MatMulInteger, s8s8 and u8s8 (ORT's fastest path; ours is one kernel for both:
+         AMX tiles when the CPU and OS allow them, else AVX-512 VNNI; QGRAPH_NO_AMX=1 forces the latter)
   conv   QLinearConv layers of MobileNetV2 (224x224 input, s8s8) vs ORT QLinearConv
   model  whole-model latency of a QDQ model vs ORT on the same model, at each --batches size: by default
          MobileNetV2 and EfficientNet-Lite0 quantized s8s8 by qgraph (tools/runtime_zoo.py, cached),
@@ -243,11 +244,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import numba
     import onnxruntime
-    from qgraph.kernels import vnni
-    head = {"cpu": cpu_model(), "flags": cpu_flags(), "vnni_kernel": vnni.HAS_VNNI, "threads": 1,
-            "onnxruntime": onnxruntime.__version__, "numba": numba.__version__}
+    from qgraph.kernels import amx, vnni
+    head = {"cpu": cpu_model(), "flags": cpu_flags(), "vnni_kernel": vnni.HAS_VNNI, "amx_kernel": amx.HAS_AMX,
+            "threads": 1, "onnxruntime": onnxruntime.__version__, "numba": numba.__version__}
     print(f"CPU: {head['cpu']}  flags: {' '.join(head['flags'])}  our VNNI kernel: {head['vnni_kernel']}  "
-          f"threads: 1  onnxruntime {head['onnxruntime']}  numba {head['numba']}", flush=True)
+          f"our AMX kernel: {head['amx_kernel']}  threads: 1  onnxruntime {head['onnxruntime']}  "
+          f"numba {head['numba']}", flush=True)
     result = {"host": head}
     sections = args.sections.split(",")
     with tempfile.TemporaryDirectory() as tmp:
