@@ -297,7 +297,9 @@ _NO_TAIL = np.zeros(0, np.int8)
 
 def qgemm(a: np.ndarray, za, pb: Packed, zb) -> np.ndarray:
     """sum_k (A[m,k] - za) * (B[k,n] - zb) in int32, B packed once (``pack_b``). With AMX, A is
-    read in place by the tile kernel (``amx.qgemm_amx``); otherwise it is packed per call."""
+    read in place by the tile kernel (``amx.qgemm_amx``); with VNNI it is packed block by block inside
+    ``vnni.qgemm_vnni``, which applies the zero points as it writes the result; otherwise it is
+    packed per call (``pack_a``)."""
     a = np.asarray(a)
     if amx.HAS_AMX and a.ndim == 2 and a.dtype in (np.int8, np.uint8) and a.shape[0] > 0 and a.shape[1] == pb.k > 0:
         if pb.amx_tail is None:
@@ -307,6 +309,16 @@ def qgemm(a: np.ndarray, za, pb: Packed, zb) -> np.ndarray:
         if pb.rows:
             amx.qgemm_amx(np.ascontiguousarray(a), np.asarray(za, np.int64).reshape(-1), pb.data, pb.amx_tail,
                           pb.k4, pb.sums, pb.offset, np.asarray(zb, np.int64).reshape(-1), out)
+        return out
+    if vnni.HAS_VNNI and a.ndim == 2 and a.dtype in (np.int8, np.uint8) and a.shape[1] == pb.k:
+        if a.shape[1] > 1 and a.strides[1] != 1:
+            a = np.ascontiguousarray(a)
+        out = np.empty((a.shape[0], pb.rows), np.int32)
+        if out.size:
+            signed = a.dtype == np.int8
+            vnni.qgemm_vnni(a.view(np.uint8), np.uint32(0x80808080 if signed else 0), 128 if signed else 0,
+                            np.asarray(za, np.int64).reshape(-1), pb.data, pb.k4, pb.sums, pb.offset,
+                            np.asarray(zb, np.int64).reshape(-1), out)
         return out
     return qgemm_packed(pack_a(a), za, pb, zb)
 

@@ -59,6 +59,51 @@ def test_qgemm_long_k_crosses_cache_blocks():
     np.testing.assert_array_equal(gemm.qgemm(a, 3, gemm.pack_b(b), -2), gemm.qgemm_reference(a, 3, b, -2))
 
 
+needs_vnni = pytest.mark.skipif(not vnni.HAS_VNNI, reason="no AVX-512 VNNI here (CPU without avx512vnni/avx512bw, "
+                                                         "or QGRAPH_NO_VNNI set)")
+# M not a multiple of MR (and past one MC-row block), N not a multiple of 16 or 32 (last panel <= 16
+# columns: the 16-column tile; past one NC-column block), K = 1, 3, 27 (tail word, assembled byte
+# by byte in the last rows), 16, 144 (whole words), 1025 (two k blocks of KC4, the second short)
+VNNI_SHAPES = [(1, 1, 1), (2, 3, 7), (5, 27, 33), (13, 16, 24), (100, 27, 45), (7, 144, 150), (203, 16, 200),
+               (97, 1025, 17), (11, 1025, 70), (3, 1, 129)]
+
+
+@needs_vnni
+@pytest.mark.parametrize("a_t,b_t", [("s8", "s8"), ("u8", "s8"), ("u8", "u8"), ("s8", "u8")])
+def test_vnni_qgemm_equals_reference_on_awkward_shapes(a_t, b_t):
+    rng = np.random.default_rng(21)
+    for m, k, n in VNNI_SHAPES:
+        a, b = _ints(rng, DT[a_t], (m, k)), _ints(rng, DT[b_t], (k, n))
+        pb = gemm.pack_b(b)
+        for zp in ("zero", "tensor", "row/column"):
+            za = {"zero": 0, "tensor": _ints(rng, DT[a_t], ()), "row/column": _ints(rng, DT[a_t], (m,))}[zp]
+            zb = {"zero": 0, "tensor": _ints(rng, DT[b_t], ()), "row/column": _ints(rng, DT[b_t], (n,))}[zp]
+            want = gemm.qgemm_reference(a, za, b, zb)
+            signed = a.dtype == np.int8
+            out = np.empty((m, n), np.int32)
+            vnni.qgemm_vnni(a.view(np.uint8), np.uint32(0x80808080 if signed else 0), 128 if signed else 0,
+                            np.asarray(za, np.int64).reshape(-1), pb.data, pb.k4, pb.sums, pb.offset,
+                            np.asarray(zb, np.int64).reshape(-1), out)
+            np.testing.assert_array_equal(out, want, err_msg=f"direct {(m, k, n)} {zp}")
+            np.testing.assert_array_equal(gemm.qgemm(a, za, pb, zb), want, err_msg=f"qgemm {(m, k, n)} {zp}")
+
+
+@needs_vnni
+def test_vnni_qgemm_reads_strided_a():
+    # row strides other than K (views, reversed rows) and a column-strided A (copied first)
+    rng = np.random.default_rng(22)
+    big = _ints(rng, np.int8, (90, 150))
+    b = _ints(rng, np.int8, (27, 33))
+    pb = gemm.pack_b(b)
+    for a in (big[:45, 10:37], big[::2, 3:30], big[::-1, :27], big[:40, ::5][:, :27], np.asfortranarray(big[:40, :27])):
+        out = np.empty((a.shape[0], 33), np.int32)
+        if a.strides[1] == 1:
+            vnni.qgemm_vnni(a.view(np.uint8), np.uint32(0x80808080), 128, np.array([-3]), pb.data, pb.k4, pb.sums,
+                            pb.offset, np.array([5]), out)
+            np.testing.assert_array_equal(out, gemm.qgemm_reference(a, -3, b, 5))
+        np.testing.assert_array_equal(gemm.qgemm(a, -3, pb, 5), gemm.qgemm_reference(a, -3, b, 5))
+
+
 needs_amx = pytest.mark.skipif(not amx.HAS_AMX, reason="no AMX-INT8 here (CPU without amx-tile/amx-int8, "
                                                        "tile state not granted by the OS, or QGRAPH_NO_AMX set)")
 # M, N not multiples of 16/32; K = 1, 3 and 27 (one short k block, A rows over-read into B's zero
