@@ -10,6 +10,16 @@ saw it, E[ỹ] on the QDQ model, layer by layer in topological order (a layer is
 quantized layer upstream of it has been corrected, so the upstream error it sees is the final one).
 Layers that do not depend on each other are measured in the same run.
 
+What the next layer reads is not y but clip(y, lo, hi) when a Relu / Clip / Min / Max with constants
+or a quantizer range follows (``target=activation``, the default): the mean to restore is then
+E[clip(y)], and the shift solves E[clip(ỹ + δ)] = E[clip(y)] by one Newton step,
+
+    δ = (E[clip(y)] − E[clip(ỹ)]) / P(lo < ỹ < hi)
+
+(a channel inside its range less than ``MIN_ACTIVE`` of the time keeps its bias). Matching the raw mean
+instead (``target=output``) shifts a mostly-dead channel by the error of its clipped-away mass, which
+the next layer never sees: at 4 bits that took EfficientNet-Lite0 from 82.25 to 9.25 top-1.
+
 ``mode=analytic`` needs no data (DFQ §4.2): only the weight error is corrected,
 E[ỹ] − E[y] = (W̃ − W)·E[x], with E[x] per input channel from the BatchNorm statistics ``fold`` kept for
 the layer that produces x: its output is N(β, γ²) per channel, and after ReLU / ReLU6 / the Q range
@@ -45,6 +55,9 @@ class BiasCorrOptions:
                        choices=("empirical", "analytic"))
     samples: int = option(0, "calibration samples to use (0: all)", range=(0, 10**9))
     batch_size: int = option(16, "batch size of the measuring runs", range=(1, 4096))
+    target: str = option("activation", "empirical mode: match the mean of what the next layer reads (the "
+                         "output after the Relu/Clip/Min or quantizer range that follows it) or of the raw "
+                         "layer output (DFQ's original)", choices=("activation", "output"))
 
 
 class BiasCorrection(Pass):
@@ -90,19 +103,25 @@ class BiasCorrection(Pass):
         if self.opts.samples and self.opts.samples < len(samples):
             samples = samples.subset(range(self.opts.samples))
         float_names = {grp.node.outputs[0].name: _float_name(g, grp) for grp in layers}
-        by_float = _channel_means(qstate["float_model"], list(float_names.values()), samples,
-                                  self.opts.batch_size, ctx.progress, "biascorr float")
-        float_means = {q: by_float[f] for q, f in float_names.items()}
+        bounds = {}
+        if self.opts.target == "activation":
+            # what the next layer reads, clipped the same way on both sides (the activation chain and
+            # the quantizer's range of the QDQ model): the two means differ only by quantization error
+            bounds = {grp.node.outputs[0].name: b for grp in layers if (b := _output_bounds(g, grp)) is not None}
+        by_float = _channel_stats(qstate["float_model"], list(float_names.values()), samples,
+                                  self.opts.batch_size, ctx.progress, "biascorr float",
+                                  {float_names[q]: b for q, b in bounds.items()})
+        float_stats = {q: by_float[f] for q, f in float_names.items()}
         shifts: dict[str, np.ndarray] = {}
         waves = _waves(g, layers)
         bar = progress_bar(len(waves), "biascorr", unit="layer") if ctx.progress else None
-        for runs, wave in enumerate(waves, start=1):
+        for wave in waves:
             wanted = [grp.node.outputs[0].name for grp in wave]
-            quant_means = _channel_means(_truncated(g, wanted), wanted, samples, self.opts.batch_size,
-                                         False, "")
+            quant_stats = _channel_stats(_truncated(g, wanted), wanted, samples, self.opts.batch_size,
+                                         False, "", {n: bounds[n] for n in wanted if n in bounds})
             for grp in wave:
                 name = grp.node.outputs[0].name
-                delta = float_means[name] - quant_means[name]
+                delta = _shift(float_stats[name], quant_stats[name])
                 _add_to_bias(g, grp, delta, qstate)
                 shifts[grp.node.name] = delta
             if bar is not None:
@@ -186,19 +205,104 @@ def _float_name(g: ir.Graph, grp: QGroup) -> str:
     return y.name
 
 
-def _channel_means(model, names: list[str], samples, batch_size: int, progress: bool,
-                   desc: str) -> dict[str, np.ndarray]:
-    """Per-channel means (axis 1: Conv and Gemm outputs are [N, C, ...]) of ``names`` over the samples,
-    streamed (sums and counts, no activations kept)."""
-    sums: dict[str, np.ndarray] = {}
+#: below this fraction of a channel's values inside its activation's linear range, the activation
+#: mean says too little about the pre-activation shift: the channel is left as it is
+MIN_ACTIVE = 0.05
+
+
+def _output_bounds(g: ir.Graph, grp: QGroup) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per output channel (lo, hi) of what the readers of the layer's output see: the chain of Relu / Clip / Min / Max with constants that alone reads it, and the range of the
+    quantizer at its end. None when nothing clips it (its raw output is what the next layer reads)."""
+    cout = _out_channels(grp)
+    rank = 2 if grp.node.op == "Gemm" else len(grp.weight_float().shape)
+    lo, hi = np.full(cout, -np.inf), np.full(cout, np.inf)
+    t = grp.node.outputs[0]
+    while True:
+        readers = ir.consumers(t)
+        if len(readers) != 1 or ir.is_graph_output(g, t):
+            break
+        r = readers[0]
+        if r.op == "Relu":
+            lo = np.maximum(lo, 0.0)
+        elif r.op == "Clip":
+            for k, fn in ((1, np.maximum), (2, np.minimum)):
+                v = ir.const(r.inputs[k]) if len(r.inputs) > k and r.inputs[k].name else None
+                if v is not None:
+                    if k == 1:
+                        lo = fn(lo, float(v))
+                    else:
+                        hi = fn(hi, float(v))
+        elif r.op in ("Min", "Max") and len(r.inputs) == 2:
+            other = [i for i in r.inputs if i is not t]
+            v = ir.const(other[0]) if len(other) == 1 else None
+            if v is None or not _per_channel(v, cout, rank):
+                break
+            v = np.broadcast_to(v.reshape(-1).astype(np.float64), (cout,))
+            if r.op == "Min":
+                hi = np.minimum(hi, v)
+            else:
+                lo = np.maximum(lo, v)
+        elif is_q(r):
+            qlo, qhi = (np.asarray(v, np.float64) for v in qparams_of(r).real_range())
+            if qlo.size in (1, cout):
+                lo = np.maximum(lo, np.broadcast_to(qlo.reshape(-1), (cout,)))
+                hi = np.minimum(hi, np.broadcast_to(qhi.reshape(-1), (cout,)))
+            break
+        else:
+            break
+        t = r.outputs[0]
+    if np.all(np.isinf(lo)) and np.all(np.isinf(hi)):
+        return None
+    return lo, hi
+
+
+def _per_channel(v: np.ndarray, cout: int, rank: int) -> bool:
+    """v broadcasts against an [N, C, ...] output of ``rank`` dims as one value or one per channel."""
+    if v.size == 1:
+        return True
+    shape = (1,) * (rank - v.ndim) + tuple(v.shape)
+    return v.ndim <= rank and v.size == cout and shape[1] == cout
+
+
+def _out_channels(grp: QGroup) -> int:
+    node = grp.node
+    w = grp.weight_float()
+    if node.op == "Gemm":
+        return w.shape[0] if node.attrs.get("transB", 0) else w.shape[1]
+    return w.shape[0]
+
+
+def _channel_stats(model, names: list[str], samples, batch_size: int, progress: bool, desc: str,
+                   bounds: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Per-channel statistics (axis 1: Conv and Gemm outputs are [N, C, ...]) of ``names`` over the
+    samples, streamed (sums and counts, no activations kept): "mean" of the value; for names with
+    ``bounds`` (lo, hi) also "act", the mean of clip(value, lo, hi), and "active", the fraction of
+    values strictly inside (lo, hi)."""
+    bounds = bounds or {}
+    sums: dict[str, dict[str, np.ndarray]] = {}
     counts: dict[str, int] = {}
     for values in stream(model, names, samples, batch_size=batch_size, progress=progress, desc=desc):
         for n, v in values.items():
             v = np.moveaxis(np.asarray(v, dtype=np.float64), 1, 0)
             flat = v.reshape(v.shape[0], -1)
-            sums[n] = sums.get(n, 0.0) + flat.sum(axis=1)
+            acc = sums.setdefault(n, {})
+            acc["mean"] = acc.get("mean", 0.0) + flat.sum(axis=1)
+            if n in bounds:
+                lo, hi = (b[:, None] for b in bounds[n])
+                acc["act"] = acc.get("act", 0.0) + np.clip(flat, lo, hi).sum(axis=1)
+                acc["active"] = acc.get("active", 0.0) + ((flat > lo) & (flat < hi)).sum(axis=1)
             counts[n] = counts.get(n, 0) + flat.shape[1]
-    return {n: sums[n] / counts[n] for n in names}
+    return {n: {k: v / counts[n] for k, v in sums[n].items()} for n in names}
+
+
+def _shift(float_st: dict, quant_st: dict) -> np.ndarray:
+    """The bias shift of one layer. Raw output: E[y] − E[ỹ]. Clipped output: one Newton step on
+    E[clip(ỹ + δ)] = E[clip(y)], i.e. δ = (E[clip(y)] − E[clip(ỹ)]) / P(ỹ inside the range); a
+    channel almost never inside its range (dead, or always saturated) is left alone."""
+    if "act" not in quant_st:
+        return float_st["mean"] - quant_st["mean"]
+    p = quant_st["active"]
+    return np.where(p >= MIN_ACTIVE, (float_st["act"] - quant_st["act"]) / np.maximum(p, MIN_ACTIVE), 0.0)
 
 
 def _waves(g: ir.Graph, layers: list[QGroup]) -> list[list[QGroup]]:

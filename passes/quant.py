@@ -9,7 +9,8 @@ Inference", §2) affine map, per tensor or per output channel:
 2. Calibration (``qgraph.calibrate``): one ORT session over ``ctx.calib``, streaming min/max and
    histograms of every tensor to quantize (cached in ``ctx.stats`` per graph state).
 3. Decisions (``qgraph.qparams``): activations by ``act_method`` (minmax | percentile | mse | entropy);
-   weights by ``weight_method`` (minmax | mse), per tensor or per output channel, symmetric.
+   weights by ``weight_method`` (minmax | mse), per tensor or per output channel, symmetric (or with a
+   zero point per channel: ``weight_scheme=asym``).
    Tensors that must share a scale (Concat, MaxPool/Reshape/...) take the widest member's range.
    Bias: int32, s_b = s_x · s_w (per channel), z_b = 0, so the integer accumulator needs no rescale.
 4. Rewrite: integer constants read through DequantizeLinear; Q -> DQ after every quantized activation.
@@ -44,12 +45,16 @@ INT32 = (-(2 ** 31), 2 ** 31 - 1)
 
 @dataclass
 class QuantOptions:
-    bits: int = option(8, "weight bits; below 8 the symmetric range is narrow ([-7, 7] at 4 bits)", range=(2, 8))
+    bits: int = option(8, "weight bits; below 8 the symmetric range is narrow ([-7, 7] at 4 bits, see "
+                       "weight_scheme)", range=(2, 8))
     act_bits: int = option(8, "activation bits", choices=(8, 16))
     granularity: str = option("channel", "weight scales per output channel or per tensor",
                               choices=("channel", "tensor"))
     scheme: str = option("asym", "activation ranges: asymmetric (zero point) or symmetric",
                          choices=("asym", "sym"))
+    weight_scheme: str = option("sym", "weight grid: symmetric (zero point 0, narrow range below 8 bits) or "
+                                "asymmetric (a zero point per channel: all 2^bits levels over [min, max])",
+                                choices=("sym", "asym"))
     act_dtype: str = option("int8", "activation storage type (s8s8 or u8s8 with int8 weights)",
                             choices=("int8", "uint8"))
     act_method: str = option("minmax", "activation range", choices=ACT_METHODS)
@@ -186,11 +191,16 @@ class Quantize(Pass):
         method = o.weight_method
         if method == "auto":
             method = "mse" if wp.axis is None else "minmax"
-        if not (wp.readers and wp.readers[0].op in ("Conv", "ConvTranspose", "Gemm", "MatMul")):
+        if not self._weight_of_layer(wp):
             method = "minmax"     # tables and Add/Mul constants: their scale is the output's too
         storage = "int4" if wp.bits <= 4 and o.storage4 == "int4" else "int8"
-        return weight_qparams(wp.tensor.values, bits=wp.bits, storage=storage, symmetric=True,
+        return weight_qparams(wp.tensor.values, bits=wp.bits, storage=storage,
+                              symmetric=o.weight_scheme == "sym" or not self._weight_of_layer(wp),
                               axis=wp.axis, method=method)
+
+    @staticmethod
+    def _weight_of_layer(wp) -> bool:
+        return bool(wp.readers) and wp.readers[0].op in ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
     def _round(self, g: ir.Graph, plan: Plan, w_qp: dict, float_model, ctx: Context) -> tuple[dict, dict]:
         """GPTQ integers for the layers' weights (``rounding=gptq``), with what the notes say of it."""

@@ -115,3 +115,81 @@ def test_weight_only_model_gets_its_float_bias_corrected(rng):
     notes = manager.results[-1][1].notes
     assert notes["corrected"] == 2 and "skipped" not in notes
     onnx.checker.check_model(ir.to_model(g))
+
+
+def relu_means(model, x, name):
+    from builders import run_ort
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    m.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return run_ort(m, {"x": x})[-1].mean(axis=(0, 2, 3))
+
+
+def test_activation_target_matches_the_mean_the_next_layer_reads(rng):
+    #   conv1 is read through a Relu: what must match the float model is E[relu(h)], not E[h]; a channel
+    #   that is (almost) never positive is dead in both models and keeps its bias
+    model = chain(rng)
+    b1 = next(t for t in model.graph.initializer if t.name == "b1")
+    bias = onnx.numpy_helper.to_array(b1).copy()
+    bias[0] = -30.0
+    b1.CopyFrom(init("b1", bias))
+    data = samples(rng, 128)
+    x = np.concatenate([b["x"] for b in data.batches(128)])
+    target = relu_means(model, x, "r")
+    errs, shifts = {}, {}
+    for t in ("activation", "output"):
+        g = ir.load(model)
+        ctx = Context(calib=data, progress=False)
+        PassManager(build_passes(f"quant:bits=3,granularity=tensor,weight_only=true,biascorr:target={t}")).run(g, ctx)
+        conv1 = next(n for n in g.nodes if n.name == "conv1")
+        shifts[t] = ir.const(conv1.inputs[2]).astype(np.float64) - bias
+        errs[t] = np.abs(relu_means(ir.to_model(g), x, "r") - target)
+    assert shifts["activation"][0] == 0.0 and shifts["output"][0] != 0.0
+    assert np.max(errs["activation"]) < 0.02 * np.max(np.abs(target))
+    assert np.max(errs["activation"]) <= np.max(errs["output"]) + 1e-6
+
+
+def bounded(rng, mins, readers=1):
+    #   x ─Conv─ h ─Relu─ r ─Min(m)─ y   (and a second reader of h when readers == 2)
+    inits = [init("w", rng.normal(size=(4, 3, 1, 1)).astype(np.float32)),
+             init("b", np.zeros(4, np.float32)), init("m", np.asarray(mins, np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["h"], name="conv"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Min", ["r", "m"], ["y"], name="min")]
+    outs = [("y", ["N", 4, 5, 5])]
+    if readers == 2:
+        nodes.append(helper.make_node("Neg", ["h"], ["z"], name="neg"))
+        outs.append(("z", ["N", 4, 5, 5]))
+    g = ir.load(make_model(nodes, [("x", ["N", 3, 5, 5])], outs, inits))
+    PassManager(build_passes("quant:weight_only=true")).run(g, Context(progress=False))
+    return g, next(iter(find_groups(g, ("Conv",))))
+
+
+@pytest.mark.parametrize("mins, readers, expected", [
+    (np.arange(1, 5, dtype=np.float32).reshape(1, 4, 1, 1), 1, ([0, 0, 0, 0], [1, 2, 3, 4])),
+    ([6.0], 1, ([0, 0, 0, 0], [6, 6, 6, 6])),
+    (np.arange(1, 6, dtype=np.float32), 1, ([0, 0, 0, 0], [np.inf] * 4)),  # [5] broadcasts along W
+    ([6.0], 2, None),                                                      # h has another reader
+])
+def test_output_bounds_follow_the_clipping_chain(rng, mins, readers, expected):
+    from qgraph.passes.biascorr import _output_bounds
+    g, grp = bounded(rng, mins, readers)
+    got = _output_bounds(g, grp)
+    if expected is None:
+        assert got is None
+    else:
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_w8a8_layer_is_matched_on_its_quantizer_range(rng):
+    #   conv1's Relu is absorbed into its output quantizer: what the next layer reads is clip(h, 0, rmax)
+    from qgraph.passes.biascorr import _output_bounds
+    g, ctx = quantized(chain(rng), samples(rng), bits=8)
+    grp = next(grp for grp in find_groups(g, ("Conv",)) if grp.node.name == "conv1")
+    assert not any(n.op == "Relu" for n in g.nodes)
+    lo, hi = _output_bounds(g, grp)
+    q = next(n for n in ir.consumers(grp.node.outputs[0]))
+    qlo, qhi = qparams_of(q).real_range()
+    np.testing.assert_allclose(lo, np.maximum(qlo, 0.0))
+    np.testing.assert_allclose(hi, qhi)
+    assert np.all(np.isfinite(hi)) and np.all(hi > 0)

@@ -524,3 +524,38 @@ def test_zoo_small_models_w8a8_within_0_3_points_of_fp32(name):
     fp = 100.0 * float((_outputs(src, evaluation).argmax(1) == labels).mean())
     qa = 100.0 * float((_outputs(q, evaluation).argmax(1) == labels).mean())
     assert qa >= fp - 0.3, (qa, fp)
+
+
+# ----------------------------------------------------------------------------- weight grid
+
+
+def test_asymmetric_weights_use_every_level_and_fit_skewed_rows_better(rng):
+    #   rows that are mostly positive: a symmetric 4-bit grid spends half its 15 levels on values that
+    #   never occur; weight_scheme=asym puts 16 levels over [min, max] with a zero point per channel
+    model = conv_model(rng)
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    skewed = np.abs(numpy_helper.to_array(w)) + rng.uniform(0, 0.5, size=(8, 1, 1, 1)).astype(np.float32)
+    w.CopyFrom(init("w", skewed.astype(np.float32)))
+    errs = {}
+    for scheme in ("sym", "asym"):
+        q, _, calib = quantize(model, rng, f"quant:bits=4,weight_only=true,weight_scheme={scheme}")
+        grp = next(iter(find_groups(ir.load(q), ("Conv",))))
+        qp = qparams_of(grp.w_dq)
+        ints = ir.const(grp.w_dq.inputs[0]).astype(np.int64)
+        if scheme == "asym":
+            assert np.any(qp.zero_point != 0) and ints.max() == 7 and ints.min() >= -8
+        else:
+            assert np.all(qp.zero_point == 0) and ints.min() >= -7 and ints.max() <= 7
+        errs[scheme] = float(np.square(grp.weight_float() - skewed).sum())
+        check_close(model, q, calib, tol=0.15)
+    assert errs["asym"] < 0.6 * errs["sym"]
+
+
+def test_asymmetric_weights_run_bit_exact_in_the_integer_runtime(rng):
+    from qgraph.kernels import run
+    model = conv_model(rng, tail=[helper.make_node("Relu", ["c"], ["y"], name="relu")])
+    q, _, calib = quantize(model, rng, "quant:weight_scheme=asym")
+    feeds = {k: v[:4] for k, v in calib.items()}
+    ours = run(q, feeds, mode="float")
+    ours = next(iter(ours.values())) if isinstance(ours, dict) else ours[0]
+    np.testing.assert_array_equal(ours, run_ort(q, feeds)[0])

@@ -36,6 +36,9 @@ PIPELINES = [
      "fold,equalize,quant:granularity=channel,biascorr"),
     ("w8a8_channel_eq_gptq_bc", "W8A8 per-channel: + equalize + gptq rounding, mse ranges + biascorr",
      "fold,equalize,quant:granularity=channel,rounding=gptq,act_method=mse,biascorr"),
+    ("w8a8_channel_eq_gptq_bc_output", "W8A8 per-channel: + equalize + gptq rounding, mse ranges + biascorr "
+     "on raw output means", "fold,equalize,quant:granularity=channel,rounding=gptq,act_method=mse,"
+     "biascorr:target=output"),
     ("w6_tensor_naive", "W6 weight-only per-tensor: fold,quant",
      "fold,quant:bits=6,granularity=tensor,weight_only=true"),
     ("w6_tensor_eq", "W6 weight-only per-tensor: + equalize",
@@ -47,6 +50,10 @@ PIPELINES = [
     ("w4_channel_naive", "W4 weight-only per-channel: fold,quant", "fold,quant:bits=4,weight_only=true"),
     ("w4_channel_eq_bc", "W4 weight-only per-channel: + equalize + biascorr",
      "fold,equalize,quant:bits=4,weight_only=true,biascorr"),
+    ("w4_channel_gptq", "W4 weight-only per-channel: + gptq rounding",
+     "fold,quant:bits=4,weight_only=true,rounding=gptq"),
+    ("w4_channel_eq_gptq", "W4 weight-only per-channel: + equalize + gptq rounding",
+     "fold,equalize,quant:bits=4,weight_only=true,rounding=gptq"),
     ("w4_channel_eq_gptq_bc", "W4 weight-only per-channel: + equalize + gptq rounding + biascorr",
      "fold,equalize,quant:bits=4,weight_only=true,rounding=gptq,biascorr"),
 ]

@@ -131,7 +131,7 @@ def cmd_record(args) -> int:
             log(f"{name}: {p}: {json.dumps(measured[p])}")
         with updating_manifest() as man:
             e = man["models"][name]
-            e["fp32"] = fp32
+            e["fp32"] = {**e.get("fp32", {}), **fp32}   # keep what the build recorded (PyTorch's own figures)
             recorded = e.setdefault("pipelines", {})
             for p, fig in measured.items():
                 tol = recorded.get(p, {}).get("tolerance", default_tolerance(p, entry["metric"]))
