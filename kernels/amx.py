@@ -47,6 +47,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from qgraph.kernels.requant import column_terms
+
 TM = 32         # rows of C per block (two 16-row tiles)
 TN = 32         # columns of C per block = the NR of gemm.pack_b's panels
 TK4 = 16        # k (in units of 4) per tile multiply: 64 bytes
@@ -305,13 +307,7 @@ def qgemm_amx(a, za, b, tail, k4, colsum, ob, zb, out):
     af = a.reshape(-1)
     nkb = -(-k4 // TK4)
     # zero-point terms (gemm's formula, oa = 0): out = raw + zbv_j * u_i - za_i * csum_j
-    zbv = np.empty(n, np.int32)
-    csum = np.empty(n, np.int32)
-    any_zb = False
-    for j in range(n):
-        zbv[j] = np.int32((np.int64(zb[j if zb.size > 1 else 0]) - ob) & 0xFFFFFFFF)
-        csum[j] = np.int32(colsum[j] & 0xFFFFFFFF)
-        any_zb = any_zb or zbv[j] != 0
+    zbv, csum, any_zb = column_terms(zb, ob, colsum, 0, n)
     zai = np.empty(m, np.int32)
     u = np.zeros(m, np.int32)
     any_za = False

@@ -27,6 +27,7 @@ import numpy as np
 from numba import njit
 
 from qgraph.kernels import amx, vnni
+from qgraph.kernels.requant import column_terms
 from qgraph.kernels.vnni import MR, NR
 
 assert NR == amx.TN, "the AMX kernels read gemm's B panels as they are"
@@ -128,11 +129,7 @@ def gemm_u8s8_generic(a_packed, b_packed, c, k4):
 def _zero_point_terms(raw, k, rowsum, oa, za, colsum, ob, zb, out):
     """out[i, j] = raw[i, j] + zb'_j * (K*za'_i - rowsum_i) - za'_i * colsum_j, in wrapping int32."""
     m, n = out.shape
-    zbv = np.empty(n, np.int32)
-    csum = np.empty(n, np.int32)
-    for j in range(n):
-        zbv[j] = np.int32((np.int64(zb[j if zb.size > 1 else 0]) - ob) & 0xFFFFFFFF)
-        csum[j] = np.int32(colsum[j] & 0xFFFFFFFF)
+    zbv, csum, _ = column_terms(zb, ob, colsum, 0, n)
     for i in range(m):
         zai64 = np.int64(za[i if za.size > 1 else 0]) + oa
         zai = np.int32(zai64 & 0xFFFFFFFF)
@@ -169,11 +166,7 @@ def _requant_block(raw, c0, valid, pix, k, rowsum, oa, za, colsum, ob, zb, bias,
     """``_zero_point_terms`` + bias + per-row requantization (``requant.requant_run`` arithmetic) of
     columns c0..c0+valid of a conv GEMM whose columns are the pixels of consecutive images: row i
     goes to out3[image, o0 + i, pixel], image by image. Rows are output channels."""
-    zbv = np.empty(valid, np.int32)
-    csum = np.empty(valid, np.int32)
-    for j in range(valid):
-        zbv[j] = np.int32((np.int64(zb[c0 + j if zb.size > 1 else 0]) - ob) & 0xFFFFFFFF)
-        csum[j] = np.int32(colsum[c0 + j] & 0xFFFFFFFF)
+    zbv, csum, _ = column_terms(zb, ob, colsum, c0, valid)
     lo = np.float32(qmin - zp)
     hi = np.float32(qmax - zp)
     for i in range(rowsum.shape[0]):

@@ -24,6 +24,20 @@ BOUNDS = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "uin
           "int4": (-8, 7), "uint4": (0, 15), "int32": (-2**31, 2**31 - 1)}
 
 
+@njit(cache=True)
+def column_terms(zb, ob, colsum, c0, n):
+    """The GEMM's per-column zero-point terms for columns c0..c0+n, as wrapping int32:
+    zb'_j = zb_j - ob (zb per tensor or per column) and colsum_j; and whether any zb'_j is non-zero."""
+    zbv = np.empty(n, np.int32)
+    csum = np.empty(n, np.int32)
+    nonzero = False
+    for j in range(n):
+        zbv[j] = np.int32((np.int64(zb[c0 + j if zb.size > 1 else 0]) - ob) & 0xFFFFFFFF)
+        csum[j] = np.int32(colsum[c0 + j] & 0xFFFFFFFF)
+        nonzero = nonzero or zbv[j] != 0
+    return zbv, csum, nonzero
+
+
 def output_scale(s_x, s_w, s_y) -> np.ndarray:
     """Per-channel M = s_x * s_w / s_y in float32, evaluated in the order ORT does."""
     s_x = np.float32(np.asarray(s_x, np.float32).reshape(()))

@@ -29,6 +29,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from qgraph.kernels.requant import column_terms
+
 MR = 6          # rows of A per tile
 NV = 2          # zmm registers of B per tile
 NR = 16 * NV    # columns of B per tile
@@ -228,13 +230,7 @@ def qgemm_vnni(a, flip, oa, za, b, k4, colsum, ob, zb, out):
     m, k = a.shape
     n = out.shape[1]
     lda = a.strides[0]
-    zbv = np.empty(n, np.int32)
-    csum = np.empty(n, np.int32)
-    need_sums = False
-    for j in range(n):
-        zbv[j] = np.int32((np.int64(zb[j if zb.size > 1 else 0]) - ob) & 0xFFFFFFFF)
-        csum[j] = np.int32(colsum[j] & 0xFFFFFFFF)
-        need_sums = need_sums or zbv[j] != 0
+    zbv, csum, need_sums = column_terms(zb, ob, colsum, 0, n)
     nt_n = -(-n // NR)
     mc = min(MC, -(-m // MR) * MR)
     nc = min(NC, nt_n * NR)

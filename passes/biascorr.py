@@ -211,10 +211,14 @@ MIN_ACTIVE = 0.05
 
 
 def _output_bounds(g: ir.Graph, grp: QGroup) -> tuple[np.ndarray, np.ndarray] | None:
-    """Per output channel (lo, hi) of what the readers of the layer's output see: the chain of Relu / Clip / Min / Max with constants that alone reads it, and the range of the
-    quantizer at its end. None when nothing clips it (its raw output is what the next layer reads)."""
-    cout = _out_channels(grp)
-    rank = 2 if grp.node.op == "Gemm" else len(grp.weight_float().shape)
+    """Per output channel (lo, hi) of what the readers of the layer's output see: the chain of Relu /
+    Clip / Min / Max with constants that alone reads it, and the range of the quantizer at its end.
+    None when nothing clips it (its raw output is what the next layer reads)."""
+    w_shape = grp.weight_float().shape
+    if grp.node.op == "Gemm":
+        cout, rank = w_shape[0] if grp.node.attrs.get("transB", 0) else w_shape[1], 2
+    else:
+        cout, rank = w_shape[0], len(w_shape)
     lo, hi = np.full(cout, -np.inf), np.full(cout, np.inf)
     t = grp.node.outputs[0]
     while True:
@@ -225,13 +229,11 @@ def _output_bounds(g: ir.Graph, grp: QGroup) -> tuple[np.ndarray, np.ndarray] | 
         if r.op == "Relu":
             lo = np.maximum(lo, 0.0)
         elif r.op == "Clip":
-            for k, fn in ((1, np.maximum), (2, np.minimum)):
-                v = ir.const(r.inputs[k]) if len(r.inputs) > k and r.inputs[k].name else None
-                if v is not None:
-                    if k == 1:
-                        lo = fn(lo, float(v))
-                    else:
-                        hi = fn(hi, float(v))
+            lo_v, hi_v = (ir.const(r.inputs[k]) if len(r.inputs) > k and r.inputs[k].name else None for k in (1, 2))
+            if lo_v is not None:
+                lo = np.maximum(lo, float(lo_v))
+            if hi_v is not None:
+                hi = np.minimum(hi, float(hi_v))
         elif r.op in ("Min", "Max") and len(r.inputs) == 2:
             other = [i for i in r.inputs if i is not t]
             v = ir.const(other[0]) if len(other) == 1 else None
@@ -262,14 +264,6 @@ def _per_channel(v: np.ndarray, cout: int, rank: int) -> bool:
         return True
     shape = (1,) * (rank - v.ndim) + tuple(v.shape)
     return v.ndim <= rank and v.size == cout and shape[1] == cout
-
-
-def _out_channels(grp: QGroup) -> int:
-    node = grp.node
-    w = grp.weight_float()
-    if node.op == "Gemm":
-        return w.shape[0] if node.attrs.get("transB", 0) else w.shape[1]
-    return w.shape[0]
 
 
 def _channel_stats(model, names: list[str], samples, batch_size: int, progress: bool, desc: str,

@@ -16,6 +16,12 @@ def _ints(rng, dtype, shape):
     return rng.integers(info.min, info.max + 1, shape).astype(dtype)
 
 
+def _zero_point(rng, dtype, n, kind):
+    """A GEMM operand's zero point: none, one per tensor, or one per row (A) / column (B) of ``n``."""
+    return {"zero": lambda: 0, "tensor": lambda: _ints(rng, dtype, ()),
+            "row/column": lambda: _ints(rng, dtype, (n,)), "channel": lambda: _ints(rng, dtype, (n,))}[kind]()
+
+
 @pytest.mark.parametrize("a_t,b_t", [("s8", "s8"), ("u8", "s8"), ("u8", "u8"), ("s8", "u8")])
 def test_qgemm_equals_reference_with_zero_points(a_t, b_t):
     rng = np.random.default_rng(7)
@@ -76,8 +82,7 @@ def test_vnni_qgemm_equals_reference_on_awkward_shapes(a_t, b_t):
         a, b = _ints(rng, DT[a_t], (m, k)), _ints(rng, DT[b_t], (k, n))
         pb = gemm.pack_b(b)
         for zp in ("zero", "tensor", "row/column"):
-            za = {"zero": 0, "tensor": _ints(rng, DT[a_t], ()), "row/column": _ints(rng, DT[a_t], (m,))}[zp]
-            zb = {"zero": 0, "tensor": _ints(rng, DT[b_t], ()), "row/column": _ints(rng, DT[b_t], (n,))}[zp]
+            za, zb = _zero_point(rng, DT[a_t], m, zp), _zero_point(rng, DT[b_t], n, zp)
             want = gemm.qgemm_reference(a, za, b, zb)
             signed = a.dtype == np.int8
             out = np.empty((m, n), np.int32)
@@ -119,8 +124,7 @@ def test_amx_qgemm_equals_reference_on_awkward_shapes(a_t, b_t):
     for trial, (m, k, n) in enumerate(AMX_SHAPES):
         a, b = _ints(rng, DT[a_t], (m, k)), _ints(rng, DT[b_t], (k, n))
         for zp in ("zero", "tensor", "channel"):
-            za = {"zero": 0, "tensor": _ints(rng, DT[a_t], ()), "channel": _ints(rng, DT[a_t], (m,))}[zp]
-            zb = {"zero": 0, "tensor": _ints(rng, DT[b_t], ()), "channel": _ints(rng, DT[b_t], (n,))}[zp]
+            za, zb = _zero_point(rng, DT[a_t], m, zp), _zero_point(rng, DT[b_t], n, zp)
             pb = gemm.pack_b(b)
             want = gemm.qgemm_reference(a, za, b, zb)
             np.testing.assert_array_equal(gemm.qgemm(a, za, pb, zb), want, err_msg=f"{(m, k, n)} {zp}")
