@@ -30,13 +30,16 @@ import onnx
 from qgraph import ir
 from qgraph.errors import ModelError
 from qgraph.kernels.eltwise import TABLE_FUNCS, build_table
-from qgraph.kernels.requant import BOUNDS
+from qgraph.ops import (CLIP_OPS, INT_RANGES, Skip, clip_bounds, const_at, input_at, is_dq, is_q, match_group,
+                        output_quantizer)
 
 QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",
                  "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
                  "QuantizeLinear", "DequantizeLinear"}
 MOVE_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Pad",
             "Resize", "Identity", "Expand", "MaxPool", "Dropout"}
+#: ops whose integer kernels clamp their output (ORT fuses a following Relu / Clip into them)
+CLAMPED_OPS = ("Conv", "MatMul", "Gemm", "Add", "Mul")
 GROUP_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool", "AveragePool", "Concat", "Softmax"} \
     | MOVE_OPS | set(TABLE_FUNCS)
 
@@ -93,15 +96,15 @@ class _Lowering:
     def name_of(self, t) -> str:
         return "" if t is None or (isinstance(t, ir.Variable) and not t.name) else t.name
 
-    def dq_parts(self, t, node, what: str):
-        """(int value name, scale name, zero point name, axis) of a tensor made by DequantizeLinear."""
-        dq = ir.producer(t) if t is not None else None
-        if dq is None or dq.op != "DequantizeLinear":
+    def dq_parts(self, dq, node, what: str):
+        """(int value name, scale name, zero point name, axis) of the DequantizeLinear ``dq`` that
+        makes input ``what`` of ``node`` (None: that input is not dequantized, which is an error)."""
+        if dq is None:
             _fail(node, f"{what} is not produced by DequantizeLinear (float inputs are not lowered)")
         scale = ir.const(dq.inputs[1])
         if scale is None:
             _fail(node, f"the scale of {what} is not a constant")
-        zp = ir.const(dq.inputs[2]) if len(dq.inputs) > 2 else None
+        zp = const_at(dq, 2)
         src = dq.inputs[0]
         if zp is None:
             zp = np.zeros((), ir.const(src).dtype if ir.const(src) is not None else np.uint8)
@@ -112,41 +115,19 @@ class _Lowering:
                 p.add_const(f"{src.name}::zp", zp), int(dq.attrs.get("axis", 1)))
 
     def q_after(self, node):
-        """Follow node -> [Relu | Clip] -> QuantizeLinear; returns (q node, clamp nodes, other qs).
-
-        Several QuantizeLinear readers with the same scale and zero point (one per consumer, as
-        quantizers emit with dedicated Q/DQ pairs) share the first one's result."""
-        out = node.outputs[0]
-        chain = []
-        while True:
-            users = ir.consumers(out)
-            if users and all(u.op == "QuantizeLinear" for u in users) and len(users) > 1 \
-                    and not ir.is_graph_output(self.g, out) and all(self.same_q(users[0], u) for u in users):
-                return users[0], chain, users[1:]
-            if ir.is_graph_output(self.g, out) or len(users) != 1:
-                _fail(node, "its output is not quantized by exactly one QuantizeLinear")
-            nxt = users[0]
-            if nxt.op == "QuantizeLinear":
-                return nxt, chain, []
-            if nxt.op in ("Relu", "Clip") and node.op in ("Conv", "MatMul", "Gemm", "Add", "Mul"):
-                chain.append(nxt)
-                out = nxt.outputs[0]
-                continue
-            _fail(node, f"its output goes to {nxt.op}, not to QuantizeLinear")
-
-    @staticmethod
-    def same_q(a, b) -> bool:
-        pa = [ir.const(t) for t in a.inputs[1:]]
-        pb = [ir.const(t) for t in b.inputs[1:]]
-        return (len(pa) == len(pb) and all(x is not None and y is not None and x.dtype == y.dtype
-                                           and np.array_equal(x, y) for x, y in zip(pa, pb))
-                and a.attrs == b.attrs)
+        """node -> [Relu | Clip] -> QuantizeLinear: (q node, clamp nodes, twin qs); the clamp only
+        after the ops whose integer kernels saturate to a range (ORT's fused activations)."""
+        found = output_quantizer(self.g, node, CLIP_OPS if node.op in CLAMPED_OPS else ())
+        if isinstance(found, Skip):
+            _fail(node, found.detail)
+        return found
 
     def q_parts(self, q):
         scale = ir.const(q.inputs[1])
         if scale is None:
             _fail(q, "the output scale is not a constant")
-        zp = ir.const(q.inputs[2]) if len(q.inputs) > 2 else np.zeros((), np.uint8)
+        zp = const_at(q, 2)
+        zp = np.zeros((), np.uint8) if zp is None else zp
         if scale.size != 1:
             _fail(q, "per-channel activation quantization is not supported")
         p = self.prog
@@ -154,18 +135,20 @@ class _Lowering:
         return y, p.add_const(f"{y}::scale", scale.astype(np.float32)), p.add_const(f"{y}::zp", zp), zp, scale
 
     def clamp(self, chain, zp, scale) -> tuple[int, int]:
-        lo, hi = BOUNDS[np.asarray(zp).dtype.name]
+        lo, hi = INT_RANGES[np.asarray(zp).dtype.name]
         z, s = int(np.asarray(zp).reshape(-1)[0]), float(np.asarray(scale).reshape(-1)[0])
         for n in chain:
+            bounds = clip_bounds(n)
+            if bounds is None:
+                _fail(n, "its bounds are not constants")
+            cmin, cmax = bounds
             if n.op == "Relu":
                 lo = max(lo, z)
             else:
-                cmin = ir.const(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1].name else n.attrs.get("min")
-                cmax = ir.const(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2].name else n.attrs.get("max")
-                if cmin is not None:
-                    lo = max(lo, z + int(np.rint(np.float32(np.asarray(cmin).reshape(-1)[0]) / np.float32(s))))
-                if cmax is not None:
-                    hi = min(hi, z + int(np.rint(np.float32(np.asarray(cmax).reshape(-1)[0]) / np.float32(s))))
+                if np.isfinite(cmin):
+                    lo = max(lo, z + int(np.rint(np.float32(cmin) / np.float32(s))))
+                if np.isfinite(cmax):
+                    hi = min(hi, z + int(np.rint(np.float32(cmax) / np.float32(s))))
             self.done.add(id(n))
         return lo, hi
 
@@ -176,7 +159,7 @@ class _Lowering:
         if t is None or not t.name:
             return ""
         prod = ir.producer(t)
-        if prod is not None and prod.op == "DequantizeLinear" and ir.const(prod.inputs[0]) is not None:
+        if is_dq(prod) and ir.const(prod.inputs[0]) is not None:
             self.done.add(id(prod))
             scale = ir.const(prod.inputs[1])
             if scale is not None:
@@ -205,52 +188,54 @@ class _Lowering:
                       requant=False)
 
     def group_step(self, node, q, chain):
+        group = match_group(node)                   # the DQ behind each input (None: not dequantized)
+        dqs = group.inputs_dq if group is not None else [None] * len(node.inputs)
         y, sy, zy, zp_arr, s_arr = self.q_parts(q)
         clamp = self.clamp(chain, zp_arr, s_arr)
         op, at = node.op, dict(node.attrs)
         if op == "Conv":
-            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
-            w, sw, zw, _ = self.dq_parts(node.inputs[1], node, "weight")
-            b = self.bias(node, node.inputs[2] if len(node.inputs) > 2 else None, sx, sw)
+            x, sx, zx, _ = self.dq_parts(dqs[0], node, "input")
+            w, sw, zw, _ = self.dq_parts(dqs[1], node, "weight")
+            b = self.bias(node, input_at(node, 2), sx, sw)
             extra = {"ort_float": {"bias": self.bias_float}} if id(node) in self.float_units else {}
             self.emit("QLinearConv", node, [x, sx, zx, w, sw, zw, sy, zy, b], [y], **at, clamp=clamp, **extra)
         elif op == "MatMul":
-            a, sa, za, _ = self.dq_parts(node.inputs[0], node, "input A")
-            b, sb, zb, _ = self.dq_parts(node.inputs[1], node, "input B")
+            a, sa, za, _ = self.dq_parts(dqs[0], node, "input A")
+            b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")
             self.emit("QLinearMatMul", node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp)
         elif op == "Gemm":
             if float(at.get("alpha", 1.0)) != 1.0 or float(at.get("beta", 1.0)) != 1.0:
                 _fail(node, "Gemm with alpha or beta != 1")
-            a, sa, za, _ = self.dq_parts(node.inputs[0], node, "input A")
-            b, sb, zb, _ = self.dq_parts(node.inputs[1], node, "input B")
-            c = self.bias(node, node.inputs[2] if len(node.inputs) > 2 else None, sa, sb)
+            a, sa, za, _ = self.dq_parts(dqs[0], node, "input A")
+            b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")
+            c = self.bias(node, input_at(node, 2), sa, sb)
             self.emit("QGemm", node, [a, sa, za, b, sb, zb, c, sy, zy], [y],
                       transA=int(at.get("transA", 0)), transB=int(at.get("transB", 0)), clamp=clamp)
         elif op in ("Add", "Mul"):
-            a, sa, za, _ = self.dq_parts(node.inputs[0], node, "input A")
-            b, sb, zb, _ = self.dq_parts(node.inputs[1], node, "input B")
+            a, sa, za, _ = self.dq_parts(dqs[0], node, "input A")
+            b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")
             extra = {"ort_float": {}} if id(node) in self.float_units else {}
             self.emit("QLinear" + op, node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp, **extra)
         elif op in ("GlobalAveragePool", "AveragePool"):
-            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
+            x, sx, zx, _ = self.dq_parts(dqs[0], node, "input")
             self.emit("QLinear" + op, node, [x, sx, zx, sy, zy], [y], **at)
         elif op == "Concat":
             ins = [sy, zy]
-            for i, t in enumerate(node.inputs):
-                ins += list(self.dq_parts(t, node, f"input {i}")[:3])
+            for i, dq in enumerate(dqs):
+                ins += list(self.dq_parts(dq, node, f"input {i}")[:3])
             self.emit("QLinearConcat", node, ins, [y], axis=int(at.get("axis", 0)))
         elif op == "Softmax":                       # ORT fuses it into com.microsoft QLinearSoftmax
-            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
+            x, sx, zx, _ = self.dq_parts(dqs[0], node, "input")
             opset = int(self.g.opset or 13)
             self.emit("QLinearSoftmax", node, [x, sx, zx, sy, zy], [y], opset=opset,
                       axis=int(at.get("axis", -1 if opset >= 13 else 1)))
         elif op in TABLE_FUNCS:
-            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
+            x, sx, zx, _ = self.dq_parts(dqs[0], node, "input")
             c = self.prog.consts
             table = build_table(op, at, c[sx], c[zx], c[zx].dtype, c[sy], c[zy], c[zy].dtype)
             self.emit("Lookup", node, [x, self.prog.add_const(f"{y}::table", table)], [y])
         else:  # data movement
-            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
+            x, sx, zx, _ = self.dq_parts(dqs[0], node, "input")
             c = self.prog.consts
             same = (np.float32(c[sx].reshape(-1)[0]) == np.float32(c[sy].reshape(-1)[0])
                     and int(c[zx].reshape(-1)[0]) == int(c[zy].reshape(-1)[0]) and c[zx].dtype == c[zy].dtype)
@@ -258,7 +243,7 @@ class _Lowering:
             if op == "Pad" and len(extra) > 1 and extra[1]:      # float pad value -> its code
                 v = np.float32(np.asarray(ir.const(node.inputs[2])).reshape(-1)[0])
                 code = np.clip(np.rint(v / np.float32(c[sx].reshape(-1)[0])) + int(c[zx].reshape(-1)[0]),
-                               *BOUNDS[c[zx].dtype.name]).astype(c[zx].dtype)
+                               *INT_RANGES[c[zx].dtype.name]).astype(c[zx].dtype)
                 extra[1] = self.prog.add_const(f"{y}::pad_value", code)
             elif op == "Pad":
                 extra = (extra + ["", ""])[:1] + [self.prog.add_const(f"{y}::pad_value", c[zx])] + extra[2:]
@@ -328,7 +313,7 @@ class _Lowering:
     @staticmethod
     def from_dq(t) -> bool:
         p = ir.producer(t) if t is not None else None
-        return p is not None and p.op == "DequantizeLinear"
+        return is_dq(p)
 
     def shape_arithmetic(self, node) -> bool:
         """Shape of an activation, and integer arithmetic on shapes (dynamic batch, 'same' padding):
@@ -337,7 +322,7 @@ class _Lowering:
         if node.op == "Shape":
             src = node.inputs[0]
             dq = ir.producer(src)
-            name = dq.inputs[0].name if dq is not None and dq.op == "DequantizeLinear" else src.name
+            name = dq.inputs[0].name if is_dq(dq) else src.name
             self.emit("Shape", node, [name], [node.outputs[0].name], **dict(node.attrs))
         elif names and node.op not in ("QuantizeLinear", "DequantizeLinear") \
                 and all(n in self.shapes for n in names):
@@ -393,7 +378,7 @@ def _ort_type(g, q) -> str:
     """Storage type ORT's x86 CPU provider gives the output of QuantizeLinear ``q``:
     ``QDQS8ToU8Transformer`` rewrites an int8 Q -> DQ pair to uint8 only when the Q has exactly
     one consumer edge (and a constant scalar zero point)."""
-    zp = ir.const(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2].name else None
+    zp = const_at(q, 2)
     kind = np.asarray(zp).dtype.name if zp is not None else "uint8"
     if kind == "int8" and np.asarray(zp).size == 1 and not ir.is_graph_output(g, q.outputs[0]) \
             and _edges(g, q.outputs[0]) == 1:
@@ -409,9 +394,9 @@ def _input_type(g, t) -> str | None:
         return None
     src = dq.inputs[0]
     q = ir.producer(src)
-    if q is not None and q.op == "QuantizeLinear":
+    if is_q(q):
         return _ort_type(g, q)
-    zp = ir.const(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2].name else None
+    zp = const_at(dq, 2)
     kind = np.asarray(zp).dtype.name if zp is not None else "uint8"
     return "uint8" if kind == "int8" and ir.const(src) is not None else kind
 

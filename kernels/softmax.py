@@ -21,7 +21,7 @@ import math
 import numpy as np
 from numba import njit
 
-from qgraph.kernels.requant import BOUNDS
+from qgraph.ops import INT_RANGES
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -97,7 +97,7 @@ def qlinear_softmax(step, args, mode):
     z = int(np.asarray(zy).reshape(-1)[0])
     y_scale = np.float32(np.floor(np.float32(1.0) / s_y))
     out = np.zeros(rows.shape, x.dtype)
-    qmin, qmax = BOUNDS[x.dtype.name]
+    qmin, qmax = INT_RANGES[x.dtype.name]
     if mode == "fixed":
         _softmax_rows_fixed(np.ascontiguousarray(rows), exp_table_fixed(s_x), np.int64(y_scale), z, qmin, qmax, out)
     else:
@@ -113,7 +113,7 @@ def softmax_reference(x: np.ndarray, s_x: float, s_y: float, z_y: int, axis: int
     x = np.moveaxis(np.asarray(x), axis, -1)
     table = exp_table(s_x, x.shape[-1])
     y_scale = np.float32(np.floor(np.float32(1.0) / np.float32(s_y)))
-    qmin, qmax = BOUNDS[x.dtype.name]
+    qmin, qmax = INT_RANGES[x.dtype.name]
     out = np.zeros(x.shape, np.int64)
     for idx in np.ndindex(*x.shape[:-1]):
         row = x[idx].astype(np.int64)

@@ -30,6 +30,7 @@ import numpy as np
 
 from qgraph import ir
 from qgraph.analysis import Chain, CoupledSet, coupled_sets, equalization_chains
+from qgraph.ops import clip_bounds
 from qgraph.pipeline import Context, Pass, PassResult, no_batchnorm, not_quantized, option
 
 
@@ -98,18 +99,18 @@ class EqualizeCrossLayer(Pass):
                 worst = max(worst, float(np.max(np.abs(s - 1.0))))
             if worst <= self.opts.tol:
                 break
-        bn_stats = ctx.state.get("bn_stats", {})
+        bn_stats = ctx.bn_stats
         for cs in sets:
             for layer in cs.producers:
                 key = layer.outputs[0].name
                 if key in bn_stats and id(cs) in total:
-                    bn_stats[key] = {k: v / total[id(cs)] for k, v in bn_stats[key].items()}
+                    bn_stats[key] = bn_stats[key].scaled(total[id(cs)])
         replaced = 0
         for chain in pairs:
             s = total[id(chain)]
             key = chain.first.outputs[0].name
             if key in bn_stats:
-                bn_stats[key] = {k: v / s for k, v in bn_stats[key].items()}
+                bn_stats[key] = bn_stats[key].scaled(s)
             if chain.clip is not None:
                 replaced += self._rewrite_clip(g, chain, s)
         absorbed = self._absorb(g, pairs, bn_stats, skipped, details) if self.opts.absorb else 0
@@ -123,7 +124,6 @@ class EqualizeCrossLayer(Pass):
         if skipped:
             notes["skipped"] = dict(skipped)
             notes["details"] = details
-        ctx.state["equalized"] = [(c.first.name, c.second.name) for c in pairs]
         notes["converged"] = bool(not (pairs or sets) or sweeps < self.opts.iterations)
         if ctx.plots and pairs:
             after = {id(c): (_out_ranges(c.first), _in_ranges(c.second, c.channels)) for c in pairs}
@@ -151,18 +151,18 @@ class EqualizeCrossLayer(Pass):
     # -- ReLU6 / Clip ---------------------------------------------------------------------
 
     def _clip_problem(self, chain: Chain) -> str | None:
-        lo, hi = _clip_bounds(chain.clip)
+        bounds = clip_bounds(chain.clip)
         if self.opts.relu6 == "skip":
             return "relu6_skipped"
-        if lo is None or hi is None:
+        if bounds is None:
             return "clip_bound_not_constant"
-        if lo != 0.0:
+        if bounds[0] != 0.0:
             return "clip_lower_bound_not_zero"
         return None
 
     def _rewrite_clip(self, g: ir.Graph, chain: Chain, s: np.ndarray) -> int:
         clip = chain.clip
-        _, hi = _clip_bounds(clip)
+        _, hi = clip_bounds(clip)
         if self.opts.relu6 == "relu":
             _make_relu(clip)
             return 1
@@ -196,7 +196,7 @@ class EqualizeCrossLayer(Pass):
             if not all(n.op in ("Relu", "MaxPool", "Clip") for n in chain.between):
                 skipped["absorb_not_relu"] += 1
                 continue
-            c = np.maximum(0.0, stats["beta"] - 3.0 * stats["gamma"])
+            c = np.maximum(0.0, stats.beta - 3.0 * stats.gamma)
             if bound is not None:
                 # min(relu(y − c), m − c) = min(relu(y), m) − c wherever y ≥ c: the bound moves down too
                 b = ir.const(bound).astype(np.float64)
@@ -206,7 +206,7 @@ class EqualizeCrossLayer(Pass):
                 continue
             _add_out_bias(g, chain.first, -c)
             _add_out_bias(g, chain.second, _propagate(chain.second, c))
-            stats["beta"] = stats["beta"] - c
+            stats.beta = stats.beta - c
             done += 1
         return done
 
@@ -304,16 +304,6 @@ def _add_out_bias(g: ir.Graph, layer, delta: np.ndarray) -> None:
     layer.inputs.append(ir.add_const(g, layer.name + "_bias", delta.astype(np.float32)))
     if layer.op == "Gemm":
         layer.attrs["beta"] = 1.0
-
-
-def _clip_bounds(clip) -> tuple[float | None, float | None]:
-    """(min, max) of a Clip (opset >= 11: optional inputs); ±inf when absent, None when not constant."""
-    def bound(i: int, absent: float) -> float | None:
-        if len(clip.inputs) <= i or not clip.inputs[i].name:
-            return absent
-        v = ir.const(clip.inputs[i])
-        return None if v is None else float(v)
-    return bound(1, -np.inf), bound(2, np.inf)
 
 
 def _make_relu(clip) -> None:

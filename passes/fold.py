@@ -26,7 +26,7 @@ Concat -> BN -> Relu -> Conv is the second form.
 A BatchNormalization that cannot be folded either way stays in place and is reported with its
 reason.
 ``fold`` keeps the folded BatchNorm statistics (γ, β as seen by the layer's output channels) in
-``ctx.state["bn_stats"][<layer output name>]`` for later passes (bias absorption, analytic bias
+``ctx.bn_stats[<layer output name>]`` for later passes (bias absorption, analytic bias
 correction).
 """
 from __future__ import annotations
@@ -37,20 +37,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from qgraph import ir
-from qgraph.pipeline import Context, Pass, PassResult, option
+from qgraph.ops import JOIN_OPS, LAYER_OPS, MATRIX_LAYER_OPS, Skip, input_at, out_channels
+from qgraph.pipeline import BNStats, Context, Pass, PassResult, option
 
-FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FOLDABLE = LAYER_OPS
 # backward-fold failures after which the BN may still fold into the layer that reads it
 FORWARD_WHEN = ("bn_after_join", "not_after_layer", "producer_has_other_consumers", "bn_input_is_graph_input")
-
-
-class Skip(Exception):
-    """A rule that does not apply, with its reason (a short key) and detail."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass
@@ -74,7 +66,7 @@ class FoldBatchNorm(Pass):
         counts: Counter = Counter()
         skipped: Counter = Counter()
         details: list[str] = []
-        bn_stats = ctx.state.setdefault("bn_stats", {})
+        reported: dict[int, set] = {}        # a BN that stays is reported once, not once per sweep
         resolved = _resolve_shaped_constants(g)
         changed = True
         while changed:  # Conv -> Mul -> Add -> BN chains fold one step per sweep
@@ -101,20 +93,19 @@ class FoldBatchNorm(Pass):
                     # a constant Mul/Add with no layer before it is ordinary arithmetic, not a miss
                     if kind == "bn" or s.reason not in ("not_after_layer", "bn_after_join"):
                         key = (kind, s.reason)
-                        if key not in self._reported(ctx, node):
+                        if key not in reported.setdefault(id(node), set()):
                             skipped[s.reason] += 1
                             details.append(f"{node.op} '{node.name}': {s.reason}" + (f" ({s.detail})" if s.detail else ""))
-                            self._reported(ctx, node).add(key)
+                            reported[id(node)].add(key)
                     continue
                 gamma_beta = self._bn_gamma_beta(node) if kind == "bn" else None
                 ir.bypass(g, node, in_index=0 if ir.const(node.inputs[0]) is None else 1)
                 if gamma_beta is not None:
                     # BN output ~ N(β, γ²) per channel: what bias absorption and analytic bias
                     # correction need, keyed by the tensor that now carries it
-                    bn_stats[layer.outputs[0].name] = {"gamma": gamma_beta[0], "beta": gamma_beta[1]}
+                    ctx.bn_stats[layer.outputs[0].name] = BNStats(gamma=gamma_beta[0], beta=gamma_beta[1])
                 counts[kind] += 1
                 changed = True
-        ctx.state.pop("_fold_reported", None)
         if self.opts.rest == "affine":
             counts["to_affine"] = self._rest_to_affine(g)
         notes = {"folded": counts["bn"] + counts["forward_linear"] + counts["forward_relu"]}
@@ -132,10 +123,6 @@ class FoldBatchNorm(Pass):
             notes["skipped"] = dict(skipped)
             notes["details"] = details
         return PassResult(modified=sum(counts.values()) > 0, notes=notes)
-
-    @staticmethod
-    def _reported(ctx: Context, node) -> set:
-        return ctx.state.setdefault("_fold_reported", {}).setdefault(id(node), set())
 
     @staticmethod
     def _rest_to_affine(g: ir.Graph) -> int:
@@ -214,7 +201,7 @@ class FoldBatchNorm(Pass):
             x, layer = matmul.outputs[0], matmul
             layer.__dict__["_qgraph_bias"] = c
         if layer.op not in FOLDABLE:
-            reason = "bn_after_join" if layer.op in ("Add", "Sum", "Concat", "Mul", "Sub", "Max", "Min") else "not_after_layer"
+            reason = "bn_after_join" if layer.op in JOIN_OPS else "not_after_layer"
             raise Skip(reason, f"producer is {layer.op} '{layer.name}'")
         if len(ir.consumers(x)) != 1 or ir.is_graph_output(g, x):
             raise Skip("producer_has_other_consumers", f"{layer.op} '{layer.name}' output is also read elsewhere")
@@ -229,16 +216,17 @@ class FoldBatchNorm(Pass):
             raise Skip("weight_shared", f"weight '{w.name}' is used by {len(ir.consumers(w))} nodes")
         if layer.op == "Gemm" and layer.attrs.get("transA", 0) not in (0, 1):
             raise Skip("unsupported_gemm")
-        if len(layer.inputs) > 2 and layer.inputs[2].name and ir.const(layer.inputs[2]) is None:
+        bias = input_at(layer, 2)
+        if bias is not None and ir.const(bias) is None:
             raise Skip("bias_not_constant", f"{layer.op} '{layer.name}'")
-        if len(layer.inputs) > 2 and len(ir.consumers(layer.inputs[2])) > 1:
-            raise Skip("bias_shared", f"bias '{layer.inputs[2].name}' is used by several nodes")
+        if bias is not None and len(ir.consumers(bias)) > 1:
+            raise Skip("bias_shared", f"bias '{bias.name}' is used by several nodes")
         return layer
 
     def _affine(self, g: ir.Graph, node, kind: str) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(a, b) per output channel, either may be None (Mul has no b, Add no a)."""
         layer = ir.producer(node.inputs[0] if ir.const(node.inputs[0]) is None else node.inputs[1])
-        cout = _out_channels(layer)
+        cout = out_channels(layer)
         if kind == "bn":
             scale, bias, mean, var = (ir.const(t).astype(np.float64) for t in node.inputs[1:5])
             eps = float(node.attrs.get("epsilon", 1e-5))
@@ -312,7 +300,7 @@ class FoldBatchNorm(Pass):
             if layer.op == "Conv" and (layer.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
                                        or any(layer.attrs.get("pads", []))):
                 raise Skip("shift_into_padded_conv", f"Conv '{layer.name}' pads with zeros, which b would shift")
-            cout = _out_channels(layer)
+            cout = out_channels(layer)
             shift = w * _input_broadcast(layer, b, w.shape)  # W b, summed over the input side
             if layer.op == "Conv":
                 shift = shift.reshape(cout, -1).sum(axis=1)
@@ -343,7 +331,7 @@ class FoldBatchNorm(Pass):
     @staticmethod
     def _input_weight(g: ir.Graph, layer, c: int, rank: int | None) -> np.ndarray:
         """The float64 weight of ``layer`` when its input channels are the BN's ``c``, else Skip."""
-        if layer.op not in ("Conv", "Gemm", "MatMul"):
+        if layer.op not in MATRIX_LAYER_OPS:
             raise Skip("no_layer_after", f"reader is {layer.op} '{layer.name}'")
         w_t = layer.inputs[1] if len(layer.inputs) > 1 else None
         w = ir.const(w_t)
@@ -351,8 +339,8 @@ class FoldBatchNorm(Pass):
             raise Skip("weight_not_constant", f"{layer.op} '{layer.name}'")
         if len(ir.consumers(w_t)) > 1:
             raise Skip("weight_shared", f"weight '{w_t.name}' is used by {len(ir.consumers(w_t))} nodes")
-        if len(layer.inputs) > 2 and layer.inputs[2].name and (ir.const(layer.inputs[2]) is None
-                                                               or len(ir.consumers(layer.inputs[2])) > 1):
+        bias = input_at(layer, 2)
+        if bias is not None and (ir.const(bias) is None or len(ir.consumers(bias)) > 1):
             raise Skip("bias_not_private", f"{layer.op} '{layer.name}'")
         if layer.op == "Conv":
             cin = w.shape[1] * int(layer.attrs.get("group", 1))
@@ -380,7 +368,7 @@ class FoldBatchNorm(Pass):
         dtype = w.dtype
         if not np.issubdtype(dtype, np.floating):
             raise Skip("weight_not_float", f"{layer.op} '{layer.name}' weight is {dtype}")
-        cout = _out_channels(layer)
+        cout = out_channels(layer)
         for v in (a, b):
             if v is not None and v.shape != (cout,):
                 raise Skip("channel_mismatch", f"{v.shape[0]} channels vs layer's {cout}")
@@ -403,7 +391,7 @@ class FoldBatchNorm(Pass):
         if layer.op == "MatMul":
             add = layer.__dict__.get("_qgraph_bias")
             return ir.const(add).astype(np.float64) if add is not None else np.zeros(cout)
-        if len(layer.inputs) > 2 and layer.inputs[2].name:
+        if input_at(layer, 2) is not None:
             c = ir.const(layer.inputs[2]).astype(np.float64)
             if layer.op == "Gemm":
                 beta = float(layer.attrs.get("beta", 1.0))
@@ -429,7 +417,7 @@ class FoldBatchNorm(Pass):
             return
         if layer.op == "Gemm":
             layer.attrs["beta"] = 1.0
-        if len(layer.inputs) > 2 and layer.inputs[2].name:
+        if input_at(layer, 2) is not None:
             layer.inputs[2].values = bias
         else:
             while len(layer.inputs) < 2:
@@ -524,17 +512,6 @@ def _input_broadcast(layer, a: np.ndarray, wshape: tuple) -> np.ndarray:
     if layer.op == "Gemm" and layer.attrs.get("transB", 0):
         return a.reshape(1, -1)
     return a.reshape(-1, 1)  # Gemm transB=0 and MatMul: W[K, N]
-
-
-def _out_channels(layer) -> int:
-    w = ir.const(layer.inputs[1])
-    if layer.op == "Conv":
-        return w.shape[0]
-    if layer.op == "ConvTranspose":
-        return w.shape[1] * int(layer.attrs.get("group", 1))
-    if layer.op == "Gemm":
-        return w.shape[0] if layer.attrs.get("transB", 0) else w.shape[1]
-    return w.shape[-1]  # MatMul
 
 
 def _weight_broadcast(layer, a: np.ndarray, wshape: tuple) -> np.ndarray:

@@ -18,9 +18,9 @@ Inference", §2) affine map, per tensor or per output channel:
    ``own`` (the float tensor vs its own fake-quantization) and ``model`` (the float model's tensor vs the
    quantized model's, i.e. accumulated error). Worst N in the notes, all in notes["details"].
 
-Later passes find what was done in ``ctx.state["quant"]``: per activation its QParams, per weight the
-float original and its QParams, and per layer the float tensors around it; ``qgraph.qdq.find_groups``
-finds the DQ(x), DQ(w), DQ(b) -> op -> Q(y) groups on the graph itself.
+Later passes read the quantized layers from the graph itself (``qgraph.ops.find_groups``: the
+DQ(x), DQ(w), DQ(b) -> op -> Q(y) groups) and what the graph no longer holds from ``ctx.quant``
+(a ``QuantRecord``: the float model and the float value of each quantized weight).
 """
 from __future__ import annotations
 
@@ -33,14 +33,12 @@ from numba import njit
 from qgraph import ir
 from qgraph.calibrate import DEFAULT_BINS, cached_collect, stream
 from qgraph.errors import ModelError
-from qgraph.pipeline import Context, Pass, PassResult, no_batchnorm, not_quantized, option
+from qgraph.pipeline import Context, Pass, PassResult, QuantRecord, no_batchnorm, not_quantized, option
+from qgraph.ops import INT32, LAYER_OPS, MATRIX_LAYER_OPS, QParams, bias_qparams, clip_bounds, dequantize, quantize
 from qgraph.qdq import dq_constant, insert_qdq
-from qgraph.qparams import (ACT_METHODS, WEIGHT_METHODS, QParams, act_range, dequantize, fake_quant,
-                            make_qparams, quantize, sqnr_db, weight_qparams)
+from qgraph.qparams import ACT_METHODS, WEIGHT_METHODS, act_range, make_qparams, sqnr_db, weight_qparams
 from qgraph.rounding import round_layers
-from qgraph.passes.quant_placement import Matcher, Plan, clip_bounds, make_plan
-
-INT32 = (-(2 ** 31), 2 ** 31 - 1)
+from qgraph.passes.quant_placement import Matcher, Plan, make_plan
 
 
 @dataclass
@@ -131,9 +129,8 @@ class Quantize(Pass):
         if o.sqnr and ctx.calib is not None and (act_qp or w_qp):
             details = self._sqnr(float_model, ir.to_model(g), act_qp, record, ctx)
             notes.update(_summarize_sqnr(details, w_qp, record, o.worst))
-        ctx.state["quant"] = {"options": self.label(), "activations": act_qp, "weights": record["weights"],
-                              "layers": record["layers"], "dq_of": record["dq_of"],
-                              "float_model": float_model}  # biascorr compares against it
+        ctx.quant = QuantRecord(options=self.label(), float_model=float_model, activations=act_qp,
+                                float_weights={e["dq_output"]: e["float"] for e in record["weights"].values()})
         return PassResult(modified=bool(plan.nodes), notes=notes)
 
     # -- decisions -------------------------------------------------------------------------
@@ -200,7 +197,7 @@ class Quantize(Pass):
 
     @staticmethod
     def _weight_of_layer(wp) -> bool:
-        return bool(wp.readers) and wp.readers[0].op in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+        return bool(wp.readers) and wp.readers[0].op in LAYER_OPS
 
     def _round(self, g: ir.Graph, plan: Plan, w_qp: dict, float_model, ctx: Context) -> tuple[dict, dict]:
         """GPTQ integers for the layers' weights (``rounding=gptq``), with what the notes say of it."""
@@ -212,8 +209,8 @@ class Quantize(Pass):
         targets, kept = {}, {}
         for name, wp in plan.weights.items():
             node = wp.readers[0] if len(wp.readers) == 1 else None
-            if node is None or node.op not in ("Conv", "Gemm", "MatMul") or node.inputs[1] is not wp.tensor:
-                if node is not None and node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            if node is None or node.op not in MATRIX_LAYER_OPS or node.inputs[1] is not wp.tensor:
+                if node is not None and node.op in LAYER_OPS:
                     kept[name] = f"{node.op} '{node.name}' reads it in a form gptq does not handle"
                 elif len(wp.readers) > 1:
                     kept[name] = f"shared by {len(wp.readers)} nodes"
@@ -255,9 +252,7 @@ class Quantize(Pass):
             q = np.rint(b / np.broadcast_to(s_b, b.shape))
             clipped = int(np.sum((q < INT32[0]) | (q > INT32[1])))
             q = np.clip(q, *INT32).astype(np.int32)
-            qp = QParams(scale=s_b.astype(np.float32), zero_point=np.zeros(np.shape(s_b), np.int32),
-                         storage="int32", bits=32, qmin=INT32[0], qmax=INT32[1],
-                         axis=0 if np.ndim(s_b) == 1 else None, symmetric=True, method="bias")
+            qp = bias_qparams(s_b)
             _, out = dq_constant(g, q, qp, bias.name + "_" + node_name)
             ir.swap_input(node, bias, out)
             layers.setdefault(node_name, {})["bias"] = {"float": bias.values, "qparams": qp,
@@ -273,7 +268,7 @@ class Quantize(Pass):
             dq_of[name] = dq_out.name
             q_of[name] = q_node.outputs[0].name
         for node in plan.nodes:
-            if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            if node.op in LAYER_OPS:
                 entry = layers.setdefault(node.name, {})
                 entry["op"] = node.op
                 entry["weight"] = next((w for w, wp in plan.weights.items() if node in wp.readers), None)
@@ -282,7 +277,7 @@ class Quantize(Pass):
     @staticmethod
     def _absorbable(relu, qp: QParams) -> bool:
         """The quantized range must lie inside the ReLU/Clip bounds: then Q's saturation is the clip."""
-        lo, hi = clip_bounds(relu)
+        lo, hi = clip_bounds(relu)      # constant: quant_placement absorbs only those
         rlo, rhi = qp.real_range()
         tol = float(np.max(qp.scale)) * 1e-3
         return bool(np.all(rlo >= lo - tol) and np.all(rhi <= hi + max(tol, abs(hi) * 1e-6)))
@@ -404,7 +399,7 @@ def _db(signal: float, noise: float) -> float | None:
 
 
 def _name_nodes(g: ir.Graph) -> None:
-    """Give every node a unique name: notes, ``exclude`` and ``ctx.state`` refer to nodes by name."""
+    """Give every node a unique name: notes, ``exclude`` and the report refer to nodes by name."""
     seen: set[str] = set()
     for node in g.nodes:
         if not node.name or node.name in seen:

@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qgraph import ir
+from qgraph.ops import BIASED_LAYER_OPS, CLIP_OPS, LAYER_OPS, clip_bounds, input_at, pads_with_zero
 
-DOT = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+DOT = LAYER_OPS
 BINARY = ("Add", "Mul")
 OWN_SCALE = ("AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax")
 TIED = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Slice", "Split",
         "DepthToSpace", "SpaceToDepth", "Identity", "Pad")
-ABSORBABLE = ("Relu", "Clip")
+ABSORBABLE = CLIP_OPS
 #: Tied ops whose output values are a subset of their input's (Resize may interpolate beyond: observed).
 SUBSET_RANGE = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split",
                 "DepthToSpace", "SpaceToDepth", "Identity", "Pad")
@@ -176,7 +177,8 @@ def make_plan(g: ir.Graph, *, granularity: str, bits: int, precision: dict, excl
         readers = ir.consumers(y)
         if absorb and len(readers) == 1 and not ir.is_graph_output(g, y) and readers[0].op in ABSORBABLE:
             r = readers[0]
-            if not excluded.any(r) and _clip_low(r) <= 0.0 and r.outputs[0].name:
+            bounds = clip_bounds(r)
+            if not excluded.any(r) and bounds is not None and bounds[0] <= 0.0 and r.outputs[0].name:
                 plan.absorbed[r.outputs[0].name] = r
                 return r.outputs[0]
         return y
@@ -267,7 +269,7 @@ def _plan_dot(plan, g, node, granularity, b, add_act, add_weight, out_tensor, we
     if weight_only:
         return
     add_act(a)
-    if op in ("Conv", "ConvTranspose", "Gemm") and len(ins) > 2 and ins[2].name:
+    if op in BIASED_LAYER_OPS and input_at(node, 2) is not None:
         bias = ins[2]
         ok = isinstance(bias, ir.Constant) and bias.values.ndim == 1 and (
             op != "Gemm" or (float(node.attrs.get("alpha", 1.0)) == 1.0 and float(node.attrs.get("beta", 1.0)) == 1.0))
@@ -296,7 +298,7 @@ def _propagate_tied(plan: Plan, g: ir.Graph, excluded: Matcher) -> None:
             continue
         if x.name not in plan.acts or not outs:
             continue
-        if node.op == "Pad" and not _pads_with_zero(node):
+        if node.op == "Pad" and not pads_with_zero(node):
             plan.skip(node, "pad_value_not_zero")
             continue
         for o in outs:
@@ -308,16 +310,6 @@ def _propagate_tied(plan: Plan, g: ir.Graph, excluded: Matcher) -> None:
         plan.nodes.append(node)
 
 
-def _pads_with_zero(node) -> bool:
-    """Pad adds only zeros (constant mode, value 0 or absent) or copies of its input (edge, reflect):
-    its output values lie in the input's range plus 0, which every quantized range contains."""
-    if node.attrs.get("mode", "constant") in ("edge", "reflect", b"edge", b"reflect"):
-        return True
-    value = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    v = ir.const(value) if value is not None else np.zeros(1)
-    return v is not None and v.size <= 1 and float(np.asarray(v).reshape(-1)[0] if v.size else 0.0) == 0.0
-
-
 def _from_constants(t, depth: int = 4) -> bool:
     """``t`` is computed from constants only (a subgraph ``cleanup`` would fold)."""
     if isinstance(t, ir.Constant) or ir.const(t) is not None:
@@ -326,25 +318,3 @@ def _from_constants(t, depth: int = 4) -> bool:
     if node is None or depth == 0 or not node.inputs:
         return False
     return all(_from_constants(i, depth - 1) for i in node.inputs if i.name)
-
-
-def _clip_low(node) -> float:
-    if node.op == "Relu":
-        return 0.0
-    lo = node.attrs.get("min")
-    if lo is None and len(node.inputs) > 1 and node.inputs[1].name:
-        v = ir.const(node.inputs[1])
-        lo = float(v) if v is not None else np.inf   # a variable bound: not absorbable
-    return -np.inf if lo is None else float(lo)
-
-
-def clip_bounds(node) -> tuple[float, float]:
-    """[lo, hi] of a Relu/Clip node (constant bounds)."""
-    if node.op == "Relu":
-        return 0.0, np.inf
-    lo, hi = node.attrs.get("min"), node.attrs.get("max")
-    if lo is None and len(node.inputs) > 1 and node.inputs[1].name:
-        lo = ir.const(node.inputs[1])
-    if hi is None and len(node.inputs) > 2 and node.inputs[2].name:
-        hi = ir.const(node.inputs[2])
-    return (-np.inf if lo is None else float(lo)), (np.inf if hi is None else float(hi))

@@ -13,9 +13,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from qgraph import ir
+from qgraph.ops import LAYER_OPS, QOPERATOR_DOT_OPS, in_channels, layer_weight, out_channels, pads_with_zero
+
 #: Ops whose output is a dot product over weights: the MAC counters below know them.
-_DOT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul",
-            "ConvInteger", "MatMulInteger", "QGemm", "MatMulNBits"}
+_DOT_OPS = frozenset(LAYER_OPS + QOPERATOR_DOT_OPS)
 
 
 @dataclass
@@ -29,7 +31,6 @@ class ModelStats:
 
 
 def model_stats(model: onnx.ModelProto) -> ModelStats:
-    from qgraph.ir import model_bytes
     shapes = _shapes(model)
     inits = {t.name: t for t in model.graph.initializer}
     macs, unknown = 0, []
@@ -42,7 +43,7 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
         else:
             macs += m
     return ModelStats(
-        bytes=model_bytes(model),
+        bytes=ir.model_bytes(model),
         params=count_params(model),
         macs=macs,
         nodes=len(model.graph.node),
@@ -62,9 +63,8 @@ def count_params(model: onnx.ModelProto) -> int:
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
-    from qgraph.ir import skeleton
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
+        inferred = onnx.shape_inference.infer_shapes(ir.skeleton(model))
     except Exception:
         inferred = model
     out: dict[str, tuple] = {}
@@ -150,13 +150,10 @@ def equalization_chains(g) -> tuple[list[Chain], list[tuple[str, str]]]:
     A pair is coupled to nothing else when every tensor from ``first``'s output to ``second``'s input
     has exactly one reader: a residual join or a branch would see the rescaled channels too.
     """
-    from qgraph import ir
     chains: list[Chain] = []
     refused: list[tuple[str, str]] = []
     for node in g.nodes:
-        if node.op not in _LAYERS or len(node.inputs) < 2 or ir.const(node.inputs[1]) is None:
-            continue
-        if node.op == "Gemm" and node.attrs.get("transA", 0):
+        if _layer_weight(node) is None:
             continue
         found = _follow(g, node)
         if isinstance(found, Chain):
@@ -180,7 +177,6 @@ class CoupledSet:
 def coupled_sets(g) -> tuple[list[CoupledSet], list[tuple[str, str]]]:
     """Residual streams and fan-outs that can be equalized as a whole, and (tensor, reason) for the
     ones that cannot (a reader or writer that is neither a layer nor the joining Add)."""
-    from qgraph import ir
     parent: dict[str, str] = {}
     tensor = {}
 
@@ -252,26 +248,16 @@ def coupled_sets(g) -> tuple[list[CoupledSet], list[tuple[str, str]]]:
 
 
 def _layer_weight(node):
-    from qgraph import ir
-    if node.op not in _LAYERS or len(node.inputs) < 2 or ir.const(node.inputs[1]) is None:
-        return None
-    if node.op == "Gemm" and node.attrs.get("transA", 0):
-        return None
-    return ir.const(node.inputs[1])
+    """The constant weight of a Conv / Gemm (no transA) that equalization can rescale, else None."""
+    return layer_weight(node) if node.op in _LAYERS else None
 
 
 def _layer_channels(node, out: bool) -> int:
-    w = _layer_weight(node)
-    if node.op == "Conv":
-        return w.shape[0] if out else w.shape[1] * int(node.attrs.get("group", 1))
-    transb = node.attrs.get("transB", 0)
-    return (w.shape[0] if transb else w.shape[1]) if out else (w.shape[1] if transb else w.shape[0])
+    return out_channels(node) if out else in_channels(node)
 
 
 def _follow(g, first) -> Chain | str | None:
-    from qgraph import ir
-    w = ir.const(first.inputs[1])
-    channels = w.shape[0] if first.op == "Conv" else (w.shape[0] if first.attrs.get("transB", 0) else w.shape[1])
+    channels = out_channels(first)
     t = first.outputs[0]
     between, clip = [], None
     while True:
@@ -283,7 +269,7 @@ def _follow(g, first) -> Chain | str | None:
         nxt = readers[0]
         if nxt.inputs[0] is not t:
             return "not_first_input"
-        if nxt.op in HOMOGENEOUS or _is_channelwise_clip(nxt) or _is_zero_pad(nxt) or _is_unit_flatten(nxt, t):
+        if nxt.op in HOMOGENEOUS or _is_channelwise_clip(nxt) or pads_with_zero(nxt) or _is_unit_flatten(nxt, t):
             if nxt.op == "Clip":
                 if clip is not None:
                     return "two_clips"
@@ -294,10 +280,7 @@ def _follow(g, first) -> Chain | str | None:
         if nxt.op in _LAYERS and len(nxt.inputs) > 1 and ir.const(nxt.inputs[1]) is not None:
             if nxt.op == "Gemm" and nxt.attrs.get("transA", 0):
                 return "second_gemm_transA"
-            w2 = ir.const(nxt.inputs[1])
-            cin = w2.shape[1] * int(nxt.attrs.get("group", 1)) if nxt.op == "Conv" else (
-                w2.shape[1] if nxt.attrs.get("transB", 0) else w2.shape[0])
-            if cin != channels:
+            if in_channels(nxt) != channels:
                 return "channel_mismatch"
             if len(ir.consumers(nxt.inputs[1])) > 1 or len(ir.consumers(first.inputs[1])) > 1:
                 return "weight_shared"
@@ -309,20 +292,6 @@ def _follow(g, first) -> Chain | str | None:
 
 def _is_channelwise_clip(node) -> bool:
     return node.op == "Clip"
-
-
-def _is_zero_pad(node) -> bool:
-    from qgraph import ir
-    if node.op != "Pad":
-        return False
-    mode = node.attrs.get("mode", "constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "constant":
-        return mode in ("reflect", "edge")
-    if len(node.inputs) > 2 and node.inputs[2].name:
-        v = ir.const(node.inputs[2])
-        return v is not None and float(v) == 0.0
-    return True
 
 
 def _is_unit_flatten(node, t) -> bool:

@@ -10,7 +10,8 @@ import onnx
 from qgraph import ir
 from qgraph.errors import ModelError
 from qgraph.instruments import Dump, Report, Verify
-from qgraph.pipeline import Context, Pass, PassManager, build_passes
+from qgraph.passes import build_passes
+from qgraph.pipeline import Context, Pass, PassManager
 
 
 def optimize(model: str | os.PathLike | onnx.ModelProto,

@@ -55,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_passes() -> str:
-    from qgraph.pipeline import registry
-    table = registry()
+    from qgraph.passes import PASSES as table
     width = max(len(n) for n in table)
     return "\n".join(f"{name.ljust(width)}  {cls.summary}" for name, cls in table.items())
 
 
 def explain(name: str) -> str:
-    from qgraph.pipeline import describe_options, lookup
+    from qgraph.passes import lookup
+    from qgraph.pipeline import describe_options
     cls = lookup(name)
     doc = textwrap.dedent(cls.__doc__ or cls.summary).strip()
     lines = [f"{cls.name}: {cls.summary}", "", doc, ""]

@@ -17,6 +17,7 @@ import onnx
 from qgraph import ir
 from qgraph.analysis import model_stats
 from qgraph.errors import QGraphError
+from qgraph.ops import ort_session
 from qgraph.pipeline import Context, Instrument, Pass, PassResult
 
 
@@ -148,25 +149,6 @@ class VerifyError(QGraphError):
     pass
 
 
-def ort_session(model: onnx.ModelProto, *, threads: int = 0):
-    """One ONNX Runtime CPU session for a ModelProto (through a temp file when it is too large)."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        if not ir.is_large(model):
-            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        import tempfile
-        tmp = tempfile.mkdtemp(prefix="qgraph-ort-")
-        path = os.path.join(tmp, "model.onnx")
-        ir.save(model, path)
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise QGraphError(f"ONNX Runtime cannot load the model: {ir._first_line(exc)}") from None
-
-
 def seeded_inputs(model: onnx.ModelProto, seed: int, batch: int = 2) -> dict[str, np.ndarray]:
     """Random inputs for every graph input: normal floats, small ints (token-id-like), masks of ones.
 
@@ -247,7 +229,7 @@ class Verify(Instrument):
         try:
             outs = sess.run(names, {k: v for k, v in self.feeds.items() if k in wanted})
         except Exception as exc:
-            raise VerifyError(f"ONNX Runtime failed to run the model: {ir._first_line(exc)}") from None
+            raise VerifyError(f"ONNX Runtime failed to run the model: {ir.first_line(exc)}") from None
         return dict(zip(names, outs))
 
     def after(self, index, p, g, model, result, seconds, ctx) -> None:

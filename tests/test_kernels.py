@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 from qgraph.kernels import amx, gemm, pool, vnni
-from qgraph.kernels.conv import ConvGeometry, conv_int, conv_reference, pack_conv
-from qgraph.kernels.requant import fixed_multiplier, requantize_into, requantize_reference
+from qgraph.kernels.conv import conv_int, conv_reference, pack_conv
+from qgraph.kernels.requant import requantize_into
+from qgraph.ops import ConvGeometry, fixed_multiplier
+from qgraph.ops import requantize as requantize_reference
 
 DT = {"s8": np.int8, "u8": np.uint8}
 

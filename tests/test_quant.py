@@ -24,7 +24,7 @@ from qgraph.data import open_samples
 from qgraph.errors import PassError
 from qgraph.pipeline import Context
 from qgraph.passes.quant import Quantize
-from qgraph.qdq import find_groups, qparams_of
+from qgraph.ops import find_groups, qparams_of
 
 TOL = 0.05
 
@@ -417,10 +417,11 @@ def test_state_records_qparams_for_later_passes(rng):
     g = ir.load(model)
     ctx = Context(calib=open_samples(calib_for(model, rng), ["x"]), progress=False)
     Quantize(sqnr=False).run(g, ctx)
-    state = ctx.state["quant"]
-    assert set(state["activations"]) == {"x", "y"}
-    assert state["weights"]["w"]["float"].shape == (8, 4, 3, 3)
-    assert state["layers"]["conv"]["bias"]["qparams"].storage == "int32"
+    record = ctx.quant
+    assert set(record.activations) == {"x", "y"}
+    grp = next(grp for grp in find_groups(g) if grp.node.name == "conv")
+    assert record.float_weights[grp.w_dq.outputs[0].name].shape == (8, 4, 3, 3)
+    assert qparams_of(grp.b_dq).storage == "int32"
     assert "activations" in ctx.stats    # calibration statistics cached for later passes
 
 
