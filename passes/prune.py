@@ -53,7 +53,9 @@ RATIO_TOLERANCE = 0.01
 class PruneOptions:
     ratio: float = option(0.3, "fraction of the target (MACs or parameters of the whole model) to remove, in (0, 1)")
     target: str = option("macs", "what ratio counts", choices=("macs", "params"))
-    criterion: str = option("l2", "channel importance", choices=("l1", "l2", "bn_gamma", "taylor_act"))
+    criterion: str = option("taylor_act", "channel importance: weight magnitude (l1, l2), BatchNorm |γ| (bn_gamma, "
+                                          "before fold) or the output error on calibration data (taylor_act)",
+                            choices=("l1", "l2", "bn_gamma", "taylor_act"))
     scope: str = option("global", "rank channels across all groups (importance normalized per group) or "
                                   "remove the same fraction from every group", choices=("global", "layer"))
     min_channels: int = option(8, "a group keeps at least this many channels", range=(1, 1 << 30))
@@ -61,6 +63,8 @@ class PruneOptions:
     reconstruct: bool = option(True, "refit the layers that lost inputs by least squares on calibration data")
     compensate: bool = option(True, "without reconstruct: add the removed channels' mean contribution "
                                     "(W[:, c]·E[x_c] on calibration data) to the reading layers' biases")
+    refit: str = option("consumers", "which layers reconstruction refits: those that lost input channels, or every "
+                                     "layer downstream of a removal", choices=("consumers", "all"))
     ridge: float = option(1e-3, "reconstruction ridge term, relative to the mean of diag(XᵀX)", range=(0.0, 1e6))
     locations: int = option(256, "convolution positions sampled per image for reconstruction (0: all)",
                             range=(0, 1 << 30))
@@ -89,10 +93,11 @@ class Prune(Pass):
         if o.criterion == "bn_gamma" and not any(n.op == "BatchNormalization" for n in g.nodes):
             raise QGraphError("criterion=bn_gamma ranks channels by BatchNorm |γ| and the graph has no "
                               "BatchNormalization left: put prune before fold, or use criterion=l2")
-        needs_data = o.reconstruct or o.criterion == "taylor_act"
-        if needs_data and ctx.calib is None:
+        if ctx.calib is None and (o.reconstruct or o.criterion == "taylor_act"):
+            fix = " and ".join(x for x in ("reconstruct=false" if o.reconstruct else "",
+                                           "criterion=l2" if o.criterion == "taylor_act" else "") if x)
             raise QGraphError(f"prune:{'reconstruct=true' if o.reconstruct else 'criterion=taylor_act'} needs "
-                              "calibration data: give --calib (CLI) or calib= (API), or set reconstruct=false")
+                              f"calibration data: give --calib (CLI) or calib= (API), or set {fix}")
         resolved = resolve_static(g)
         refresh_shapes(g)
         _name_nodes(g)
@@ -109,7 +114,8 @@ class Prune(Pass):
         if o.criterion == "taylor_act" or compensate:
             stats = reader_statistics(g, imp.readers(g, candidates), samples, dense=o.criterion == "taylor_act",
                                       batch_size=o.batch_size, progress=ctx.progress)
-        scores, comparable = importance(g, deps, candidates, o.criterion, stats, compensate=o.reconstruct)
+        scores, comparable = importance(g, deps, candidates, o.criterion, stats, compensate=o.reconstruct,
+                                        samples=samples, seed=ctx.seed)
         steps = self._steps(candidates, scores, comparable, cost, skipped)
         removed, achieved = self._select(steps, cost)
         if not removed:
@@ -295,14 +301,20 @@ class Prune(Pass):
 
     def _reconstruct(self, g, edit, original, samples, ctx: Context) -> dict:
         fits = {}
+        changed = set(edit.keep)          # tensors that lost channels, then everything computed from them
         for node in g.nodes:
-            if node.op not in ("Conv", "Gemm", "MatMul") or node.inputs[0].name not in edit.keep:
+            downstream = any(t is not None and t.name in changed for t in node.inputs)
+            if downstream and self.opts.refit == "all":
+                changed.update(o.name for o in node.outputs)
+            if node.op not in ("Conv", "Gemm", "MatMul") or ir.const(node.inputs[1]) is None:
                 continue
-            if ir.const(node.inputs[1]) is None:
+            if node.op == "MatMul" and len(node.inputs[1].shape) != 2 or node.op == "Gemm" and node.attrs.get("transA", 0):
                 continue
-            groups = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
-            if node.op == "Conv" and groups > 1 and node.inputs[1].shape[1] == 1:
+            depthwise = node.op == "Conv" and int(node.attrs.get("group", 1)) > 1 and node.inputs[1].shape[1] == 1
+            if self.opts.refit == "consumers" and (node.inputs[0].name not in edit.keep or depthwise):
                 continue                 # depthwise: its kept channels read exactly what they read before
+            if self.opts.refit == "all" and not downstream:
+                continue
             fits[node.name] = Fit(node, node.outputs[0].name, edit.kept(node.outputs[0]))
         if not fits:
             return {"layers": 0}
@@ -510,14 +522,15 @@ def reader_statistics(g, readers: dict, samples, *, dense: bool, batch_size: int
 
 
 def importance(g, deps: Dependencies, groups: list[Group], criterion: str, stats: ReaderStats | None, *,
-               compensate: bool) -> tuple[dict[int, np.ndarray], bool]:
+               compensate: bool, samples=None, seed: int = 0) -> tuple[dict[int, np.ndarray], bool]:
     """Per group, each unit's score (aligned with ``group.units``; lower goes first), and whether the
     scores are comparable across groups as they are (taylor_act) or need the per-group mean normalizer."""
     if criterion == "bn_gamma":
         return imp.bn_gamma(g, deps, groups), False
     if criterion in ("l1", "l2"):
         return imp.magnitude(g, deps, groups, 1 if criterion == "l1" else 2), False
-    return imp.output_error(g, deps, groups, stats.cov, compensate=compensate), True
+    gain = imp.output_sensitivity(ir.to_model(g), imp.readers(g, groups), samples)
+    return imp.output_error(g, deps, groups, stats.cov, compensate=compensate, gain=gain), True
 
 
 def mean_shifts(g, deps: Dependencies, units: np.ndarray, readers: dict, means: dict) -> dict[str, np.ndarray]:

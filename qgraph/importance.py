@@ -150,10 +150,69 @@ def shrunk(h: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
-def output_error(g, deps, groups, hessians: dict[str, np.ndarray], *, compensate: bool) -> dict[int, np.ndarray]:
+def output_sensitivity(model, readers: dict, samples, *, eps: float = 0.01, images: int = 16) -> dict[str, float]:
+    """How much of a relative error at each reader's output reaches the model's outputs: a perturbation
+    of relative size eps (another image's centered output of the same layer, scaled: an error shaped
+    like feature maps) is added to one reader's output at a time, and s = (Σ E||Δout||² / Σ E||out||²)
+    / (its energy / Var[y]) is measured: the error's gain through the rest of the network, linearized
+    (one ORT session, the first ``images`` of ``samples``)."""
+    import onnx
+    from qgraph.ops import ort_session
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    outs = {node.name: node.output[0] for node in m.graph.node if node.name in readers}
+    for node in m.graph.node:
+        if node.name in outs:
+            node.output[0] = outs[node.name] + "__clean"
+    for name, y in outs.items():
+        m.graph.node.append(onnx.helper.make_node("Add", [y + "__clean", y + "__noise"], [y], name=name + "__noisy"))
+        m.graph.input.append(onnx.helper.make_tensor_value_info(y + "__noise", onnx.TensorProto.FLOAT, None))
+    finals = [o.name for o in m.graph.output]
+    clean_names = [y + "__clean" for y in outs.values()]
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in clean_names)
+    sess = ort_session(m)
+    from qgraph.calibrate import batch_size_for
+    names_in = {i.name for i in model.graph.input}
+    subset = samples.subset(range(min(images, len(samples))))
+    feeds = [{k: v for k, v in f.items() if k in names_in} for f in subset.batches(batch_size_for(model, images))]
+    silent = {y + "__noise": np.zeros(1, np.float32) for y in outs.values()}
+    base, ys = [], {y: [] for y in outs.values()}
+    for f in feeds:
+        r = sess.run(finals + clean_names, {**f, **silent})
+        base.append(r[:len(finals)])
+        for y, v in zip(outs.values(), r[len(finals):]):
+            ys[y].append(v)
+    energy = sum(float(np.sum(np.square(x, dtype=np.float64))) for b in base for x in b)
+    out = {}
+    for name, y in outs.items():
+        v = np.concatenate(ys[y])
+        axis = v.ndim - 1 if v.ndim == 2 or readers[name].op == "MatMul" else 1
+        flat = np.moveaxis(v, axis, 0).reshape(v.shape[axis], -1)
+        shape = [1] * v.ndim
+        shape[axis] = -1
+        mean, std = flat.mean(axis=1).reshape(shape), flat.std(axis=1)
+        # the error pruning leaves is made of feature maps, not white noise (which a global pool
+        # averages away): the next image's centered activations, scaled to eps of the variance
+        noise = ((np.roll(v, -1, axis=0) - mean) * np.sqrt(eps)).astype(np.float32)
+        delta, start = 0.0, 0
+        for f, clean in zip(feeds, base):
+            n = len(next(iter(f.values())))
+            got = sess.run(finals, {**f, **silent, y + "__noise": noise[start:start + n]})
+            delta += sum(float(np.sum(np.square(a.astype(np.float64) - c))) for a, c in zip(got, clean))
+            start += n
+        injected = float(np.sum(np.square(noise, dtype=np.float64)))
+        variance = float(np.sum(np.square(std))) * v.size / v.shape[axis]
+        out[name] = (delta / max(energy, 1e-30)) / max(injected / max(variance, 1e-30), 1e-30)
+    return out
+
+
+def output_error(g, deps, groups, hessians: dict[str, np.ndarray], *, compensate: bool,
+                 gain: dict[str, float] | None = None) -> dict[int, np.ndarray]:
     """taylor_act: per group, the relative output error each unit's removal costs its readers
     (see the module docstring). ``hessians``: reader name -> H [G, K, K] (or its diagonal [G, K]);
-    pass the covariance of the inputs when the means of removed inputs go into the bias."""
+    pass the covariance of the inputs when the means of removed inputs go into the bias. ``gain``:
+    per reader, the share of its relative error that reaches the model's outputs (see
+    ``output_sensitivity``): the errors then count at the outputs, comparable from depth to depth."""
     nodes = readers(g, groups)
     out = {}
     for grp in groups:
@@ -172,7 +231,8 @@ def output_error(g, deps, groups, hessians: dict[str, np.ndarray], *, compensate
             for u in grp.units:
                 ch = np.flatnonzero(units_of_channel == u)
                 blocks.append((ch[:, None] * kk + np.arange(kk)).reshape(-1))
-            parts.append((m, h, blocks))
+            weight = 1.0 if gain is None else gain.get(name, 1.0)
+            parts.append((m, h, blocks, weight))
         if not parts:
             out[grp.id] = np.zeros(grp.size)
             continue
@@ -197,8 +257,8 @@ def _energy(m: np.ndarray, h: np.ndarray) -> float:
 def _diagonal(parts, n: int) -> np.ndarray:
     """ΔE_u = Σ_readers tr(W_B H_BB W_Bᵀ) / E||y||² with the weights kept (no compensation)."""
     score = np.zeros(n)
-    for m, h, blocks in parts:
-        energy = max(_energy(m, h), 1e-30)
+    for m, h, blocks, weight in parts:
+        energy = max(_energy(m, h), 1e-30) / weight
         if h.ndim == 3 and m.shape[0] == 1:
             hh, w = h[0], m[0]
             for u, b in enumerate(blocks):
@@ -221,7 +281,7 @@ def _greedy(parts, n: int) -> np.ndarray:
     per unit the total error once it and every unit before it are gone (increasing along the order,
     so sorting by it gives the order)."""
     state = []
-    for m, h, blocks in parts:
+    for m, h, blocks, weight in parts:
         if h.ndim != 3 or m.shape[0] != 1 or h.shape[1] > MAX_DENSE:
             state.append(None)            # too large or grouped: diagonal, no compensation
             continue
@@ -229,7 +289,7 @@ def _greedy(parts, n: int) -> np.ndarray:
         idx = np.arange(hh.shape[0])
         dead = hh[idx, idx] <= 0
         hh[idx, idx] += DAMP * max(float(hh[idx, idx].mean()), 1e-12) + dead
-        state.append({"w": m[0].copy(), "hinv": np.linalg.inv(hh), "energy": max(_energy(m, h), 1e-30),
+        state.append({"w": m[0].copy(), "hinv": np.linalg.inv(hh), "energy": max(_energy(m, h), 1e-30) / weight,
                       "blocks": blocks, "alive": np.ones(hh.shape[0], bool)})
     fixed = _diagonal([p for p, s in zip(parts, state) if s is None], n) if any(s is None for s in state) \
         else np.zeros(n)

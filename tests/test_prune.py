@@ -12,6 +12,7 @@ import pytest
 
 import channel_models as cm
 from builders import DIGITS, DIGITS_SAMPLE, init, make_model, qgraph_opt_cmd, rel_err, run_ort
+from recorded import check_recorded, recorded_pipelines
 from qgraph import ir
 from qgraph.channel_edit import remove_units
 from qgraph.channels import dependency_groups
@@ -252,7 +253,7 @@ def test_pass_reaches_the_mac_ratio_within_one_percent(rng):
     from qgraph.analysis import model_stats
     #   residual() with 96 channels: one channel of a group is ~1% of the MACs, so some step lands within 1%
     model = cm.residual(rng, c=96)
-    out, notes = run_prune(model, ratio=0.3, reconstruct=False, round_to=1, min_channels=2)
+    out, notes = run_prune(model, ratio=0.3, criterion="l2", reconstruct=False, round_to=1, min_channels=2)
     before, after = model_stats(model).macs, model_stats(out).macs
     assert abs((1 - after / before) - 0.3) <= 0.01
     assert "target_missed" not in notes
@@ -276,7 +277,7 @@ def test_bn_gamma_after_fold_says_to_prune_first(rng):
 
 
 def test_reconstruct_without_calibration_data_is_an_error(rng):
-    with pytest.raises(QGraphError, match="needs calibration data"):
+    with pytest.raises(QGraphError, match="needs calibration data.*set reconstruct=false and criterion=l2"):
         Prune(latency=False).run(ir.load(cm.chain(rng)), Context())
 
 
@@ -288,17 +289,17 @@ def test_ratio_outside_the_open_interval_is_an_option_error(ratio):
 
 def test_min_channels_larger_than_every_layer_is_an_error(rng):
     with pytest.raises(QGraphError, match="min_channels=64 is not below any prunable layer"):
-        Prune(min_channels=64, reconstruct=False, latency=False).run(ir.load(cm.chain(rng)), Context())
+        Prune(min_channels=64, criterion="l2", reconstruct=False, latency=False).run(ir.load(cm.chain(rng)), Context())
 
 
 def test_unreachable_ratio_names_the_most_that_can_go(rng):
     with pytest.raises(QGraphError, match="cannot be reached: at most"):
-        run_prune(cm.chain(rng, c=16), ratio=0.9, reconstruct=False, min_channels=8)
+        run_prune(cm.chain(rng, c=16), ratio=0.9, criterion="l2", reconstruct=False, min_channels=8)
 
 
 def test_excluded_layers_keep_their_channels(rng):
     #   residual(): excluding conv3 leaves the stream s/t/u/v (which conv3 reads) alone; conv1 -> conv2 is pruned
-    out, notes = run_prune(cm.residual(rng, c=32), ratio=0.2, reconstruct=False, exclude=("conv3",),
+    out, notes = run_prune(cm.residual(rng, c=32), ratio=0.2, criterion="l2", reconstruct=False, exclude=("conv3",),
                            min_channels=2, round_to=1)
     assert dims(out, "u")[1] == 32 and dims(out, "h")[1] < 32 and notes["skipped"]["excluded"] == 1
 
@@ -306,7 +307,7 @@ def test_excluded_layers_keep_their_channels(rng):
 def test_cli_bad_options_are_one_line_errors(tmp_path):
     import subprocess
     for spec, code, text in (("fold,prune:ratio=1.2", 2, "ratio must be in (0, 1)"),
-                             ("fold,prune:ratio=0.3,min_channels=4096,reconstruct=false", 1, "min_channels=4096")):
+                             ("fold,prune:ratio=0.3,min_channels=4096,reconstruct=false,criterion=l2", 1, "min_channels=4096")):
         r = subprocess.run(qgraph_opt_cmd() + [str(DIGITS), "-p", spec, "-o", str(tmp_path / "o.onnx")],
                            capture_output=True, text=True)
         assert r.returncode == code, r.stderr
@@ -322,3 +323,14 @@ def test_digits_cnn_prunes_and_reconstructs_with_quant_after(tmp_path):
     assert row["macs"] < report.rows[1]["macs"]
     data = np.load(DIGITS_SAMPLE)
     run_ort(model, {"input": data["input"][:4]})
+
+
+# --------------------------------------------------------------------------- zoo (pytest -m zoo)
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name,pipeline", recorded_pipelines("prune") or [("-", "-")])
+def test_recorded_prune_figures(name, pipeline):
+    """Pruning figures recorded beyond the standard fold,prune,quant (which test_zoo.py checks)."""
+    if name == "-":
+        pytest.skip("no prune pipeline recorded in models/manifest.toml (python tools/zoo.py record ...)")
+    check_recorded(name, pipeline)

@@ -11,6 +11,7 @@ import pytest
 from onnx import helper
 
 from builders import init, make_model
+from recorded import check_recorded, recorded_pipelines
 from qgraph import ir
 from qgraph.data import open_samples
 from qgraph.errors import OptionError, QGraphError
@@ -175,3 +176,13 @@ def test_ops_must_be_layer_types():
 def test_reconstruct_without_calibration_data_is_an_error(rng):
     with pytest.raises(QGraphError, match="needs calibration data"):
         Sparsify().run(ir.load(mlp(rng)), Context())
+
+
+# --------------------------------------------------------------------------- zoo (pytest -m zoo)
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name,pipeline", recorded_pipelines("sparsify") or [("-", "-")])
+def test_recorded_sparsify_figures(name, pipeline):
+    if name == "-":
+        pytest.skip("no sparsify pipeline recorded in models/manifest.toml (python tools/zoo.py record ...)")
+    check_recorded(name, pipeline)
