@@ -30,6 +30,7 @@ import onnx
 from qgraph import ir
 from qgraph.errors import ModelError
 from qgraph.kernels.eltwise import TABLE_FUNCS, build_table
+from qgraph.kernels.table import KERNELS
 from qgraph.ops import (CLIP_OPS, INT_RANGES, Skip, clip_bounds, const_at, input_at, is_dq, is_q, match_group,
                         output_quantizer)
 
@@ -46,7 +47,7 @@ GROUP_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool", "Avera
 
 @dataclass
 class Step:
-    op: str                    # key of runtime.KERNELS
+    op: str                    # key of table.KERNELS
     name: str                  # the node (or the group's compute node) it came from
     inputs: list[str]          # value names; "" for an absent optional input
     outputs: list[str]
@@ -296,7 +297,7 @@ class _Lowering:
             if node.op in ("QuantizeLinear", "DequantizeLinear"):
                 self.boundary(node)
             elif node.op in QOPERATOR_OPS or node.domain == "com.microsoft" and node.op.startswith("QLinear"):
-                if node.op not in _runtime_ops():
+                if node.op not in KERNELS:
                     _fail(node, "this quantized op has no integer kernel")
                 self.emit(node.op, node, [self.name_of(t) for t in node.inputs],
                           [t.name for t in node.outputs], **dict(node.attrs))
@@ -438,11 +439,6 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
         if not fused:
             units.append(node)
     return units
-
-
-def _runtime_ops():
-    from qgraph.kernels.runtime import KERNELS
-    return KERNELS
 
 
 def lower(model) -> Program:

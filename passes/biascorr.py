@@ -60,7 +60,6 @@ class BiasCorrOptions:
 
 
 class BiasCorrection(Pass):
-    __doc__ = __doc__
     name = "biascorr"
     summary = "correct the per-channel output mean shift of quantized layers (empirical or analytic, DFQ)"
     options = BiasCorrOptions

@@ -30,7 +30,6 @@ class CleanupOptions:
 
 
 class Cleanup(Pass):
-    __doc__ = __doc__
     name = "cleanup"
     summary = "remove Identity/Dropout and dead nodes, fold constant subgraphs, share identical initializers"
     options = CleanupOptions

@@ -46,7 +46,6 @@ class EqualizeOptions:
 
 
 class EqualizeCrossLayer(Pass):
-    __doc__ = __doc__
     name = "equalize"
     summary = "cross-layer equalization of Conv/Gemm pairs (DFQ), ReLU6 kept exact, optional bias absorption"
     options = EqualizeOptions

@@ -56,7 +56,6 @@ class FoldOptions:
 
 
 class FoldBatchNorm(Pass):
-    __doc__ = __doc__
     name = "fold"
     summary = "fold BatchNormalization and constant per-channel Mul/Add into Conv/ConvTranspose/Gemm/MatMul"
     options = FoldOptions
