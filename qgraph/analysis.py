@@ -14,7 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from qgraph import ir
-from qgraph.ops import LAYER_OPS, QOPERATOR_DOT_OPS, in_channels, layer_weight, out_channels, pads_with_zero
+from qgraph.ops import LAYER_OPS, QOPERATOR_DOT_OPS, Skip, in_channels, layer_weight, out_channels, pads_with_zero
 
 #: Ops whose output is a dot product over weights: the MAC counters below know them.
 _DOT_OPS = frozenset(LAYER_OPS + QOPERATOR_DOT_OPS)
@@ -144,25 +144,6 @@ class Chain:
     clip: Any = None  # a Clip among ``between`` (ReLU6): homogeneous only with its bound rescaled
 
 
-def equalization_chains(g) -> tuple[list[Chain], list[tuple[str, str]]]:
-    """Layer pairs whose shared channels can be rescaled, and (layer, reason) for those that cannot.
-
-    A pair is coupled to nothing else when every tensor from ``first``'s output to ``second``'s input
-    has exactly one reader: a residual join or a branch would see the rescaled channels too.
-    """
-    chains: list[Chain] = []
-    refused: list[tuple[str, str]] = []
-    for node in g.nodes:
-        if _layer_weight(node) is None:
-            continue
-        found = _follow(g, node)
-        if isinstance(found, Chain):
-            chains.append(found)
-        elif found is not None:
-            refused.append((node.name, found))
-    return chains, refused
-
-
 @dataclass
 class CoupledSet:
     """Tensors tied channel by channel (a residual stream joined by Adds, or one layer's output read
@@ -174,8 +155,8 @@ class CoupledSet:
     tensors: list
 
 
-def coupled_sets(g) -> tuple[list[CoupledSet], list[tuple[str, str]]]:
-    """Residual streams and fan-outs that can be equalized as a whole, and (tensor, reason) for the
+def coupled_sets(g) -> tuple[list[CoupledSet], list[tuple[str, Skip]]]:
+    """Residual streams and fan-outs that can be equalized as a whole, and (tensor, Skip) for the
     ones that cannot (a reader or writer that is neither a layer nor the joining Add)."""
     parent: dict[str, str] = {}
     tensor = {}
@@ -232,15 +213,15 @@ def coupled_sets(g) -> tuple[list[CoupledSet], list[tuple[str, str]]]:
                 break
         rep = members[0].name
         if problem:
-            refused.append((rep, problem))
+            refused.append((rep, Skip(problem)))
             continue
         chans = {_layer_channels(p, out=True) for p in producers} | {_layer_channels(c, out=False) for c in consumers}
         if len(chans) != 1 or not producers or not consumers:
-            refused.append((rep, "channel_mismatch"))
+            refused.append((rep, Skip("channel_mismatch")))
             continue
         weights = [l.inputs[1] for l in producers + consumers]
         if any(len(ir.consumers(w)) > 1 for w in weights):
-            refused.append((rep, "weight_shared"))
+            refused.append((rep, Skip("weight_shared")))
             continue
         unique = list({id(c): c for c in consumers}.values())
         sets.append(CoupledSet(producers, unique, chans.pop(), members))
@@ -256,38 +237,49 @@ def _layer_channels(node, out: bool) -> int:
     return out_channels(node) if out else in_channels(node)
 
 
-def _follow(g, first) -> Chain | str | None:
+#: Why a layer has no partner, when that is not a miss: its output is a network output, is read by
+#: nothing, or joins others (residual streams are equalized as coupled sets instead).
+NO_PAIR = ("graph_output", "no_reader", "joins")
+
+
+def equalization_pair(g, first) -> Chain:
+    """The chain from layer ``first`` (output channel i) to the one layer that reads channel i, or a
+    Skip: ``coupled_output`` (read by several), ``stops_at_<op>``, ``channel_mismatch``, ... or one of
+    ``NO_PAIR``. Every tensor on the way has exactly one reader: a residual join or a branch would
+    see the rescaled channels too."""
+    if _layer_weight(first) is None:
+        raise Skip("not_a_layer")
     channels = out_channels(first)
     t = first.outputs[0]
     between, clip = [], None
     while True:
         if ir.is_graph_output(g, t):
-            return None  # a network output: nothing to pair with
+            raise Skip("graph_output")
         readers = ir.consumers(t)
         if len(readers) != 1:
-            return "coupled_output" if len(readers) > 1 else None
+            raise Skip("coupled_output" if readers else "no_reader")
         nxt = readers[0]
         if nxt.inputs[0] is not t:
-            return "not_first_input"
+            raise Skip("not_first_input")
         if nxt.op in HOMOGENEOUS or _is_channelwise_clip(nxt) or pads_with_zero(nxt) or _is_unit_flatten(nxt, t):
             if nxt.op == "Clip":
                 if clip is not None:
-                    return "two_clips"
+                    raise Skip("two_clips")
                 clip = nxt
             between.append(nxt)
             t = nxt.outputs[0]
             continue
         if nxt.op in _LAYERS and len(nxt.inputs) > 1 and ir.const(nxt.inputs[1]) is not None:
             if nxt.op == "Gemm" and nxt.attrs.get("transA", 0):
-                return "second_gemm_transA"
+                raise Skip("second_gemm_transA")
             if in_channels(nxt) != channels:
-                return "channel_mismatch"
+                raise Skip("channel_mismatch")
             if len(ir.consumers(nxt.inputs[1])) > 1 or len(ir.consumers(first.inputs[1])) > 1:
-                return "weight_shared"
+                raise Skip("weight_shared")
             return Chain(first, between, nxt, channels, clip)
         if nxt.op in _LAYERS:
-            return "weight_not_constant"
-        return None if nxt.op in ("Add", "Concat", "Sum", "Mul") else f"stops_at_{nxt.op}"
+            raise Skip("weight_not_constant")
+        raise Skip("joins" if nxt.op in ("Add", "Concat", "Sum", "Mul") else f"stops_at_{nxt.op}")
 
 
 def _is_channelwise_clip(node) -> bool:

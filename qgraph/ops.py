@@ -100,6 +100,80 @@ def in_channels(node, w_shape: tuple | None = None) -> int:
     return w_shape[-2]
 
 
+def out_axis(node, rank: int = 2) -> int | None:
+    """The axis of a layer's weight (of ``rank`` dims) that indexes output channels when it is one
+    axis (None for a grouped ConvTranspose, whose output channel spreads over two axes)."""
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1 if int(node.attrs.get("group", 1)) == 1 else None
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    return rank - 1                                      # MatMul: W[..., K, N]
+
+
+def channel_index(node, w_shape, side: str) -> np.ndarray:
+    """For every entry of a layer's weight, the output (``side="out"``) or input (``"in"``) channel it
+    belongs to, as an integer array that broadcasts against ``w_shape``. Grouped convolutions
+    included: Conv W[o, j] reads input channel (o // (Cout/g))·(Cin/g) + j; ConvTranspose
+    W[c, j] writes output channel (c // (Cin/g))·(Cout/g) + j.
+
+    With it, per-channel vectors act on weights the same way for every layer:
+    ``w * a[channel_index(node, w.shape, "out")]`` scales output channels."""
+    w_shape = tuple(w_shape)
+    tail = (1,) * (len(w_shape) - 2)
+    op = node.op
+    if op in ("Conv", "ConvTranspose"):
+        groups = int(node.attrs.get("group", 1))
+        rows, cols = w_shape[0], w_shape[1]
+        grouped = (np.arange(rows) // (rows // groups))[:, None] * cols + np.arange(cols)[None, :]
+        plain = np.arange(rows).reshape((-1, 1) + tail)
+        spread = grouped.reshape((rows, cols) + tail)
+        if (op == "Conv") == (side == "out"):
+            return plain                                 # Conv outputs, ConvTranspose inputs: axis 0
+        return spread
+    if op == "Gemm" and node.attrs.get("transB", 0):     # B[N, K]
+        return np.arange(w_shape[0]).reshape(-1, 1) if side == "out" else np.arange(w_shape[1]).reshape(1, -1)
+    if op in ("Gemm", "MatMul") and len(w_shape) == 2:   # B[K, N]
+        return np.arange(w_shape[1]).reshape(1, -1) if side == "out" else np.arange(w_shape[0]).reshape(-1, 1)
+    raise ValueError(f"{op} with a weight of shape {w_shape} has no per-channel layout here")
+
+
+def per_channel_weight(node, a: np.ndarray, w_shape, side: str) -> np.ndarray:
+    """``a`` (one value per output or input channel) spread to multiply the layer's weight."""
+    return np.asarray(a)[channel_index(node, w_shape, side)]
+
+
+def channel_matrix(node, w: np.ndarray, side: str) -> np.ndarray:
+    """The weight's entries grouped by output or input channel: a [channels, entries] array (row c
+    holds every entry ``channel_index`` maps to c), for per-channel reductions."""
+    w = np.asarray(w)
+    op = node.op
+    if op in ("Conv", "ConvTranspose") and (op == "Conv") != (side == "out"):
+        groups = int(node.attrs.get("group", 1))
+        rows, cols = w.shape[0], w.shape[1]
+        blocks = w.reshape(groups, rows // groups, cols, -1).transpose(0, 2, 1, 3)    # [g, cols, rows/g, k]
+        return blocks.reshape(groups * cols, -1)
+    if op in ("Conv", "ConvTranspose"):
+        return w.reshape(w.shape[0], -1)
+    transb = op == "Gemm" and node.attrs.get("transB", 0)
+    axis = (0 if transb else 1) if side == "out" else (1 if transb else 0)
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def weight_times_input(node, w: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """What the layer adds to each output channel when its input is the constant ``c`` per input
+    channel (the kernel window summed, borders ignored): Σ_{entries e of output o} W[e] · c[in(e)]."""
+    w = np.asarray(w, np.float64)
+    full = w * per_channel_weight(node, np.asarray(c, np.float64), w.shape, "in")
+    return channel_matrix(node, full, "out").sum(axis=1)
+
+
+def channel_ranges(node, w: np.ndarray, side: str) -> np.ndarray:
+    """max |W| over the entries of each output or input channel."""
+    return np.abs(channel_matrix(node, np.asarray(w, np.float64), side)).max(axis=1)
+
+
 def clip_bounds(node) -> tuple[float, float] | None:
     """[lo, hi] of a Relu or Clip (attributes before opset 11, optional inputs after; an absent
     bound is -inf / +inf), or None when a bound is not a constant or the node is neither."""

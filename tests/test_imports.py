@@ -11,30 +11,27 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"qgraph": "qgraph", "passes": "qgraph.passes", "kernels": "qgraph.kernels"}
 
-#: What each part of the package may import of qgraph (prefixes); anything not matched is refused.
-#: The core layers, bottom up: errors < ir < ops < (the rest).
-CORE_FOUNDATION = ("qgraph.errors", "qgraph.ir", "qgraph.ops")
+#: What each part of the package may import of qgraph: (allowed prefixes, refused prefixes).
+#: The foundation, bottom up: errors < ir < ops.
+FOUNDATION = ("qgraph.errors", "qgraph.ir", "qgraph.ops")
+FRONT_ENDS = ("qgraph.cli", "qgraph.api")
 RULES = {
-    "qgraph.errors": (),
-    "qgraph.ir": ("qgraph.errors",),
-    "qgraph.ops": ("qgraph.errors", "qgraph.ir"),
+    "qgraph.errors": ((), ()),
+    "qgraph.ir": (("qgraph.errors",), ()),
+    "qgraph.ops": (("qgraph.errors", "qgraph.ir"), ()),
     # kernels: the runtime stands on the shared vocabulary only, never on passes or the pipeline
-    "qgraph.kernels": CORE_FOUNDATION + ("qgraph.kernels",),
-    # passes: anything of the core but the runtime, the CLI and the library entry
-    "qgraph.passes": CORE_FOUNDATION + ("qgraph.pipeline", "qgraph.analysis", "qgraph.channels", "qgraph.calibrate",
-                                        "qgraph.qparams", "qgraph.qdq", "qgraph.rounding", "qgraph.data",
-                                        "qgraph.passes", "qgraph.reconstruct", "qgraph.huffman",
-                                        "qgraph.container", "qgraph.sensitivity"),
+    "qgraph.kernels": (FOUNDATION + ("qgraph.kernels",), ()),
+    # passes: the core, not the runtime, the observers or the front ends
+    "qgraph.passes": (("qgraph.",), ("qgraph.kernels", "qgraph.instruments") + FRONT_ENDS),
+    # observers: the core and the pipeline; imported only by the front ends (checked below)
+    "qgraph.instruments": (("qgraph.",), ("qgraph.passes", "qgraph.kernels") + FRONT_ENDS),
     # the front ends sit on top of everything
-    "qgraph.cli": ("qgraph",),
-    "qgraph.api": ("qgraph",),
-    "qgraph": ("qgraph",),   # the package __init__ (re-exports the API)
+    "qgraph.cli": (("qgraph",), ()),
+    "qgraph.api": (("qgraph",), ()),
+    "qgraph": (("qgraph",), ()),   # the package __init__ (re-exports the API)
 }
-#: Core modules below the passes: they may import the core, never passes, kernels or front ends.
-CORE_DEFAULT = ("qgraph.",)
-CORE_NEVER = ("qgraph.passes", "qgraph.kernels", "qgraph.cli", "qgraph.api", "qgraph.instruments")
-#: instruments observe passes (they may import the pipeline) but are imported only by front ends
-CORE_NEVER_EXCEPT = {"qgraph.api": ("qgraph.instruments",), "qgraph.cli": ("qgraph.instruments",)}
+#: Every other core module: the core, never the layers above it.
+CORE = (("qgraph.",), ("qgraph.passes", "qgraph.kernels", "qgraph.instruments") + FRONT_ENDS)
 
 
 def module_name(path: Path) -> str:
@@ -65,11 +62,8 @@ def rule_for(module: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(allowed prefixes, refused prefixes) for ``module``."""
     for key in sorted(RULES, key=len, reverse=True):
         if module == key or (key != "qgraph" and module.startswith(key + ".")):
-            return RULES[key], ()
-    never = tuple(p for p in CORE_NEVER if p not in CORE_NEVER_EXCEPT.get(module, ()) and p != module)
-    if module == "qgraph.instruments":
-        never = tuple(p for p in never if p != "qgraph.instruments")
-    return CORE_DEFAULT, never
+            return RULES[key]
+    return CORE
 
 
 def violations(module: str, source: str) -> list[str]:
