@@ -422,7 +422,7 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
         if node.op not in ("Conv", "MatMul", "Gemm", "Add", "Mul"):
             continue
         users = ir.consumers(node.outputs[0]) if node.outputs else []
-        if len(users) == 1 and users[0].op in ("Relu", "Clip"):
+        if len(users) == 1 and users[0].op in CLIP_OPS:
             users = ir.consumers(users[0].outputs[0])
         if len(users) != 1 or users[0].op != "QuantizeLinear":
             continue

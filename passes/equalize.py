@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from qgraph import ir
-from qgraph.analysis import NO_PAIR, Chain, CoupledSet, coupled_sets, equalization_pair
-from qgraph.ops import Skip, channel_ranges, clip_bounds, per_channel_weight, weight_times_input
+from qgraph.analysis import EQUALIZABLE_OPS, NO_PAIR, Chain, CoupledSet, coupled_sets, equalization_pair
+from qgraph.ops import Skip, channel_ranges, clip_bounds, const_at, per_channel_weight, weight_times_input
 from qgraph.patterns import Rule, apply_rules
 from qgraph.pipeline import Context, Pass, PassResult, no_batchnorm, not_quantized, option
 
@@ -220,7 +220,7 @@ def _match_pair(g: ir.Graph, first, st: _Pairing) -> Chain:
     return chain
 
 
-PAIR = Rule("pair", ("Conv", "Gemm"), _match_pair, lambda g, chain, st: st.pairs.append(chain),
+PAIR = Rule("pair", EQUALIZABLE_OPS, _match_pair, lambda g, chain, st: st.pairs.append(chain),
             quiet=NO_PAIR + ("not_a_layer",), doc="a layer and the one layer reading its channels")
 
 
@@ -239,7 +239,7 @@ def _scale_out(layer, f: np.ndarray) -> None:
     t = layer.inputs[1]
     w = ir.const(t)
     t.values = (w.astype(np.float64) * per_channel_weight(layer, f, w.shape, "out")).astype(w.dtype)
-    if len(layer.inputs) > 2 and ir.const(layer.inputs[2]) is not None:
+    if const_at(layer, 2) is not None:
         b = layer.inputs[2]
         bv = ir.const(b)
         beta = float(layer.attrs.get("beta", 1.0)) if layer.op == "Gemm" else 1.0
@@ -267,7 +267,7 @@ def _propagate(layer, c: np.ndarray) -> np.ndarray:
 
 def _add_out_bias(g: ir.Graph, layer, delta: np.ndarray) -> None:
     cout = _out_ranges(layer).size
-    if len(layer.inputs) > 2 and ir.const(layer.inputs[2]) is not None:
+    if const_at(layer, 2) is not None:
         b = layer.inputs[2]
         bv = ir.const(b).astype(np.float64)
         beta = float(layer.attrs.get("beta", 1.0)) if layer.op == "Gemm" else 1.0

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qgraph import ir
-from qgraph.ops import (JOIN_OPS, LAYER_OPS, MATRIX_LAYER_OPS, Skip, in_channels, input_at, out_channels,
+from qgraph.ops import (CONV_OPS, JOIN_OPS, LAYER_OPS, MATRIX_LAYER_OPS, Skip, in_channels, input_at, out_channels,
                         per_channel_weight, weight_times_input)
 from qgraph.patterns import Rule, apply_rules
 from qgraph.pipeline import BNStats, Context, Pass, PassResult, option
@@ -543,7 +543,7 @@ def _matmul_bias_reader(mm):
 def _rank(layer, y) -> int | None:
     if y is not None and y.shape is not None:
         return len(y.shape)
-    if layer.op in ("Conv", "ConvTranspose"):
+    if layer.op in CONV_OPS:
         return len(ir.const(layer.inputs[1]).shape)
     if layer.op == "Gemm":
         return 2

@@ -14,7 +14,8 @@ import onnx
 from onnx import numpy_helper
 
 from qgraph import ir
-from qgraph.ops import LAYER_OPS, QOPERATOR_DOT_OPS, Skip, in_channels, layer_weight, out_channels, pads_with_zero
+from qgraph.ops import (LAYER_OPS, QOPERATOR_DOT_OPS, Skip, const_at, in_channels, layer_weight, out_channels,
+                        pads_with_zero)
 
 #: Ops whose output is a dot product over weights: the MAC counters below know them.
 _DOT_OPS = frozenset(LAYER_OPS + QOPERATOR_DOT_OPS)
@@ -131,7 +132,8 @@ def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray | None:
 #: Ops that act on each channel alone and commute with a positive per-channel scale: f(x/s) = f(x)/s.
 HOMOGENEOUS = frozenset({"Relu", "PRelu", "LeakyRelu", "MaxPool", "AveragePool", "GlobalAveragePool",
                          "GlobalMaxPool", "Identity", "Dropout"})
-_LAYERS = ("Conv", "Gemm")
+#: Layers cross-layer equalization rescales (per output channel of one, input channel of the next).
+EQUALIZABLE_OPS = ("Conv", "Gemm")
 
 
 @dataclass
@@ -230,7 +232,7 @@ def coupled_sets(g) -> tuple[list[CoupledSet], list[tuple[str, Skip]]]:
 
 def _layer_weight(node):
     """The constant weight of a Conv / Gemm (no transA) that equalization can rescale, else None."""
-    return layer_weight(node) if node.op in _LAYERS else None
+    return layer_weight(node) if node.op in EQUALIZABLE_OPS else None
 
 
 def _layer_channels(node, out: bool) -> int:
@@ -269,7 +271,7 @@ def equalization_pair(g, first) -> Chain:
             between.append(nxt)
             t = nxt.outputs[0]
             continue
-        if nxt.op in _LAYERS and len(nxt.inputs) > 1 and ir.const(nxt.inputs[1]) is not None:
+        if nxt.op in EQUALIZABLE_OPS and const_at(nxt, 1) is not None:
             if nxt.op == "Gemm" and nxt.attrs.get("transA", 0):
                 raise Skip("second_gemm_transA")
             if in_channels(nxt) != channels:
@@ -277,7 +279,7 @@ def equalization_pair(g, first) -> Chain:
             if len(ir.consumers(nxt.inputs[1])) > 1 or len(ir.consumers(first.inputs[1])) > 1:
                 raise Skip("weight_shared")
             return Chain(first, between, nxt, channels, clip)
-        if nxt.op in _LAYERS:
+        if nxt.op in EQUALIZABLE_OPS:
             raise Skip("weight_not_constant")
         raise Skip("joins" if nxt.op in ("Add", "Concat", "Sum", "Mul") else f"stops_at_{nxt.op}")
 

@@ -41,6 +41,8 @@ QOPERATOR_DOT_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteg
 #: Layers whose weight is a matrix W[out, in·kernel] over input channels (ConvTranspose is not:
 #: its weight is laid out input-first and it scatters rather than gathers).
 MATRIX_LAYER_OPS = ("Conv", "Gemm", "MatMul")
+#: Convolutions (their weights carry a kernel window after the two channel axes).
+CONV_OPS = ("Conv", "ConvTranspose")
 #: Layers with a bias input and an explicit per-output-channel weight layout (no batched MatMul).
 BIASED_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm")
 #: Ops that join several activations; a per-channel affine map after one has no single layer to go into.
@@ -123,7 +125,7 @@ def channel_index(node, w_shape, side: str) -> np.ndarray:
     w_shape = tuple(w_shape)
     tail = (1,) * (len(w_shape) - 2)
     op = node.op
-    if op in ("Conv", "ConvTranspose"):
+    if op in CONV_OPS:
         groups = int(node.attrs.get("group", 1))
         rows, cols = w_shape[0], w_shape[1]
         grouped = (np.arange(rows) // (rows // groups))[:, None] * cols + np.arange(cols)[None, :]
@@ -149,12 +151,12 @@ def channel_matrix(node, w: np.ndarray, side: str) -> np.ndarray:
     holds every entry ``channel_index`` maps to c), for per-channel reductions."""
     w = np.asarray(w)
     op = node.op
-    if op in ("Conv", "ConvTranspose") and (op == "Conv") != (side == "out"):
+    if op in CONV_OPS and (op == "Conv") != (side == "out"):
         groups = int(node.attrs.get("group", 1))
         rows, cols = w.shape[0], w.shape[1]
         blocks = w.reshape(groups, rows // groups, cols, -1).transpose(0, 2, 1, 3)    # [g, cols, rows/g, k]
         return blocks.reshape(groups * cols, -1)
-    if op in ("Conv", "ConvTranspose"):
+    if op in CONV_OPS:
         return w.reshape(w.shape[0], -1)
     transb = op == "Gemm" and node.attrs.get("transB", 0)
     axis = (0 if transb else 1) if side == "out" else (1 if transb else 0)
