@@ -174,7 +174,7 @@ def zoo_models(batches: list[int]) -> list[tuple[str, Path, dict]]:
     are reported and left out."""
     sys.path.insert(0, str(ROOT / "tools"))
     from runtime_zoo import qdq_model
-    from qgraph.data import zoo_split
+    from zoo_data import zoo_split
     out = []
     for name in ZOO_MODELS:
         try:

@@ -39,7 +39,7 @@ PIPELINE = "fold,quant:act_dtype=int8"
 def qdq_model(name: str, rebuild: bool = False) -> Path:
     """The s8s8 QDQ model of zoo model ``name`` (built once, then cached)."""
     import qgraph
-    from qgraph.data import zoo_split
+    from zoo_data import zoo_split
     from zoo_manifest import model_path, zoo_cache
     out = zoo_cache() / "runtime" / f"{name}.s8s8.onnx"
     if out.exists() and not rebuild:
@@ -70,10 +70,10 @@ def measure(name: str, path: Path, eval_limit: int | None = None, layer_n: int =
             batch: int = 32) -> dict:
     """Every figure of the module docstring for one QDQ model."""
     from qgraph import ir
-    from qgraph.data import zoo_split
     from qgraph.kernels import lower, run
     from qgraph.kernels.diff import compare, fixed_vs_float_per_layer, ort_float_nodes, output_lsb, per_layer
     from qgraph.kernels.lower import ort_float_units
+    from zoo_data import zoo_split
     model = onnx.load(path)
     prog = lower(model)
     g = ir.load(model)

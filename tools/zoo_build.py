@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qgraph.data import DataMissing, open_zoo_dataset, split_positions
+from zoo_data import DataMissing, data_root, open_zoo_dataset, split_positions
 from zoo_manifest import REPO, load_recipe, missing_zoo_extra, model_entry, model_path, zoo_cache
 
 BUILD_VERSION = 1
@@ -226,7 +226,6 @@ def _check_on_data(name: str, entry: dict, model, sess, ins: list[str], log) -> 
 def _retrain(name: str, entry: dict, src: str, out: Path, log) -> dict:
     """LeNets: train on MNIST (models/zoo/lenet.py), export to the checked-in file, check."""
     import torch
-    from qgraph.data import data_root
     from zoo_eval import session
     recipe = load_recipe(src)
     mnist = data_root() / "mnist" / "mnist.npz"
