@@ -54,12 +54,12 @@ def test_float_mode_is_bit_exact_end_to_end(zoo):
 
 
 def test_top1_equals_ort(zoo):
+    from bench_common import one_thread_session
     from qgraph.kernels import run
-    from runtime_zoo import _session
     name, model, prog, evaluation, _ = zoo
     if evaluation.labels is None:
         pytest.skip(f"{name}: no labels")
-    sess = _session(model)
+    sess = one_thread_session(model)
     out = model.graph.output[0].name
     inputs = {i.name for i in model.graph.input}
     ours = ref = seen = 0
