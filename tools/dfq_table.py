@@ -82,11 +82,11 @@ def main(argv=None) -> int:
 
     import qgraph
     from zoo_data import zoo_split
-    cache = Path(__import__("os").environ.get("QGRAPH_CACHE", Path.home() / ".cache" / "qgraph")) / "zoo"
+    from zoo_manifest import model_path
     only = set(args.only.split(",")) if args.only else None
     results: dict = {"cpu": platform.processor() or platform.machine(), "models": {}}
     for name in args.models.split(","):
-        path = cache / f"{name}.onnx"
+        path = model_path(name)
         if not path.exists():
             print(f"{name}: not built ({path}); run python tools/zoo.py build {name}", file=sys.stderr)
             return 2
