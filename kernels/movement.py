@@ -25,7 +25,8 @@ def _reshape(x, shape, attrs):
 
 
 def _flatten(x, attrs):
-    axis = int(attrs.get("axis", 1)) % max(x.ndim, 1)
+    axis = int(attrs.get("axis", 1))
+    axis = axis + x.ndim if axis < 0 else axis        # 0..rank: axis == rank gives (prod, 1)
     return x.reshape(int(np.prod(x.shape[:axis])), -1)
 
 

@@ -72,9 +72,33 @@ def _window_reduce(x, kh, kw, sh, sw, dh, dw, pt, pl, is_max, zx, out, counts):
                     counts[y, xo] = cnt
 
 
+@njit(cache=True)
+def _window_max_float(x, kh, kw, sh, sw, dh, dw, pt, pl, out):
+    """MaxPool of float values (a float unit between DQ and Q): exact, order does not matter."""
+    n_b, c_n, h, w = x.shape
+    _, _, oh, ow = out.shape
+    for n in range(n_b):
+        for c in range(c_n):
+            for y in range(oh):
+                for xo in range(ow):
+                    best = -np.inf
+                    for i in range(kh):
+                        iy = y * sh - pt + i * dh
+                        if iy < 0 or iy >= h:
+                            continue
+                        for j in range(kw):
+                            ix = xo * sw - pl + j * dw
+                            if 0 <= ix < w and x[n, c, iy, ix] > best:
+                                best = x[n, c, iy, ix]
+                    out[n, c, y, xo] = best
+
+
 def max_pool(x: np.ndarray, attrs: dict) -> np.ndarray:
     (kh, kw), (sh, sw), (dh, dw), pads, (oh, ow) = pool_geometry(attrs, x.shape[2:])
     out = np.empty((x.shape[0], x.shape[1], oh, ow), x.dtype)
+    if x.dtype.kind == "f":
+        _window_max_float(np.ascontiguousarray(x), kh, kw, sh, sw, dh, dw, pads[0], pads[1], out)
+        return out
     counts = np.empty((oh, ow), np.int64)
     _window_reduce(np.ascontiguousarray(x), kh, kw, sh, sw, dh, dw, pads[0], pads[1], True, 0, out, counts)
     return out
