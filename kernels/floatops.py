@@ -38,6 +38,7 @@ import math
 import numpy as np
 
 from qgraph.errors import ModelError
+from qgraph.kernels.movement import resize_shape, source_coords
 
 F32 = np.float32
 
@@ -151,28 +152,12 @@ def _resize(args, at, name):
 def _resize_linear(x, scales, sizes, at, name):
     """Separable linear interpolation over each resized axis (coordinates as ONNX defines them)."""
     ctm = _attr(at, "coordinate_transformation_mode", "half_pixel")
-    if sizes is not None and np.asarray(sizes).size:
-        out_shape = [int(v) for v in np.asarray(sizes).reshape(-1)]
-        scl = [o / i for o, i in zip(out_shape, x.shape)]
-    else:
-        scl = [float(s) for s in np.asarray(scales).reshape(-1)]
-        out_shape = [int(np.floor(d * s)) for d, s in zip(x.shape, scl)]
+    out_shape, scl = resize_shape(x.shape, scales, sizes)
     y = x
     for ax, (n_in, n_out, s) in enumerate(zip(x.shape, out_shape, scl)):
         if n_in == n_out:
             continue
-        o = np.arange(n_out, dtype=np.float32)
-        if ctm == "asymmetric":
-            src = o / F32(s)
-        elif ctm == "align_corners":
-            src = o * F32(n_in - 1) / F32(max(n_out - 1, 1))
-        elif ctm == "half_pixel":
-            src = (o + F32(0.5)) / F32(s) - F32(0.5)
-        elif ctm == "pytorch_half_pixel":
-            src = (o + F32(0.5)) / F32(s) - F32(0.5) if n_out > 1 else np.zeros(n_out, F32)
-        else:
-            raise ModelError(f"cannot lower node {name} (Resize): coordinate mode {ctm!r}")
-        src = np.clip(src, 0, n_in - 1).astype(F32)
+        src = np.clip(source_coords(ctm, n_in, n_out, s, np.float32, name), 0, n_in - 1).astype(F32)
         i0 = np.floor(src).astype(np.int64)
         i1 = np.minimum(i0 + 1, n_in - 1)
         w1 = (src - i0.astype(F32)).astype(F32)

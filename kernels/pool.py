@@ -72,33 +72,25 @@ def _window_reduce(x, kh, kw, sh, sw, dh, dw, pt, pl, is_max, zx, out, counts):
                     counts[y, xo] = cnt
 
 
-@njit(cache=True)
-def _window_max_float(x, kh, kw, sh, sw, dh, dw, pt, pl, out):
-    """MaxPool of float values (a float unit between DQ and Q): exact, order does not matter."""
-    n_b, c_n, h, w = x.shape
-    _, _, oh, ow = out.shape
-    for n in range(n_b):
-        for c in range(c_n):
-            for y in range(oh):
-                for xo in range(ow):
-                    best = -np.inf
-                    for i in range(kh):
-                        iy = y * sh - pt + i * dh
-                        if iy < 0 or iy >= h:
-                            continue
-                        for j in range(kw):
-                            ix = xo * sw - pl + j * dw
-                            if 0 <= ix < w and x[n, c, iy, ix] > best:
-                                best = x[n, c, iy, ix]
-                    out[n, c, y, xo] = best
+def _window_max_float(x, kh, kw, sh, sw, dh, dw, pads, oh, ow) -> np.ndarray:
+    """MaxPool of float values (a float unit between DQ and Q): exact, the order does not matter;
+    padding reads as -inf."""
+    pt, pl, pb, pr = pads
+    h, w = x.shape[2:]
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    xp = np.full(x.shape[:2] + (max(h + pt + pb, (oh - 1) * sh + span_h), max(w + pl + pr, (ow - 1) * sw + span_w)),
+                 -np.inf, x.dtype)
+    xp[:, :, pt:pt + h, pl:pl + w] = x
+    win = np.lib.stride_tricks.sliding_window_view(xp, (span_h, span_w), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :oh, :ow]
+    return win.max(axis=(4, 5))
 
 
 def max_pool(x: np.ndarray, attrs: dict) -> np.ndarray:
     (kh, kw), (sh, sw), (dh, dw), pads, (oh, ow) = pool_geometry(attrs, x.shape[2:])
-    out = np.empty((x.shape[0], x.shape[1], oh, ow), x.dtype)
     if x.dtype.kind == "f":
-        _window_max_float(np.ascontiguousarray(x), kh, kw, sh, sw, dh, dw, pads[0], pads[1], out)
-        return out
+        return _window_max_float(x, kh, kw, sh, sw, dh, dw, pads, oh, ow)
+    out = np.empty((x.shape[0], x.shape[1], oh, ow), x.dtype)
     counts = np.empty((oh, ow), np.int64)
     _window_reduce(np.ascontiguousarray(x), kh, kw, sh, sw, dh, dw, pads[0], pads[1], True, 0, out, counts)
     return out
