@@ -594,11 +594,8 @@ def apply_shifts(g, edit, shifts: dict[str, np.ndarray]) -> dict:
 
 def latency(original, pruned, ctx: Context, *, budget: float = 4.0, runs: int = 30) -> dict:
     """ORT latency (one thread, batch of one, best of alternating runs) of both models, same inputs."""
-    from qgraph.instruments import seeded_inputs
-    feeds = seeded_inputs(original, ctx.seed, batch=1)
     a, b = ort_session(original, threads=1), ort_session(pruned, threads=1)
-    names = [i.name for i in a.get_inputs()]
-    feeds = {k: v for k, v in feeds.items() if k in names}
+    feeds = _random_feeds(a, ctx.seed)
     for s in (a, b):
         s.run(None, feeds)
     best = [np.inf, np.inf]
@@ -612,6 +609,28 @@ def latency(original, pruned, ctx: Context, *, budget: float = 4.0, runs: int = 
             break
     return {"original_ms": round(1e3 * best[0], 3), "pruned_ms": round(1e3 * best[1], 3),
             "ratio": round(best[1] / best[0], 3)}
+
+
+def _random_feeds(sess, seed: int) -> dict[str, np.ndarray]:
+    """One seeded random input per graph input (batch 1; other symbolic dims 8): normal floats,
+    small non-negative ints for integer inputs (token-id-like), for a latency measurement only."""
+    rng = np.random.default_rng(seed)
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+    feeds = {}
+    for i in sess.get_inputs():
+        dims = [d if isinstance(d, int) and d > 0 else (1 if k == 0 else 8) for k, d in enumerate(i.shape)]
+        dtype = types.get(i.type)
+        if dtype is None:
+            raise QGraphError(f"prune:latency=true cannot make an input of type {i.type} for '{i.name}': "
+                              "set latency=false")
+        if np.issubdtype(dtype, np.floating):
+            feeds[i.name] = rng.standard_normal(dims).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[i.name] = np.ones(dims, bool)
+        else:
+            feeds[i.name] = rng.integers(0, 100, size=dims).astype(dtype)
+    return feeds
 
 
 def _frac(before: float, after: float) -> str:

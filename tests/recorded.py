@@ -25,7 +25,7 @@ def recorded_pipelines(pass_name: str) -> list[tuple[str, str]]:
 
 def check_recorded(name: str, pipeline: str) -> None:
     """Run a recorded pipeline on the zoo model and compare with the manifest's figures and tolerance."""
-    from qgraph.data import data_root
+    from zoo_data import data_root
     from zoo_eval import compare, run_pipeline
     entry = zoo_manifest.model_entry(name)
     if entry["dataset"] in ("imagenet-sample", "mnist") and not data_root().exists():

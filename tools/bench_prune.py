@@ -64,7 +64,7 @@ def latency_ratio(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dic
 def bench_one(name: str, args) -> dict:
     import qgraph
     from qgraph.analysis import model_stats
-    from qgraph.data import zoo_split
+    from zoo_data import zoo_split
     from qgraph.instruments import seeded_inputs
     light = model_entry(name)["dataset"] == "random"
     calib, _ = zoo_split(name)

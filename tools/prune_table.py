@@ -51,7 +51,7 @@ def save(res: dict) -> None:
 def measure(model: str, pipeline: str) -> dict:
     import qgraph
     from qgraph.analysis import model_stats
-    from qgraph.data import zoo_split
+    from zoo_data import zoo_split
     from zoo_eval import evaluate
     calib, evaluation = zoo_split(model)
     out = cache_dir() / "zoo" / "pipelines" / f"prune_table.{model}.onnx"
@@ -67,16 +67,21 @@ def measure(model: str, pipeline: str) -> dict:
 
 
 def pipelines(args) -> list[tuple[str, str]]:
-    out = []
-    for model in args.models:
-        out.append((model, "fold"))
-        for crit in args.criteria:
-            for rec in ("false", "true"):
-                for ratio in args.ratios:
-                    out.append((model, f"fold,prune:ratio={ratio},criterion={crit},reconstruct={rec},latency=false"))
-        if args.quant_ratio:
+    """Every cell, most telling first (so a run cut short still answers the main question): per model
+    FP32, then ``taylor_act`` with reconstruction and ``l2`` without (Torch-Pruning's magnitude pruner
+    with its group mean normalizer, no fine-tuning: the baseline), then prune+quant, then the rest."""
+    def cell(model, crit, rec, ratio):
+        return model, f"fold,prune:ratio={ratio},criterion={crit},reconstruct={rec},latency=false"
+    combos = [(c, r) for c in args.criteria for r in ("true", "false")]
+    first = [c for c in (("taylor_act", "true"), ("l2", "false")) if c in combos]
+    out = [(model, "fold") for model in args.models]
+    out += [cell(m, c, r, ratio) for m in args.models for c, r in first for ratio in args.ratios]
+    if args.quant_ratio:
+        for model in args.models:
             base = f"fold,prune:ratio={args.quant_ratio},criterion={args.quant_criterion},latency=false"
             out += [(model, base), (model, base + ",quant"), (model, "fold,quant")]
+    out += [cell(m, c, r, ratio) for m in args.models for c, r in combos if (c, r) not in first
+            for ratio in args.ratios]
     return out
 
 
