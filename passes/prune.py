@@ -10,9 +10,13 @@ importance aggregated over the whole group (DepGraph §3.3, mean over members):
                 columns of the layers reading it)
     bn_gamma    I_u = Σ |γ_u| of the BatchNorms on the group (network slimming, Liu et al. 2017);
                 needs BatchNormalization still present: put prune before fold
-    taylor_act  I_u = Σ_readers ||W[:, u]||² · E[x_u²]: the squared output error a reading layer
-                suffers when input u is zeroed, measured on the calibration data (the diagonal,
-                second-order Taylor term of that error, Molchanov et al. 2017/2019, LeCun 1990)
+    taylor_act  the output error the layers reading the group suffer when unit u goes, from their
+                input covariance H on the calibration data (second-order Taylor term, exact for a
+                linear layer: LeCun et al. 1990; Molchanov et al. 2019): ΔE = tr(W_B H_BB W_Bᵀ)
+                with the weights kept, tr(W_B [(H⁻¹)_BB]⁻¹ W_Bᵀ) when the rest is refit (optimal
+                brain surgeon, units going greedily), relative to the reader's output energy and
+                weighted by how much of a relative error at that reader reaches the model's outputs
+                (measured once by injecting feature-shaped noise: ``importance.output_sensitivity``)
 
 ``scope=global`` ranks all groups' units together after dividing each unit's importance by its
 group's mean (Torch-Pruning's mean normalizer: a unit is judged against the channels it is coupled

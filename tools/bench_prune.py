@@ -8,8 +8,9 @@ in the same run (alternating runs, best of N each, one image).
     python tools/bench_prune.py --models mobilenet_v2 --ratio 0.3 --threads 1 2 --json bench.json
 
 Real-weight models prune with reconstruction on the zoo's calibration split (100 images); the
-structure-only ``light_*`` models (random weights, random calibration data) with ``reconstruct=false``
-unless ``--reconstruct-light`` (their accuracy means nothing; their structure is what is tested).
+structure-only ``light_*`` models (random weights, random calibration data) with ``criterion=l2`` (unless
+``--criterion``) and ``reconstruct=false`` unless ``--reconstruct-light`` (their accuracy means nothing;
+their structure is what is tested).
 Timings on a shared machine are noisy: the CPU, the load average and ratios from one run are printed,
 never asserted by a test.
 """
@@ -71,6 +72,8 @@ def bench_one(name: str, args) -> dict:
     spec = f"prune:ratio={args.ratio},latency=false"
     if args.criterion:
         spec += f",criterion={args.criterion}"
+    elif light:
+        spec += ",criterion=l2"        # random weights: a data-driven ranking measures nothing
     if light and not args.reconstruct_light:
         spec += ",reconstruct=false"
     folded, _ = qgraph.optimize(model_path(name), "fold", progress=False)
