@@ -78,7 +78,7 @@ def pipelines(args) -> list[tuple[str, str]]:
     out += [cell(m, c, r, ratio) for m in args.models for c, r in first for ratio in args.ratios]
     if args.quant_ratio:
         for model in args.models:
-            base = f"fold,prune:ratio={args.quant_ratio},criterion={args.quant_criterion},latency=false"
+            base = cell(model, args.quant_criterion, "true", args.quant_ratio)[1]
             out += [(model, base), (model, base + ",quant"), (model, "fold,quant")]
     out += [cell(m, c, r, ratio) for m in args.models for c, r in combos if (c, r) not in first
             for ratio in args.ratios]
@@ -100,10 +100,11 @@ def table(res: dict, args) -> str:
                     cells.append("–" if r is None else "fails" if "error" in r else f"{100 * r['top1']:.2f}")
                 lines.append(f"| {crit} | {'yes' if rec == 'true' else 'no'} | " + " | ".join(cells) + " |")
         if args.quant_ratio:
-            base = f"{model}|fold,prune:ratio={args.quant_ratio},criterion={args.quant_criterion},latency=false"
+            base = (f"{model}|fold,prune:ratio={args.quant_ratio},criterion={args.quant_criterion},"
+                    "reconstruct=true,latency=false")
             a, b, c = res.get(base), res.get(base + ",quant"), res.get(f"{model}|fold,quant")
             if a and b and "error" not in a and "error" not in b:
-                lines += ["", f"`fold,prune:ratio={args.quant_ratio},criterion={args.quant_criterion}` "
+                lines += ["", f"`fold,prune:ratio={args.quant_ratio},criterion={args.quant_criterion},reconstruct=true` "
                               f"{100 * a['top1']:.2f} (-{100 * a['macs_removed']:.1f}% MACs); `+ quant` "
                               f"{100 * b['top1']:.2f}" + (f"; unpruned `fold,quant` {100 * c['top1']:.2f}"
                                                           if c and "error" not in c else "")]
