@@ -63,6 +63,21 @@ def latency_ratio(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dic
             "ratio": round(best[1] / best[0], 3), "runs": n}
 
 
+def macs(model: onnx.ModelProto, shapes: dict) -> int | None:
+    """MACs per sample; shapes computed at run time (EfficientNet-Lite0's Pad amounts come from Shape)
+    are resolved first, as the prune pass does, where ONNX shape inference alone leaves them unknown."""
+    from qgraph import ir
+    from qgraph.analysis import model_stats
+    from qgraph.channels import refresh_shapes, resolve_static
+    m = model_stats(model, shapes).macs
+    if m is None:
+        g = ir.load(model)
+        resolve_static(g)
+        refresh_shapes(g)
+        m = model_stats(ir.to_model(g), shapes).macs
+    return m
+
+
 def bench_one(name: str, args) -> dict:
     import qgraph
     from qgraph.analysis import model_stats
@@ -84,7 +99,8 @@ def bench_one(name: str, args) -> dict:
     onnx.checker.check_model(pruned)
     feeds = seeded_inputs(folded, 0, batch=1)
     notes = report.rows[-1]["notes"]
-    m0, m1 = model_stats(folded).macs, model_stats(pruned).macs
+    shapes = {k: v.shape for k, v in feeds.items()}      # symbolic input dims resolved (batch 1)
+    m0, m1 = macs(folded, shapes), macs(pruned, shapes)
     out = {"model": name, "pipeline": "fold," + spec, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "macs_before": m0,
            "macs_after": m1, "macs_removed": round(1 - m1 / m0, 4), "reported": notes["removed"]["macs"],
            "checker": "ok", "latency": [latency_ratio(folded, pruned, feeds, t, args.runs, args.budget)
