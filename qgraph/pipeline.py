@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from qgraph import ir
-from qgraph.errors import OptionError, PassError, QGraphError
+from qgraph.errors import ModelError, OptionError, PassError, PassInputError, QGraphError
 from qgraph.ops import QParams
 
 
@@ -91,13 +91,19 @@ class Context:
 
 @dataclass(frozen=True)
 class Requirement:
-    """A property the graph must have before a pass runs, checked on the graph itself."""
+    """A property the graph must have before a pass runs, checked on the graph itself.
+
+    ``hint`` says what to do about it: a string, or a function of the requiring pass's name (so
+    that a hint naming a pass never tells that pass to run before itself)."""
     name: str
     check: Callable[[ir.Graph], str | None]  # None when satisfied, else what is wrong
-    hint: str = ""
+    hint: str | Callable[[str], str] = ""
 
     def __call__(self, g: ir.Graph) -> str | None:
         return self.check(g)
+
+    def hint_for(self, pass_name: str) -> str:
+        return self.hint(pass_name) if callable(self.hint) else self.hint
 
 
 def _no_op(op: str) -> Callable[[ir.Graph], str | None]:
@@ -113,7 +119,8 @@ not_quantized = Requirement("no QuantizeLinear/DequantizeLinear yet",
                             lambda g: (None if not any(n.op in ("QuantizeLinear", "DequantizeLinear")
                                                        for n in g.nodes)
                                        else "the model is already quantized"),
-                            hint="run this pass before 'quant'")
+                            hint=lambda p: ("quant runs once, on a float model" if p == "quant"
+                                            else f"run '{p}' before 'quant'"))
 quantized = Requirement("QuantizeLinear/DequantizeLinear present",
                         lambda g: (None if any(n.op == "DequantizeLinear" for n in g.nodes)
                                    else "the model has no DequantizeLinear nodes"),
@@ -290,6 +297,9 @@ class Pass:
     requires: ClassVar[tuple[Requirement, ...]] = ()
     preserves_function: ClassVar[bool] = True
     tolerance: ClassVar[float] = 1e-4
+    #: whether the pass rewrites inside If/Loop/Scan bodies; one that does not leaves them as they
+    #: are and the manager notes how many it left (``untouched_subgraphs``)
+    handles_subgraphs: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -310,7 +320,8 @@ class Pass:
         for req in self.requires:
             problem = req(g)
             if problem:
-                hint = f"; {req.hint}" if req.hint else ""
+                text = req.hint_for(self.name)
+                hint = f"; {text}" if text else ""
                 return f"requires {req.name}: {problem}{hint}"
         return None
 
@@ -399,8 +410,16 @@ class PassManager:
         self.model: onnx.ModelProto | None = None  # the graph as last exported (after the last pass)
 
     def run(self, g: ir.Graph, ctx: Context | None = None) -> ir.Graph:
+        """Run the passes over ``g`` in place. ``self.model`` is the graph as exported after the last
+        pass; for a model over ``ir.EXTERNAL_DATA_THRESHOLD`` it is light (``ir.is_light``: weights
+        stay in the graph, never copied into a ModelProto), and instruments use the graph for what
+        needs the weights.
+
+        A pass that raises ModelError (bad calibration data, a model it cannot handle) fails with a
+        PassInputError, which is a ModelError too; anything else becomes a PassError.
+        """
         ctx = ctx or Context()
-        model = ir.to_model(g)
+        model = _export(g)
         if ctx.original is None:
             ctx.original = model
         for inst in self.instruments:
@@ -415,11 +434,17 @@ class PassManager:
                 result = p.run(g, ctx)
                 if not isinstance(result, PassResult):
                     raise TypeError(f"run() returned {type(result).__name__}, not PassResult")
+                if not p.handles_subgraphs:
+                    untouched = len(list(g.subgraphs()))
+                    if untouched:
+                        result.notes["untouched_subgraphs"] = untouched
                 g.cleanup().toposort()
-                model = ir.to_model(g)
+                model = _export(g)
                 _check(model)
             except PassError:
                 raise
+            except ModelError as exc:
+                raise PassInputError(p.name, done, str(exc)) from exc
             except QGraphError as exc:
                 raise PassError(p.name, done, str(exc)) from exc
             except Exception as exc:
@@ -431,11 +456,18 @@ class PassManager:
                     inst.after(index, p, g, model, result, seconds, ctx)
                 except PassError:
                     raise
+                except ModelError as exc:
+                    raise PassInputError(p.name, done, str(exc)) from exc
                 except QGraphError as exc:
                     raise PassError(p.name, done, str(exc)) from exc
             done.append(p.name)
         self.model = model
         return g
+
+
+def _export(g: ir.Graph) -> onnx.ModelProto:
+    """The graph as a ModelProto; light (weights left in the graph) when it is over 2 GB."""
+    return ir.to_model(g, light=ir.is_large(g))
 
 
 def _check(model: onnx.ModelProto) -> None:
