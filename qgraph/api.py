@@ -63,6 +63,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
             raise ModelError(f"refusing to write the {what} over the input model: {path}")
     if output is not None and report is not None and ir.same_file(Path(output), Path(report)):
         raise ModelError(f"the report and the output model would be the same file: {output}")
+    for folder, what in ((dump_dir, "dump folder"), (plots, "plots folder")):
+        if folder is not None:
+            modelfile.check_folder(folder, what)
     g = ir.load(model, progress=progress)
     samples = None
     if calib is not None:

@@ -184,7 +184,7 @@ def build_run_parser() -> argparse.ArgumentParser:
                    help="diff every quantized tensor against ORT, chained and isolated (on ORT's inputs)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples of each input")
     p.add_argument("--max-lsb", type=int, default=1, help="--compare-ort fails (exit 1) above this (default 1)")
-    p.add_argument("--output", help="write our outputs to this .npz")
+    p.add_argument("--output", help="write our outputs to this .npz (also when --compare-ort then exits 1)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
@@ -256,13 +256,15 @@ def _run_main(args) -> int:
     ours = run(prog, feeds, args.mode)
     worst = 0
     if args.compare_ort:
-        figures, _, _ = diff.against_ort(model, feeds, args.mode, prog)
+        with _ort_refusals():
+            figures, _, _ = diff.against_ort(model, feeds, args.mode, prog)
         report["outputs"] = figures
         worst = max((f.get("max_lsb", 10**9) for f in figures.values()), default=0)
     else:
         report["outputs"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in ours.items()}
     if args.per_layer:
-        rows = diff.per_layer(model, feeds, args.mode, prog)
+        with _ort_refusals():
+            rows = diff.per_layer(model, feeds, args.mode, prog)
         report["layers"] = rows
         first = next((r for r in rows if r.get("max_lsb", 1) > 0), None)
         report["first_divergence"] = first["output"] if first else None
@@ -278,6 +280,22 @@ def _run_main(args) -> int:
               f"--max-lsb {args.max_lsb} (worst {worst} LSB: {', '.join(over[:3])})", file=sys.stderr)
         return 1
     return 0
+
+
+class _ort_refusals:
+    """ONNX Runtime refusing to load or run the user's model (an attribute that contradicts the
+    weights) is bad input: a one-line ModelError, not an internal error or a failure."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        from qgraph import ir
+        if exc is not None and type(exc).__module__.startswith("onnxruntime"):
+            raise ModelError(f"ONNX Runtime cannot run the model: {ir.first_line(exc)}") from None
+        if isinstance(exc, QGraphError) and not isinstance(exc, (ModelError, OptionError)):
+            raise ModelError(str(exc)) from None    # ops.ort_session: ORT cannot load the model
+        return False
 
 
 def _npz_bytes(arrays: dict) -> bytes:

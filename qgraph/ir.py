@@ -55,6 +55,7 @@ def _read(src, map_min_bytes: int | None = None) -> tuple[onnx.ModelProto, dict,
     if isinstance(src, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(src)
+        modelfile.check_strings(model)
         modelfile.check_sizes(model, None)
         return model, {}, set()
     if not isinstance(src, (str, os.PathLike)):
@@ -79,6 +80,7 @@ def _read(src, map_min_bytes: int | None = None) -> tuple[onnx.ModelProto, dict,
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise ModelError(f"not an ONNX model (no graph nodes; truncated or not a model file?): {path}")
     base = path.parent if str(path.parent) else Path(".")
+    modelfile.check_strings(model, str(path))
     modelfile.check_sizes(model, base)
     mapped, files = modelfile.read_external(model, base, map_min_bytes=map_min_bytes)
     return model, mapped, files
@@ -219,7 +221,7 @@ def _infer_shapes(model: onnx.ModelProto, where: str = "model") -> onnx.ModelPro
     light = skeleton(model)
     try:
         with modelfile.quiet_c_output():
-            inferred = onnx.shape_inference.infer_shapes(light, strict_mode=True, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
         raise ModelError(f"invalid ONNX model {where}: {one_line(exc)}") from None
     del model.graph.value_info[:]
@@ -286,11 +288,11 @@ def check_strict(model: onnx.ModelProto, where: str = "model") -> None:
     """``check``, then ONNX shape inference in strict mode: a model whose declared shapes contradict
     what its ops compute (a node rewired to a tensor of other channels) is refused with ModelError.
     For consumers that execute the graph themselves (``qgraph-run``) and trust its shapes."""
-    light = skeleton(model)
     try:
+        light = skeleton(model)
         with modelfile.quiet_c_output():
             onnx.checker.check_model(light)
-            onnx.shape_inference.infer_shapes(light, strict_mode=True, data_prop=True)
+            onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
         raise ModelError(f"invalid ONNX model {where}: {one_line(exc)}") from None
 

@@ -151,6 +151,40 @@ def check_sizes(model: onnx.ModelProto, base_dir: Path | None) -> None:
                              f"but holds {have:,} (truncated or corrupt)")
 
 
+def check_strings(message, where: str = "model") -> None:
+    """ModelError when a string field is not UTF-8. Protobuf parses such a model and fails only when
+    the field is read, anywhere later; every string is read once here (weights are not touched)."""
+    try:
+        _touch_strings(message)
+    except (UnicodeDecodeError, _NotUtf8):
+        raise ModelError(f"not a valid ONNX model: {where} has a name or string that is not UTF-8 "
+                         "(corrupt file?)") from None
+
+
+class _NotUtf8(Exception):
+    pass
+
+
+def _touch_strings(message) -> None:
+    # protobuf returns an invalid string as bytes (and fails when it is copied into another message)
+    for fd in message.DESCRIPTOR.fields:
+        if fd.message_type is None:
+            if fd.type == fd.TYPE_STRING:
+                value = getattr(message, fd.name)
+                if any(isinstance(v, bytes) for v in (value if _is_repeated(fd) else [value])):
+                    raise _NotUtf8()
+            continue
+        if _is_repeated(fd):
+            for item in getattr(message, fd.name):
+                _touch_strings(item)
+        elif message.HasField(fd.name):
+            _touch_strings(getattr(message, fd.name))
+
+
+def _is_repeated(fd) -> bool:
+    return fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+
+
 def _shape(t: TensorProto) -> str:
     return "[" + ", ".join(str(d) for d in t.dims) + "]"
 
@@ -556,6 +590,26 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     p = check_output_path(path, what)
     try:
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise ModelError(f"cannot write {what} {p}: {exc.strerror or exc}") from None
+    os.close(fd)
+    _unlink(tmp)
+    return p
+
+
+def check_folder(path: str | os.PathLike, what: str = "folder") -> Path:
+    """ModelError unless ``path`` is, or can be created as, a folder we can write in (tried with a
+    temporary file in it or in its nearest existing parent; nothing is created)."""
+    p = Path(path)
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ModelError(f"{what} {p}: {probe} is not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".qgraph-probe-", suffix=".tmp")
     except OSError as exc:
         raise ModelError(f"cannot write {what} {p}: {exc.strerror or exc}") from None
     os.close(fd)

@@ -595,6 +595,10 @@ class Skip(Exception):
 
 # ----------------------------------------------------------------------------- ONNX Runtime
 
+class OrtLoadError(QGraphError):
+    """ONNX Runtime refused to load a model (``ort_session``)."""
+
+
 def ort_session(model, *, threads: int = 0, optimize: bool = True):
     """One ONNX Runtime CPU session for a ModelProto or an ``ir.Graph``. A model over protobuf's 2 GB
     limit goes through a temporary folder (a graph's weights streamed into it, never copied into a
@@ -622,4 +626,4 @@ def ort_session(model, *, threads: int = 0, optimize: bool = True):
     except QGraphError:
         raise
     except Exception as exc:
-        raise QGraphError(f"ONNX Runtime cannot load the model: {ir.first_line(exc)}") from None
+        raise OrtLoadError(f"ONNX Runtime cannot load the model: {ir.first_line(exc)}") from None

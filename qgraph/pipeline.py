@@ -20,7 +20,7 @@ import onnx
 
 from qgraph import ir
 from qgraph.errors import ModelError, OptionError, PassError, PassInputError, QGraphError
-from qgraph.ops import QParams
+from qgraph.ops import OrtLoadError, QParams, ort_session
 
 
 # ----------------------------------------------------------------------------- results and context
@@ -445,6 +445,10 @@ class PassManager:
                 raise
             except ModelError as exc:
                 raise PassInputError(p.name, done, str(exc)) from exc
+            except OrtLoadError as exc:
+                if _runtime_refuses(ctx.original):
+                    raise PassInputError(p.name, done, f"{exc} (and it refuses the input model too)") from exc
+                raise PassError(p.name, done, str(exc)) from exc
             except QGraphError as exc:
                 raise PassError(p.name, done, str(exc)) from exc
             except Exception as exc:
@@ -463,6 +467,18 @@ class PassManager:
             done.append(p.name)
         self.model = model
         return g
+
+
+def _runtime_refuses(original: onnx.ModelProto | None) -> bool:
+    """Whether ONNX Runtime refuses to load the input model itself: then a pass that needed ORT (to
+    calibrate, to measure) failed because of its input, not of what it or an earlier pass did."""
+    if original is None or ir.is_light(original):
+        return False
+    try:
+        ort_session(original)
+    except OrtLoadError:
+        return True
+    return False
 
 
 def _export(g: ir.Graph) -> onnx.ModelProto:

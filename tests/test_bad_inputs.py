@@ -280,6 +280,34 @@ def _opt(*args):
     return setup
 
 
+def _not_utf8():
+    m = conv_bn()
+    data = m.SerializeToString().replace(b"conv", b"co\xeev")   # the node's name, no longer UTF-8
+    broken = onnx.ModelProto()
+    broken.ParseFromString(data)
+    return broken
+
+
+def _int_bias():
+    #   x ─Gemm(w, b:int32)─ y       Gemm's T binds float and int32: ORT refuses it
+    m = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="gemm")], [("x", [2, 3])], [("y", [2, 4])],
+                   [init("w", np.ones((3, 4), np.float32)), init("b", np.ones(4, np.float32))])
+    next(t for t in m.graph.initializer if t.name == "b").CopyFrom(init("b", np.ones(4, np.int32)))
+    return m
+
+
+def _regrouped(d: Path) -> Path:
+    """The quantized digits CNN with its first Conv's group attribute contradicting its weights."""
+    m = onnx.load(str(_quantized(d)))
+    conv = next(n for n in m.graph.node if n.op_type == "Conv")
+    group = next((a for a in conv.attribute if a.name == "group"), None)
+    if group is None:
+        conv.attribute.append(helper.make_attribute("group", 2))
+    else:
+        group.i = 2
+    return save(m, d / "regrouped.onnx")
+
+
 def _quantized(d: Path) -> Path:
     qgraph.optimize(DIGITS, "fold,quant:sqnr=false", calib=DIGITS_SAMPLE, output=d / "q.onnx", calib_limit=16,
                     progress=False)
@@ -323,6 +351,8 @@ ROWS = [
                                                         y=(1, 4, 6, 6))), 2, "'w'"),
     Row("duplicate_node_outputs", _model(lambda: raw_model([helper.make_node("Relu", ["x"], ["y"]),
                                                            helper.make_node("Sigmoid", ["x"], ["y"])])), 2, "'y'"),
+    Row("string_not_utf8", _model(_not_utf8), 2, "not UTF-8"),
+    Row("initializer_type_contradicts_op", _model(_int_bias), 2, "inconsistent type"),
     Row("unknown_op", _model(lambda: raw_model([helper.make_node("Frobnicate", ["x"], ["y"])])), 2, "Frobnicate"),
     Row("unknown_domain_with_verify",
         _model(lambda: raw_model([helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")],
@@ -386,6 +416,9 @@ ROWS = [
     Row("negative_seed", _opt("--seed", "-1"), 2, "seed"),
     Row("zero_calib_limit", _opt("--calib-limit", "0"), 2, "calib_limit"),
     Row("dump_dir_is_a_file", lambda d: [digits(d), "-p", "fold", "--dump-dir", d / "digits.onnx"], 2, "dump folder"),
+    Row("dump_dir_in_proc", _opt("--dump-dir", "/proc/qgraph-dump"), 2, "dump folder"),
+    Row("plots_dir_is_a_file", lambda d: [digits(d), "-p", "fold,equalize", "--plots", d / "digits.onnx"], 2,
+        "plots folder"),
     Row("unknown_pass", _opt("-o", "x.onnx", "-p", "fodl"), 2, "did you mean 'fold'"),
     # a pass failing on valid input: exit 1
     Row("pass_fails_verify", _opt("--verify", "--tolerance", "0"), 1, "pass 'fold' failed"),
@@ -404,6 +437,8 @@ ROWS = [
         prog="run"),
     Row("run_output_is_a_directory", _run(lambda d: Path(DIGITS_SAMPLE), "--output", "sub"), 2, "directory",
         prog="run"),
+    Row("run_ort_refuses_the_model", lambda d: [_regrouped(d), "--inputs", DIGITS_SAMPLE, "--limit", "4",
+                                                "--compare-ort"], 2, "ONNX Runtime cannot", prog="run"),
     Row("run_model_is_garbage", lambda d: [_write(d / "g.onnx", b"\x08\x07junk"), "--inputs", DIGITS_SAMPLE], 2,
         "onnx model", prog="run"),
 ]
@@ -616,6 +651,31 @@ def test_float16_model_folds_and_verifies_at_half_precision(sandbox, capsys):
     verify = json.loads(Path("r.json").read_text())["passes"][1]["verify"]
     assert verify["tolerance"] == 16 * 2.0**-10
     assert 0 < max(o["max_rel"] for o in verify["outputs"].values()) <= verify["tolerance"]
+
+
+def test_runtime_refusing_the_input_inside_a_pass_is_bad_input(monkeypatch):
+    """quant needs ONNX Runtime; when ORT refuses the model quant got, the manager asks whether it
+    refuses the *input* too: then the input is at fault (exit 2), else the passes before (exit 1)."""
+    from qgraph import pipeline
+    from qgraph.ops import OrtLoadError
+
+    def refuse_all(model, **kw):
+        raise OrtLoadError("ONNX Runtime cannot load the model: (test)")
+
+    class NeedsOrt(pipeline.Pass):
+        name = "needs_ort"
+
+        def run(self, g, ctx):
+            pipeline.ort_session(ir.to_model(g))
+            return pipeline.PassResult(False)
+    monkeypatch.setattr(pipeline, "ort_session", refuse_all)
+    with pytest.raises(PassError) as info:
+        qgraph.optimize(DIGITS, [NeedsOrt()], progress=False)
+    assert isinstance(info.value, ModelError) and "refuses the input model too" in str(info.value)
+    monkeypatch.setattr(pipeline, "_runtime_refuses", lambda original: False)
+    with pytest.raises(PassError) as info:
+        qgraph.optimize(DIGITS, [NeedsOrt()], progress=False)
+    assert not isinstance(info.value, ModelError)
 
 
 # ----------------------------------------------------------------------------- outputs
