@@ -134,6 +134,7 @@ def load(src: str | os.PathLike | onnx.ModelProto, *, infer_shapes: bool = True,
         materialize_constants(g)
         bar.step("weights")
         modelfile.check_weights(g)
+        modelfile.check_layers(g)
     finally:
         bar.close()
     return g

@@ -12,7 +12,8 @@ Reading a model from an untrusted source, before any byte of weight data is read
 Then, on the parsed model: a cycle is named (``find_cycle``); onnx's C++ prints are kept off the
 user's terminal (``quiet_c_output``); and once imported, weights no model computes with (NaN, an
 infinite layer parameter, a BatchNormalization variance + epsilon <= 0) are refused
-(``check_weights``).
+(``check_weights``), and so are convolution attributes that contradict the weight
+(``check_layers``: group=0, a group not dividing the channels).
 
 Large external tensors (``MAP_MIN_BYTES`` and more, of the main graph) are not read but mapped
 copy-on-write (``np.memmap(mode="c")``): a page is read when a pass touches it, and a tensor a
@@ -480,6 +481,39 @@ def _nonfinite(t, count_inf: bool) -> tuple[int, int]:
         nan += k
         inf += (part.size - int(np.count_nonzero(finite)) - k) if count_inf else 0
     return nan, inf
+
+
+def check_layers(g) -> None:
+    """ModelError when a convolution's attributes contradict its weight (onnx's checker and shape
+    inference let ``group=0`` or a group that does not divide the channels through; ONNX Runtime
+    refuses them only when it runs, and passes that index channels by group would divide by zero)."""
+    for graph in _graphs(g):
+        for node in graph.nodes:
+            if node.op not in ("Conv", "ConvTranspose") or len(node.inputs) < 2:
+                continue
+            what = f"{node.op} '{node.name}'"
+            group = node.attrs.get("group", 1)
+            if not isinstance(group, int) or group < 1:
+                raise ModelError(f"{what}: group must be a positive integer, got {group!r}")
+            for key in ("strides", "dilations", "kernel_shape"):
+                values = node.attrs.get(key)
+                if values is not None and any(not isinstance(v, int) or v < 1 for v in values):
+                    raise ModelError(f"{what}: {key} must be positive, got {list(values)}")
+            shape = node.inputs[1].shape     # a constant's, or (a QDQ weight) the inferred one
+            if not shape or len(shape) < 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+                continue
+            if shape[0] % group:
+                raise ModelError(f"{what}: group {group} does not divide the weight's {shape[0]} "
+                                 f"{'output' if node.op == 'Conv' else 'input'} channels")
+            x = node.inputs[0].shape
+            if x is not None and len(x) == len(shape) and isinstance(x[1], int) and x[1] > 0:
+                want = shape[1] * group if node.op == "Conv" else shape[0]
+                if x[1] != want:
+                    raise ModelError(f"{what}: input has {x[1]} channels, the weight and group={group} "
+                                     f"need {want}")
+            kernel = node.attrs.get("kernel_shape")
+            if kernel is not None and list(kernel) != list(shape[2:]):
+                raise ModelError(f"{what}: kernel_shape {list(kernel)} contradicts the weight's {list(shape[2:])}")
 
 
 # ----------------------------------------------------------------------------- writing tensors

@@ -115,7 +115,9 @@ def mutate_proto(m: onnx.ModelProto, rng: np.random.Generator, folder: Path) -> 
                        "duplicate_output", "remove_node", "duplicate_node", "swap_nodes", "remove_initializer",
                        "attribute", "opset", "ir_version", "nan_weight", "inf_weight", "negative_variance",
                        "external_escape", "external_lie", "huge_constant", "input_shape", "input_type",
-                       "value_info", "drop_output"])
+                       "value_info", "drop_output",
+                       # valid but unusual: these reach the passes
+                       "scale_weight", "scale_weight", "zero_variance", "symbolic_dims", "share_weight"])
     node = _pick(rng, g.node)
     t = _pick(rng, list(g.initializer))
     if kind == "dims" and t is not None and t.dims:
@@ -218,6 +220,28 @@ def mutate_proto(m: onnx.ModelProto, rng: np.random.Generator, folder: Path) -> 
     elif kind == "value_info":
         g.value_info.append(helper.make_tensor_value_info(_pick(rng, [n.output[0] for n in g.node]) or "z",
                                                           int(_pick(rng, [1, 6, 10])), [7, 7]))
+    elif kind == "scale_weight" and _float_inits(m):
+        t = _pick(rng, _float_inits(m))
+        a = numpy_helper.to_array(t).astype(np.float32) * np.float32(_pick(rng, [0.0, -1.0, 1e-30, 1e-42, 1e20, 1e30]))
+        t.CopyFrom(numpy_helper.from_array(a.astype(np.float32), t.name))
+    elif kind == "zero_variance":
+        names = [n.input[4] for n in g.node if n.op_type == "BatchNormalization" and len(n.input) >= 5]
+        v = next((x for x in g.initializer if names and x.name == _pick(rng, names)), None)
+        if v is not None:
+            v.CopyFrom(numpy_helper.from_array(np.zeros(tuple(v.dims), np.float32), v.name))
+    elif kind == "symbolic_dims" and g.input:
+        for d in g.input[0].type.tensor_type.shape.dim:
+            d.dim_param = "d"
+    elif kind == "share_weight":
+        layers = [n for n in g.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 1]
+        inits = {t.name: tuple(t.dims) for t in g.initializer}
+        pairs = [(a, b) for a in layers for b in layers if a is not b and inits.get(a.input[1]) is not None
+                 and inits.get(a.input[1]) == inits.get(b.input[1])]
+        if pairs:
+            a, b = _pick(rng, pairs)
+            b.input[1] = a.input[1]
+        else:
+            return mutate_proto(m, rng, folder)
     elif kind == "drop_output" and len(g.output) > 0:
         g.output[0].name = "renamed_output"
     else:
