@@ -24,6 +24,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
              report: str | os.PathLike | None = None,
              verify: bool = False,
              tolerance: float | None = None,
+             noise_factor: float | None = None,
              dump_dir: str | os.PathLike | None = None,
              seed: int = 0,
              preset: str | None = None,
@@ -38,8 +39,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
                a dict of arrays, or a ``qgraph.data.Samples``
     output  -- where to write the result (atomically; never over the input); None to not write
     report  -- where to write the JSON report (with the output: both or neither are written);
-               verify -- check outputs against the original after
-               each pass (tolerance overrides each pass's own); dump_dir -- write NN_<pass>.onnx;
+               verify -- check outputs against the original after each pass (tolerance overrides
+               each pass's own; an output may also differ by noise_factor x the original model's
+               own float noise, default 4, 0 for none); dump_dir -- write NN_<pass>.onnx;
                plots -- directory for PNGs drawn by passes (equalize: channel ranges before/after)
 
     Errors: OptionError (bad passes or arguments), ModelError (bad model, data or destination;
@@ -48,7 +50,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
     ModelProto refers to its weights in ``<output>.data`` (``onnx.load_external_data_for_model``
     reads them) instead of holding a second copy.
     """
-    _check_arguments(passes, tolerance, seed, calib_limit, verify,
+    _check_arguments(passes, tolerance, seed, calib_limit, verify, noise_factor,
                       output=output, report=report, dump_dir=dump_dir, plots=plots)
     pipeline = build_passes(passes)  # option errors before any work
     if not isinstance(model, (str, os.PathLike, onnx.ModelProto)):
@@ -78,7 +80,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
                 "pipeline": [p.label() for p in pipeline]}
     instruments: list = [rep]
     if verify:
-        instruments.append(Verify(rep, tolerance=tolerance))
+        instruments.append(Verify(rep, tolerance=tolerance,
+                                  **({} if noise_factor is None else {"noise_factor": noise_factor})))
     if dump_dir is not None:
         instruments.append(Dump(dump_dir))
     manager = PassManager(pipeline, instruments)
@@ -100,14 +103,14 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
     return result, rep
 
 
-def _check_arguments(passes, tolerance, seed, calib_limit, verify, **paths) -> None:
+def _check_arguments(passes, tolerance, seed, calib_limit, verify, noise_factor, **paths) -> None:
     """OptionError for arguments of the wrong type or range, before anything is read."""
     if passes is None:
         raise OptionError("no passes given: e.g. passes='fold,cleanup'")
-    if tolerance is not None:
-        if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not math.isfinite(tolerance) \
-                or tolerance < 0:
-            raise OptionError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    for name, value in (("tolerance", tolerance), ("noise_factor", noise_factor)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not math.isfinite(value) or value < 0):
+            raise OptionError(f"{name} must be a number >= 0, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise OptionError(f"seed must be an integer >= 0, got {seed!r}")
     if calib_limit is not None and (isinstance(calib_limit, bool) or not isinstance(calib_limit, numbers.Integral)

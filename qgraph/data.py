@@ -59,6 +59,8 @@ class Preset:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     identity: bool = False             # "raw": arrays untouched, images as float32 0..255 NCHW
+    size: tuple[int, int] | None = None  # images resized to exactly (width, height), no crop
+    bgr: bool = False                  # channels in B, G, R order (OpenCV-fed models)
 
     @property
     def channels(self) -> int:
@@ -84,6 +86,8 @@ class Preset:
         try:
             with Image.open(path) as im:
                 im = im.convert("L" if self.mode == "L" else "RGB")
+                if self.size is not None:
+                    im = im.resize(self.size, Image.BILINEAR)
                 if self.resize is not None and min(im.size) != self.resize:
                     w, h = im.size
                     s = self.resize / min(w, h)
@@ -102,6 +106,8 @@ class Preset:
         except OSError as e:
             raise ModelError(f"cannot read image {path}: {e}") from None
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        if self.bgr:
+            a = np.ascontiguousarray(a[::-1])
         return a if self.identity else self.normalize(a[None])[0]
 
 
@@ -113,6 +119,13 @@ PRESETS: dict[str, Preset] = {
     "efficientnet-lite": Preset("efficientnet-lite", resize=256, crop=224, mean=(127.0,), std=(128.0,)),
     # MNIST: (x/255 - 0.1307) / 0.3081, (N, 1, 28, 28)
     "mnist": Preset("mnist", mode="L", resize=28, crop=28, scale=1 / 255, mean=(0.1307,), std=(0.3081,)),
+    # PaddleOCR (PP-OCR, BGR as OpenCV reads): detection normalizes like ImageNet (x/255 - mean) / std
+    # at a multiple of 32 (here 256x256: shorter side 256, center crop); recognition (3x48x320) and
+    # direction classification (3x48x192) use (x/255 - 0.5) / 0.5 on the image resized to that size
+    "ppocr-det": Preset("ppocr-det", resize=256, crop=256, scale=1 / 255, mean=IMAGENET_MEAN,
+                        std=IMAGENET_STD, bgr=True),
+    "ppocr-rec": Preset("ppocr-rec", size=(320, 48), scale=1 / 255, mean=(0.5,), std=(0.5,), bgr=True),
+    "ppocr-cls": Preset("ppocr-cls", size=(192, 48), scale=1 / 255, mean=(0.5,), std=(0.5,), bgr=True),
     # no change: arrays as given, images as float32 0..255 NCHW
     "raw": Preset("raw", identity=True),
 }

@@ -170,12 +170,12 @@ def test_raw_preset_keeps_pixels_0_to_255(tmp_path):
 
 def test_image_folder_without_a_preset_lists_the_presets(tmp_path):
     _image_folder(tmp_path, n=1, labels=False)
-    with pytest.raises(ModelError, match="give a preset \\(efficientnet-lite, imagenet, mnist, raw\\)"):
+    with pytest.raises(ModelError, match="give a preset \\(efficientnet-lite, imagenet, mnist, ppocr-cls, ppocr-det, ppocr-rec, raw\\)"):
         open_samples(tmp_path, ["input"])
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ModelError, match=r"unknown preset 'imgnet' \(valid: efficientnet-lite, imagenet, mnist, raw\)"):
+    with pytest.raises(ModelError, match=r"unknown preset 'imgnet' \(valid: efficientnet-lite, imagenet, mnist, ppocr-cls, ppocr-det, ppocr-rec, raw\)"):
         open_samples({"x": np.zeros((1, 2))}, ["x"], preset="imgnet")
     assert {"imagenet", "efficientnet-lite", "mnist", "raw"} <= set(PRESETS)
 

