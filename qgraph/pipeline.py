@@ -94,15 +94,23 @@ class Requirement:
     """A property the graph must have before a pass runs, checked on the graph itself.
 
     ``hint`` says what to do about it: a string, or a function of the requiring pass's name (so
-    that a hint naming a pass never tells that pass to run before itself)."""
+    that a hint naming a pass never tells that pass to run before itself). ``provider`` is the
+    pass that establishes the property: when it already ran, the hint says so instead (with the
+    reasons it gave for what it left: ``'fold' ran but left them (skipped: weight_shared=2)``)."""
     name: str
     check: Callable[[ir.Graph], str | None]  # None when satisfied, else what is wrong
     hint: str | Callable[[str], str] = ""
+    provider: str = ""
 
     def __call__(self, g: ir.Graph) -> str | None:
         return self.check(g)
 
-    def hint_for(self, pass_name: str) -> str:
+    def hint_for(self, pass_name: str, ran: Sequence[tuple[Pass, PassResult]] = ()) -> str:
+        earlier = [r for p, r in ran if p.name == self.provider] if self.provider else []
+        if earlier:
+            skipped = {k: v for r in earlier for k, v in (r.notes.get("skipped") or {}).items()}
+            why = f" (skipped: {', '.join(f'{k}={v}' for k, v in skipped.items())})" if skipped else ""
+            return f"'{self.provider}' ran before this pass but left them{why}"
         return self.hint(pass_name) if callable(self.hint) else self.hint
 
 
@@ -114,7 +122,7 @@ def _no_op(op: str) -> Callable[[ir.Graph], str | None]:
 
 
 no_batchnorm = Requirement("no BatchNormalization left", _no_op("BatchNormalization"),
-                           hint="put 'fold' before this pass")
+                           hint="put 'fold' before this pass", provider="fold")
 not_quantized = Requirement("no QuantizeLinear/DequantizeLinear yet",
                             lambda g: (None if not any(n.op in ("QuantizeLinear", "DequantizeLinear")
                                                        for n in g.nodes)
@@ -315,12 +323,12 @@ class Pass:
     def run(self, g: ir.Graph, ctx: Context) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError(f"pass {self.name} has no run()")
 
-    def unmet(self, g: ir.Graph) -> str | None:
-        """The first unmet precondition as a message, or None."""
+    def unmet(self, g: ir.Graph, ran: Sequence[tuple[Pass, PassResult]] = ()) -> str | None:
+        """The first unmet precondition as a message, or None; ``ran``: the passes run before this one."""
         for req in self.requires:
             problem = req(g)
             if problem:
-                text = req.hint_for(self.name)
+                text = req.hint_for(self.name, ran)
                 hint = f"; {text}" if text else ""
                 return f"requires {req.name}: {problem}{hint}"
         return None
@@ -425,8 +433,9 @@ class PassManager:
         for inst in self.instruments:
             inst.start(g, model, ctx)
         done: list[str] = []
+        ran: list[tuple[Pass, PassResult]] = []
         for index, p in enumerate(self.passes, start=1):
-            problem = p.unmet(g)
+            problem = p.unmet(g, ran)
             if problem:
                 raise PassError(p.name, done, problem)
             t0 = time.perf_counter()
@@ -455,6 +464,7 @@ class PassManager:
                 raise PassError(p.name, done, f"{type(exc).__name__}: {ir.first_line(exc)}") from exc
             seconds = time.perf_counter() - t0
             self.results.append((p, result))
+            ran.append((p, result))
             for inst in self.instruments:
                 try:
                     inst.after(index, p, g, model, result, seconds, ctx)

@@ -274,6 +274,18 @@ def _nan_at(i):
     return make
 
 
+def _shared_weight_bns():
+    #   x ─Conv(w)─BN1─ a ─┐
+    #   x ─Conv(w)─BN2─ b ─┴─Add─ y      w shared: fold skips both BNs (weight_shared)
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1"), bn_node("c1", "a", "bn1"),
+             helper.make_node("Conv", ["x", "w"], ["c2"], name="conv2"), bn_node("c2", "b", "bn2"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 6, 6])],
+                      [init("w", rng.normal(size=(4, 3, 3, 3)).astype(np.float32)),
+                       *bn_params(rng, 4, "bn1"), *bn_params(rng, 4, "bn2")])
+
+
 def _opt(*args):
     def setup(d: Path):
         return [digits(d), "-p", "fold", *args]
@@ -427,6 +439,8 @@ ROWS = [
         "plots folder"),
     Row("unknown_pass", _opt("-o", "x.onnx", "-p", "fodl"), 2, "did you mean 'fold'"),
     # a pass failing on valid input: exit 1
+    Row("bn_left_by_fold", _model(_shared_weight_bns, passes="fold,equalize"), 1,
+        "'fold' ran before this pass but left them (skipped: weight_shared=2)"),
     Row("pass_fails_verify", _opt("--verify", "--tolerance", "0", "--noise-factor", "0"), 1, "pass 'fold' failed"),
     # qgraph-run
     Row("run_wrong_shape", _run(lambda d: npz(d, "i.npz", input=np.zeros((3, 1, 4, 4), np.float32))), 2, "shape",
@@ -555,6 +569,45 @@ def test_if_subgraphs_are_left_untouched_and_said_so(rng):
     for cond in (True, False):
         feeds = {"x": x, "cond": np.array(cond)}
         assert rel_err(run_ort(model, feeds)[0], run_ort(out, feeds)[0]) <= 1e-5
+
+
+def loop_model(rng) -> onnx.ModelProto:
+    #   x ─Conv(w0)─BN0─ t ─Loop(M=2, v=t)─ y        body: v ─Conv(w1)─BN1─ v'   (w1, BN1 inside)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("Conv", ["v_in", "w1"], ["vc"], name="conv1"), bn_node("vc", "v_out", "bn1")],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v_in", F, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", F, [1, 4, 6, 6])],
+        [init("w1", rng.normal(size=(4, 4, 1, 1)).astype(np.float32)), *bn_params(rng, 4, "bn1")])
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c"], name="conv0"), bn_node("c", "t", "bn0"),
+             helper.make_node("Loop", ["trips", "go", "t"], ["y"], name="loop", body=body)]
+    model = make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 6, 6])],
+                       [init("w0", rng.normal(size=(4, 3, 3, 3)).astype(np.float32)), *bn_params(rng, 4, "bn0"),
+                        init("trips", np.array(2, np.int64)), init("go", np.array(True))])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_loop_body_is_left_untouched_by_every_pass_and_said_so(rng):
+    """fold, equalize and quant do not rewrite inside a Loop body: each one's notes count it, the
+    body's Conv+BN come out as they went in (cleanup recurses into subgraphs, as graphsurgeon does,
+    and says nothing). fold keeps the function (1e-5: fold's float32 re-association, see
+    test_fold); with equalize and quant the result still runs in ORT."""
+    model = loop_model(rng)
+    body_of = lambda m: next(a.g for n in m.graph.node if n.op_type == "Loop" for a in n.attribute)  # noqa: E731
+    calib = {"x": rng.normal(size=(8, 3, 8, 8)).astype(np.float32)}
+    out, rep = qgraph.optimize(model, "fold,cleanup,equalize,quant", calib=calib, progress=False)
+    assert [r["notes"].get("untouched_subgraphs") for r in rep.rows[1:]] == [1, None, 1, 1]
+    assert [n.op_type for n in body_of(out).node if n.op_type != "Identity"] == ["Conv", "BatchNormalization"]
+    x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    assert np.isfinite(run_ort(out, {"x": x})[0]).all()
+    folded, rep = qgraph.optimize(model, "fold", progress=False)
+    assert rep.rows[1]["notes"]["folded"] == 1
+    assert body_of(folded).SerializeToString() == body_of(model).SerializeToString()
+    assert rel_err(run_ort(model, {"x": x})[0], run_ort(folded, {"x": x})[0]) <= 1e-5
 
 
 def test_initializer_shared_by_two_convs_is_not_half_rewritten(rng):
