@@ -220,8 +220,10 @@ def conv_transpose(args, at, name):
     return [y]
 
 
-def matmul(args):
-    """ORT's float MatMul: per matrix of the broadcast batch, MLAS's SGEMM order (``sgemm_mlas``)."""
+def matmul(args, packed: bool = False):
+    """ORT's float MatMul: per matrix of the broadcast batch, MLAS's SGEMM order (``sgemm_mlas``).
+    ``packed``: B is a constant ORT prepacks (``MlasSgemmPackedOperation``: k-blocks of 256, no M = 1
+    kernel); otherwise k-blocks as ``sgemm_block_k`` and a single row through the M = 1 kernel."""
     from qgraph.kernels import ortfloat
     a, b = _f(args[0]), _f(args[1])
     a2 = a[None, :] if a.ndim == 1 else a
@@ -233,7 +235,9 @@ def matmul(args):
     out = np.empty(batch + (m, n), F32)
     kc = ortfloat.sgemm_block_k(k, n)
     gemm = ortfloat.sgemm_mlas
-    if m == 1:                 # MLAS's M = 1 kernel, over the whole K (no k-blocks outside a Conv)
+    if packed and b2.ndim == 2:
+        kc = ortfloat.SGEMM_PACKED_STRIDE_K
+    elif m == 1:               # MLAS's M = 1 kernel, over the whole K (no k-blocks outside a Conv)
         gemm, kc = ortfloat.sgemm_m1_mlas, k
     zeros = np.zeros(m, F32)
     for idx in np.ndindex(*batch):
@@ -295,7 +299,7 @@ def float_op(step, args, mode):
     if op == "ConvTranspose":
         return conv_transpose(args, at, step.name)
     if op == "MatMul":
-        return matmul(args)
+        return matmul(args, bool(step.attrs.get("b_packed", False)))
     if op == "Concat":
         return [np.concatenate([np.asarray(a) for a in args], axis=int(at.get("axis", 0)))]
     if op == "Clip":

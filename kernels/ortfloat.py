@@ -37,6 +37,7 @@ from qgraph.ops import conv_geometry
 
 SGEMM_STRIDE_N = 128
 SGEMM_STRIDE_K = 128
+SGEMM_PACKED_STRIDE_K = 256     # MlasSgemmPackedOperation: a prepacked (constant) B, fixed k-blocks
 
 
 @intrinsic

@@ -126,6 +126,30 @@ def test_float_matmul_in_mlas_order_is_exact():
     check(m, [2, 5, 48])
 
 
+@pytest.mark.parametrize("b_constant", [True, False])
+@pytest.mark.parametrize("m,k,n", [(10, 300, 16), (7, 384, 384), (1, 300, 40)])
+def test_float_matmul_in_ort_order_with_and_without_packed_b(m, k, n, b_constant):
+    # float level, 0 ulp: a constant B is prepacked by ORT (k-blocks of 256, no M = 1 kernel); a B
+    # computed at run time takes MLAS's unpacked SGEMM (its k-blocks; M = 1: the mul/add kernel)
+    import onnxruntime as ort
+
+    from qgraph.kernels.floatops import matmul
+    rng = np.random.default_rng(m * k + n)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    node = helper.make_node("MatMul", ["a", "b"], ["y"])
+    if b_constant:
+        model = make_model([node], [("a", [m, k])], [("y", [m, n])], [init("b", b)])
+        feeds = {"a": a}
+    else:
+        model = make_model([node], [("a", [m, k]), ("b", [k, n])], [("y", [m, n])])
+        feeds = {"a": a, "b": b}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    ref = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_array_equal(matmul([a, b], packed=b_constant)[0], ref)
+
+
 def test_float_matmul_single_row_takes_mlas_m1_kernel():
     #   x [1, 37] ─Q─DQ─MatMul(float [37, 20])─Q─DQ─ y     M = 1: MLAS's mul/add kernel, not its FMA one
     rng = np.random.default_rng(SEED)

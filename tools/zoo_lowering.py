@@ -9,8 +9,8 @@ samples of the zoo's calibration split), lowered by ``qgraph.kernels.lower`` and
 mode on the first ``--images`` evaluation samples; each output is compared with ONNX Runtime (one
 thread) on the same inputs. A cell is ``100% / 0`` (share of output elements bit-exact, max
 difference in LSB of the output's scale), or the one-line reason it could not be run: the pass that
-failed, or the node and op ``lower`` cannot lower. Float-only pipelines (no QuantizeLinear written)
-are ``n/a``: qgraph-run is an integer runtime.
+failed, or the node and op ``lower`` cannot lower. Weight-only and float-only pipelines (no
+QuantizeLinear written: float activations) are ``n/a``: qgraph-run is an integer runtime.
 
 The pipelines are the README's: the DFQ table (``tools/dfq_table.py``), the W8A8 rows of the
 ImageNet table and each model's recorded pipelines in ``models/manifest.toml``. Few samples are
@@ -54,6 +54,9 @@ def run_cell(path: Path, pipeline: str, calib, feeds: dict) -> dict:
     from qgraph.errors import QGraphError
     from qgraph.kernels import diff, lower
     t0 = time.perf_counter()
+    if "weight_only=true" in pipeline:      # quant writes DQ on the weights only: float activations
+        return {"status": "n/a", "error": "weight-only: no QuantizeLinear written (float activations), "
+                                          "nothing for qgraph-run"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
         try:
