@@ -519,15 +519,20 @@ class Skip(Exception):
 
 # ----------------------------------------------------------------------------- ONNX Runtime
 
-def ort_session(model, *, threads: int = 0, optimize: bool = True):
+def ort_session(model, *, threads: int = 0, optimize: bool = True, lean: bool = False):
     """One ONNX Runtime CPU session for a ModelProto. A model over protobuf's 2 GB limit goes
     through a temporary folder that is removed as soon as the session holds its weights.
-    ``optimize=False`` turns ONNX Runtime's graph optimizations (and so its QDQ fusions) off."""
+    ``optimize=False`` turns ONNX Runtime's graph optimizations (and so its QDQ fusions) off.
+    ``lean=True`` trades speed for memory, for short runs: no memory arena, and no CPU-specific
+    layout (NCHWc: reordered weight copies and buffers); the QDQ fusions stay."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if lean:
+        so.enable_cpu_mem_arena = False
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
