@@ -31,7 +31,8 @@ import numpy as np
 from onnx import TensorProto
 
 from qgraph import ir
-from qgraph.calibrate import DEFAULT_BINS, SENTINEL, Reductions, cached_collect, side_by_side, stream
+from qgraph.calibrate import DEFAULT_BINS, SENTINEL, cached_collect, stream
+from qgraph.reductions import Reductions, side_by_side
 from qgraph.errors import ModelError
 from qgraph.pipeline import Context, Pass, PassResult, QuantRecord, no_batchnorm, not_quantized, option
 from qgraph.ops import INT32, LAYER_OPS, MATRIX_LAYER_OPS, QParams, bias_qparams, clip_bounds, dequantize, quantize

@@ -175,7 +175,7 @@ def test_channel_sums_kernel_equals_its_reference(rng):
 
 def test_side_by_side_runs_both_models_on_the_same_inputs(rng):
     #   model a: x ─MatMul(w)─ h ─Relu─ r        model b: the same graph, other weights
-    from qgraph.calibrate import side_by_side
+    from qgraph.reductions import side_by_side
     from builders import run_ort
     a, wa = _two_layer_model(rng)
     b, wb = _two_layer_model(rng)
@@ -190,7 +190,7 @@ def test_side_by_side_runs_both_models_on_the_same_inputs(rng):
 def test_reductions_feed_one_sink_and_come_last_tensor_first(rng):
     # the reductions are numbered in reverse order of the tensors they read and all feed one Concat,
     # the graph's only leaf: ORT's depth-first order then reduces (and frees) each tensor right away
-    from qgraph.calibrate import with_extremes
+    from qgraph.reductions import with_extremes
     model, _ = _two_layer_model(rng)
     m, layout = with_extremes(model, ["h", "r"])
     ops_ = [n.op_type for n in m.graph.node]
