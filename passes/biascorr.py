@@ -334,7 +334,8 @@ def _cuts(g: ir.Graph, waves: list[list[QGroup]]) -> list[list[str]]:
         for m in range(lvl, last):     # t in cut(m), left by run m+1 (run 0 reads the graph inputs)
             if 0 <= m + 1 < len(waves) and t.name not in cuts[m + 1]:
                 cuts[m + 1].append(t.name)
-    cuts[-1] = []                      # nothing runs after the last wave
+    if cuts:
+        cuts[-1] = []                  # nothing runs after the last wave
     return cuts
 
 

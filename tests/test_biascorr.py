@@ -298,3 +298,19 @@ def test_cuts_hold_the_integer_skip_until_the_add_reads_it(rng):
     assert all(op == "QuantizeLinear" for cut in producers for op in cut)
     he_q = next(n.outputs[0].name for n in g.nodes if n.op == "QuantizeLinear" and n.inputs[0].name == "he")
     assert he_q in cuts[2] and he_q not in cuts[1] and he_q not in cuts[3]
+
+
+def test_model_without_correctable_layers_is_left_alone(rng):
+    #   x ─MatMul(w)─ y      a MatMul has no bias input: skipped with its reason, nothing to replay
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [("x", ["N", 4])],
+                       [("y", ["N", 3])], [init("w", w)])
+    from qgraph.data import open_samples
+    data = open_samples({"x": rng.normal(size=(8, 4)).astype(np.float32)}, ["x"])
+    g = ir.load(model)
+    manager = PassManager(build_passes("quant,biascorr"))
+    manager.run(g, Context(calib=data, progress=False))
+    notes = manager.results[-1][1].notes
+    assert notes["corrected"] == 0 and notes["runs"] == 0
+    assert notes["skipped"] == {"matmul_has_no_bias_input": 1}
+    assert not manager.results[-1][1].modified
