@@ -161,7 +161,7 @@ def write_data(zoo: str, n: int, path: str) -> None:
     """The images as one float32 .npy: n <= 100: the zoo split's calibration images; else the
     dataset's first n."""
     import numpy as np
-    from qgraph.data import open_zoo_dataset, zoo_split
+    from zoo_data import open_zoo_dataset, zoo_split
     from zoo_manifest import model_entry
     if n <= 100:
         samples = zoo_split(zoo)[0]
