@@ -412,12 +412,14 @@ def test_sqnr_report_lists_every_quantized_tensor(rng):
     assert set(notes["details"]["weights"]) == {"w"}
 
 
-def test_sqnr_in_the_graph_equals_numpy_on_both_models(rng):
+@pytest.mark.parametrize("sqnr_batch", [1, 5])
+def test_sqnr_in_the_graph_equals_numpy_on_both_models(rng, sqnr_batch):
     #   x ─Conv─ c ─Relu─ r ─Sigmoid─ y      the float model and the QDQ model run side by side in one
     #   session and the sums of squares are reduced in the graph: check them against numpy on the two
-    #   models' own outputs (float32 sums in ORT, float64 here: 0.01 dB is the reported precision)
+    #   models' own outputs (float32 sums in ORT, float64 here: 0.01 dB is the reported precision),
+    #   whatever the SQNR pass's batch (sums over batches, a ragged last one included)
     model = conv_model(rng, [helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Sigmoid", ["r"], ["y"])])
-    q, notes, calib = quantize(model, rng, "quant:sqnr_samples=0")
+    q, notes, calib = quantize(model, rng, f"quant:sqnr_samples=0,sqnr_batch={sqnr_batch}")
     acts = notes["details"]["activations"]
     x = calib["x"]
     fl = run_ort(with_outputs_(model, ["r"]), {"x": x})[-1].astype(np.float64)

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 SECTIONS = ("calib", "biascorr", "gptq", "methods")
 BIASCORR_PIPELINE = "fold,equalize,quant:granularity=tensor,biascorr"
-VARIANTS = ("sqnr=false", "batch_size=4", "batch_size=64", "sqnr_batch=8", "act_method=entropy")
+VARIANTS = ("sqnr=false", "batch_size=1", "batch_size=16", "sqnr_batch=4", "act_method=entropy")
 
 
 # ----------------------------------------------------------------------------- data, in every process
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", default="efficientnet_lite0", help="zoo model of the calib and biascorr sections")
     p.add_argument("--sections", default="calib,biascorr,gptq", help=f"comma-separated, of {', '.join(SECTIONS)}")
-    p.add_argument("--batch", type=int, default=16, help="calibration batch of both tools (qgraph's default: 16)")
+    p.add_argument("--batch", type=int, default=4, help="calibration batch of both tools (qgraph's default: 4)")
     p.add_argument("--rss", nargs=2, type=int, default=[100, 400], metavar=("SMALL", "LARGE"),
                    help="image counts for the flat-memory check")
     p.add_argument("--variants", nargs="*", default=[], metavar="OPTS",
@@ -244,7 +244,8 @@ def main(argv=None) -> int:
         rows.append(ort_child(folded_model(zoo), "minmax", data_for(zoo, small), small, 1, out("o1"),
                               {"section": "calib", "tool": "ort", "run": "MinMax, batch 1", "n": small}))
         for v in args.variants:
-            rows.append(q_child(src, f"fold,quant:batch_size={args.batch},{v}", data_for(zoo, small), small,
+            spec = f"fold,quant:{v}" if v.startswith("batch_size=") else f"fold,quant:batch_size={args.batch},{v}"
+            rows.append(q_child(src, spec, data_for(zoo, small), small,
                                 args.batch, out("qv"), {"section": "calib", "tool": "qgraph",
                                                          "run": f"fold,quant:{v}", "n": small}))
         q = {n: _find(rows, "calib", "qgraph", "fold,quant", n) for n in (small, large)}
@@ -364,7 +365,7 @@ if __name__ == "__main__":
         for a in ("--tool", "--model", "--spec", "--data", "--out", "--input"):
             ap.add_argument(a, required=True)
         ap.add_argument("--n", type=int, required=True)
-        ap.add_argument("--batch", type=int, default=16)
+        ap.add_argument("--batch", type=int, default=4)
         child(ap.parse_args())
     else:
         sys.exit(main())
