@@ -41,7 +41,14 @@ def lookup(name: str) -> type[Pass]:
 
 def build_passes(spec: str | Sequence[str | Pass]) -> list[Pass]:
     """Pass objects from a ``-p`` string, a list of such strings, or Pass instances."""
-    items: list[str | Pass] = [spec] if isinstance(spec, str) else list(spec)
+    if isinstance(spec, (str, Pass)):
+        items: list[str | Pass] = [spec]
+    else:
+        try:
+            items = list(spec)
+        except TypeError:
+            raise OptionError(f"passes must be a string such as 'fold,cleanup' or a list of passes, "
+                              f"got {type(spec).__name__}") from None
     out: list[Pass] = []
     for item in items:
         if isinstance(item, Pass):
