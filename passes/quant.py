@@ -216,8 +216,9 @@ class Quantize(Pass):
                     kept[name] = f"shared by {len(wp.readers)} nodes"
                 continue
             targets[name] = (node, wp.tensor.values, w_qp[name])
+        pin = frozenset(n for n, (node, _, _) in targets.items() if node.name in ctx.sparsity)   # sparsify's zeros
         ints, errors, scales, unsupported = round_layers(float_model, targets, ctx.calib, batch_size=self.opts.batch_size,
-                                                 progress=getattr(ctx, "progress", False))
+                                                 progress=getattr(ctx, "progress", False), pin_zeros=pin)
         kept.update(unsupported)
         for name, scale in scales.items():
             qp = w_qp[name]

@@ -73,6 +73,8 @@ class Context:
     Facts one pass leaves for a later one, each typed:
     bn_stats  -- per layer output name, the statistics of the BatchNorm ``fold`` folded into it
     quant     -- what ``quant`` recorded (None until it ran)
+    sparsity  -- per layer node name, the fraction of its weights ``sparsify`` set to zero: later
+                 passes keep those zeros exact
     """
     calib: Any = None
     seed: int = 0
@@ -82,6 +84,7 @@ class Context:
     plots: str | None = None
     bn_stats: dict[str, BNStats] = field(default_factory=dict)
     quant: QuantRecord | None = None
+    sparsity: dict[str, float] = field(default_factory=dict)
 
     def rng(self, salt: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, salt])
