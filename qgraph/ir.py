@@ -496,18 +496,62 @@ def graph_bytes(g: Graph) -> int:
     return total
 
 
+def segment(g: Graph, outputs: Iterable[str], given: dict[str, np.dtype]) -> onnx.ModelProto:
+    """The part of ``g`` that computes the tensors ``outputs`` from the tensors ``given`` (name ->
+    numpy dtype), as a model: its inputs are the given tensors it reads (in ``given``'s order), its
+    outputs ``outputs`` (untyped: ONNX Runtime infers them). ``g`` itself is not changed.
+
+    Raises ModelError when an output needs a tensor that is neither computed nor given."""
+    tensors = g.tensors()
+    outputs = [n for n in dict.fromkeys(outputs) if n not in given]
+    reads: set[str] = set()
+
+    def maker(t: Tensor) -> Node | None:
+        if not t.name or isinstance(t, gs.Constant):
+            return None
+        if t.name in given:
+            reads.add(t.name)
+            return None
+        node = producer(t)
+        if node is None:
+            raise ModelError(f"tensor '{t.name}' is needed but neither computed by the segment nor given")
+        return node
+
+    # depth-first from the outputs, a node after its inputs: a topological order of what is needed
+    order: list[Node] = []
+    done: set[int] = set()
+    stack = [(n, False) for n in reversed([maker(tensors[o]) for o in outputs]) if n is not None]
+    while stack:
+        node, inputs_done = stack.pop()
+        if id(node) in done:
+            continue
+        if inputs_done:
+            done.add(id(node))
+            order.append(node)
+            continue
+        stack.append((node, True))
+        stack.extend((p, False) for t in reversed(node.inputs) if (p := maker(t)) is not None and id(p) not in done)
+    _pack_subbyte_constants(g, [t for n in order for t in n.inputs])
+    sub = gs.Graph(nodes=order, inputs=[gs.Variable(n, dtype=np.dtype(d)) for n, d in given.items() if n in reads],
+                   outputs=[gs.Variable(n) for n in outputs], opset=g.opset, import_domains=g.import_domains)
+    model = gs.export_onnx(sub, do_type_check=False)
+    model.ir_version = max(meta_of(g).get("ir_version") or 0, _min_ir_for(opset_of(model)))
+    return model
+
+
 _SUBBYTE = {"int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4}
 
 
-def _pack_subbyte_constants(g: Graph) -> None:
-    """Re-wrap 4-bit constants as packed TensorProtos before export.
+def _pack_subbyte_constants(g: Graph, tensors: Iterable[Tensor] | None = None) -> None:
+    """Re-wrap 4-bit constants (of ``g``, or only those among ``tensors``) as packed TensorProtos
+    before export.
 
     onnx-graphsurgeon exports a numpy int4/uint4 array one byte per element (ONNX wants two per byte),
     and reading ``Constant.values`` turns a lazily held packed proto into such an array; so every
     export packs them again.
     """
     from onnx_graphsurgeon.ir.tensor import LazyValues
-    for t in g.tensors().values():
+    for t in (g.tensors().values() if tensors is None else tensors):
         if not isinstance(t, gs.Constant) or isinstance(t._values, LazyValues):
             continue
         kind = _SUBBYTE.get(getattr(t._values, "dtype", np.dtype(np.float32)).name)
