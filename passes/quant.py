@@ -101,6 +101,7 @@ class Quantize(Pass):
 
     def run(self, g: ir.Graph, ctx: Context) -> PassResult:
         o = self.opts
+        _refuse_half_precision(g)
         g.toposort()
         _name_nodes(g)
         plan = make_plan(g, granularity=o.granularity, bits=o.bits, precision=o.precision,
@@ -223,8 +224,9 @@ class Quantize(Pass):
                     kept[name] = f"shared by {len(wp.readers)} nodes"
                 continue
             targets[name] = (node, wp.tensor.values, w_qp[name])
+        pin = frozenset(n for n, (node, _, _) in targets.items() if node.name in ctx.sparsity)   # sparsify's zeros
         ints, errors, scales, unsupported = round_layers(float_model, targets, ctx.calib, batch_size=self.opts.batch_size,
-                                                 progress=getattr(ctx, "progress", False))
+                                                 progress=getattr(ctx, "progress", False), pin_zeros=pin)
         kept.update(unsupported)
         for name, scale in scales.items():
             qp = w_qp[name]
@@ -429,3 +431,16 @@ def _summarize_sqnr(act: dict, w_qp: dict, record: dict, worst: int) -> dict:
         out["worst_weight_sqnr_db"] = ", ".join(f"{n}={v:.1f}" for n, v in wr[:worst])
     out["details"] = {"activations": act, "weights": weights}
     return out
+
+
+def _refuse_half_precision(g: ir.Graph) -> None:
+    """quant writes float32 Q/DQ (opset-13 scales are float32): a model computing in float16 or
+    bfloat16 would come out with every layer skipped. Say so instead of writing it unquantized."""
+    for node in g.nodes:
+        if node.op not in LAYER_OPS:
+            continue
+        for t in node.inputs[:1]:
+            name = getattr(np.dtype(t.dtype), "name", "") if t.dtype is not None else ""
+            if name in ("float16", "bfloat16"):
+                raise ModelError(f"quant works on float32 models; this one computes in {name} ({node.op} "
+                                 f"'{node.name}' reads {name}): convert it to float32 first")
