@@ -28,7 +28,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
              preset: str | None = None,
              calib_limit: int | None = None,
              plots: str | os.PathLike | None = None,
-             progress: bool = True) -> tuple[onnx.ModelProto, Report]:
+             progress: bool = True,
+             explain_quant: int = 0,
+             executor: str = "process") -> tuple[onnx.ModelProto, Report]:
     """Run ``passes`` over ``model`` in the order given; return the rewritten model and its Report.
 
     model   -- a path to an .onnx file or an onnx.ModelProto (never modified)
@@ -40,6 +42,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
                each pass (tolerance overrides each pass's own; an output may also differ by
                noise_factor x the original model's own float noise, default 4, 0 for none); dump_dir -- write NN_<pass>.onnx;
                plots -- directory for PNGs drawn by passes (equalize: channel ranges before/after)
+    explain_quant -- after a pipeline with ``quant``: the N layers contributing most error, one at a time
+               and all-but-one, with suggested exclusions (``report.meta["explain_quant"]``)
+    executor -- where independent measurements (sensitivity) run: serial, process, dask://HOST:PORT
     """
     pipeline = build_passes(passes)  # option errors before any work
     source = None if isinstance(model, onnx.ModelProto) else Path(model)
@@ -50,7 +55,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
     if calib is not None:
         from qgraph.data import open_samples
         samples = open_samples(calib, [t.name for t in g.inputs], preset=preset, limit=calib_limit)
-    ctx = Context(calib=samples, seed=seed, progress=progress, plots=str(plots) if plots is not None else None)
+    ctx = Context(calib=samples, seed=seed, progress=progress, plots=str(plots) if plots is not None else None,
+                  executor=executor)
     rep = Report()
     rep.meta = {"model": str(source) if source else "<ModelProto>",
                 "pipeline": [p.label() for p in pipeline]}
@@ -63,6 +69,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
     manager = PassManager(pipeline, instruments)
     manager.run(g, ctx)
     result = manager.model
+    if explain_quant:
+        from qgraph.passes.mixed import explain_quant as explain
+        rep.meta["explain_quant"] = explain(ctx, result, explain_quant)
     if output is not None:
         ir.save(result, output, protect=[source])
         rep.meta["output"] = str(output)
