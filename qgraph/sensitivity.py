@@ -218,12 +218,16 @@ class ActivationCache:
         return np.load(os.path.join(self.folder, f"b{b}", f"{self.index[name]}.npy"), mmap_mode="r")
 
     def ranges(self, name: str) -> tuple[float, float]:
+        """min/max over the cached batches, without mask values (|x| >= calibrate.SENTINEL, inf, nan), as
+        ``quant``'s calibration: Q saturates those to the range's end."""
+        from qgraph.calibrate import SENTINEL
         lo, hi = np.inf, -np.inf
         for b in range(self.batches):
-            v = self.load(b, name)
+            v = np.asarray(self.load(b, name)).reshape(-1)
+            v = v[np.abs(v) < SENTINEL]
             if v.size:
                 lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
-        return lo, hi
+        return (lo, hi) if lo <= hi else (0.0, 0.0)
 
 
 def fill_cache(model: onnx.ModelProto, names: list[str], samples, folder: str, *, batch_size: int,

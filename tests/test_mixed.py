@@ -302,3 +302,23 @@ def test_dask_executor_local_cluster():
         addr = cluster.scheduler_address.replace("tcp://", "")
         b = measure(fm, sites[:3], data, candidates=("w8", "w4"), executor=f"dask://{addr}")
     assert a.noise == b.noise
+
+
+def test_cli_explain_quant_and_sensitivity_table(tmp_path, capsys):
+    """qgraph-opt ... --explain-quant 3 prints the ranked layers and a suggestion; the sensitivity pass's
+    table is printed; --report carries both (the table under the pass's notes, the ranking in the meta)."""
+    import json
+
+    from builders import DIGITS, DIGITS_SAMPLE
+    from qgraph.cli import main
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    code = main([str(DIGITS), "-p", "fold,sensitivity:candidates=w8;w4,samples=8,quant", "--calib", str(DIGITS_SAMPLE),
+                 "--explain-quant", "3", "--executor", "serial", "-o", str(out), "--report", str(rep)])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "output SQNR (dB) with only that site quantized" in text
+    assert "explain-quant:" in text and "suggestion:" in text
+    r = json.loads(rep.read_text())
+    assert len(r["explain_quant"]["layers"]) == 3
+    sens = next(p for p in r["passes"] if p["pass"].startswith("sensitivity"))
+    assert sens["notes"]["details"]["sites"] and sens["modified"] is False

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
+from bench_common import cpu_model as cpu  # noqa: E402
 from qgraph import ir  # noqa: E402
+from qgraph.errors import QGraphError  # noqa: E402
 from qgraph.ops import find_groups  # noqa: E402
 from qgraph.passes import build_passes  # noqa: E402
 from qgraph.passes.mixed import effective_bits  # noqa: E402
@@ -32,16 +33,6 @@ from qgraph.pipeline import Context, PassManager  # noqa: E402
 from zoo_data import zoo_split  # noqa: E402
 from zoo_eval import evaluate  # noqa: E402
 from zoo_manifest import model_entry, model_path, zoo_cache  # noqa: E402
-
-
-def cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def packed_bytes(model) -> tuple[int, int, float]:
@@ -66,6 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--act16", action="store_true", help="also all activations at 16 bits")
     ap.add_argument("--samples", type=int, default=32, help="sensitivity samples")
     ap.add_argument("--candidates", default="", help="sensitivity candidates (default by the budgets asked)")
+    ap.add_argument("--pin", default="first;last", help="sensitivity:pin (layers kept at 8 bits)")
+    ap.add_argument("--prefix", default="fold", help="passes before sensitivity/quant (minilm: cleanup, which "
+                    "folds the Transpose(initializer) in front of its MatMul weights)")
     ap.add_argument("--quant", default="", help="extra quant options, e.g. act_method=percentile")
     ap.add_argument("--executor", default="process")
     ap.add_argument("--limit", type=int, help="evaluate on the first N evaluation samples only")
@@ -81,7 +75,7 @@ def main(argv=None) -> int:
     extra = ("," + args.quant) if args.quant else ""
     g = ir.load(src)
     ctx = Context(calib=calib, progress=False, executor=args.executor)
-    PassManager(build_passes("fold")).run(g, ctx)
+    PassManager(build_passes(args.prefix)).run(g, ctx)
     folded = ir.to_model(g)
     out_dir = zoo_cache() / "pipelines"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,11 +84,13 @@ def main(argv=None) -> int:
     if args.budgets or args.act:
         g = ir.load(folded)
         t0 = time.perf_counter()
-        PassManager(build_passes(f"sensitivity:samples={args.samples},candidates={cands},show=0")).run(g, ctx)
+        PassManager(build_passes(f"sensitivity:samples={args.samples},candidates={cands},show=0,"
+                                 f"pin={args.pin or 'none'}")).run(g, ctx)
         sens_s = time.perf_counter() - t0
         t = ctx.sensitivity
         print(f"# sensitivity: {len(t.sites)} sites x {cands}; {t.samples} samples; {sens_s:.1f} s wall "
-              f"(float pass {t.seconds['float_pass']} s, sites {t.seconds['sites']} s, {t.executor}); "
+              f"(float pass {t.seconds['float_pass']} s, sites {t.seconds['sites']} s, {t.executor}; CPU seconds: "
+              f"float pass {t.seconds['cpu_float_pass']}, sites {t.seconds['cpu_sites']}); pinned {t.pinned}; "
               f"cached {t.cached_tensors} tensors, {t.cached_bytes / 1e6:.0f} MB on disk", flush=True)
         print(t.format(15), flush=True)
     configs = [("uniform", f"quant:bits={b},storage4=int8{extra}") for b in args.uniform.split(",") if b]
@@ -106,7 +102,11 @@ def main(argv=None) -> int:
         g = ir.load(folded)
         t0 = time.perf_counter()
         mgr = PassManager(build_passes(spec))
-        mgr.run(g, ctx)
+        try:
+            mgr.run(g, ctx)
+        except QGraphError as exc:
+            print(json.dumps({"kind": kind, "pipeline": f"{args.prefix}," + spec, "error": str(exc)}), flush=True)
+            continue
         secs = time.perf_counter() - t0
         notes = mgr.results[-1][1].notes
         slug = spec.replace(":", "_").replace("=", "-").replace(",", "_").replace(";", "+")
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         packed, params, avg = packed_bytes(mgr.model)
         r = evaluate(path, args.name, samples=evaluation, progress=False)
         alloc = notes.get("allocation", {})
-        row = {"kind": kind, "pipeline": "fold," + spec, "metric": r.get("value"), "file_bytes": path.stat().st_size,
+        row = {"kind": kind, "pipeline": f"{args.prefix}," + spec, "metric": r.get("value"), "file_bytes": path.stat().st_size,
                "packed_bytes": packed, "avg_weight_bits": round(avg, 3), "quant_seconds": round(secs, 1),
                "predicted_sqnr_db": alloc.get("predicted_sqnr_db"), "weight_bits": notes.get("weight_bits"),
                "act16": len(alloc.get("act16", [])) if "act16" in alloc else None,
