@@ -190,6 +190,15 @@ def parse_budget(text: str) -> Budget:
     raise OptionError(f"quant:budget={text!r}: give average bits (5bits), bytes (2.5MB), sqnr:DB or cosine:C")
 
 
+def check_mixed_options(opts) -> None:
+    """``quant``'s budget and exclude=auto:K, checked when the options are parsed (OptionError)."""
+    if opts.budget:
+        parse_budget(opts.budget)
+    for e in opts.exclude:
+        if e.startswith("auto:"):
+            _auto_k(e)
+
+
 def apply_budget(g: ir.Graph, ctx: Context, opts) -> tuple[object, dict]:
     """``quant``'s options with the allocator's decision in ``precision`` / ``act_precision`` / ``exclude``,
     and the notes that explain it. Uses ``ctx.sensitivity`` when it was measured on this graph."""

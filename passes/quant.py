@@ -87,6 +87,12 @@ class QuantOptions:
         for key, b in self.act_precision.items():
             if int(b) not in (8, 16):
                 return f"act_precision '{key}@{b}': activation bits must be 8 or 16"
+        from qgraph.errors import OptionError
+        from qgraph.passes.mixed import check_mixed_options
+        try:
+            check_mixed_options(self)
+        except OptionError as exc:
+            return str(exc)
         return None
 
 

@@ -223,6 +223,10 @@ def test_budget_infeasible_and_bad_values():
         _run(model, "sensitivity:candidates=w8;w6;w4,executor=serial,quant:budget=1bits", data)
     with pytest.raises(OptionError):
         build_passes("sensitivity:candidates=w7")
+    with pytest.raises(OptionError, match="give average bits"):     # at parse time: exit code 2
+        build_passes("quant:budget=lots")
+    with pytest.raises(OptionError, match="auto:K"):
+        build_passes("quant:exclude=auto:x")
 
 
 def test_act_budget_picks_fewest_16bit_tensors():
