@@ -329,7 +329,8 @@ def measure_job(job: Job) -> dict:
                     continue
                 v = np.asarray(job.cache.load(b, name.removesuffix(FED)))
                 if not isinstance(pert, dict) and name.removesuffix(FED) in job.site.tensors:
-                    v = fake_quant(v.astype(np.float32), pert)
+                    with np.errstate(over="ignore"):     # mask values (-3.4e38): saturate to qmin, as Q does
+                        v = fake_quant(v.astype(np.float32), pert)
                 feed[name] = v
             ys = dict(zip(outputs, sess.run(outputs, feed)))
             ref = {o: np.asarray(job.cache.load(b, o)) for o in job.all_outputs}
