@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     t = ctx.sensitivity
     cpu = t.seconds["cpu_float_pass"] + t.seconds["cpu_sites"]
-    cores = min(args.workers, os.cpu_count() or 1)
+    cores = 1 if args.executor == "serial" else min(args.workers, os.cpu_count() or 1)
     print(f"CPU: {cpu_model()}; {os.cpu_count()} cores visible; executor {t.executor} x {args.workers}")
     print(f"{args.name}: {len(t.sites)} sites x {args.candidates} on {t.samples} samples; cached {t.cached_tensors} "
           f"tensors ({t.cached_bytes / 1e6:.0f} MB spilled)")
