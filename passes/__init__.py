@@ -14,6 +14,7 @@ from qgraph.passes.biascorr import BiasCorrection  # noqa: E402
 from qgraph.passes.cleanup import Cleanup  # noqa: E402
 from qgraph.passes.equalize import EqualizeCrossLayer  # noqa: E402
 from qgraph.passes.fold import FoldBatchNorm  # noqa: E402
+from qgraph.passes.mixed import Sensitivity  # noqa: E402
 from qgraph.passes.prune import Prune  # noqa: E402
 from qgraph.passes.quant import Quantize  # noqa: E402
 from qgraph.passes.sparsify import Sparsify  # noqa: E402
@@ -23,6 +24,7 @@ PASSES = {cls.name: cls for cls in (
     FoldBatchNorm,
     Cleanup,
     EqualizeCrossLayer,
+    Sensitivity,
     Quantize,
     BiasCorrection,
     Prune,
@@ -64,4 +66,4 @@ def build_passes(spec: str | Sequence[str | Pass]) -> list[Pass]:
 
 
 __all__ = ["PASSES", "lookup", "build_passes", "FoldBatchNorm", "Cleanup", "EqualizeCrossLayer", "Quantize",
-           "BiasCorrection", "Prune", "Sparsify"]
+           "BiasCorrection", "Prune", "Sparsify", "Sensitivity"]

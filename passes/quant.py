@@ -65,7 +65,10 @@ class QuantOptions:
                            "dequantizes them to float) or int8 with the narrow range (ORT's integer kernels)",
                            choices=("int4", "int8"))
     weight_only: bool = option(False, "quantize weights only (no calibration data needed)")
-    exclude: tuple[str, ...] = option((), "nodes left float: names, op types, first/last, or regexes")
+    exclude: tuple[str, ...] = option((), "nodes left float: names, op types, first/last, or regexes; auto:K "
+                                      "the K layers that hurt most (measured, see sensitivity)")
+    budget: str = option("", "mixed precision: per-layer bits chosen under a budget: 5bits (average), 2.5MB, "
+                         "sqnr:DB or cosine:C (fewest 16-bit activations); see the sensitivity pass")
     precision: dict[str, int] = option({}, "weight bits per node: name|op|first|last|regex@bits")
     act_precision: dict[str, int] = option({}, "activation bits per tensor, by tensor name or its producer's "
                                                 "name|op|regex: key@8 or key@16")
@@ -89,6 +92,12 @@ class QuantOptions:
         for key, b in self.act_precision.items():
             if int(b) not in (8, 16):
                 return f"act_precision '{key}@{b}': activation bits must be 8 or 16"
+        from qgraph.errors import OptionError
+        from qgraph.passes.mixed import check_mixed_options
+        try:
+            check_mixed_options(self)
+        except OptionError as exc:
+            return str(exc)
         return None
 
 
@@ -100,6 +109,23 @@ class Quantize(Pass):
     preserves_function = False
 
     def run(self, g: ir.Graph, ctx: Context) -> PassResult:
+        if not (self.opts.budget or any(e.startswith("auto:") for e in self.opts.exclude)):
+            return self._run(g, ctx)
+        from qgraph.passes.mixed import apply_budget   # the decision, as precision/act_precision/exclude
+        g.toposort()
+        _name_nodes(g)
+        given = self.opts
+        self.opts, mixed_notes = apply_budget(g, ctx, given)
+        try:
+            result = self._run(g, ctx)
+        finally:
+            self.opts = given
+        details = mixed_notes.pop("details", {})
+        result.notes.update(mixed_notes)
+        result.notes.setdefault("details", {}).update(details)
+        return result
+
+    def _run(self, g: ir.Graph, ctx: Context) -> PassResult:
         o = self.opts
         _refuse_half_precision(g)
         g.toposort()

@@ -30,7 +30,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
              preset: str | None = None,
              calib_limit: int | None = None,
              plots: str | os.PathLike | None = None,
-             progress: bool = True) -> tuple[onnx.ModelProto, Report]:
+             progress: bool = True,
+             explain_quant: int = 0,
+             executor: str = "process") -> tuple[onnx.ModelProto, Report]:
     """Run ``passes`` over ``model`` in the order given; return the rewritten model and its Report.
 
     model   -- a path to an .onnx file or an onnx.ModelProto (never modified)
@@ -43,6 +45,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
                each pass's own; an output may also differ by noise_factor x the original model's
                own float noise, default 4, 0 for none); dump_dir -- write NN_<pass>.onnx;
                plots -- directory for PNGs drawn by passes (equalize: channel ranges before/after)
+    explain_quant -- after a pipeline with ``quant``: the N layers contributing most error, one at a time
+               and all-but-one, with suggested exclusions (``report.meta["explain_quant"]``)
+    executor -- where independent measurements (sensitivity) run: serial, process, dask://HOST:PORT
 
     Errors: OptionError (bad passes or arguments), ModelError (bad model, data or destination;
     PassInputError when a pass found it), PassError (a pass failed on valid input); never a bare
@@ -74,7 +79,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
         from qgraph.data import conform, open_samples
         samples = open_samples(calib, [t.name for t in g.inputs], preset=preset, limit=calib_limit)
         samples = conform(samples, {t.name: (t.dtype, t.shape) for t in g.inputs})
-    ctx = Context(calib=samples, seed=seed, progress=progress, plots=str(plots) if plots is not None else None)
+    ctx = Context(calib=samples, seed=seed, progress=progress, plots=str(plots) if plots is not None else None,
+                  executor=executor)
     rep = Report()
     rep.meta = {"model": str(source) if source else "<ModelProto>",
                 "pipeline": [p.label() for p in pipeline]}
@@ -87,6 +93,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
     manager = PassManager(pipeline, instruments)
     manager.run(g, ctx)
     result = manager.model
+    if explain_quant:
+        from qgraph.passes.mixed import explain_quant as explain
+        rep.meta["explain_quant"] = explain(ctx, result, explain_quant)
     light = ir.is_light(result)
     # the model and the report appear together or not at all
     with modelfile.Outputs() as out:

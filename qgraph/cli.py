@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-dir", help="write NN_<pass>.onnx after every pass into this directory")
     p.add_argument("--plots", help="write PNG plots from passes that draw them (equalize) into this directory "
                                    "(needs matplotlib: pip install qgraph[plots])")
+    p.add_argument("--explain-quant", type=int, metavar="N", default=0,
+                   help="after quant: the N layers contributing most output error (one at a time and "
+                        "all-but-one, on 16 calibration samples) and the exclusions that would help")
+    p.add_argument("--executor", default="process", metavar="WHERE",
+                   help="where sensitivity measurements run: serial, process (local pool, default) or "
+                        "dask://HOST:PORT (pip install qgraph[dask])")
     p.add_argument("--seed", type=int, default=0, help="seed for verify inputs and any randomness (default 0)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the output path")
@@ -162,9 +168,19 @@ def _main(args) -> int:
     model, report = optimize(
         args.model, args.passes, calib=args.calib, output=output, report=args.report,
         verify=args.verify, tolerance=args.tolerance, noise_factor=args.noise_factor, dump_dir=args.dump_dir, seed=args.seed,
-        preset=args.preset, calib_limit=args.calib_limit, plots=args.plots, progress=not args.quiet)
+        preset=args.preset, calib_limit=args.calib_limit, plots=args.plots, progress=not args.quiet,
+        explain_quant=args.explain_quant, executor=args.executor)
     if not args.quiet:
         print(report.format())
+        print()
+        for row in report.rows:      # the sensitivity table(s), most sensitive first
+            if row["notes"].get("table"):
+                print(f"{row['pass']}:")
+                print("\n".join(row["notes"]["table"]))
+                print()
+    if "explain_quant" in report.meta:
+        from qgraph.passes.mixed import format_explain
+        print(format_explain(report.meta["explain_quant"]))
         print()
     print(f"wrote {output} ({Path(output).stat().st_size:,} bytes)")
     return 0

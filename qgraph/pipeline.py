@@ -22,6 +22,9 @@ from qgraph import ir
 from qgraph.errors import ModelError, OptionError, PassError, PassInputError, QGraphError
 from qgraph.ops import OrtLoadError, QParams, ort_session
 
+if typing.TYPE_CHECKING:  # pragma: no cover
+    from qgraph.sensitivity import SensitivityTable
+
 
 # ----------------------------------------------------------------------------- results and context
 
@@ -73,6 +76,9 @@ class Context:
     Facts one pass leaves for a later one, each typed:
     bn_stats  -- per layer output name, the statistics of the BatchNorm ``fold`` folded into it
     quant     -- what ``quant`` recorded (None until it ran)
+    sensitivity -- the per-site sensitivity table (``qgraph.sensitivity.SensitivityTable``) the
+                 ``sensitivity`` pass measured, for ``quant:budget`` (None until measured)
+    executor  -- where independent measurements run: serial, process (local pool) or dask://HOST:PORT
     sparsity  -- per layer node name, the fraction of its weights ``sparsify`` set to zero: later
                  passes keep those zeros exact
     """
@@ -84,6 +90,8 @@ class Context:
     plots: str | None = None
     bn_stats: dict[str, BNStats] = field(default_factory=dict)
     quant: QuantRecord | None = None
+    sensitivity: "SensitivityTable | None" = None
+    executor: str = "process"
     sparsity: dict[str, float] = field(default_factory=dict)
 
     def rng(self, salt: int = 0) -> np.random.Generator:
@@ -367,7 +375,7 @@ def parse_pipeline(spec: str | Sequence[str]) -> list[tuple[str, dict[str, str]]
     for token in (t.strip() for t in text.split(",")):
         if not token:
             raise OptionError(f"empty pass name in pipeline '{text}'")
-        if ":" in token:
+        if ":" in token and not ("=" in token and token.index("=") < token.index(":")):
             name, _, first = token.partition(":")
             name = name.strip()
             _check_pass_name(name, text)
