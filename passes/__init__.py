@@ -14,7 +14,9 @@ from qgraph.passes.biascorr import BiasCorrection  # noqa: E402
 from qgraph.passes.cleanup import Cleanup  # noqa: E402
 from qgraph.passes.equalize import EqualizeCrossLayer  # noqa: E402
 from qgraph.passes.fold import FoldBatchNorm  # noqa: E402
+from qgraph.passes.huffman import HuffmanCoding  # noqa: E402
 from qgraph.passes.quant import Quantize  # noqa: E402
+from qgraph.passes.share import ShareWeights  # noqa: E402
 from qgraph.pipeline import Pass, parse_pipeline  # noqa: E402
 
 PASSES = {cls.name: cls for cls in (
@@ -23,6 +25,8 @@ PASSES = {cls.name: cls for cls in (
     EqualizeCrossLayer,
     Quantize,
     BiasCorrection,
+    ShareWeights,
+    HuffmanCoding,
 )}
 
 
@@ -53,4 +57,4 @@ def build_passes(spec: str | Sequence[str | Pass]) -> list[Pass]:
 
 
 __all__ = ["PASSES", "lookup", "build_passes", "FoldBatchNorm", "Cleanup", "EqualizeCrossLayer", "Quantize",
-           "BiasCorrection"]
+           "BiasCorrection", "ShareWeights", "HuffmanCoding"]

@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 import onnx
 
-from qgraph import ir
-from qgraph.errors import ModelError
+from qgraph import container, ir
+from qgraph.errors import ModelError, OptionError
 from qgraph.instruments import Dump, Report, Verify
 from qgraph.passes import build_passes
 from qgraph.pipeline import Context, Pass, PassManager
@@ -34,7 +34,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
     passes  -- ``"fold,quant:bits=4"``, a list of such strings, or Pass objects
     calib   -- calibration data: a path (.npz, folder of .npy, folder of images with ``preset``),
                a dict of arrays, or a ``qgraph.data.Samples``
-    output  -- where to write the result (atomically; never over the input); None to not write
+    output  -- where to write the result (atomically; never over the input); None to not write. A
+               name ending in .qgz gets the container the ``huffman`` pass packed (it must be in the
+               pipeline); any other name the ONNX model
     report  -- where to write the JSON report; verify -- check outputs against the original after
                each pass (tolerance overrides each pass's own); dump_dir -- write NN_<pass>.onnx;
                plots -- directory for PNGs drawn by passes (equalize: channel ranges before/after)
@@ -43,6 +45,12 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
     source = None if isinstance(model, onnx.ModelProto) else Path(model)
     if output is not None and source is not None and ir.same_file(Path(output), source):
         raise ModelError(f"refusing to write the output over the input model: {output}")
+    writes_qgz = output is not None and is_qgz_path(output)
+    if writes_qgz and not any(p.name == "huffman" for p in pipeline):
+        raise OptionError(f"{output}: a .qgz output is packed by the huffman pass; end the pipeline with "
+                          f"',huffman' (or write .onnx)")
+    if writes_qgz and not (Path(output).parent if str(Path(output).parent) else Path(".")).is_dir():
+        raise ModelError(f"output directory does not exist: {Path(output).parent}")
     g = ir.load(model)
     samples = None
     if calib is not None:
@@ -61,9 +69,20 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
     manager.run(g, ctx)
     result = manager.model
     if output is not None:
-        ir.save(result, output, protect=[source])
+        if writes_qgz:
+            packed = ctx.container
+            if pipeline[-1].name != "huffman":     # passes after huffman: pack what they left
+                packed = container.pack(result, packed.options)
+            ir.atomic_write_bytes(output, packed.data)
+            rep.meta["output_bytes"] = packed.size
+        else:
+            ir.save(result, output, protect=[source])
         rep.meta["output"] = str(output)
     if report is not None:
         rep.save(report)
     return result, rep
 
+
+def is_qgz_path(path: str | os.PathLike) -> bool:
+    """Whether an output name asks for the .qgz container."""
+    return Path(path).suffix.lower() == ".qgz"

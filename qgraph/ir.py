@@ -39,7 +39,8 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 # ----------------------------------------------------------------------------- loading
 
 def read_model(src: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Parse a model file (external data included) or copy a ModelProto; ModelError on anything else."""
+    """Parse a model file (external data included; a ``.qgz`` unpacked) or copy a ModelProto;
+    ModelError on anything else."""
     if isinstance(src, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(src)
@@ -53,6 +54,12 @@ def read_model(src: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         raise ModelError(f"model path is a directory, not an ONNX file: {path}")
     if path.stat().st_size == 0:
         raise ModelError(f"model file is empty: {path}")
+    from qgraph import container  # a .qgz is recognized by its magic bytes, whatever its name
+    if container.is_qgz(path):
+        model = container.read(path)
+        if not model.HasField("graph") or len(model.graph.node) == 0:
+            raise ModelError(f"the .qgz holds no graph nodes: {path}")
+        return model
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends

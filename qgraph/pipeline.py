@@ -13,7 +13,7 @@ import re
 import time
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -21,6 +21,9 @@ import onnx
 from qgraph import ir
 from qgraph.errors import OptionError, PassError, QGraphError
 from qgraph.ops import QParams
+
+if TYPE_CHECKING:
+    from qgraph.container import Packed
 
 
 # ----------------------------------------------------------------------------- results and context
@@ -73,6 +76,7 @@ class Context:
     Facts one pass leaves for a later one, each typed:
     bn_stats  -- per layer output name, the statistics of the BatchNorm ``fold`` folded into it
     quant     -- what ``quant`` recorded (None until it ran)
+    container -- the ``.qgz`` that ``huffman`` packed (None until it ran); written when the output is .qgz
     """
     calib: Any = None
     seed: int = 0
@@ -82,6 +86,7 @@ class Context:
     plots: str | None = None
     bn_stats: dict[str, BNStats] = field(default_factory=dict)
     quant: QuantRecord | None = None
+    container: Packed | None = None
 
     def rng(self, salt: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, salt])
