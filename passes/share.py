@@ -18,8 +18,12 @@ row n (P_n the one-hot cluster map of its inputs), so the output error on the da
 
 with C = E[(x − μ)(x − μ)ᵀ] the covariance of the layer's inputs (im2col patches per group for Conv),
 streamed over ``--calib`` in one ONNX Runtime session. The mean goes into the bias,
-b_n ← b_n − (Ŵ_n − W_n)·μ, so the output mean is the float one. Assignments stay; the least-squares
-centroids are kept only where they lower the layer's output error (they always should).
+b_n ← b_n − (Ŵ_n − W_n)·μ, so the output mean is the float one. The least-squares centroids are kept
+only where they lower the layer's output error (they always should).
+
+``assign=gptq`` also chooses the assignments by output error, before the refit: GPTQ (Frantar et al.
+2023) with the codebook as its grid — each input column takes its nearest centroids and its error
+moves onto the columns not yet assigned, along C⁻¹ (``qgraph.rounding.gptq_codebook``).
 
 Form of the result (both run in plain ONNX Runtime):
     gather       W = Gather(codebook, Cast(indices → int32)): uint8 indices (uint16 above 256 entries)
@@ -42,11 +46,14 @@ from qgraph.kmeans import INITS, kmeans_1d
 from qgraph.ops import LAYER_OPS, Skip, const_at, input_at, layer_weight
 from qgraph.pipeline import Context, Pass, PassResult, not_quantized, option
 from qgraph.passes.quant_placement import Matcher
-from qgraph.rounding import Unsupported, collect_hessians, layer_matrix
+from qgraph.rounding import Unsupported, collect_hessians, gptq_codebook, layer_matrix
 
 CONV_OPS = ("Conv", "ConvTranspose")
 #: above this many multiply-adds (Σ_rows K²), the refit's normal equations use diag(C) only
 FULL_REFIT_BUDGET = 4e9
+#: layers reading more input features than this are not refit (their K x K statistics would take
+#: K² · 8 bytes: 25,088 inputs, VGG's first FC layer, would need 5 GB)
+MAX_REFIT_INPUTS = 8192
 
 
 @dataclass
@@ -65,6 +72,9 @@ class ShareOptions:
     refit: str = option("auto", "least-squares centroids from calibration data: auto (when --calib is "
                         "given), true (requires it), false", choices=("auto", "true", "false"))
     refit_bias: bool = option(True, "with refit: move the layer's mean output error into its bias")
+    assign: str = option("nearest", "weights to centroids: nearest (k-means), or gptq (column by column for "
+                         "the smallest layer output error on the calibration data, GPTQ onto the codebook; "
+                         "needs --calib)", choices=("nearest", "gptq"))
     form: str = option("gather", "gather: Gather(codebook, indices) feeds the layer; dequantized: "
                        "the weights hold the shared values", choices=("gather", "dequantized"))
     samples: int = option(0, "calibration samples the refit uses (0: all)", range=(0, 1 << 30))
@@ -101,7 +111,7 @@ class ShareWeights(Pass):
         for lay in layers:
             self._cluster(lay, ctx)
         refit_notes = {}
-        if layers and self._wants_refit(ctx):
+        if layers and (self._wants_refit(ctx) or self._wants_gptq(ctx)):
             refit_notes = self._refit(g, layers, ctx, details)
         rows = [_layer_row(lay) for lay in layers]
         for lay in layers:
@@ -211,8 +221,17 @@ class ShareWeights(Pass):
             return False
         return True
 
+    def _wants_gptq(self, ctx: Context) -> bool:
+        if self.opts.assign != "gptq":
+            return False
+        if ctx.calib is None:
+            raise ModelError("share:assign=gptq needs calibration data: give --calib (CLI) or calib= (API), "
+                             "or use share:assign=nearest")
+        return True
+
     def _refit(self, g: ir.Graph, layers: list[Layer], ctx: Context, details: list) -> dict:
-        """Least-squares centroids (and bias moves) for every layer whose input statistics we can form."""
+        """With the layers' input statistics on the calibration data: GPTQ assignments (assign=gptq),
+        least-squares centroids and bias moves (refit), for every layer whose statistics we can form."""
         skipped: dict[str, int] = {}
         todo = {}
         for lay in layers:
@@ -221,13 +240,16 @@ class ShareWeights(Pass):
                 skipped["weight_shared_by_layers"] = skipped.get("weight_shared_by_layers", 0) + 1
                 continue
             try:
-                layer_matrix(node, lay.tensor.values)
                 if node.op == "Conv" and lay.tensor.values.ndim != 4:
                     raise Unsupported(f"{lay.tensor.values.ndim - 2}-D convolution")
                 if node.op == "Gemm" and node.attrs.get("transA", 0):
                     raise Unsupported("Gemm with transA")
+                m, _ = layer_matrix(node, lay.tensor.values)
             except Unsupported:
                 skipped[f"unsupported_{node.op}"] = skipped.get(f"unsupported_{node.op}", 0) + 1
+                continue
+            if m.shape[2] > MAX_REFIT_INPUTS:
+                skipped["too_many_inputs"] = skipped.get("too_many_inputs", 0) + 1
                 continue
             x = node.inputs[0]
             todo[lay.tensor.name] = (lay, (node, x.name, lay.tensor.values.shape, x.shape))
@@ -242,28 +264,41 @@ class ShareWeights(Pass):
         stats = collect_hessians(float_model, {k: v[1] for k, v in todo.items()}, samples,
                                  batch_size=self.opts.batch_size, progress=ctx.progress,
                                  desc="share: layer input statistics")
+        refit, gptq = self._wants_refit(ctx), self.opts.assign == "gptq"
         gains, diagonal, biased = [], 0, 0
         for name, (lay, _) in todo.items():
             count = max(stats.count[name], 1)
             mean = stats.sums[name] / count                                   # [G, K]
             second = stats.h[name] / count                                    # [G, K, K]
-            cov = second - mean[:, :, None] * mean[:, None, :] if self.opts.refit_bias else second
-            res = refit_centroids(lay.nodes[0], np.asarray(lay.tensor.values, np.float64), lay.labels,
-                                  lay.codebook, cov)
-            diagonal += res.diagonal
-            if res.error_after < res.error_before:
-                lay.codebook = res.codebook
-            gain = res.error_after / res.error_before if res.error_before > 0 else 1.0
-            gains.append(min(gain, 1.0))
-            row = {"weight": name, "refit_error_ratio": round(min(gain, 1.0), 4)}
-            if self.opts.refit_bias:
+            centred = refit and self.opts.refit_bias
+            cov = second - mean[:, :, None] * mean[:, None, :] if centred else second
+            w = np.asarray(lay.tensor.values, np.float64)
+            before = refit_centroids(lay.nodes[0], w, lay.labels, lay.codebook, cov, solve=False).error_before
+            if gptq:
+                lay.labels = _gptq_labels(lay.nodes[0], w, lay.codebook, cov)
+            after = before
+            if refit:
+                res = refit_centroids(lay.nodes[0], w, lay.labels, lay.codebook, cov)
+                diagonal += res.diagonal
+                if res.error_after < res.error_before:
+                    lay.codebook = res.codebook
+                after = min(res.error_after, res.error_before)
+            elif gptq:
+                after = refit_centroids(lay.nodes[0], w, lay.labels, lay.codebook, cov, solve=False).error_before
+            gain = after / before if before > 0 else 1.0
+            gains.append(gain)
+            row = {"weight": name, "output_error_ratio": round(gain, 4)}
+            if centred:
                 shift = _bias_shift(lay, mean)
                 if shift is not None and np.any(shift):
                     _add_to_bias(g, lay.nodes[0], -shift)
                     biased += 1
             details.append(row)
-        notes["refit"] = len(todo)
-        notes["refit_error_ratio_median"] = round(float(np.median(gains)), 4)
+        if refit:
+            notes["refit"] = len(todo)
+        if gptq:
+            notes["gptq"] = len(todo)
+        notes["output_error_ratio_median"] = round(float(np.median(gains)), 4)
         if biased:
             notes["bias_moved"] = biased
         if diagonal:
@@ -356,7 +391,8 @@ def _output_error(w: np.ndarray, labels: np.ndarray, c: np.ndarray, cov: np.ndar
     return float(np.sum((d @ cov) * d))
 
 
-def refit_centroids(node, w: np.ndarray, labels: np.ndarray, codebook: np.ndarray, cov: np.ndarray) -> Refit:
+def refit_centroids(node, w: np.ndarray, labels: np.ndarray, codebook: np.ndarray, cov: np.ndarray, *,
+                    solve: bool = True) -> Refit:
     """Least-squares centroids for fixed assignments: min over c of Σ_n (P_n c − W_n)ᵀ C (P_n c − W_n).
 
     ``w`` and ``labels`` are the weight and its cluster labels in the layer's own layout; ``cov`` is
@@ -367,6 +403,9 @@ def refit_centroids(node, w: np.ndarray, labels: np.ndarray, codebook: np.ndarra
     m_w = np.ascontiguousarray(m_w, np.float64)
     m_l = np.ascontiguousarray(m_l, np.int32)
     cov = np.ascontiguousarray(cov, np.float64)
+    if not solve:                       # only the output error of the given centroids
+        err = _output_error(m_w, m_l, codebook, cov)
+        return Refit(codebook=codebook, error_before=err, error_after=err, diagonal=False)
     k = codebook.size
     g, rows, kk = m_w.shape
     diagonal = g * rows * kk * kk > FULL_REFIT_BUDGET
@@ -384,6 +423,15 @@ def refit_centroids(node, w: np.ndarray, labels: np.ndarray, codebook: np.ndarra
     before = _output_error(m_w, m_l, codebook, cov)
     after = _output_error(m_w, m_l, c, cov) if np.all(np.isfinite(c)) else math.inf
     return Refit(codebook=c, error_before=before, error_after=after, diagonal=diagonal)
+
+
+def _gptq_labels(node, w: np.ndarray, codebook: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Cluster labels (weight layout, -1 for zeros) chosen by GPTQ onto the codebook: each input column
+    in turn takes its nearest centroids and its error moves to the columns not yet assigned, along H⁻¹
+    (Frantar et al. 2023, with the codebook as the grid)."""
+    m_w, back = layer_matrix(node, w)
+    labels = gptq_codebook(m_w, h, codebook, keep=m_w != 0)
+    return np.ascontiguousarray(back(labels)).astype(np.int32)
 
 
 def _bias_shift(lay: Layer, mean: np.ndarray) -> np.ndarray | None:

@@ -8,8 +8,10 @@ their prefix sums S, one iteration costs O(k log n) instead of O(n k):
 
 It stops at the fixed point (no boundary t_j moves): the same centroids as Lloyd's algorithm on the
 points themselves from the same start, a point on a midpoint going to the lower centroid (as argmin
-does). An empty cluster keeps its centroid. Labels of the unsorted values are one binary search each
-over the k - 1 midpoints.
+does). A cluster left empty takes the upper half of the cluster with the largest squared error
+(``split_for_empty``; from the linear start, heavy-tailed weights leave most centroids with almost
+no points otherwise). Labels of the unsorted values: a bucket lookup, then at most a few comparisons
+(``assign``).
 
 Initializations (Han et al. 2016, "Deep Compression", §3.2):
     linear    c_j evenly spaced over [min, max] (the paper's choice: keeps the rare large weights)
@@ -29,24 +31,32 @@ INITS = ("linear", "density", "random")
 @dataclass
 class KMeans:
     """centroids (float64, increasing), labels (int32 per input value, None if not asked),
-    inertia (sum of squared distances), Lloyd iterations run and whether the fixed point was reached."""
+    inertia (sum of squared distances), Lloyd iterations run, whether the fixed point was reached,
+    and how many clusters were split to refill empty ones."""
     centroids: np.ndarray
     labels: np.ndarray | None
     inertia: float
     iterations: int
     converged: bool
+    splits: int = 0
 
 
 @njit(cache=True, nogil=True)
 def prefix_sums(xs):
-    """S[i] = xs[0] + ... + xs[i-1] in float64 (S[0] = 0)."""
-    s = np.empty(xs.shape[0] + 1, np.float64)
-    acc = 0.0
+    """S[i] = xs[0] + ... + xs[i-1] and S2[i] = xs[0]² + ... + xs[i-1]², in float64 (S[0] = S2[0] = 0)."""
+    n = xs.shape[0]
+    s = np.empty(n + 1, np.float64)
+    s2 = np.empty(n + 1, np.float64)
+    acc, acc2 = 0.0, 0.0
     s[0] = 0.0
-    for i in range(xs.shape[0]):
-        acc += xs[i]
+    s2[0] = 0.0
+    for i in range(n):
+        v = np.float64(xs[i])
+        acc += v
+        acc2 += v * v
         s[i + 1] = acc
-    return s
+        s2[i + 1] = acc2
+    return s, s2
 
 
 @njit(cache=True, nogil=True)
@@ -63,19 +73,24 @@ def _count_le(xs, v):
 
 
 @njit(cache=True, nogil=True)
-def lloyd_sorted(xs, s, c, max_iter):
-    """Lloyd iterations on sorted xs with prefix sums s from centroids c (sorted, updated in place).
-    Returns (iterations, converged, boundaries t[k+1])."""
+def lloyd_sorted(xs, s, s2, c, max_iter, repair=True):
+    """Lloyd iterations on sorted xs with prefix sums s, s2 from centroids c (sorted, updated in
+    place); ``repair``: split a cluster for every empty one. Returns (iterations, converged,
+    boundaries t[k+1], clusters split)."""
     k = c.shape[0]
     n = xs.shape[0]
     t = np.zeros(k + 1, np.int64)
     prev = np.full(k + 1, -1, np.int64)
     t[k] = n
     it = 0
+    splits = 0
     converged = False
     while it < max_iter:
-        for j in range(k - 1):
-            t[j + 1] = _count_le(xs, 0.5 * (c[j] + c[j + 1]))
+        for j in range(k - 2, -1, -1):
+            if c[j + 1] == c[j]:          # a duplicate centroid gets nothing (argmin: ties to the lower)
+                t[j + 1] = t[j + 2]
+            else:
+                t[j + 1] = _count_le(xs, 0.5 * (c[j] + c[j + 1]))
         same = True
         for j in range(k + 1):
             if t[j] != prev[j]:
@@ -85,12 +100,62 @@ def lloyd_sorted(xs, s, c, max_iter):
             converged = True
             break
         it += 1
+        empty = 0
         for j in range(k):
             cnt = t[j + 1] - t[j]
             if cnt > 0:
                 c[j] = (s[t[j + 1]] - s[t[j]]) / cnt
+            else:
+                empty += 1
+        if empty and repair:
+            splits += split_for_empty(xs, s, s2, t, c)
         c.sort()
-    return it, converged, t
+    return it, converged, t, splits
+
+
+@njit(cache=True, nogil=True)
+def _sse(s, s2, a, b):
+    """Sum of squared deviations from their mean of the sorted values [a, b)."""
+    n = b - a
+    if n < 2:
+        return 0.0
+    d = s[b] - s[a]
+    return max(s2[b] - s2[a] - d * d / n, 0.0)
+
+
+@njit(cache=True, nogil=True)
+def split_for_empty(xs, s, s2, t, c):
+    """Give every empty cluster half of the cluster with the largest squared error: that interval is
+    cut at its mean, its centroid moves to the lower half's mean, the empty one to the upper half's.
+    (On a line this is the natural repair: the split lowers the inertia by the most a single new
+    centroid placed in an existing cluster can, to first order; unrepaired, the linear start leaves
+    most centroids of heavy-tailed weights with almost no points.) Returns the number of splits."""
+    k = c.shape[0]
+    done = 0
+    a = t[:k].copy()
+    b = t[1:].copy()
+    sse = np.empty(k, np.float64)
+    for j in range(k):
+        sse[j] = _sse(s, s2, a[j], b[j])
+    for e in range(k):
+        if t[e + 1] > t[e]:
+            continue
+        j = np.argmax(sse)
+        if sse[j] <= 0.0:
+            return done
+        mean = (s[b[j]] - s[a[j]]) / (b[j] - a[j])
+        p = a[j] + _count_le(xs[a[j]:b[j]], mean)
+        if p <= a[j] or p >= b[j]:
+            sse[j] = 0.0
+            continue
+        c[j] = (s[p] - s[a[j]]) / (p - a[j])
+        c[e] = (s[b[j]] - s[p]) / (b[j] - p)
+        a[e], b[e] = p, b[j]
+        b[j] = p
+        sse[j] = _sse(s, s2, a[j], b[j])
+        sse[e] = _sse(s, s2, a[e], b[e])
+        done += 1
+    return done
 
 
 #: buckets of the label lookup: a value's bucket tells its label unless a midpoint shares the bucket
@@ -126,6 +191,9 @@ def assign(x, c, labels):
         mids[j] = m
         b = np.int64((m - lo) * inv) if m > lo else np.int64(0)
         mid_bucket[j] = min(b, nb - 1)
+    canon = np.empty(k, np.int32)            # lowest index of an equal centroid (argmin's tie rule)
+    for j in range(k):
+        canon[j] = canon[j - 1] if j > 0 and c[j] == c[j - 1] else j
     first = np.zeros(nb, np.int32)           # #{midpoints in buckets below b}
     j = 0
     for b in range(nb):
@@ -141,6 +209,7 @@ def assign(x, c, labels):
         lab = first[b]
         while lab < k - 1 and mid_bucket[lab] == b and mids[lab] < v:
             lab += 1
+        lab = canon[lab]
         labels[i] = lab
         d = v - c[lab]
         inertia += d * d
@@ -242,9 +311,10 @@ def init_centroids(xs: np.ndarray, k: int, init: str, rng: np.random.Generator |
 
 def kmeans_1d(x: np.ndarray, k: int, *, init: str = "linear", max_iter: int = 300,
               rng: np.random.Generator | None = None, labels: bool = True,
-              centroids: np.ndarray | None = None) -> KMeans:
+              centroids: np.ndarray | None = None, repair: bool = True) -> KMeans:
     """k-means of the values of ``x`` (any shape, flattened). With at most k distinct values, each is
-    its own centroid (exact). ``centroids`` overrides ``init`` as the start."""
+    its own centroid (exact). ``centroids`` overrides ``init`` as the start; ``repair=False`` leaves
+    empty clusters where they are (plain Lloyd)."""
     x = np.ascontiguousarray(x).reshape(-1)
     if x.size == 0:
         raise ValueError("k-means of an empty array")
@@ -253,22 +323,25 @@ def kmeans_1d(x: np.ndarray, k: int, *, init: str = "linear", max_iter: int = 30
         raise ValueError("k-means of values that are not all finite")
     if _distinct_at_most(xs, k):
         c = np.unique(xs).astype(np.float64)
-        it, converged = 0, True
+        it, converged, splits = 0, True, 0
     else:
         c = np.array(centroids, np.float64) if centroids is not None else init_centroids(xs, k, init, rng)
         c.sort()
-        it, converged, _ = lloyd_sorted(xs, prefix_sums(xs), c, int(max_iter))
+        s, s2 = prefix_sums(xs)
+        it, converged, _, splits = lloyd_sorted(xs, s, s2, c, int(max_iter), repair)
     out = np.empty(x.size, np.int32) if labels else None
     if labels:
         inertia = assign(x, c, out)
     else:
         inertia = float("nan")
-    return KMeans(centroids=c, labels=out, inertia=float(inertia), iterations=int(it), converged=bool(converged))
+    return KMeans(centroids=c, labels=out, inertia=float(inertia), iterations=int(it), converged=bool(converged),
+                  splits=int(splits))
 
 
 def lloyd_reference(x: np.ndarray, c: np.ndarray, max_iter: int) -> tuple[np.ndarray, int]:
-    """Plain numpy Lloyd on the points: assign by argmin, move to the mean, until no label changes.
-    Returns (centroids, iterations)."""
+    """Plain numpy Lloyd on the points: assign by argmin, move each centroid to its points' mean, until
+    no label changes (no repair of empty clusters: compare where none occurs). Returns (centroids,
+    iterations)."""
     x = np.asarray(x, np.float64).reshape(-1)
     c = np.sort(np.asarray(c, np.float64))
     prev = None

@@ -147,6 +147,32 @@ def collect_hessians(model, layers: dict, samples, *, batch_size: int = 16, prog
 def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int, *,
          damp: float = DAMP, block: int = BLOCK, act_order: bool = True) -> np.ndarray:
     """Integer weights [G, R, K] for w [G, R, K] given H [G, K, K] and per-row scale/zero [G, R]."""
+    s = np.where(scale > 0, scale, 1.0)[:, :, None]
+    z = zero[:, :, None]
+
+    def nearest(col, _i):
+        qc = np.clip(np.rint(col / s) + z, qmin, qmax)
+        return qc, (qc - z) * s
+    return _gptq(w, h, nearest, damp=damp, block=block, act_order=act_order).astype(np.int64)
+
+
+def gptq_codebook(w: np.ndarray, h: np.ndarray, codebook: np.ndarray, keep: np.ndarray | None = None, *,
+                  damp: float = DAMP, block: int = BLOCK, act_order: bool = True) -> np.ndarray:
+    """GPTQ onto a non-uniform grid: the index into ``codebook`` (sorted) of every weight of w [G, R, K],
+    column by column with the error moved along H⁻¹ as for ``gptq``. Weights where ``keep`` is False
+    stay exactly 0 (index -1) and take no error (the zeros ``sparsify`` left)."""
+    c = np.asarray(codebook, np.float64)
+    mids = (c[1:] + c[:-1]) / 2
+
+    def nearest(col, _i):
+        lab = np.searchsorted(mids, col, side="left")       # #{midpoints < v}: ties to the lower
+        return lab, c[lab]
+    return _gptq(w, h, nearest, keep=keep, damp=damp, block=block, act_order=act_order).astype(np.int64)
+
+
+def _gptq(w, h, nearest, *, keep=None, damp=DAMP, block=BLOCK, act_order=True) -> np.ndarray:
+    """The GPTQ column loop (module docstring) with ``nearest(col [G, R, 1], i) -> (ints, values)``
+    as the grid; entries where ``keep`` is False are held at 0 (their result is -1)."""
     w = np.array(w, dtype=np.float64)
     h = np.array(h, dtype=np.float64)
     g, r, k = w.shape
@@ -159,26 +185,37 @@ def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin
     else:
         perm = np.broadcast_to(idx, (g, k)).copy()
     w = np.take_along_axis(w, perm[:, None, :], axis=2)
+    held = None
+    if keep is not None:
+        held = ~np.take_along_axis(np.asarray(keep, bool), perm[:, None, :], axis=2)
+        w[held] = 0.0
     h = np.take_along_axis(np.take_along_axis(h, perm[:, :, None], axis=1), perm[:, None, :], axis=2)
     h[:, idx, idx] += damp * h[:, idx, idx].mean(axis=1, keepdims=True)
     u = _upper_cholesky_of_inverse(h)
-    s = np.where(scale > 0, scale, 1.0)[:, :, None]
-    z = zero[:, :, None]
     q = np.empty((g, r, k), dtype=np.int64)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, :, i1:i2].copy()
         err1 = np.zeros_like(w1)
         u1 = u[:, i1:i2, i1:i2]
+        h1 = held[:, :, i1:i2] if held is not None else None
         for i in range(i2 - i1):
             col = w1[:, :, i:i + 1]
-            qc = np.clip(np.rint(col / s) + z, qmin, qmax)
+            qc, deq = nearest(col, i1 + i)
+            if h1 is not None:
+                zero = h1[:, :, i:i + 1]
+                qc = np.where(zero, -1, qc)
+                deq = np.where(zero, 0.0, deq)
             q[:, :, i1 + i] = qc[:, :, 0]
-            e = (col - (qc - z) * s) / u1[:, i, i][:, None, None]
+            e = (col - deq) / u1[:, i, i][:, None, None]
             w1[:, :, i:] -= e * u1[:, i, i:][:, None, :]
+            if h1 is not None:
+                w1[h1] = 0.0
             err1[:, :, i] = e[:, :, 0]
         if i2 < k:
             w[:, :, i2:] -= err1 @ u[:, i1:i2, i2:]
+            if held is not None:
+                w[:, :, i2:][held[:, :, i2:]] = 0.0
     out = np.empty_like(q)
     np.put_along_axis(out, perm[:, None, :], q, axis=2)
     return out

@@ -32,15 +32,36 @@ def test_sorted_lloyd_equals_lloyd_on_the_points(seed):
     if seed % 3 == 0:
         x = np.round(x * 4) / 4                       # ties and repeated values
     init_name = kmeans.INITS[seed % 3]
-    r = kmeans.kmeans_1d(x, k, init=init_name, rng=np.random.default_rng(seed))
-    assert np.array_equal(r.labels, kmeans.assign_reference(x, r.centroids)), f"seed {seed}"
-    if np.unique(x).size > k:
-        start = kmeans.init_centroids(np.sort(x).astype(np.float64), k, init_name, np.random.default_rng(seed))
-        ref, iters = kmeans.lloyd_reference(x, start, 300)
-        assert np.allclose(r.centroids, ref, rtol=1e-9, atol=1e-12), f"seed {seed}"
-        assert r.iterations == iters and r.converged
-    inertia = float(np.sum((x.astype(np.float64) - r.centroids[r.labels]) ** 2))
-    assert r.inertia == pytest.approx(inertia, rel=1e-9, abs=1e-12)
+    for repair in (False, True):
+        r = kmeans.kmeans_1d(x, k, init=init_name, rng=np.random.default_rng(seed), repair=repair)
+        assert np.array_equal(r.labels, kmeans.assign_reference(x, r.centroids)), f"seed {seed}"
+        inertia = float(np.sum((x.astype(np.float64) - r.centroids[r.labels]) ** 2))
+        assert r.inertia == pytest.approx(inertia, rel=1e-9, abs=1e-12)
+        if np.unique(x).size > k and not repair:    # plain Lloyd: the same fixed point as on the points
+            start = kmeans.init_centroids(np.sort(x).astype(np.float64), k, init_name, np.random.default_rng(seed))
+            ref, iters = kmeans.lloyd_reference(x, start, 300)
+            assert np.allclose(r.centroids, ref, rtol=1e-9, atol=1e-12), f"seed {seed}"
+            assert r.iterations == iters and r.converged
+
+
+def test_empty_clusters_are_refilled_by_splitting_the_worst_one():
+    #   heavy tails, linear start: most centroids start with (almost) no points
+    x = (np.random.default_rng(0).standard_t(3, 20000) * 0.02).astype(np.float32)
+    plain = kmeans.kmeans_1d(x, 64, repair=False)
+    fixed = kmeans.kmeans_1d(x, 64)
+    assert plain.splits == 0 and fixed.splits > 0
+    assert np.bincount(fixed.labels, minlength=64).min() > 0
+    assert fixed.inertia < 0.5 * plain.inertia
+
+
+def test_split_cuts_the_largest_error_cluster_at_its_mean():
+    #   clusters [0, 1, 2, 3] (centroid 1.5) and [10, 10.1]; cluster 2 empty: 1.5's interval splits at 1.5
+    xs = np.array([0.0, 1.0, 2.0, 3.0, 10.0, 10.1])
+    s, s2 = kmeans.prefix_sums(xs)
+    t = np.array([0, 4, 6, 6])
+    c = np.array([1.5, 10.05, 99.0])
+    assert kmeans.split_for_empty(xs, s, s2, t, c) == 1
+    assert c.tolist() == [0.5, 10.05, 2.5]
 
 
 def test_radix_sort_equals_numpy_sort_on_edge_values():
@@ -209,6 +230,26 @@ def test_refit_lowers_the_output_error_and_zeroes_its_mean(rng, builder):
             assert np.max(np.abs(d.mean(axis=1))) <= 1e-4 * np.max(np.abs(ref))
     # least squares over the centroids and the bias: plain k-means with the old bias is one candidate
     assert errs["true"] < errs["false"], errs
+
+
+@pytest.mark.parametrize("builder", ["fc", "depthwise"])
+def test_gptq_assignment_lowers_the_output_error_and_keeps_zeros(rng, builder):
+    #   correlated inputs: moving each column's error onto the next ones beats nearest centroids
+    model = fc(rng, zeros=0.3) if builder == "fc" else conv(rng, group=8)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    base = rng.normal(size=[64] + shape[1:]).astype(np.float32)
+    x = (base + 0.9 * np.roll(base, 1, axis=-1)).astype(np.float32)
+    calib = Calib(x)
+    ref = np.concatenate([run_ort(model, {"x": x[i:i + shape[0]]})[0] for i in range(0, 64, shape[0])])
+    errs = {}
+    for assign in ("nearest", "gptq"):
+        out, notes = share(model, Context(calib=calib, progress=False), bits=2, refit="false", assign=assign)
+        got = np.concatenate([run_ort(out, {"x": x[i:i + shape[0]]})[0] for i in range(0, 64, shape[0])])
+        errs[assign] = float(np.mean((got - ref) ** 2))
+        w0 = onnx.numpy_helper.to_array(model.graph.initializer[0])
+        assert np.array_equal(shared_weight(out) == 0, w0 == 0)
+    assert notes["gptq"] == 1
+    assert errs["gptq"] < errs["nearest"], errs
 
 
 def test_normal_equations_equal_the_one_hot_formula(rng):

@@ -19,23 +19,26 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
 from qgraph import ir
 from qgraph.ops import LAYER_OPS, layer_weight
+from qgraph.pipeline import Context, Pass, PassResult, option
 
 #: weights kept per layer in the paper (LeNet-300-100 8% overall, LeNet-5 8%), as sparsity specs
 DEEP_COMPRESSION = {
-    "lenet_300_100": "fc1@0.92;fc2@0.91;fc3@0.74",
-    "lenet5": "conv1@0.34;conv2@0.88;fc1@0.92;fc2@0.81",
+    "lenet_300_100": "fc1@0.92/fc2@0.91/fc3@0.74",
+    "lenet5": "conv1@0.34/conv2@0.88/fc1@0.92/fc2@0.81",
 }
 
 
 def parse_sparsity(spec: str) -> tuple[float, list[tuple[str, float]]]:
-    """'0.9' or 'regex@0.92;regex@0.5[;0.8]' -> (default, [(regex, fraction), ...])."""
+    """'0.9' or 'regex@0.92;regex@0.5[;0.8]' -> (default, [(regex, fraction), ...]); '/' separates
+    as ';' does (``tools/zoo.py record --pipelines`` splits pipelines at ';')."""
     default, rules = 0.0, []
-    for part in (p.strip() for p in str(spec).split(";")):
+    for part in (p.strip() for p in str(spec).replace("/", ";").split(";")):
         if not part:
             continue
         if "@" in part:
@@ -78,6 +81,32 @@ def prune_model(src, spec: str):
     g = ir.load(src)
     rows = prune_graph(g, spec)
     return ir.to_model(g), rows
+
+
+@dataclass
+class StandinOptions:
+    sparsity: str = option("0.0", "fraction of weights zeroed per layer, or 'regex@fraction;...' (first match "
+                           "wins, a bare number for the rest)")
+
+
+class StandinSparsify(Pass):
+    """STAND-IN for ``sparsify``, for the zoo tools only (not in qgraph's pass registry): magnitude
+    pruning, nothing reconstructed. Pipelines naming it (``standin_sparsify:sparsity=...``) are
+    measured by ``tools/zoo.py record`` / ``tools/zoo_eval.py``; their figures are provisional."""
+    name = "standin_sparsify"
+    summary = "STAND-IN magnitude pruning (zoo tools only), until the sparsify pass lands"
+    options = StandinOptions
+    preserves_function = False
+
+    def run(self, g: ir.Graph, ctx: Context) -> PassResult:
+        rows = prune_graph(g, self.opts.sparsity)
+        kept, total = sum(r["kept"] for r in rows), sum(r["weights"] for r in rows)
+        notes = {"layers": len(rows), "kept_pct": round(100 * kept / max(total, 1), 2), "details": rows}
+        return PassResult(modified=kept < total, notes=notes)
+
+
+#: tool-level passes the zoo scripts accept in a pipeline, beside qgraph's own
+TOOL_PASSES = {StandinSparsify.name: StandinSparsify}
 
 
 def main(argv=None) -> int:
