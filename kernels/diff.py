@@ -14,7 +14,8 @@ import onnx
 
 from qgraph.kernels.lower import Program, lower
 from qgraph.ops import ort_session
-from qgraph.kernels.runtime import KERNELS, run
+from qgraph.kernels.runtime import run
+from qgraph.kernels.table import KERNELS
 
 
 def compare(ours: np.ndarray, ref: np.ndarray, lsb: float | None = None) -> dict:

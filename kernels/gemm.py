@@ -213,6 +213,9 @@ def conv_gemm_vnni(a, b, k4, cols, nb, pix, k, rowsum, oa, za, colsum, ob, zb, b
                        shift, zp, qmin, qmax, fixed, o0, out3)
 
 
+# Deliberately a second copy of ``conv_gemm_vnni``: the micro-kernel is an intrinsic, and a body that
+# branched between the two would make LLVM compile the VNNI instructions on CPUs that lack them
+# (instruction selection fails there); Numba cannot pass the micro-kernel as a cached argument.
 @njit(cache=True)
 def conv_gemm_generic(a, b, k4, cols, nb, pix, k, rowsum, oa, za, colsum, ob, zb, bias, scale, mult, shift, zp,
                       qmin, qmax, fixed, o0, out3):

@@ -40,12 +40,21 @@ def exp_table_fixed(s_x: float) -> np.ndarray:
 
 
 @njit(cache=True)
+def _row_max(row):
+    m = row[0]
+    for j in range(row.shape[0]):
+        m = max(m, row[j])
+    return m
+
+
+# The float and fixed rows below are deliberately two kernels: float32 sums and RNE (ORT) against
+# int64 sums and round-half-up division (integer hardware); one body with a mode flag would carry
+# both accumulators through every row.
+@njit(cache=True)
 def _softmax_rows_float(x, table, y_scale, zy, qmin, qmax, out):
     n, d = x.shape
     for r in range(n):
-        xmax = x[r, 0]
-        for j in range(d):
-            xmax = max(xmax, x[r, j])
+        xmax = _row_max(x[r])
         total = np.float32(0.0)
         for j in range(d):
             total = np.float32(total + table[np.int32(xmax) - np.int32(x[r, j])])
@@ -62,9 +71,7 @@ def _softmax_rows_float(x, table, y_scale, zy, qmin, qmax, out):
 def _softmax_rows_fixed(x, table, y_scale, zy, qmin, qmax, out):
     n, d = x.shape
     for r in range(n):
-        xmax = x[r, 0]
-        for j in range(d):
-            xmax = max(xmax, x[r, j])
+        xmax = _row_max(x[r])
         total = np.int64(0)
         for j in range(d):
             total += table[np.int32(xmax) - np.int32(x[r, j])]

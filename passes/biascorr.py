@@ -43,8 +43,8 @@ from qgraph import ir
 from qgraph.calibrate import progress_bar, stream
 from qgraph.errors import QGraphError
 from qgraph.pipeline import Context, Pass, PassResult, QuantRecord, option, quantized
-from qgraph.ops import (INT32, MATRIX_LAYER_OPS, QGroup, bias_qparams, clip_bounds, const_at, dequantize,
-                        find_groups, float_source, is_q, out_channels, qparams_of)
+from qgraph.ops import (INT32, MATRIX_LAYER_OPS, QGroup, Skip, bias_qparams, clip_bounds, const_at, dequantize,
+                        find_groups, float_source, is_q, out_channels, qparams_of, weight_times_input)
 from qgraph.qdq import dq_constant
 
 
@@ -60,7 +60,6 @@ class BiasCorrOptions:
 
 
 class BiasCorrection(Pass):
-    __doc__ = __doc__
     name = "biascorr"
     summary = "correct the per-channel output mean shift of quantized layers (empirical or analytic, DFQ)"
     options = BiasCorrOptions
@@ -76,8 +75,8 @@ class BiasCorrection(Pass):
         layers = []
         for grp in find_groups(g, MATRIX_LAYER_OPS):
             reason = _unsupported(grp, qstate)
-            if reason:
-                skipped[reason] += 1
+            if reason is not None:
+                skipped[reason.reason] += 1
             else:
                 layers.append(grp)
         if self.opts.mode == "empirical":
@@ -137,8 +136,8 @@ class BiasCorrection(Pass):
         shifts = {}
         for grp in layers:
             ex = _expected_input(grp, bn_stats)
-            if isinstance(ex, str):
-                skipped[ex] += 1
+            if isinstance(ex, Skip):
+                skipped[ex.reason] += 1
                 continue
             w_float = _float_weight(grp, qstate)
             w_quant = grp.weight_float()
@@ -150,15 +149,15 @@ class BiasCorrection(Pass):
 
 # ----------------------------------------------------------------------------- helpers
 
-def _unsupported(grp: QGroup, qstate: QuantRecord) -> str | None:
+def _unsupported(grp: QGroup, qstate: QuantRecord) -> Skip | None:
     if grp.w_dq is None or grp.w_index != 1:
-        return "weight_not_quantized_constant"
+        return Skip("weight_not_quantized_constant")
     if grp.node.op == "Gemm" and grp.node.attrs.get("transA", 0):
-        return "gemm_transA"
+        return Skip("gemm_transA")
     if grp.node.op == "MatMul":
-        return "matmul_has_no_bias_input"
+        return Skip("matmul_has_no_bias_input")
     if _float_weight(grp, qstate) is None:
-        return "float_weight_unknown"
+        return Skip("float_weight_unknown")
     return None
 
 
@@ -350,21 +349,10 @@ def _add_to_bias(g: ir.Graph, grp: QGroup, delta: np.ndarray) -> None:
 
 def _apply_to_mean(grp: QGroup, dw: np.ndarray, ex: np.ndarray) -> np.ndarray:
     """(ΔW)·E[x] per output channel for a constant per-channel input mean E[x] (borders ignored)."""
-    node = grp.node
-    if node.op == "Gemm":
-        return (dw @ ex) if node.attrs.get("transB", 0) else (ex @ dw)
-    groups = int(node.attrs.get("group", 1))
-    cout, cin_g = dw.shape[0], dw.shape[1]
-    cout_g = cout // groups
-    summed = dw.reshape(cout, cin_g, -1).sum(axis=2)
-    out = np.empty(cout)
-    for o in range(cout):
-        start = (o // cout_g) * cin_g
-        out[o] = summed[o] @ ex[start:start + cin_g]
-    return out
+    return weight_times_input(grp.node, dw, ex)
 
 
-def _expected_input(grp: QGroup, bn_stats: dict) -> np.ndarray | str:
+def _expected_input(grp: QGroup, bn_stats: dict) -> np.ndarray | Skip:
     """E[x] per input channel of ``grp`` from the BN statistics of the layer producing x, or a reason."""
     if grp.x_dq is None:  # weight-only: the input is the float tensor itself
         lo, hi = -np.inf, np.inf
@@ -372,14 +360,14 @@ def _expected_input(grp: QGroup, bn_stats: dict) -> np.ndarray | str:
     else:
         q = ir.producer(grp.x_dq.inputs[0])
         if not is_q(q):
-            return "input_not_from_quantize"
+            return Skip("input_not_from_quantize")
         lo, hi = (float(v) for v in qparams_of(q).real_range())
         t = float_source(grp.x_dq)
     bound = None
     while t is not None:
         p = ir.producer(t)
         if p is None:
-            return "input_is_graph_input"
+            return Skip("input_is_graph_input")
         if t.name in bn_stats:
             st = bn_stats[t.name]
             hi_c = np.full(st.beta.shape, hi) if bound is None else np.minimum(bound, hi)
@@ -389,14 +377,14 @@ def _expected_input(grp: QGroup, bn_stats: dict) -> np.ndarray | str:
         elif p.op == "Clip":
             bounds = clip_bounds(p)
             if bounds is None:
-                return "input_mean_unknown"
+                return Skip("input_mean_unknown")
             lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
         elif p.op == "Min" and len(p.inputs) == 2 and const_at(p, 1) is not None:
             bound = const_at(p, 1).reshape(-1).astype(np.float64)
         elif p.op not in ("Identity", "Dropout"):
-            return "input_mean_unknown"
+            return Skip("input_mean_unknown")
         t = p.inputs[0]
-    return "input_mean_unknown"
+    return Skip("input_mean_unknown")
 
 
 def _clipped_normal_mean(mu: np.ndarray, sigma: np.ndarray, lo: float, hi) -> np.ndarray:

@@ -88,7 +88,6 @@ class QuantOptions:
 
 
 class Quantize(Pass):
-    __doc__ = __doc__
     name = "quant"
     summary = "post-training quantization to QDQ (int8 / low-bit weights) that ONNX Runtime fuses"
     options = QuantOptions

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qgraph import symbols
+from qgraph import ir, symbols
 from qgraph.errors import ModelError
 
 MAGIC = b"\x89QGZ\r\n\x1a\n"
@@ -270,7 +270,6 @@ def _assemble(sections) -> bytes:
 
 def write(model: onnx.ModelProto, path: str | os.PathLike, options: PackOptions | None = None) -> Packed:
     """Pack ``model`` and write it atomically to ``path``."""
-    from qgraph import ir
     packed = pack(model, options)
     ir.atomic_write_bytes(path, packed.data)
     return packed
@@ -475,3 +474,6 @@ def info(path: str | os.PathLike) -> dict:
             "unpacked_bytes": sum(s.raw for s in secs),
             "sections": [{"kind": KINDS[s.kind], "name": s.name, "codec": s.codec_name, "stored": s.stored,
                           "raw": s.raw} for s in secs]}
+
+
+ir.register_container(MAGIC, read)

@@ -41,6 +41,8 @@ QOPERATOR_DOT_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteg
 #: Layers whose weight is a matrix W[out, in·kernel] over input channels (ConvTranspose is not:
 #: its weight is laid out input-first and it scatters rather than gathers).
 MATRIX_LAYER_OPS = ("Conv", "Gemm", "MatMul")
+#: Convolutions (their weights carry a kernel window after the two channel axes).
+CONV_OPS = ("Conv", "ConvTranspose")
 #: Layers with a bias input and an explicit per-output-channel weight layout (no batched MatMul).
 BIASED_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm")
 #: Ops that join several activations; a per-channel affine map after one has no single layer to go into.
@@ -98,6 +100,80 @@ def in_channels(node, w_shape: tuple | None = None) -> int:
     if node.op == "Gemm":
         return w_shape[1] if node.attrs.get("transB", 0) else w_shape[0]
     return w_shape[-2]
+
+
+def out_axis(node, rank: int = 2) -> int | None:
+    """The axis of a layer's weight (of ``rank`` dims) that indexes output channels when it is one
+    axis (None for a grouped ConvTranspose, whose output channel spreads over two axes)."""
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1 if int(node.attrs.get("group", 1)) == 1 else None
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    return rank - 1                                      # MatMul: W[..., K, N]
+
+
+def channel_index(node, w_shape, side: str) -> np.ndarray:
+    """For every entry of a layer's weight, the output (``side="out"``) or input (``"in"``) channel it
+    belongs to, as an integer array that broadcasts against ``w_shape``. Grouped convolutions
+    included: Conv W[o, j] reads input channel (o // (Cout/g))·(Cin/g) + j; ConvTranspose
+    W[c, j] writes output channel (c // (Cin/g))·(Cout/g) + j.
+
+    With it, per-channel vectors act on weights the same way for every layer:
+    ``w * a[channel_index(node, w.shape, "out")]`` scales output channels."""
+    w_shape = tuple(w_shape)
+    tail = (1,) * (len(w_shape) - 2)
+    op = node.op
+    if op in CONV_OPS:
+        groups = int(node.attrs.get("group", 1))
+        rows, cols = w_shape[0], w_shape[1]
+        grouped = (np.arange(rows) // (rows // groups))[:, None] * cols + np.arange(cols)[None, :]
+        plain = np.arange(rows).reshape((-1, 1) + tail)
+        spread = grouped.reshape((rows, cols) + tail)
+        if (op == "Conv") == (side == "out"):
+            return plain                                 # Conv outputs, ConvTranspose inputs: axis 0
+        return spread
+    if op == "Gemm" and node.attrs.get("transB", 0):     # B[N, K]
+        return np.arange(w_shape[0]).reshape(-1, 1) if side == "out" else np.arange(w_shape[1]).reshape(1, -1)
+    if op in ("Gemm", "MatMul") and len(w_shape) == 2:   # B[K, N]
+        return np.arange(w_shape[1]).reshape(1, -1) if side == "out" else np.arange(w_shape[0]).reshape(-1, 1)
+    raise ValueError(f"{op} with a weight of shape {w_shape} has no per-channel layout here")
+
+
+def per_channel_weight(node, a: np.ndarray, w_shape, side: str) -> np.ndarray:
+    """``a`` (one value per output or input channel) spread to multiply the layer's weight."""
+    return np.asarray(a)[channel_index(node, w_shape, side)]
+
+
+def channel_matrix(node, w: np.ndarray, side: str) -> np.ndarray:
+    """The weight's entries grouped by output or input channel: a [channels, entries] array (row c
+    holds every entry ``channel_index`` maps to c), for per-channel reductions."""
+    w = np.asarray(w)
+    op = node.op
+    if op in CONV_OPS and (op == "Conv") != (side == "out"):
+        groups = int(node.attrs.get("group", 1))
+        rows, cols = w.shape[0], w.shape[1]
+        blocks = w.reshape(groups, rows // groups, cols, -1).transpose(0, 2, 1, 3)    # [g, cols, rows/g, k]
+        return blocks.reshape(groups * cols, -1)
+    if op in CONV_OPS:
+        return w.reshape(w.shape[0], -1)
+    transb = op == "Gemm" and node.attrs.get("transB", 0)
+    axis = (0 if transb else 1) if side == "out" else (1 if transb else 0)
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def weight_times_input(node, w: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """What the layer adds to each output channel when its input is the constant ``c`` per input
+    channel (the kernel window summed, borders ignored): Σ_{entries e of output o} W[e] · c[in(e)]."""
+    w = np.asarray(w, np.float64)
+    full = w * per_channel_weight(node, np.asarray(c, np.float64), w.shape, "in")
+    return channel_matrix(node, full, "out").sum(axis=1)
+
+
+def channel_ranges(node, w: np.ndarray, side: str) -> np.ndarray:
+    """max |W| over the entries of each output or input channel."""
+    return np.abs(channel_matrix(node, np.asarray(w, np.float64), side)).max(axis=1)
 
 
 def clip_bounds(node) -> tuple[float, float] | None:
@@ -519,16 +595,19 @@ class Skip(Exception):
 
 # ----------------------------------------------------------------------------- ONNX Runtime
 
-def ort_session(model, *, threads: int = 0, optimize: bool = True):
+def ort_session(model, *, threads: int = 0, optimize: bool | str = True):
     """One ONNX Runtime CPU session for a ModelProto. A model over protobuf's 2 GB limit goes
     through a temporary folder that is removed as soon as the session holds its weights.
-    ``optimize=False`` turns ONNX Runtime's graph optimizations (and so its QDQ fusions) off."""
+    ``optimize=False`` turns ONNX Runtime's graph optimizations (and so its QDQ fusions) off; a
+    string names the level (``"ORT_ENABLE_BASIC"``, ...)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    if not optimize:
+    if isinstance(optimize, str):
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimize)
+    elif not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         if not ir.is_large(model):

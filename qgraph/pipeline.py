@@ -287,6 +287,7 @@ class Pass:
 
     ``preserves_function`` says the pass claims to keep the model's outputs (within
     ``tolerance``, a relative error: max|Δ| / max|reference| per output); ``Verify`` holds it to that.
+    A pass without a docstring of its own is described by its module's (``--explain`` shows it).
     """
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -294,6 +295,12 @@ class Pass:
     requires: ClassVar[tuple[Requirement, ...]] = ()
     preserves_function: ClassVar[bool] = True
     tolerance: ClassVar[float] = 1e-4
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.__doc__ is None:
+            import sys
+            cls.__doc__ = getattr(sys.modules.get(cls.__module__), "__doc__", None)
 
     def __init__(self, opts: Any = None, **values: Any):
         if opts is not None and values:

@@ -26,7 +26,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from qgraph import ir
 from qgraph.calibrate import stream
-from qgraph.ops import ConvGeometry, conv_geometry
+from qgraph.ops import ConvGeometry, conv_geometry, out_axis
 
 #: damping added to H's diagonal, as a fraction of its mean (GPTQ's default)
 DAMP = 0.01
@@ -80,8 +80,7 @@ def row_scales(qp, node, w_shape, m_shape) -> tuple[np.ndarray, np.ndarray]:
     z = np.asarray(qp.zero_point, np.float64)
     if s.ndim == 0 or s.size == 1:
         return np.full(m_shape[:2], float(s.reshape(-1)[0])), np.full(m_shape[:2], float(z.reshape(-1)[0]))
-    out_axis = {"Conv": 0, "Gemm": 0 if node.attrs.get("transB", 0) else 1, "MatMul": 1}[node.op]
-    if qp.axis != out_axis:
+    if qp.axis != out_axis(node, len(w_shape)):
         raise Unsupported(f"weight scales along axis {qp.axis}, not the output axis")
     return s.reshape(m_shape[:2]), z.reshape(m_shape[:2])
 

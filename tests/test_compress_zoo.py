@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 import zoo_manifest  # noqa: E402
-from qgraph.data import data_root  # noqa: E402
+from zoo_data import data_root  # noqa: E402
 
 pytestmark = pytest.mark.zoo
 

@@ -20,7 +20,7 @@ import qgraph
 from builders import DIGITS, DIGITS_SAMPLE, init, make_model, run_ort
 from qgraph import cli, container, ir
 from qgraph.errors import ModelError
-from qgraph.kernels import cli as run_cli
+from qgraph.cli import run_main
 
 
 def mixed_model(seed: int = 0) -> onnx.ModelProto:
@@ -144,7 +144,7 @@ def test_passes_after_huffman_are_packed_too(tmp_path):
 def test_qgraph_run_executes_a_quantized_qgz(tmp_path, capsys):
     out = tmp_path / "dq.qgz"
     qgraph.optimize(DIGITS, "fold,quant,huffman", calib=str(DIGITS_SAMPLE), output=out, progress=False)
-    assert run_cli.main([str(out), "--inputs", str(DIGITS_SAMPLE), "--limit", "8", "--compare-ort"]) == 0
+    assert run_main([str(out), "--inputs", str(DIGITS_SAMPLE), "--limit", "8", "--compare-ort"]) == 0
     assert "bit-exact" in capsys.readouterr().out
 
 
@@ -167,7 +167,7 @@ def test_corrupt_qgz_is_one_line_and_exit_2(tmp_path, capsys, tool):
     bad.write_bytes(bytes(data))
     main, argv = {"opt": (cli.main, [str(bad), "-p", "cleanup", "-o", str(tmp_path / "o.onnx")]),
                   "unpack": (cli.unpack_main, [str(bad)]),
-                  "run": (run_cli.main, [str(bad), "--inputs", str(DIGITS_SAMPLE)])}[tool]
+                  "run": (run_main, [str(bad), "--inputs", str(DIGITS_SAMPLE)])}[tool]
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "checksum" in lines[0], lines
