@@ -89,11 +89,15 @@ def row_scales(qp, node, w_shape, m_shape) -> tuple[np.ndarray, np.ndarray]:
 
 class Hessians:
     """Streaming H = Σ x xᵀ of each layer's input features, [G, K, K] per layer (float64), and their
-    sums Σ x, [G, K] (for means: ``share``'s centroid refit centres H and moves the bias)."""
+    sums Σ x, [G, K] (for means: ``share``'s centroid refit centres H and moves the bias).
 
-    def __init__(self, layers: dict):
+    With ``bias=True`` every x gets a trailing 1 (H is [G, K+1, K+1]: its last row holds Σ x and the
+    count), for fits where a bias absorbs the mean."""
+
+    def __init__(self, layers: dict, bias: bool = False):
         # layers: name -> (node, input tensor name, weight shape, input shape)
         self.layers = layers
+        self.bias = bias
         self.h: dict[str, np.ndarray] = {}
         self.sums: dict[str, np.ndarray] = {}
         self.count: dict[str, int] = {}
@@ -108,11 +112,15 @@ class Hessians:
             # ran at a fraction of the BLAS's speed)
             p = np.concatenate([_conv_patches(img, self.geo[name]) for img in x.astype(np.float32, copy=False)],
                                axis=2)
+            if self.bias:
+                p = np.concatenate([p, np.ones((p.shape[0], 1, p.shape[2]), np.float32)], axis=1)
             self._add(name, p @ p.transpose(0, 2, 1), p.sum(axis=2, dtype=np.float64), p.shape[2])
             return
         if node.op == "Gemm" and node.attrs.get("transA", 0):
             x = x.T
         rows = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
+        if self.bias:
+            rows = np.concatenate([rows, np.ones((rows.shape[0], 1), np.float32)], axis=1)
         self._add(name, (rows.T @ rows)[None], rows.sum(axis=0, dtype=np.float64)[None], rows.shape[0])
 
     def _add(self, name: str, h: np.ndarray, s: np.ndarray, n: int) -> None:
@@ -127,9 +135,9 @@ class Hessians:
 
 
 def collect_hessians(model, layers: dict, samples, *, batch_size: int = 16, progress: bool = False,
-                     desc: str = "gptq: input statistics") -> Hessians:
+                     bias: bool = False, desc: str = "gptq: input statistics") -> Hessians:
     """One ORT session over ``samples``; every layer's H accumulated batch by batch (nothing kept)."""
-    acc = Hessians(layers)
+    acc = Hessians(layers, bias=bias)
     by_input: dict[str, list[str]] = {}
     for name, (_, x_name, _, _) in layers.items():
         by_input.setdefault(x_name, []).append(name)
@@ -144,15 +152,19 @@ def collect_hessians(model, layers: dict, samples, *, batch_size: int = 16, prog
 # ----------------------------------------------------------------------------- rounding
 
 def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int, *,
-         damp: float = DAMP, block: int = BLOCK, act_order: bool = True) -> np.ndarray:
-    """Integer weights [G, R, K] for w [G, R, K] given H [G, K, K] and per-row scale/zero [G, R]."""
+         damp: float = DAMP, block: int = BLOCK, act_order: bool = True, pinned: np.ndarray | None = None
+         ) -> np.ndarray:
+    """Integer weights [G, R, K] for w [G, R, K] given H [G, K, K] and per-row scale/zero [G, R].
+    ``pinned`` [G, R, K] marks weights that must stay exactly zero (a sparse layer's zeros): they take
+    the zero point, and their error moves to the other weights like any rounding error."""
     s = np.where(scale > 0, scale, 1.0)[:, :, None]
     z = zero[:, :, None]
 
     def nearest(col, _i):
         qc = np.clip(np.rint(col / s) + z, qmin, qmax)
         return qc, (qc - z) * s
-    return _gptq(w, h, nearest, damp=damp, block=block, act_order=act_order).astype(np.int64)
+    return _gptq(w, h, nearest, pinned=pinned, pin_to=(z, 0.0), damp=damp, block=block,
+                 act_order=act_order).astype(np.int64)
 
 
 def gptq_codebook(w: np.ndarray, h: np.ndarray, codebook: np.ndarray, keep: np.ndarray | None = None, *,
@@ -169,9 +181,11 @@ def gptq_codebook(w: np.ndarray, h: np.ndarray, codebook: np.ndarray, keep: np.n
     return _gptq(w, h, nearest, keep=keep, damp=damp, block=block, act_order=act_order).astype(np.int64)
 
 
-def _gptq(w, h, nearest, *, keep=None, damp=DAMP, block=BLOCK, act_order=True) -> np.ndarray:
+def _gptq(w, h, nearest, *, keep=None, pinned=None, pin_to=None, damp=DAMP, block=BLOCK,
+          act_order=True) -> np.ndarray:
     """The GPTQ column loop (module docstring) with ``nearest(col [G, R, 1], i) -> (ints, values)``
-    as the grid; entries where ``keep`` is False are held at 0 (their result is -1)."""
+    as the grid; entries where ``keep`` is False are held at 0 (their result is -1, no error moves);
+    entries where ``pinned`` is True take ``pin_to`` = (int, value) and their error moves on."""
     w = np.array(w, dtype=np.float64)
     h = np.array(h, dtype=np.float64)
     g, r, k = w.shape
@@ -188,6 +202,8 @@ def _gptq(w, h, nearest, *, keep=None, damp=DAMP, block=BLOCK, act_order=True) -
     if keep is not None:
         held = ~np.take_along_axis(np.asarray(keep, bool), perm[:, None, :], axis=2)
         w[held] = 0.0
+    if pinned is not None:
+        pinned = np.take_along_axis(np.asarray(pinned, bool), perm[:, None, :], axis=2)
     h = np.take_along_axis(np.take_along_axis(h, perm[:, :, None], axis=1), perm[:, None, :], axis=2)
     h[:, idx, idx] += damp * h[:, idx, idx].mean(axis=1, keepdims=True)
     u = _upper_cholesky_of_inverse(h)
@@ -201,6 +217,10 @@ def _gptq(w, h, nearest, *, keep=None, damp=DAMP, block=BLOCK, act_order=True) -
         for i in range(i2 - i1):
             col = w1[:, :, i:i + 1]
             qc, deq = nearest(col, i1 + i)
+            if pinned is not None:
+                pin = pinned[:, :, i1 + i:i1 + i + 1]
+                qc = np.where(pin, pin_to[0], qc)
+                deq = np.where(pin, pin_to[1], deq)
             if h1 is not None:
                 zero = h1[:, :, i:i + 1]
                 qc = np.where(zero, -1, qc)
@@ -244,9 +264,10 @@ def output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
     return float(np.einsum("grk,gkl,grl->", d, h, d))
 
 
-def round_layers(float_model, targets: dict, samples, *, batch_size: int = 16, progress: bool = False
-                 ) -> tuple[dict, dict, dict, dict]:
-    """GPTQ integer weights for ``targets`` (weight name -> (node, weight array, qparams)).
+def round_layers(float_model, targets: dict, samples, *, batch_size: int = 16, progress: bool = False,
+                 pin_zeros: frozenset = frozenset()) -> tuple[dict, dict, dict, dict]:
+    """GPTQ integer weights for ``targets`` (weight name -> (node, weight array, qparams)); the exact
+    zeros of the weights named in ``pin_zeros`` (sparse layers) stay zero.
 
     Returns, by weight name: the integers, (nearest error, gptq error) of the layer's output, the
     chosen scales (per row, or one), and {weight name: reason} for layers left to nearest rounding."""
@@ -268,7 +289,7 @@ def round_layers(float_model, targets: dict, samples, *, batch_size: int = 16, p
     for wname in layers:
         h = hs.h[wname] / max(hs.count[wname], 1)
         ints[wname], errors[wname], scales[wname] = _round_one(layers[wname][0], targets[wname][1],
-                                                               targets[wname][2], h)
+                                                               targets[wname][2], h, wname in pin_zeros)
     return ints, errors, scales, kept
 
 
@@ -286,12 +307,13 @@ def _row_errors(m, wq, h) -> np.ndarray:
     return np.einsum("grk,gkl,grl->gr", d, h, d)
 
 
-def _round_one(node, w, qp, h):
+def _round_one(node, w, qp, h, pin_zeros: bool = False):
     """GPTQ integers of one layer, each row's scale chosen among ``CLIP_RATIOS`` of the given one
     to minimize that row's output error (one scale for all rows when ``qp`` is per tensor).
     Never worse than nearest rounding at the given scale. Returns (integers, (nearest error, gptq
     error), the scale per row as QParams.scale wants it)."""
     m, back = layer_matrix(node, np.asarray(w, np.float64))
+    pinned = (m == 0) if pin_zeros else None
     s0, z = row_scales(qp, node, w.shape, m.shape)
     s0 = np.where(s0 > 0, s0, 1.0)
     zz = z[:, :, None]
@@ -309,7 +331,7 @@ def _round_one(node, w, qp, h):
     ratios = CLIP_RATIOS if qp.bits < 8 else CLIP_RATIOS[-1:]
     for a in ratios:
         s = s0 * a
-        q = gptq(m, h, s, z, qp.qmin, qp.qmax) if small else nearest(s)
+        q = gptq(m, h, s, z, qp.qmin, qp.qmax, pinned=pinned) if small else nearest(s)
         err = _row_errors(m, deq(q, s), h)
         if not qp.per_channel:
             err = np.full_like(err, err.sum())
@@ -318,7 +340,7 @@ def _round_one(node, w, qp, h):
         best_s = np.where(better, s, best_s)
         if small:
             best_q = q if best_q is None else np.where(better[:, :, None], q, best_q)
-    q = best_q if small else gptq(m, h, best_s, z, qp.qmin, qp.qmax)
+    q = best_q if small else gptq(m, h, best_s, z, qp.qmin, qp.qmax, pinned=pinned)
     near = nearest(s0)
     e_near, e_gptq = output_error(m, deq(near, s0), h), output_error(m, deq(q, best_s), h)
     if e_gptq > e_near:   # damping can lose on a tiny layer: never do worse than nearest

@@ -74,17 +74,14 @@ def test_recorded_compression_pipeline_within_tolerance(name, pipeline):
 @pytest.mark.parametrize("name", ["lenet_300_100", "lenet5"])
 def test_lenet_reaches_deep_compression_size_without_losing_accuracy(name):
     """>= 40x smaller than the FP32 ONNX file, <= 0.5 pt top-1 lost: the recorded
-    fold,sparsify,...,share,...,huffman figures (needs the sparsify pass, branch prune)."""
+    fold,sparsify,...,share,...,huffman figures."""
     entry = MANIFEST["models"][name]
     fp32 = entry["fp32"]
     real = {p: r for p, r in entry.get("pipelines", {}).items()
             if "sparsify" in [s.split(":")[0] for s in p.split(",")] and p.endswith("huffman")}
     if not real:
-        standin = {p: r for p, r in entry.get("pipelines", {}).items() if "standin_sparsify" in p}
-        figures = "; ".join(f"{fp32['size_bytes'] / r['size_bytes']:.1f}x at {100 * (fp32['metric'] - r['metric']):.2f} pt"
-                            f" lost ({p})" for p, r in standin.items())
-        pytest.skip(f"{name}: no fold,sparsify,share,huffman figures recorded yet (the sparsify pass is not merged); "
-                    f"provisional, with the magnitude-pruning stand-in: {figures or 'none recorded'}")
+        pytest.skip(f"{name}: no fold,sparsify,...,share,...,huffman figures recorded yet "
+                    f"(python tools/zoo.py record {name} --pipelines '...')")
     best = max(real.items(), key=lambda kv: fp32["size_bytes"] / kv[1]["size_bytes"]
                if fp32["metric"] - kv[1]["metric"] <= LENET_DROP else 0)
     pipeline, r = best

@@ -180,12 +180,9 @@ def pipeline_slug(pipeline: str) -> str:
 
 
 def pipeline_passes(pipeline: str) -> list:
-    """The Pass objects of ``pipeline``: qgraph's registry, plus the tool-level stand-ins of
-    ``sparsify_standin.TOOL_PASSES`` (until the passes they stand in for land)."""
-    from qgraph.passes import lookup
-    from qgraph.pipeline import parse_pipeline
-    from sparsify_standin import TOOL_PASSES
-    return [(TOOL_PASSES.get(step) or lookup(step))(**values) for step, values in parse_pipeline(pipeline)]
+    """The Pass objects of ``pipeline`` (qgraph's registry)."""
+    from qgraph.passes import build_passes
+    return build_passes(pipeline)
 
 
 def run_pipeline(name: str, pipeline: str, *, progress: bool = False) -> dict:
