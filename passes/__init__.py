@@ -14,9 +14,11 @@ from qgraph.passes.biascorr import BiasCorrection  # noqa: E402
 from qgraph.passes.cleanup import Cleanup  # noqa: E402
 from qgraph.passes.equalize import EqualizeCrossLayer  # noqa: E402
 from qgraph.passes.fold import FoldBatchNorm  # noqa: E402
+from qgraph.passes.huffman import HuffmanCoding  # noqa: E402
 from qgraph.passes.mixed import Sensitivity  # noqa: E402
 from qgraph.passes.prune import Prune  # noqa: E402
 from qgraph.passes.quant import Quantize  # noqa: E402
+from qgraph.passes.share import ShareWeights  # noqa: E402
 from qgraph.passes.sparsify import Sparsify  # noqa: E402
 from qgraph.pipeline import Pass, parse_pipeline  # noqa: E402
 
@@ -29,6 +31,8 @@ PASSES = {cls.name: cls for cls in (
     BiasCorrection,
     Prune,
     Sparsify,
+    ShareWeights,
+    HuffmanCoding,
 )}
 
 
@@ -66,4 +70,4 @@ def build_passes(spec: str | Sequence[str | Pass]) -> list[Pass]:
 
 
 __all__ = ["PASSES", "lookup", "build_passes", "FoldBatchNorm", "Cleanup", "EqualizeCrossLayer", "Quantize",
-           "BiasCorrection", "Prune", "Sparsify", "Sensitivity"]
+           "BiasCorrection", "Prune", "Sparsify", "ShareWeights", "HuffmanCoding", "Sensitivity"]

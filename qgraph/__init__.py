@@ -2,6 +2,7 @@
 
     model, report = qgraph.optimize("model.onnx", "fold,cleanup", output="model.opt.onnx")
 """
+from qgraph import container  # noqa: F401  (registers .qgz with ir.read_model: any command reads one)
 from qgraph.api import optimize
 from qgraph.errors import ModelError, OptionError, PassError, QGraphError
 from qgraph.pipeline import Context, Pass, PassManager, PassResult

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import onnx
 
-from qgraph import ir, modelfile
+from qgraph import container, ir, modelfile
 from qgraph.errors import ModelError, OptionError
 from qgraph.instruments import Dump, Report, Verify
 from qgraph.passes import build_passes
@@ -39,7 +39,9 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
     passes  -- ``"fold,quant:bits=4"``, a list of such strings, or Pass objects
     calib   -- calibration data: a path (.npz, folder of .npy, folder of images with ``preset``),
                a dict of arrays, or a ``qgraph.data.Samples``
-    output  -- where to write the result (atomically; never over the input); None to not write
+    output  -- where to write the result (atomically; never over the input); None to not write. A
+               name ending in .qgz gets the container the ``huffman`` pass packed (it must be in the
+               pipeline); any other name the ONNX model
     report  -- where to write the JSON report (with the output: both or neither are written);
                verify -- check outputs against the original after each pass (tolerance overrides
                each pass's own; an output may also differ by noise_factor x the original model's
@@ -73,6 +75,10 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
     for folder, what in ((dump_dir, "dump folder"), (plots, "plots folder")):
         if folder is not None:
             modelfile.check_folder(folder, what)
+    writes_qgz = output is not None and is_qgz_path(output)
+    if writes_qgz and not any(p.name == "huffman" for p in pipeline):
+        raise OptionError(f"{output}: a .qgz output is packed by the huffman pass; end the pipeline with "
+                          f"',huffman' (or write .onnx)")
     g = ir.load(model, progress=progress)
     samples = None
     if calib is not None:
@@ -99,7 +105,14 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
     light = ir.is_light(result)
     # the model and the report appear together or not at all
     with modelfile.Outputs() as out:
-        if output is not None:
+        if output is not None and writes_qgz:
+            packed = ctx.container
+            if pipeline[-1].name != "huffman":     # passes after huffman: pack what they left
+                packed = container.pack(ir.to_model(g) if light else result, packed.options)
+            out.write_bytes(output, packed.data)
+            rep.meta["output"] = str(output)
+            rep.meta["output_bytes"] = packed.size
+        elif output is not None:
             _, written = ir.stage(out, g if light else result, output, protect=[source])
             rep.meta["output"] = str(output)
             if light:
@@ -130,3 +143,8 @@ def _check_arguments(passes, tolerance, seed, calib_limit, verify, noise_factor,
     for name, value in paths.items():
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise OptionError(f"{name} must be a path, got {type(value).__name__}")
+
+
+def is_qgz_path(path: str | os.PathLike) -> bool:
+    """Whether an output name asks for the .qgz container."""
+    return Path(path).suffix.lower() == ".qgz"

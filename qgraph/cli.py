@@ -48,12 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
             examples:
               qgraph-opt models/digits_cnn.onnx -p fold,cleanup --verify
               qgraph-opt model.onnx -p fold,quant:granularity=channel --calib images/ --preset imagenet
+              qgraph-opt model.onnx -p fold,share,huffman --calib data.npz -o model.qgz
+              qgraph-opt model.qgz -o model.onnx          (no -p: unpack a .qgz)
               qgraph-opt --list-passes
               qgraph-opt --explain fold
             """))
-    p.add_argument("model", nargs="?", help="input .onnx model (never modified)")
+    p.add_argument("model", nargs="?", help="input .onnx or .qgz model (never modified)")
     p.add_argument("-p", "--passes", help="comma-separated passes with options, e.g. fold,quant:bits=4,granularity=channel")
-    p.add_argument("-o", "--output", help="output path (default: <stem>.opt.onnx next to the input)")
+    p.add_argument("-o", "--output", help="output path (default: <stem>.opt.onnx next to the input); a name "
+                                          "ending in .qgz writes the container the huffman pass packed")
     p.add_argument("--calib", help="calibration data: .npz, folder of .npy, or folder of images (with --preset)")
     p.add_argument("--preset", help="preprocessing preset for image folders (e.g. imagenet, efficientnet-lite, mnist)")
     p.add_argument("--calib-limit", type=int, help="use at most this many calibration samples")
@@ -115,6 +118,52 @@ def default_output(model: str) -> str:
     return str(p.with_name(p.stem + ".opt.onnx"))
 
 
+def _unpack(model: str, output: str | None) -> int:
+    """Write the ONNX model a .qgz holds (default: <stem>.onnx beside it), exactly as it was packed."""
+    from qgraph import container, ir
+    out = Path(output) if output else Path(model).with_suffix(".onnx")
+    if out.suffix.lower() == ".qgz":
+        raise OptionError(f"{out}: unpacking writes an ONNX model; give an output name ending in .onnx")
+    size = ir.save(container.read(model), out, protect=[model])
+    print(f"wrote {out} ({size:,} bytes)")
+    return 0
+
+
+def unpack_main(argv: list[str] | None = None) -> int:
+    """``qgraph-unpack M.qgz [-o OUT.onnx] [--info]``: the ONNX model a .qgz holds, or its section table."""
+    p = _Parser(prog="qgraph-unpack", description="Unpack a .qgz into the ONNX model it holds (bit-exact).")
+    p.add_argument("model", help="input .qgz (never modified)")
+    p.add_argument("-o", "--output", help="output .onnx (default: <stem>.onnx next to the input)")
+    p.add_argument("--info", action="store_true", help="print the sections (codec, stored and raw bytes) instead")
+    p.add_argument("--json", action="store_true", help="with --info: as JSON")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return _guarded("qgraph-unpack", p.parse_args(argv), _unpack_main)
+
+
+def _unpack_main(args) -> int:
+    from qgraph import container
+    if not container.is_qgz(args.model):
+        raise ModelError(f"not a .qgz file: {args.model}")
+    if args.info:
+        print(_format_info(container.info(args.model), args.json))
+        return 0
+    return _unpack(args.model, args.output)
+
+
+def _format_info(info: dict, as_json: bool) -> str:
+    if as_json:
+        import json
+        return json.dumps(info, indent=2)
+    lines = [f"{info['file']}: {info['bytes']:,} bytes, .qgz {info['version']}, unpacks to "
+             f"{info['unpacked_bytes']:,} bytes ({info['unpacked_bytes'] / info['bytes']:.1f}x)"]
+    w = max([len(s["name"] or "(graph)") for s in info["sections"]] + [7])
+    for s in info["sections"]:
+        ratio = s["raw"] / s["stored"] if s["stored"] else float("inf")
+        lines.append(f"  {(s['name'] or '(graph)').ljust(w)}  {s['codec']:<13} {s['stored']:>12,} <- "
+                     f"{s['raw']:>12,}  {ratio:6.2f}x")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``qgraph-opt``."""
     args = build_parser().parse_args(argv)
@@ -162,6 +211,9 @@ def _main(args) -> int:
     if not args.model:
         raise OptionError("no input model given (usage: qgraph-opt MODEL -p PASSES [-o OUT])")
     if not args.passes:
+        from qgraph.container import is_qgz
+        if Path(args.model).is_file() and is_qgz(args.model):      # qgraph-opt m.qgz -o m.onnx: unpack
+            return _unpack(args.model, args.output)
         raise OptionError("no passes given: use -p, e.g. -p fold,cleanup (qgraph-opt --list-passes)")
     from qgraph.api import optimize
     output = args.output or default_output(args.model)

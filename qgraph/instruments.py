@@ -112,6 +112,10 @@ class Report(Instrument):
         lines.insert(1, "-" * min(120, len(lines[0])))
         lines.append("")
         lines.append(self._op_table())
+        for r in self.rows:                   # a pass's own table (notes["table"]: a list of rows)
+            rows = r["notes"].get("table") if isinstance(r.get("notes"), dict) else None
+            if rows:
+                lines += ["", f"{r['pass']}:", format_table(rows)]
         return "\n".join(lines)
 
     def _op_table(self) -> str:
@@ -150,10 +154,30 @@ def _bytes(n: int) -> str:
     return f"{n}B"
 
 
+def format_table(rows: list[dict]) -> str:
+    """Rows of dicts as an aligned text table (columns in first-seen order; None as '-')."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:,.2f}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
+        return str(v)
+    table = [cols] + [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            for row in table]
+    text.insert(1, "-" * len(text[0]))
+    return "\n".join(text)
+
+
 def _notes(notes: dict) -> str:
     parts = []
     for k, v in notes.items():
-        if k == "details":
+        if k in ("details", "table"):
             continue
         if isinstance(v, dict):
             if v:

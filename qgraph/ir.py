@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -41,8 +41,32 @@ EXTERNAL_MIN_BYTES = 1024
 
 # ----------------------------------------------------------------------------- loading
 
+#: magic bytes -> reader(path) -> ModelProto, for model containers other than plain ONNX protobuf.
+#: Registered by the modules that define them (``qgraph.container`` registers ``.qgz``); the package's
+#: ``__init__`` imports those, so ``read_model`` knows them without the foundation importing upward.
+CONTAINER_READERS: dict[bytes, Callable[[Path], onnx.ModelProto]] = {}
+
+
+def register_container(magic: bytes, reader) -> None:
+    """Let ``read_model`` (and ``load``) read files starting with ``magic`` through ``reader(path)``."""
+    CONTAINER_READERS[bytes(magic)] = reader
+
+
+def _container_reader(path: Path):
+    longest = max((len(m) for m in CONTAINER_READERS), default=0)
+    if not longest:
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(longest)
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return next((r for m, r in CONTAINER_READERS.items() if head.startswith(m)), None)
+
+
 def read_model(src: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Parse a model file (external data included) or copy a ModelProto; ModelError on anything else.
+    """Parse a model file (external data included; a ``.qgz`` unpacked) or copy a ModelProto;
+    ModelError on anything else.
 
     Every tensor's data is checked against its declared dims, and external data against the
     model's folder (``qgraph.modelfile``), before any weight byte is read.
@@ -73,6 +97,14 @@ def _read(src, map_min_bytes: int | None = None) -> tuple[onnx.ModelProto, dict,
         raise ModelError(f"model path is not a regular file: {path}")
     if st.st_size == 0:
         raise ModelError(f"model file is empty: {path}")
+    reader = _container_reader(path)   # e.g. a .qgz, recognized by its magic bytes whatever its name
+    if reader is not None:
+        model = reader(path)
+        if not model.HasField("graph") or len(model.graph.node) == 0:
+            raise ModelError(f"the container holds no graph nodes: {path}")
+        modelfile.check_strings(model, str(path))
+        modelfile.check_sizes(model, None)
+        return model, {}, set()
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends

@@ -13,7 +13,7 @@ import re
 import time
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -23,6 +23,7 @@ from qgraph.errors import ModelError, OptionError, PassError, PassInputError, QG
 from qgraph.ops import OrtLoadError, QParams, ort_session
 
 if typing.TYPE_CHECKING:  # pragma: no cover
+    from qgraph.container import Packed
     from qgraph.sensitivity import SensitivityTable
 
 
@@ -81,6 +82,7 @@ class Context:
     executor  -- where independent measurements run: serial, process (local pool) or dask://HOST:PORT
     sparsity  -- per layer node name, the fraction of its weights ``sparsify`` set to zero: later
                  passes keep those zeros exact
+    container -- the ``.qgz`` that ``huffman`` packed (None until it ran); written when the output is .qgz
     """
     calib: Any = None
     seed: int = 0
@@ -93,6 +95,7 @@ class Context:
     sensitivity: "SensitivityTable | None" = None
     executor: str = "process"
     sparsity: dict[str, float] = field(default_factory=dict)
+    container: Packed | None = None
 
     def rng(self, salt: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, salt])

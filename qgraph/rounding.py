@@ -88,7 +88,8 @@ def row_scales(qp, node, w_shape, m_shape) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- statistics
 
 class Hessians:
-    """Streaming H = Σ x xᵀ of each layer's input features, [G, K, K] per layer (float64).
+    """Streaming H = Σ x xᵀ of each layer's input features, [G, K, K] per layer (float64), and their
+    sums Σ x, [G, K] (for means: ``share``'s centroid refit centres H and moves the bias).
 
     With ``bias=True`` every x gets a trailing 1 (H is [G, K+1, K+1]: its last row holds Σ x and the
     count), for fits where a bias absorbs the mean."""
@@ -98,6 +99,7 @@ class Hessians:
         self.layers = layers
         self.bias = bias
         self.h: dict[str, np.ndarray] = {}
+        self.sums: dict[str, np.ndarray] = {}
         self.count: dict[str, int] = {}
         self.geo = {}     # per Conv, from the first batch's shape (SAME padding depends on it)
 
@@ -106,25 +108,29 @@ class Hessians:
         if node.op == "Conv":
             if name not in self.geo:
                 self.geo[name] = _conv_geometry(node, self.layers[name][2], x.shape)
-            for img in x.astype(np.float32, copy=False):
-                p = _conv_patches(img, self.geo[name])
-                if self.bias:
-                    p = np.concatenate([p, np.ones((p.shape[0], 1, p.shape[2]), np.float32)], axis=1)
-                self._add(name, p @ p.transpose(0, 2, 1), p.shape[2])
+            # the batch's patches side by side: one product per batch (per image, small products
+            # ran at a fraction of the BLAS's speed)
+            p = np.concatenate([_conv_patches(img, self.geo[name]) for img in x.astype(np.float32, copy=False)],
+                               axis=2)
+            if self.bias:
+                p = np.concatenate([p, np.ones((p.shape[0], 1, p.shape[2]), np.float32)], axis=1)
+            self._add(name, p @ p.transpose(0, 2, 1), p.sum(axis=2, dtype=np.float64), p.shape[2])
             return
         if node.op == "Gemm" and node.attrs.get("transA", 0):
             x = x.T
         rows = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
         if self.bias:
             rows = np.concatenate([rows, np.ones((rows.shape[0], 1), np.float32)], axis=1)
-        self._add(name, (rows.T @ rows)[None], rows.shape[0])
+        self._add(name, (rows.T @ rows)[None], rows.sum(axis=0, dtype=np.float64)[None], rows.shape[0])
 
-    def _add(self, name: str, h: np.ndarray, n: int) -> None:
+    def _add(self, name: str, h: np.ndarray, s: np.ndarray, n: int) -> None:
         if name in self.h:
             self.h[name] += h
+            self.sums[name] += s
             self.count[name] += n
         else:
             self.h[name] = h.astype(np.float64)
+            self.sums[name] = s
             self.count[name] = n
 
 
@@ -151,6 +157,35 @@ def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin
     """Integer weights [G, R, K] for w [G, R, K] given H [G, K, K] and per-row scale/zero [G, R].
     ``pinned`` [G, R, K] marks weights that must stay exactly zero (a sparse layer's zeros): they take
     the zero point, and their error moves to the other weights like any rounding error."""
+    s = np.where(scale > 0, scale, 1.0)[:, :, None]
+    z = zero[:, :, None]
+
+    def nearest(col, _i):
+        qc = np.clip(np.rint(col / s) + z, qmin, qmax)
+        return qc, (qc - z) * s
+    return _gptq(w, h, nearest, pinned=pinned, pin_to=(z, 0.0), damp=damp, block=block,
+                 act_order=act_order).astype(np.int64)
+
+
+def gptq_codebook(w: np.ndarray, h: np.ndarray, codebook: np.ndarray, keep: np.ndarray | None = None, *,
+                  damp: float = DAMP, block: int = BLOCK, act_order: bool = True) -> np.ndarray:
+    """GPTQ onto a non-uniform grid: the index into ``codebook`` (sorted) of every weight of w [G, R, K],
+    column by column with the error moved along H⁻¹ as for ``gptq``. Weights where ``keep`` is False
+    stay exactly 0 (index -1) and take no error (the zeros ``sparsify`` left)."""
+    c = np.asarray(codebook, np.float64)
+    mids = (c[1:] + c[:-1]) / 2
+
+    def nearest(col, _i):
+        lab = np.searchsorted(mids, col, side="left")       # #{midpoints < v}: ties to the lower
+        return lab, c[lab]
+    return _gptq(w, h, nearest, keep=keep, damp=damp, block=block, act_order=act_order).astype(np.int64)
+
+
+def _gptq(w, h, nearest, *, keep=None, pinned=None, pin_to=None, damp=DAMP, block=BLOCK,
+          act_order=True) -> np.ndarray:
+    """The GPTQ column loop (module docstring) with ``nearest(col [G, R, 1], i) -> (ints, values)``
+    as the grid; entries where ``keep`` is False are held at 0 (their result is -1, no error moves);
+    entries where ``pinned`` is True take ``pin_to`` = (int, value) and their error moves on."""
     w = np.array(w, dtype=np.float64)
     h = np.array(h, dtype=np.float64)
     g, r, k = w.shape
@@ -163,30 +198,43 @@ def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin
     else:
         perm = np.broadcast_to(idx, (g, k)).copy()
     w = np.take_along_axis(w, perm[:, None, :], axis=2)
+    held = None
+    if keep is not None:
+        held = ~np.take_along_axis(np.asarray(keep, bool), perm[:, None, :], axis=2)
+        w[held] = 0.0
     if pinned is not None:
         pinned = np.take_along_axis(np.asarray(pinned, bool), perm[:, None, :], axis=2)
     h = np.take_along_axis(np.take_along_axis(h, perm[:, :, None], axis=1), perm[:, None, :], axis=2)
     h[:, idx, idx] += damp * h[:, idx, idx].mean(axis=1, keepdims=True)
     u = _upper_cholesky_of_inverse(h)
-    s = np.where(scale > 0, scale, 1.0)[:, :, None]
-    z = zero[:, :, None]
     q = np.empty((g, r, k), dtype=np.int64)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, :, i1:i2].copy()
         err1 = np.zeros_like(w1)
         u1 = u[:, i1:i2, i1:i2]
+        h1 = held[:, :, i1:i2] if held is not None else None
         for i in range(i2 - i1):
             col = w1[:, :, i:i + 1]
-            qc = np.clip(np.rint(col / s) + z, qmin, qmax)
+            qc, deq = nearest(col, i1 + i)
             if pinned is not None:
-                qc = np.where(pinned[:, :, i1 + i:i1 + i + 1], z, qc)
+                pin = pinned[:, :, i1 + i:i1 + i + 1]
+                qc = np.where(pin, pin_to[0], qc)
+                deq = np.where(pin, pin_to[1], deq)
+            if h1 is not None:
+                zero = h1[:, :, i:i + 1]
+                qc = np.where(zero, -1, qc)
+                deq = np.where(zero, 0.0, deq)
             q[:, :, i1 + i] = qc[:, :, 0]
-            e = (col - (qc - z) * s) / u1[:, i, i][:, None, None]
+            e = (col - deq) / u1[:, i, i][:, None, None]
             w1[:, :, i:] -= e * u1[:, i, i:][:, None, :]
+            if h1 is not None:
+                w1[h1] = 0.0
             err1[:, :, i] = e[:, :, 0]
         if i2 < k:
             w[:, :, i2:] -= err1 @ u[:, i1:i2, i2:]
+            if held is not None:
+                w[:, :, i2:][held[:, :, i2:]] = 0.0
     out = np.empty_like(q)
     np.put_along_axis(out, perm[:, None, :], q, axis=2)
     return out

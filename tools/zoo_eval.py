@@ -34,6 +34,9 @@ def session(path: str | os.PathLike) -> ort.InferenceSession:
     so.intra_op_num_threads = threads()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    from qgraph.container import is_qgz, read
+    if is_qgz(path):                    # a .qgz: unpacked in memory, what qgraph-unpack would write
+        return ort.InferenceSession(read(path).SerializeToString(), so, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -176,18 +179,27 @@ def pipeline_slug(pipeline: str) -> str:
     return pipeline.replace(",", "+").replace(":", "_").replace("=", "-")
 
 
+def pipeline_passes(pipeline: str) -> list:
+    """The Pass objects of ``pipeline`` (qgraph's registry)."""
+    from qgraph.passes import build_passes
+    return build_passes(pipeline)
+
+
 def run_pipeline(name: str, pipeline: str, *, progress: bool = False) -> dict:
     """``qgraph.optimize`` the zoo model with ``pipeline`` (calibration split as --calib), then
-    evaluate the result on the evaluation split against the FP32 model."""
+    evaluate the result on the evaluation split against the FP32 model. A pipeline ending in
+    ``huffman`` writes (and is measured as) a .qgz."""
     import qgraph
     from zoo_manifest import zoo_cache
     entry = model_entry(name)
     src = model_path(name, entry)
-    out = zoo_cache() / "pipelines" / f"{name}.{pipeline_slug(pipeline)}.onnx"
+    passes = pipeline_passes(pipeline)
+    suffix = ".qgz" if passes[-1].name == "huffman" else ".onnx"
+    out = zoo_cache() / "pipelines" / f"{name}.{pipeline_slug(pipeline)}{suffix}"
     out.parent.mkdir(parents=True, exist_ok=True)
     calib, evaluation = zoo_split(name)
     t0 = time.perf_counter()
-    model, report = qgraph.optimize(src, pipeline, calib=calib, output=out, progress=progress)
+    model, report = qgraph.optimize(src, passes, calib=calib, output=out, progress=progress)
     seconds = time.perf_counter() - t0
     r = evaluate(out, name, samples=evaluation, progress=progress)
     ops = Counter(n.op_type for n in model.graph.node)
