@@ -225,11 +225,6 @@ def _main(args) -> int:
     if not args.quiet:
         print(report.format())
         print()
-        for row in report.rows:      # the sensitivity table(s), most sensitive first
-            if row["notes"].get("table"):
-                print(f"{row['pass']}:")
-                print("\n".join(row["notes"]["table"]))
-                print()
     if "explain_quant" in report.meta:
         from qgraph.passes.mixed import format_explain
         print(format_explain(report.meta["explain_quant"]))

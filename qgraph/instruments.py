@@ -112,10 +112,11 @@ class Report(Instrument):
         lines.insert(1, "-" * min(120, len(lines[0])))
         lines.append("")
         lines.append(self._op_table())
-        for r in self.rows:                   # a pass's own table (notes["table"]: a list of rows)
+        for r in self.rows:   # a pass's own table (notes["table"]: rows as dicts, or lines already formatted)
             rows = r["notes"].get("table") if isinstance(r.get("notes"), dict) else None
             if rows:
-                lines += ["", f"{r['pass']}:", format_table(rows)]
+                text = "\n".join(rows) if all(isinstance(x, str) for x in rows) else format_table(rows)
+                lines += ["", f"{r['pass']}:", text]
         return "\n".join(lines)
 
     def _op_table(self) -> str:
