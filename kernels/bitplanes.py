@@ -16,8 +16,8 @@ Bit p of value v is bit (p + shift) of the byte (v + add) (twos / unsigned: add 
 add 1, shift 1), so a plane word is one vector compare over 64 bytes: ``_plane_word`` loads 64
 bytes, adds ``add``, tests the plane's bit and turns the 64 results into one uint64 (``vptestmb``
 + ``kmovq`` on AVX-512BW, two ``vpmovmskb`` on AVX2). Value k of a row is bit k % 64 of word
-k // 64; rows are padded to whole words with the byte whose planes are all 0 (``fill`` = -add),
-so padding adds nothing to any plane sum.
+k // 64; a row's last word is padded with the byte whose planes are all 0 (``fill`` = -add), so
+padding adds nothing to any plane sum.
 
 Panels: ``pack_panels`` writes rows tile by tile as ``[rows / T][planes][words][T]`` uint64, the
 layout the bit-serial micro-kernel reads (T = its rows for the broadcast operand, its columns for
@@ -89,6 +89,34 @@ def encoding_of(values: np.ndarray) -> Encoding:
     return encoding_for(lo, hi, signed, zero_free=signed and lo == -1 and hi == 1 and not (v == 0).any())
 
 
+def input_encoding(x: np.ndarray, zx: int, padded: bool) -> Encoding:
+    """The planes an activation needs: from its values, and the zero point when padding reads it."""
+    x = np.asarray(x)
+    signed = x.dtype == np.int8
+    if x.size == 0:
+        return encoding_of(np.array([zx], x.dtype))
+    lo, hi, zeros = _value_range(x.reshape(-1))
+    zero_free = signed and lo == -1 and hi == 1 and zeros == 0
+    if padded:
+        lo, hi = min(lo, int(zx)), max(hi, int(zx))
+        zero_free = zero_free and int(zx) != 0
+    return encoding_for(lo, hi, signed, zero_free)
+
+
+@njit(cache=True)
+def _value_range(v):
+    """(min, max, number of zeros) of an int8/uint8 vector, in one vectorizable pass."""
+    lo = np.int32(v[0])
+    hi = lo
+    zeros = np.int64(0)
+    for i in range(v.shape[0]):
+        t = np.int32(v[i])
+        lo = min(lo, t)
+        hi = max(hi, t)
+        zeros += t == 0
+    return lo, hi, zeros
+
+
 # ----------------------------------------------------------------------------- packing
 
 @intrinsic
@@ -126,54 +154,57 @@ def popcount64(typingctx, x):
 
 
 @njit(cache=True)
-def _pack(src, rows, words, tile, planes, add, shift, coefs, out, sums):
-    """src: uint8 [rows, words * 64] (bytes of the stored integers, rows padded with ``fill``) ->
-    out [ceil(rows / tile)][planes][words][tile] uint64 (rows past ``rows`` are 0) and sums[r] =
-    sum_k (v - offset) = sum_p c_p popcount(plane p) (padding contributes 0)."""
-    flat = src.reshape(-1)
-    rb = words * WORD
+def _pack(src, rows, k, tile, planes, add, shift, coefs, fill, out, sums):
+    """src: [rows, >= k] bytes of the stored integers (rows at any stride, bytes contiguous) -> out
+    [ceil(rows / tile)][planes][words][tile] uint64 (rows past ``rows`` are 0) and sums[r] =
+    sum_k (v - offset) = sum_p c_p popcount(plane p). Whole words are read in place; a row's last,
+    partial word from a 64-byte copy padded with ``fill`` (whose planes are 0)."""
+    words = -(-k // WORD)
+    full = k // WORD
+    rb = src.strides[0]
     ptile = planes * words * tile
+    tail = np.empty(WORD, np.uint8)
     for r in range(rows):
         t = r // tile
         lane = r - t * tile
+        if full < words:
+            tail[:] = fill
+            for j in range(k - full * WORD):
+                tail[j] = src[r, full * WORD + j]
         s = np.int64(0)
         for p in range(planes):
             m = np.uint8(1 << (p + shift))
             base = t * ptile + p * words * tile + lane
             cnt = np.int64(0)
-            for k in range(words):
-                w = _plane_word(flat, r * rb + k * WORD, add, m)
-                out[base + k * tile] = w
-                cnt += popcount64(w)
+            for w in range(full):
+                word = _plane_word(src, r * rb + w * WORD, add, m)
+                out[base + w * tile] = word
+                cnt += popcount64(word)
+            if full < words:
+                word = _plane_word(tail, 0, add, m)
+                out[base + full * tile] = word
+                cnt += popcount64(word)
             s += cnt * coefs[p]
         sums[r] = s
 
 
-def pack_panels(src: np.ndarray, enc: Encoding, tile: int, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ``src`` (uint8 or int8 [R, words * 64], padded with ``enc.fill``) as panels; returns
-    (panels uint64, plane sums int64 [R]). ``rows``: pack only the first ``rows`` rows."""
+def pack_panels(src: np.ndarray, enc: Encoding, tile: int, rows: int | None = None,
+                k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``rows`` rows (default all) of ``src`` (int8/uint8 [R, >= K], bytes contiguous),
+    K = ``k`` values each (default all columns), as panels of ``ceil(K / 64)`` words; returns
+    (panels uint64, plane sums int64 [rows])."""
     rows = src.shape[0] if rows is None else rows
-    words = src.shape[1] // WORD
+    k = src.shape[1] if k is None else k
+    words = max(1, -(-k // WORD))
     tiles = -(-rows // tile)
     out = np.zeros(tiles * enc.bits * words * tile, np.uint64)
     sums = np.zeros(rows, np.int64)
-    if rows and words:
-        _pack(np.ascontiguousarray(src).view(np.uint8), rows, words, tile, enc.bits, np.uint8(enc.add & 0xFF),
-              enc.shift, enc.coefs, out, sums)
+    if src.shape[1] > 1 and src.strides[1] != src.itemsize:
+        src = np.ascontiguousarray(src)
+    if rows and k:
+        _pack(src.view(np.uint8), rows, k, tile, enc.bits, np.uint8(enc.add & 0xFF), enc.shift, enc.coefs,
+              np.uint8(enc.fill & 0xFF), out, sums)
     return out, sums
-
-
-def padded_rows(a: np.ndarray, enc: Encoding) -> np.ndarray:
-    """A [R, K] int8/uint8 matrix as [R, words * 64] with ``enc.fill`` past K (a view when K is a
-    whole number of words and the rows are contiguous)."""
-    r, k = a.shape
-    words = max(1, -(-k // WORD))
-    if k == words * WORD:
-        return np.ascontiguousarray(a)
-    out = np.empty((r, words * WORD), a.dtype)
-    out[:, k:] = np.array(enc.fill).astype(a.dtype)
-    out[:, :k] = a
-    return out
 
 
 # ----------------------------------------------------------------------------- reference

@@ -11,8 +11,8 @@ sum_k a_k w_k = K - 2 popcount(A XOR W), so S' = sum (a - o)(w - o) = sum(A') + 
 The zero points (and the offsets o) come out with the same row / column sum terms as the int8 GEMM
 (``gemm``): sum (a - za)(w - zw) = S' - zw' sum(A') - za' sum(W') + K za' zw', za' = za - o_a. The
 result is the same int32 accumulator the int8 kernel computes (exact: int32 wrapping arithmetic, the
-true value fits), requantized by the same epilogue (``gemm._requant_block`` for convolutions) — so
-it equals the int8 kernel bit for bit, which the tests check on every shape and width.
+true value fits), requantized by the same ``requant.requant_run`` — so it equals the int8 kernel bit
+for bit, which the tests check on every shape and width.
 
 Micro-kernel (``_tile_and`` / ``_tile_xor``, LLVM IR through ``tiles.tile_loop``): ``MR`` rows of
 the broadcast operand x ``NR = 8 * NV`` columns of the vector operand, one <8 x i64> accumulator
@@ -23,13 +23,14 @@ pair sums are weighted (``c_p d_q``) and added into totals that also stay in reg
 stores them once, as int32. Panels (``bitplanes.pack_panels``): [tiles][planes][words][T].
 
 Which operand is which: matmul C[M, N] = A[M, K] B[K, N] broadcasts the activation rows and takes
-the packed weight columns as vectors; convolution C[Cout, P] = W[Cout, K] im2col[K, P] broadcasts
-the packed weight rows and takes pixels as vectors (the result is NCHW without a transpose).
+the packed weight columns as vectors; convolution (``bitconv``) C[Cout, P] = W[Cout, K] im2col[K, P]
+broadcasts the packed weight rows and takes pixels as vectors (the result is NCHW without a transpose).
 Reference: ``gemm_reference`` (numpy, from the planes); the int8 kernels are the other reference.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from llvmlite import ir
@@ -37,8 +38,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from qgraph.kernels import cpu
-from qgraph.kernels.bitplanes import WORD, Encoding, encoding_of, pack_panels, padded_rows, planes_reference
-from qgraph.kernels.gemm import _requant_block, _zero_point_terms
+from qgraph.kernels.bitplanes import WORD, Encoding, encoding_of, input_encoding, pack_panels, planes_reference
 from qgraph.kernels.tiles import broadcast, tile_loop
 
 MR = 6          # rows of the broadcast operand per tile
@@ -72,17 +72,25 @@ def use_bitserial(kernel: str, w: Encoding | None, x: Encoding, k: int) -> bool:
 
 
 def _make_tile(op: str):
-    """The tile intrinsic: C[MR, NR] (int32, row stride ldc) = sum over plane pairs i of
-    coef[i] * sum_k popcount(A[pa[i]][k][r] op B[pb[i]][k][c]), ``op`` "and" or "xor"."""
+    """The tile intrinsic: for rows r < MR of the broadcast operand and columns c < NR,
+
+        C[r, c] = trunc32( sum over plane pairs i of coef[i] * T_i[r, c]
+                           + gamma[c] * alpha[r] + delta[c] * beta[r] + eps[r] )
+        T_i[r, c] = sum_k popcount(A[pa[i]][k][r] op B[pb[i]][k][c]),   op "and" or "xor"
+
+    (the zero-point and XOR terms of ``_terms``, so C is the finished int32 accumulator), stored at
+    ``c`` + c_off with row stride ldc. alpha/beta/eps are read from row ``r0``, gamma/delta from
+    column ``c0`` (both padded to whole tiles)."""
 
     @intrinsic
-    def tile(typingctx, a, a_off, a_ps, b, b_off, b_ps, pa, pb, coef, npairs, c, c_off, ldc, kw):
-        sig = types.void(a, types.intp, types.intp, b, types.intp, types.intp, pa, pb, coef, types.intp, c,
-                         types.intp, types.intp, types.intp)
+    def tile(typingctx, a, a_off, a_ps, b, b_off, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0, c, c_off, ldc):
+        sig = types.void(a, types.intp, types.intp, b, types.intp, types.intp, pa, pb, coef, types.intp, types.intp,
+                         rowt, types.intp, colt, types.intp, c, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            (a_v, a_off_v, a_ps_v, b_v, b_off_v, b_ps_v, pa_v, pb_v, cf_v, np_v, c_v, c_off_v, ldc_v, kw_v) = args
-            arrs = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 3, 6, 7, 8, 10)]
+            (_, a_off_v, a_ps_v, _, b_off_v, b_ps_v, _, _, _, np_v, kw_v, _, r0_v, _, c0_v, _, c_off_v,
+             ldc_v) = args
+            arrs = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 3, 6, 7, 8, 11, 13, 15)]
             i32, i64 = ir.IntType(32), ir.IntType(64)
             vt = ir.VectorType(i64, LANES)
             a_p = builder.gep(builder.bitcast(arrs[0].data, i64.as_pointer()), [a_off_v])
@@ -90,10 +98,14 @@ def _make_tile(op: str):
             pa_p = builder.bitcast(arrs[2].data, i64.as_pointer())
             pb_p = builder.bitcast(arrs[3].data, i64.as_pointer())
             cf_p = builder.bitcast(arrs[4].data, i64.as_pointer())
-            c_p = builder.gep(builder.bitcast(arrs[5].data, i32.as_pointer()), [c_off_v])
+            row_p = builder.bitcast(arrs[5].data, i64.as_pointer())        # [3][rows]: alpha, beta, eps
+            col_p = builder.bitcast(arrs[6].data, i64.as_pointer())        # [2][cols]: gamma, delta
+            c_p = builder.gep(builder.bitcast(arrs[7].data, i32.as_pointer()), [c_off_v])
             name = f"llvm.ctpop.v{LANES}i64"
             ctpop = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(vt, [vt]), name)
             zero = ir.Constant(vt, None)
+            n_rows = builder.extract_value(arrs[5].shape, 1)
+            n_cols = builder.extract_value(arrs[6].shape, 1)
 
             entry = builder.block
             pair_block = builder.append_basic_block("pair")
@@ -135,12 +147,28 @@ def _make_tile(op: str):
                 t.add_incoming(n, after)
             builder.cbranch(builder.icmp_signed("<", i_next, np_v), pair_block, exit_block)
             builder.position_at_end(exit_block)
+
+            def col_vec(which, v):
+                q = builder.gep(col_p, [builder.add(builder.add(builder.mul(ir.Constant(i64, which), n_cols), c0_v),
+                                                    ir.Constant(i64, LANES * v))])
+                return builder.load(builder.bitcast(q, vt.as_pointer()), align=8)
+
+            def row_val(which, r):
+                q = builder.gep(row_p, [builder.add(builder.add(builder.mul(ir.Constant(i64, which), n_rows), r0_v),
+                                                    ir.Constant(i64, r))])
+                return broadcast(builder, builder.load(q), vt)
+
+            gamma = [col_vec(0, v) for v in range(NV)]
+            delta = [col_vec(1, v) for v in range(NV)]
             v32 = ir.VectorType(i32, LANES)
             for r in range(MR):
+                alpha, beta, eps = row_val(0, r), row_val(1, r), row_val(2, r)
                 row = builder.gep(c_p, [builder.mul(ir.Constant(i64, r), ldc_v)])
                 for v in range(NV):
+                    val = builder.add(new[r * NV + v], builder.add(builder.mul(gamma[v], alpha),
+                                                                   builder.add(builder.mul(delta[v], beta), eps)))
                     q = builder.bitcast(builder.gep(row, [ir.Constant(i64, LANES * v)]), v32.as_pointer())
-                    builder.store(builder.trunc(new[r * NV + v], v32), q, align=4)
+                    builder.store(builder.trunc(val, v32), q, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -171,12 +199,12 @@ def pack(a: np.ndarray, tile: int, enc: Encoding | None = None) -> BitPacked:
     a = np.asarray(a)
     if a.ndim != 2 or a.dtype not in (np.int8, np.uint8):
         raise ValueError(f"bit-serial packing wants a 2-D int8/uint8 matrix, got {a.dtype} {a.shape}")
-    enc = encoding_of(a) if enc is None else enc
-    src = padded_rows(a, enc)
-    panels, sums = pack_panels(src, enc, tile)
-    return BitPacked(panels, enc, a.shape[0], a.shape[1], src.shape[1] // WORD, tile, sums)
+    enc = input_encoding(a, 0, False) if enc is None else enc
+    panels, sums = pack_panels(a, enc, tile)
+    return BitPacked(panels, enc, a.shape[0], a.shape[1], max(1, -(-a.shape[1] // WORD)), tile, sums)
 
 
+@lru_cache(maxsize=256)
 def pair_table(a: Encoding, b: Encoding) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """(plane of A, plane of B, weight) per plane pair, and whether the XOR form applies."""
     if a.kind == "pm1" and b.kind == "pm1":
@@ -190,69 +218,80 @@ def pair_table(a: Encoding, b: Encoding) -> tuple[np.ndarray, np.ndarray, np.nda
 # ----------------------------------------------------------------------------- GEMM
 
 @njit(cache=True)
-def _gemm_raw(a, a_words, b, b_words, pa, pb, coef, xor, kw, mt_n, nt_n, raw):
-    """raw[mt_n*MR, nt_n*NR] int32 = S' of every tile (module docstring) without the XOR sums."""
-    ldc = raw.shape[1]
-    flat = raw.reshape(-1)
+def _gemm_into(a, a_words, b, b_words, pa, pb, coef, xor, kw, rowt, colt, out):
+    """out[M, N] (int32, rows contiguous) = the finished accumulators of every tile (``_make_tile``);
+    edge tiles go through a small scratch tile and only their real part is copied."""
+    m, n = out.shape
+    ldc = out.strides[0] // 4            # any row stride; columns contiguous (the tile writes from out's data)
     npairs = pa.shape[0]
     a_ps = kw * MR
     b_ps = kw * NR
-    for nt in range(nt_n):
-        for mt in range(mt_n):
-            if xor:
-                _tile_xor(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, flat,
-                          mt * MR * ldc + nt * NR, ldc, kw)
+    scratch = np.empty(MR * NR, np.int32)
+    for nt in range(-(-n // NR)):
+        c0 = nt * NR
+        for mt in range(-(-m // MR)):
+            r0 = mt * MR
+            full = r0 + MR <= m and c0 + NR <= n
+            if full and xor:
+                _tile_xor(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0,
+                          out, r0 * ldc + c0, ldc)
+            elif full:
+                _tile_and(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0,
+                          out, r0 * ldc + c0, ldc)
+            elif xor:
+                _tile_xor(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0,
+                          scratch, 0, NR)
             else:
-                _tile_and(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, flat,
-                          mt * MR * ldc + nt * NR, ldc, kw)
+                _tile_and(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0,
+                          scratch, 0, NR)
+            if not full:
+                for r in range(min(MR, m - r0)):
+                    for c in range(min(NR, n - c0)):
+                        out[r0 + r, c0 + c] = scratch[r * NR + c]
+
+
+def _terms(pa: BitPacked, za, pb: BitPacked, zb, xor: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The per-row and per-column terms that finish a tile (``_make_tile``), as int64 padded to whole
+    tiles: with za' = za - o_a (per row), zb' = zb - o_b (per column), K the real depth,
+
+        sum_k (a - za)(b - zb) = S' + zb'_c (K za'_r - sum A'_r) - za'_r sum B'_c
+        AND form:  S' = the tile;  XOR form: S' = sum A'_r + sum B'_c - 2 popcounts (tile = -2 popcounts)
+
+    so alpha = K za' - sum A', gamma = zb', delta = sum B', beta = -za' (1 - za' for XOR), eps = 0
+    (sum A' for XOR)."""
+    rowt = np.empty((3, -(-pa.rows // MR) * MR), np.int64)
+    colt = np.empty((2, -(-pb.rows // NR) * NR), np.int64)
+    _fill_terms(pa.sums, np.asarray(za, np.int64).reshape(-1), pa.enc.offset, pa.k, pb.sums,
+                np.asarray(zb, np.int64).reshape(-1), pb.enc.offset, xor, rowt, colt)
+    return rowt, colt
 
 
 @njit(cache=True)
-def _add_sums(raw, rowsum, colsum):
-    """raw[i, j] += rowsum[i] + colsum[j] (wrapping int32): the XOR form's sum(A') + sum(W')."""
-    m = rowsum.shape[0]
-    n = colsum.shape[0]
-    cs = np.empty(n, np.int32)
-    for j in range(n):
-        cs[j] = np.int32(colsum[j] & 0xFFFFFFFF)
-    for i in range(m):
-        ri = np.int32(rowsum[i] & 0xFFFFFFFF)
-        row = raw[i]
-        for j in range(n):
-            row[j] += ri + cs[j]
+def _fill_terms(asum, za, oa, k, bsum, zb, ob, xor, rowt, colt):
+    rowt[:] = 0
+    colt[:] = 0
+    for r in range(asum.shape[0]):
+        z = za[r if za.shape[0] > 1 else 0] - oa
+        rowt[0, r] = k * z - asum[r]
+        rowt[1, r] = (1 if xor else 0) - z
+        rowt[2, r] = asum[r] if xor else 0
+    for c in range(bsum.shape[0]):
+        colt[0, c] = zb[c if zb.shape[0] > 1 else 0] - ob
+        colt[1, c] = bsum[c]
 
 
-def raw_product(pa: BitPacked, pb: BitPacked) -> np.ndarray:
-    """S' = sum_k (a - o_a)(b - o_b) for the packed rows of A (tile MR) and of B (tile NR), as a
-    padded int32 [Mp, Np] array (wrapping; the real block is [:pa.rows, :pb.rows])."""
+def gemm(pa: BitPacked, za, pb: BitPacked, zb, out: np.ndarray | None = None) -> np.ndarray:
+    """sum_k (A[m, k] - za) (B[k, n] - zb) as int32 [M, N] (into ``out`` when given: rows contiguous):
+    A's rows (tile MR) and B's columns (the rows of Bᵀ, tile NR) packed; za per tensor or per row, zb per
+    tensor or per column. Wrapping int32, exact whenever the true value fits (as the int8 kernel)."""
     if pa.k != pb.k or pa.tile != MR or pb.tile != NR:
         raise ValueError(f"bit-serial GEMM: operands do not match (K {pa.k} / {pb.k}, tiles {pa.tile} / {pb.tile})")
-    mt_n, nt_n = -(-pa.rows // MR), -(-pb.rows // NR)
-    raw = np.empty((mt_n * MR, nt_n * NR), np.int32)
+    out = np.empty((pa.rows, pb.rows), np.int32) if out is None else out
     qa, qb, coef, xor = pair_table(pa.enc, pb.enc)
-    if raw.size:
-        _gemm_raw(pa.panels, pa.enc.bits * pa.words * MR, pb.panels, pb.enc.bits * pb.words * NR, qa, qb, coef, xor,
-                  pa.words, mt_n, nt_n, raw)
-        if xor:
-            _add_sums(raw[:pa.rows, :pb.rows], pa.sums, pb.sums)
-    return raw
-
-
-def _zero_points(pa: BitPacked, za, pb: BitPacked, zb) -> tuple:
-    """gemm's (rowsum, oa, za, colsum, ob, zb) for the planes: za' = za - o_a is za + oa with
-    oa = -o_a; zb' = zb - o_b is zb - ob with ob = o_b."""
-    return (pa.sums, -pa.enc.offset, np.asarray(za, np.int64).reshape(-1), pb.sums, pb.enc.offset,
-            np.asarray(zb, np.int64).reshape(-1))
-
-
-def gemm(pa: BitPacked, za, pb: BitPacked, zb) -> np.ndarray:
-    """sum_k (A[m, k] - za) (B[k, n] - zb) as int32 [M, N]: A's rows and B's columns packed (B as
-    the rows of Bᵀ); za per tensor or per row, zb per tensor or per column."""
-    raw = raw_product(pa, pb)
-    rowsum, oa, za_, colsum, ob, zb_ = _zero_points(pa, za, pb, zb)
-    out = np.empty((pa.rows, pb.rows), np.int32)
     if out.size:
-        _zero_point_terms(raw, pa.k, rowsum, oa, za_, colsum, ob, zb_, out)
+        rowt, colt = _terms(pa, za, pb, zb, xor)
+        _gemm_into(pa.panels, pa.enc.bits * pa.words * MR, pb.panels, pb.enc.bits * pb.words * NR, qa, qb, coef, xor,
+                   pa.words, rowt, colt, out)
     return out
 
 
@@ -260,146 +299,6 @@ def matmul(a: np.ndarray, za, pb: BitPacked, zb) -> np.ndarray:
     """(A - za) @ (B - zb) in int32 with B's columns packed once (``pack(b.T, NR)``); A [M, K]
     int8/uint8 is packed per call with the encoding its values need."""
     return gemm(pack(a, MR), za, pb, zb)
-
-
-# ----------------------------------------------------------------------------- convolution
-
-@dataclass
-class BitConv:
-    """A convolution's weights as bit planes, per group: rows = output channels of the group,
-    K in (kh, kw, c) order (the order ``_im2col`` writes patches in)."""
-    cout: int
-    cin_g: int
-    kernel: tuple[int, int]
-    groups: list[BitPacked]
-    enc: Encoding
-
-
-def pack_conv(w: np.ndarray, group: int) -> BitConv:
-    """W [Cout, Cin/g, KH, KW] (or 1-D [Cout, Cin/g, KW]) int8/uint8 -> bit planes per group, one
-    encoding for the whole layer (from its values)."""
-    w = np.asarray(w)
-    if w.ndim == 3:
-        w = w[:, :, None, :]
-    cout, cin_g, kh, kw = w.shape
-    enc = encoding_of(w)
-    rows = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(cout, kh * kw * cin_g)
-    cg = cout // group
-    return BitConv(cout, cin_g, (kh, kw), [pack(rows[g * cg:(g + 1) * cg], MR, enc) for g in range(group)], enc)
-
-
-def input_encoding(x: np.ndarray, zx: int, padded: bool) -> Encoding:
-    """The planes an activation needs: from its values, and the zero point when padding reads it."""
-    x = np.asarray(x)
-    signed = x.dtype == np.int8
-    if x.size == 0:
-        return encoding_of(np.array([zx], x.dtype))
-    lo, hi = _min_max(x.reshape(-1))
-    zero_free = False
-    if signed and lo == -1 and hi == 1:
-        zero_free = not _has_zero(x.reshape(-1))
-    if padded:
-        lo, hi = min(lo, int(zx)), max(hi, int(zx))
-        zero_free = zero_free and int(zx) != 0
-    from qgraph.kernels.bitplanes import encoding_for
-    return encoding_for(lo, hi, signed, zero_free)
-
-
-@njit(cache=True)
-def _min_max(v):
-    lo = np.int64(v[0])
-    hi = lo
-    for i in range(v.shape[0]):
-        t = np.int64(v[i])
-        lo = min(lo, t)
-        hi = max(hi, t)
-    return lo, hi
-
-
-@njit(cache=True)
-def _has_zero(v):
-    for i in range(v.shape[0]):
-        if v[i] == 0:
-            return True
-    return False
-
-
-@njit(cache=True)
-def _im2col(xp, n0, n1, c0, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, fill, out):
-    """Patches of images n0..n1-1 of xp (NHWC, spatially padded with zx) as rows of ``out``
-    [pixels, words * 64] bytes: row p = (n - n0)*OH*OW + y*OW + x holds tap (i, j) channel c at
-    (i*KW + j)*cin_g + c, then ``fill`` up to the row's end."""
-    k = kh * kw * cin_g
-    rb = out.shape[1]
-    p = 0
-    for n in range(n0, n1):
-        for y in range(oh):
-            for xo in range(ow):
-                row = out[p]
-                t = 0
-                for i in range(kh):
-                    yy = y * sh + i * dh
-                    for j in range(kw):
-                        src = xp[n, yy, xo * sw + j * dw, c0:c0 + cin_g]
-                        for c in range(cin_g):
-                            row[t + c] = src[c]
-                        t += cin_g
-                for q in range(k, rb):
-                    row[q] = fill
-                p += 1
-
-
-def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, out_dtype=None,
-         enc: Encoding | None = None) -> np.ndarray:
-    """``conv.conv_int`` computed bit-serially, same contract: int32 [N, Cout, OH, OW] accumulators,
-    or with ``rq = (bias, scale, mult, shift, zp, qmin, qmax, fixed)`` the requantized output (the
-    int8 conv's epilogue, ``gemm._requant_block``). ``enc``: the activation's encoding when the
-    caller has it (else from x's values and zx)."""
-    if x.ndim == 3:
-        x = x[:, :, None, :]
-    x = np.ascontiguousarray(x)
-    n_b, c_in, h, w = x.shape
-    g = geo.group
-    if c_in != pc.cin_g * g:
-        raise ValueError(f"conv: input has {c_in} channels, weights expect {pc.cin_g} x group {g}")
-    oh, ow = geo.out_hw(h, w)
-    (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.strides, geo.dilations
-    pt, pl = geo.pads[0], geo.pads[1]
-    if enc is None:
-        enc = input_encoding(x, zx, any(geo.pads))
-    hp = max(h + pt, (oh - 1) * sh + (kh - 1) * dh + 1)
-    wp = max(w + pl, (ow - 1) * sw + (kw - 1) * dw + 1)
-    xp = np.full((n_b, hp, wp, c_in), np.array(zx).astype(x.dtype), x.dtype)
-    xp[:, pt:pt + h, pl:pl + w, :] = x.transpose(0, 2, 3, 1)
-    pixels = oh * ow
-    cout_g = pc.cout // g
-    k = kh * kw * pc.cin_g
-    words = max(1, -(-k // WORD))
-    zw = np.asarray(zw, np.int64).reshape(-1)
-    out = np.empty((n_b, pc.cout, pixels), np.int32 if rq is None else out_dtype)
-    per = max(1, min(n_b, 4096 // max(pixels, 1)))           # several small images per GEMM
-    fill = np.array(enc.fill).astype(x.dtype)
-    cols = np.empty((per * pixels, words * WORD), x.dtype)
-    for n0 in range(0, n_b, per):
-        n1 = min(n_b, n0 + per)
-        np_ = (n1 - n0) * pixels
-        for gi, pw in enumerate(pc.groups):
-            _im2col(xp, n0, n1, gi * pc.cin_g, pc.cin_g, kh, kw, sh, sw, dh, dw, oh, ow, fill, cols)
-            panels, sums = pack_panels(cols, enc, NR, np_)
-            pb = BitPacked(panels, enc, np_, k, words, NR, sums)
-            zw_g = zw if zw.size == 1 else zw[gi * cout_g:(gi + 1) * cout_g]
-            rows = slice(gi * cout_g, (gi + 1) * cout_g)
-            if rq is None:
-                res = gemm(pw, zw_g, pb, zx)                    # [cout_g, np_]
-                out[n0:n1, rows] = res.reshape(cout_g, n1 - n0, pixels).transpose(1, 0, 2)
-                continue
-            rq_g = tuple(v[rows] if isinstance(v, np.ndarray) and v.size == pc.cout and pc.cout > 1 else v
-                         for v in rq)
-            raw = raw_product(pw, pb)
-            rowsum, oa, za_, colsum, ob, zb_ = _zero_points(pw, zw_g, pb, zx)
-            _requant_block(raw, 0, np_, pixels, k, rowsum, oa, za_, colsum, ob, zb_, *rq_g, gi * cout_g,
-                           out[n0:n1])
-    return out.reshape(n_b, pc.cout, oh, ow)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from qgraph.errors import ModelError
-from qgraph.kernels import bitserial, ortfloat
+from qgraph.kernels import bitconv, bitplanes, bitserial, ortfloat
 from qgraph.kernels.conv import pack_conv, conv_int
 from qgraph.kernels.gemm import pack_b, qgemm
 from qgraph.kernels.requant import output_scale, quantize_linear, requantize_into
@@ -68,7 +68,7 @@ def _bitserial_input(step, x, zx, bits, k: int, padded: bool):
     if kernel == "int8" or bits is None:
         step.cache["ran"] = "int8"
         return None
-    enc = bitserial.input_encoding(x, zx, padded)
+    enc = bitplanes.input_encoding(x, zx, padded)
     if bitserial.use_bitserial(kernel, bits.enc, enc, k):
         step.cache["ran"] = f"bitserial W {bits.enc.label()} x A {enc.label()}"
         return enc
@@ -78,11 +78,11 @@ def _bitserial_input(step, x, zx, bits, k: int, padded: bool):
 
 def _conv_acc(step, x, zx, w, zw):
     geo = conv_geometry(step.attrs, w.shape, x.shape[2:])
-    bits = _cached(step, "bits", w, lambda: bitserial.pack_conv(w, geo.group)) \
+    bits = _cached(step, "bits", w, lambda: bitconv.pack_conv(w, geo.group)) \
         if step.attrs.get("kernel", "int8") != "int8" else None
     enc = _bitserial_input(step, x, zx, bits, int(np.prod(w.shape[1:])), any(geo.pads))
     if enc is not None:
-        acc = bitserial.conv(x, zx, bits, _zp(zw), geo, enc=enc)
+        acc = bitconv.conv(x, zx, bits, _zp(zw), geo, enc=enc)
     else:
         pc = _cached(step, "w", w, lambda: pack_conv(w, geo.group))
         acc = conv_int(x, zx, pc, _zp(zw), geo)
@@ -109,7 +109,7 @@ def _conv_plan(step, args, mode, x):
         geo = conv_geometry(step.attrs, w.shape, x.shape[2:])
         kernel = step.attrs.get("kernel", "int8")
         pc = pack_conv(w, geo.group) if kernel != "bitserial" else None
-        bits = bitserial.pack_conv(w, geo.group) if kernel != "int8" else None
+        bits = bitconv.pack_conv(w, geo.group) if kernel != "int8" else None
         cout = w.shape[0]
         scale = np.ascontiguousarray(np.broadcast_to(output_scale(sx, sw, sy), (cout,)))
         mult, shift = fixed_multiplier(scale) if mode == "fixed" else (np.zeros(cout, np.int64),
@@ -129,8 +129,8 @@ def qlinear_conv(step, args, mode):
         return [ortfloat.conv_unit(step, x, sx, zx, w_f, bias_f, sy, zy, qmin, qmax, dtype)]
     _, geo, pc, zx, zw, rq, dtype, bits, k = plan
     enc = _bitserial_input(step, x, zx, bits, k, any(geo.pads))
-    if enc is not None:     # the same int32 accumulators, through the same epilogue
-        out = bitserial.conv(x, zx, bits, zw, geo, rq=rq, out_dtype=dtype, enc=enc)
+    if enc is not None:     # the same int32 accumulators, the same requantization arithmetic
+        out = bitconv.conv(x, zx, bits, zw, geo, rq=rq, out_dtype=dtype, enc=enc)
     else:
         out = conv_int(x, zx, pc, zw, geo, rq=rq, out_dtype=dtype)   # requantized in the conv's epilogue
     return [out if x.ndim == 4 else np.ascontiguousarray(out[:, :, 0, :])]

@@ -16,7 +16,7 @@ import re
 import numpy as np
 import pytest
 
-from qgraph.kernels import bitplanes, bitserial
+from qgraph.kernels import bitconv, bitplanes, bitserial
 from qgraph.kernels.bitplanes import encoding_for, encoding_of
 from qgraph.kernels.conv import conv_int, conv_reference, pack_conv
 from qgraph.kernels.gemm import pack_b, qgemm, qgemm_reference
@@ -166,9 +166,9 @@ def test_fuzz_conv_equals_the_int8_kernel(block):
     for seed in _seeds(CONV_CASES // 2, 50000 + block * 10000) if not ONLY or block == 0 else []:
         x, zx, w, zw, geo, rq = _conv_case(seed)
         ref = conv_reference(x, zx, w, zw, geo)
-        bits = bitserial.pack_conv(w, geo.group)
-        acc = bitserial.conv(x, zx, bits, zw, geo)
-        out = bitserial.conv(x, zx, bits, zw, geo, rq=rq, out_dtype=np.int8)
+        bits = bitconv.pack_conv(w, geo.group)
+        acc = bitconv.conv(x, zx, bits, zw, geo)
+        out = bitconv.conv(x, zx, bits, zw, geo, rq=rq, out_dtype=np.int8)
         int8 = conv_int(x, zx, pack_conv(w, geo.group), zw, geo, rq=rq, out_dtype=np.int8)
         if not (np.array_equal(acc, ref) and np.array_equal(out, int8)):
             failures.append(f"{x.shape} * {w.shape} group {geo.group} W {bits.enc.label()} "
@@ -181,9 +181,9 @@ def test_conv_padding_reads_the_zero_point_in_the_encoding():
     x = np.array([[[[1, -1], [-1, 1]]]], np.int8)
     w = np.ones((1, 1, 3, 3), np.int8)
     geo = ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1)
-    assert bitserial.input_encoding(x, 0, padded=True).kind == "twos"
-    assert bitserial.input_encoding(x, 0, padded=False).kind == "pm1"
-    got = bitserial.conv(x, 0, bitserial.pack_conv(w, 1), np.zeros(1, np.int64), geo)
+    assert bitplanes.input_encoding(x, 0, padded=True).kind == "twos"
+    assert bitplanes.input_encoding(x, 0, padded=False).kind == "pm1"
+    got = bitconv.conv(x, 0, bitconv.pack_conv(w, 1), np.zeros(1, np.int64), geo)
     assert np.array_equal(got, conv_reference(x, 0, w, np.zeros(1), geo))
 
 
@@ -211,15 +211,17 @@ def _asm(dispatcher) -> str:
     b = rng.integers(-2, 2, (32, 128)).astype(np.int8)
     pa, pb = bitserial.pack(a, bitserial.MR), bitserial.pack(b, bitserial.NR)
     qa, qb, coef, xor = bitserial.pair_table(pa.enc, pb.enc)
-    raw = np.empty((12, 32), np.int32)
+    rowt, colt = bitserial._terms(pa, 0, pb, 0, xor)
+    out = np.empty((12, 32), np.int32)
     fresh(pa.panels, pa.enc.bits * pa.words * bitserial.MR, pb.panels, pb.enc.bits * pb.words * bitserial.NR,
-          qa, qb, coef, xor, pa.words, 2, 2, raw)
+          qa, qb, coef, xor, pa.words, rowt, colt, out)
+    assert np.array_equal(out, a.astype(np.int32) @ b.astype(np.int32).T)
     return fresh.inspect_asm(fresh.signatures[0])
 
 
 def test_micro_kernel_uses_the_cpus_popcount_instruction():
     from qgraph.kernels import cpu
-    asm = _asm(bitserial._gemm_raw)
+    asm = _asm(bitserial._gemm_into)
     if cpu.has("avx512vpopcntdq"):
         assert re.search(r"\bvpopcntq\b", asm), "AVX-512 VPOPCNTDQ present but no vpopcntq in the micro-kernel"
     # without VPOPCNTDQ, LLVM writes the vector popcount as a byte-table sequence (vpshufb)
