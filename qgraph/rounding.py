@@ -209,7 +209,7 @@ def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
 def output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
     """tr((W − Ŵ) H (W − Ŵ)ᵀ) summed over groups: the layer's output squared error on the data."""
     d = (w - wq).astype(np.float64)
-    return float(np.einsum("grk,gkl,grl->", d, h, d))
+    return float(np.einsum("grk,grk->", d @ h, d))      # (d H) · d: a BLAS product, not a 3-operand einsum
 
 
 def round_layers(float_model, targets: dict, samples, *, batch_size: int = 16, progress: bool = False
@@ -255,7 +255,7 @@ MEAN_SCALE_RATIOS = np.linspace(0.5, 1.5, 11)
 
 def _row_errors(m, wq, h) -> np.ndarray:
     d = m - wq
-    return np.einsum("grk,gkl,grl->gr", d, h, d)
+    return np.einsum("grk,grk->gr", d @ h, d)
 
 
 def _round_one(node, w, qp, h):

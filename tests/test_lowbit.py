@@ -150,13 +150,13 @@ def test_bad_low_bit_options_say_why(rng, spec, message):
 
 @pytest.mark.parametrize("act_dtype,bits", [("int8", 2), ("uint8", 3), ("int8", 4)])
 def test_narrow_activations_are_clipped_to_their_range_before_q(rng, act_dtype, bits):
-    #   x ─Q(8b)─DQ─Conv─[Clip]─Q(bits)─DQ─Conv─[Clip]─Q(bits)─DQ─ y
+    #   x ─Q(8b)─DQ─Conv─[Clip]─Q(bits)─DQ─Conv─Q(8b)─DQ─ y       (graph input and output stay 8-bit)
     model, _, _ = conv_relu_model(rng)
     q, notes, calib = _quantize(model, f"quant:act_bits={bits},act_dtype={act_dtype}", rng)
-    assert notes["act_bits"] == {f"{bits}b": 2, "8b": 1}
-    assert notes["act_kept_8_bits"] == {"graph_input": 1}
+    assert notes["act_bits"] == {f"{bits}b": 1, "8b": 2}
+    assert notes["act_kept_8_bits"] == {"graph_input": 1, "graph_output": 1}
     clips = [n for n in q.graph.node if n.op_type == "Clip"]
-    assert len(clips) == 2
+    assert len(clips) == 1
     # the integers Q writes stay inside the narrow range
     qs = [n.output[0] for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0].endswith("_Clip_out")]
     exposed = onnx.ModelProto()
@@ -179,7 +179,7 @@ def test_narrow_activation_written_by_a_pool_stays_8_bits(rng):
              helper.make_node("Gemm", ["f", "g"], ["y"], name="fc")]
     model = make_model(nodes, [("x", ["N", 8, 6, 6])], [("y", ["N", 3])], [init("w", w), init("g", g)])
     _, notes, _ = _quantize(model, "quant:act_bits=2", rng)
-    assert notes["act_kept_8_bits"] == {"graph_input": 1, "written_by_GlobalAveragePool": 1}
+    assert notes["act_kept_8_bits"] == {"graph_input": 1, "graph_output": 1, "written_by_GlobalAveragePool": 1}
 
 
 # ----------------------------------------------------------------------------- gptq and biascorr on grids
@@ -261,3 +261,79 @@ def test_digits_predicted_float_units_are_orts_with_int4_weights_and_narrow_clip
         g = ir.load(models[key])
         g.toposort()
         assert {n.name for n in ort_float_units(g)} == ort_float_nodes(models[key]), key
+
+
+# ----------------------------------------------------------------------------- zoo (pytest -m zoo)
+
+#: low-bit pipelines whose LeNet / digits figures are recorded in models/manifest.toml
+#: (python tools/zoo.py record lenet5 lenet_300_100 digits_cnn --pipelines "<these, ;-separated>")
+ZOO_LOW_BIT = ("fold,quant:weight_grid=binary", "fold,quant:bits=2", "fold,quant:weight_grid=ternary")
+
+
+def _zoo(name: str):
+    import sys
+    from builders import ROOT
+    sys.path.insert(0, str(ROOT / "tools"))
+    import zoo_manifest
+    from qgraph.data import DataMissing, zoo_split
+    path = zoo_manifest.model_path(name)
+    if not path.exists():
+        pytest.skip(f"zoo model {name} not built ({path}): python tools/zoo.py build {name}")
+    try:
+        calib, evaluation = zoo_split(name)
+    except DataMissing as exc:
+        pytest.skip(str(exc))
+    return zoo_manifest, path, calib, evaluation
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("pipeline", ZOO_LOW_BIT)
+@pytest.mark.parametrize("name", ["lenet5", "lenet_300_100", "digits_cnn"])
+def test_zoo_low_bit_accuracy_is_the_recorded_one(name, pipeline):
+    zoo_manifest, _, _, _ = _zoo(name)
+    from zoo_eval import compare, run_pipeline
+    recorded = zoo_manifest.load_manifest()["models"][name].get("pipelines", {}).get(pipeline)
+    if not recorded:
+        pytest.skip(f"{name}: '{pipeline}' not recorded: python tools/zoo.py record {name} --pipelines '{pipeline}'")
+    problems = compare(run_pipeline(name, pipeline), recorded)
+    assert not problems, f"{name} / {pipeline}: " + "; ".join(problems)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("pipeline", ZOO_LOW_BIT + ("fold,quant:weight_grid=binary,storage4=int8",))
+@pytest.mark.parametrize("name", ["lenet5", "digits_cnn"])
+def test_zoo_bitserial_equals_int8_end_to_end(name, pipeline):
+    """W1A8, W2A8, ternary: the bit-serial program's outputs are the int8 program's, element for
+    element, in both requantization modes; float mode is ORT's result (int4 weights: ORT's float
+    units, reproduced; int8 storage: ORT's integer kernels)."""
+    from qgraph.kernels import lower, run
+    from qgraph.kernels.diff import against_ort
+    _, path, calib, evaluation = _zoo(name)
+    model, _ = qgraph.optimize(str(path), pipeline, calib=calib, progress=False)
+    feeds = next(evaluation.subset(range(min(512, len(evaluation)))).batches(512))
+    feeds = {k: v for k, v in feeds.items() if k in {i.name for i in model.graph.input}}
+    for mode in ("float", "fixed"):
+        progs = {k: lower(model, kernel=k) for k in ("int8", "bitserial")}
+        outs = {k: run(p, feeds, mode) for k, p in progs.items()}
+        for out in outs["int8"]:
+            assert np.array_equal(outs["bitserial"][out], outs["int8"][out]), (name, pipeline, mode, out)
+        ran = [s.cache["ran"] for s in progs["bitserial"].steps if "ran" in s.cache]
+        assert ran and all(r.startswith("bitserial") for r in ran)
+    figures, _, _ = against_ort(model, feeds, "float", lower(model, kernel="bitserial"))
+    assert all(f["exact"] == 1.0 for f in figures.values()), figures
+
+
+def test_qgraph_run_kernel_option_reports_what_ran(digits_low_bit, tmp_path, capsys):
+    from qgraph.cli import run_main
+    models, feeds = digits_low_bit
+    path, inputs = tmp_path / "w1a2.onnx", tmp_path / "x.npz"
+    onnx.save(models["W1A2"], path)
+    np.savez(inputs, **feeds)
+    assert run_main([str(path), "--inputs", str(inputs), "--kernel", "bitserial", "--mode", "fixed",
+                     "--compare-ort", "--max-lsb", "255"]) == 0
+    text = capsys.readouterr().out
+    assert "dot products (--kernel bitserial): bitserial W ±1 x A 2-bit signed: 5, bitserial W ±1 x A 8-bit signed: 2" \
+        in text, text
+    with pytest.raises(SystemExit) as exc:           # argparse: one line, exit code 2
+        run_main([str(path), "--inputs", str(inputs), "--kernel", "nope"])
+    assert exc.value.code == 2
