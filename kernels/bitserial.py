@@ -90,7 +90,8 @@ def _make_tile(op: str):
         def codegen(context, builder, signature, args):
             (_, a_off_v, a_ps_v, _, b_off_v, b_ps_v, _, _, _, np_v, kw_v, _, r0_v, _, c0_v, _, c_off_v,
              ldc_v) = args
-            arrs = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 3, 6, 7, 8, 11, 13, 15)]
+            arrs = [context.make_array(signature.args[i])(context, builder, args[i])
+                    for i in (0, 3, 6, 7, 8, 11, 13, 15)]
             i32, i64 = ir.IntType(32), ir.IntType(64)
             vt = ir.VectorType(i64, LANES)
             a_p = builder.gep(builder.bitcast(arrs[0].data, i64.as_pointer()), [a_off_v])
@@ -126,8 +127,8 @@ def _make_tile(op: str):
             bp = builder.gep(b_p, [builder.mul(qb, b_ps_v)])
 
             def load_a(k, r):
-                w = builder.load(builder.gep(ap, [builder.add(builder.mul(k, ir.Constant(i64, MR)), ir.Constant(i64, r))]))
-                return broadcast(builder, w, vt)
+                at = builder.add(builder.mul(k, ir.Constant(i64, MR)), ir.Constant(i64, r))
+                return broadcast(builder, builder.load(builder.gep(ap, [at])), vt)
 
             def load_b(k, v):
                 q = builder.gep(bp, [builder.add(builder.mul(k, ir.Constant(i64, NR)), ir.Constant(i64, LANES * v))])

@@ -157,7 +157,8 @@ def _matmul_acc(step, a, za, b, zb):
             if step.attrs.get("kernel", "int8") != "int8" else None
         enc = _bitserial_input(step, a2, za, bits, b.shape[0], False)
         if enc is not None:
-            return bitserial.gemm(bitserial.pack(a2, bitserial.MR, enc), za, bits, zb).reshape(*a.shape[:-1], b.shape[-1])
+            acc = bitserial.gemm(bitserial.pack(a2, bitserial.MR, enc), za, bits, zb)
+            return acc.reshape(*a.shape[:-1], b.shape[-1])
         pb = _cached(step, "b", b, lambda: pack_b(b))
         return qgemm(a2, za, pb, zb).reshape(*a.shape[:-1], b.shape[-1])
     batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])

@@ -163,7 +163,6 @@ class Quantize(Pass):
 
     def _decide_activations(self, plan: Plan, stats: dict, w_qp: dict) -> dict[str, QParams]:
         o = self.opts
-        self._outputs = {t.name for t in plan.acts.values() if t.name in self._graph_outputs}
         self._kept8: dict[str, int] = {}        # narrow activations kept at 8 bits, by the op writing them
         self._clipped: set[str] = set()         # narrow activations quantized through a Clip
         symmetric = o.scheme == "sym"
@@ -189,7 +188,7 @@ class Quantize(Pass):
             rep = max(seen, key=lambda m: stats[m].max - stats[m].min if stats[m].count else -1)
             bits = max(bits_of(m) for m in members)   # a shared scale takes the widest request
             if bits < 8:
-                why = next((r for r in map(lambda m: _why_not_narrow(plan, m, self._outputs), members) if r), None)
+                why = next((r for r in (_why_not_narrow(plan, m, self._graph_outputs) for m in members) if r), None)
                 if why:      # QuantizeLinear alone saturates at the storage type's range: kept at 8 bits
                     self._kept8[why] = self._kept8.get(why, 0) + 1
                     bits = 8

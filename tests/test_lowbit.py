@@ -265,9 +265,10 @@ def test_digits_predicted_float_units_are_orts_with_int4_weights_and_narrow_clip
 
 # ----------------------------------------------------------------------------- zoo (pytest -m zoo)
 
-#: low-bit pipelines whose LeNet / digits figures are recorded in models/manifest.toml
-#: (python tools/zoo.py record lenet5 lenet_300_100 digits_cnn --pipelines "<these, ;-separated>")
+#: low-bit pipelines whose LeNet / digits figures are recorded in models/manifest.toml, with and without
+#: gptq (python tools/zoo.py record lenet5 lenet_300_100 digits_cnn --pipelines "<these, ;-separated>")
 ZOO_LOW_BIT = ("fold,quant:weight_grid=binary", "fold,quant:bits=2", "fold,quant:weight_grid=ternary")
+ZOO_LOW_BIT_GPTQ = tuple(p + ",rounding=gptq" for p in ZOO_LOW_BIT)
 
 
 def _zoo(name: str):
@@ -287,7 +288,7 @@ def _zoo(name: str):
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("pipeline", ZOO_LOW_BIT)
+@pytest.mark.parametrize("pipeline", ZOO_LOW_BIT + ZOO_LOW_BIT_GPTQ)
 @pytest.mark.parametrize("name", ["lenet5", "lenet_300_100", "digits_cnn"])
 def test_zoo_low_bit_accuracy_is_the_recorded_one(name, pipeline):
     zoo_manifest, _, _, _ = _zoo(name)
