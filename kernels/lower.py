@@ -16,9 +16,14 @@ implementation per op. Q of a float graph input and DQ to a float graph output s
 Quantize/DequantizeLinear steps. Relu/Clip between the op and its Q become the output clamp; several
 identical Qs of one output (dedicated Q/DQ pairs) share one result. Also lowered, as not arithmetic on
 activations: nodes whose inputs are all constants (folded once here), Shape and integer arithmetic on
-shapes (evaluated at run time by ONNX's reference implementation), and data movement of a float
-input before its first Q (e.g. Flatten). Anything else is a ``ModelError`` naming the node and op:
-there is no float fallback.
+shapes (evaluated at run time by ONNX's reference implementation), and data movement of float values.
+
+The ops ORT itself runs in float between DQ and Q (no integer kernel: Div, Pow, Sqrt, ReduceMean, an
+Add of a float constant, a per-channel Min, HardSwish written as Mul/Add/Clip/Div, ...) become
+``Float`` steps (``floatops.py``, ORT's float32 arithmetic) between explicit DequantizeLinear and
+QuantizeLinear steps, as ORT runs them: integer tensors at the borders. A node that is neither a
+group nor such a float op (a float Conv / MatMul / Gemm, an op ``floatops`` does not know) is a
+``ModelError`` naming the node and op.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from qgraph.errors import ModelError
 from qgraph.kernels.bitplanes import encoding_of
 from qgraph.kernels.bitserial import AUTO_WEIGHT_BITS
 from qgraph.kernels.eltwise import TABLE_FUNCS, build_table
+from qgraph.kernels.floatops import FLOAT_OPS
 from qgraph.kernels.table import KERNELS
 from qgraph.ops import (CLIP_OPS, INT_RANGES, Skip, clip_bounds, const_at, input_at, is_dq, is_q, match_group,
                         output_quantizer)
@@ -51,6 +57,8 @@ SUBBYTE = {"int4": np.int8, "uint4": np.uint8}
 CLAMPED_OPS = ("Conv", "MatMul", "Gemm", "Add", "Mul")
 GROUP_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool", "AveragePool", "Concat", "Softmax"} \
     | MOVE_OPS | set(TABLE_FUNCS)
+#: inputs that must come from DequantizeLinear for a node to be an integer group (default: input 0)
+_DQ_INPUTS = {"Conv": (0, 1), "MatMul": (0, 1), "Gemm": (0, 1), "Add": (0, 1), "Mul": (0, 1)}
 
 
 @dataclass
@@ -87,6 +95,11 @@ class Program:
         return counts
 
 
+def _attr(node, name: str, default):
+    v = node.attrs.get(name, default)
+    return v.decode() if isinstance(v, bytes) else v
+
+
 def _fail(node, why: str):
     raise ModelError(f"cannot lower node {node.name or '?'} ({node.op}): {why}")
 
@@ -103,6 +116,7 @@ class _Lowering:
         self.float_units: set[int] = set()   # ids of group nodes ORT runs as DQ -> float op -> Q
         self.bias_float = None
         self.shapes: set[str] = set()        # int64 shape tensors computed at run time
+        self.grouped: set[int] = set()       # ids of nodes lowered as integer groups
 
     # -- helpers ------------------------------------------------------------------------------------
     def name_of(self, t) -> str:
@@ -318,6 +332,7 @@ class _Lowering:
         self.g.toposort()
         self.fold_constants()
         self.float_units = {id(n) for n in ort_float_units(self.g)}
+        self.grouped = {id(n) for n in self.g.nodes if id(n) not in self.done and self.is_group(n)}
         for node in self.g.nodes:
             if id(node) in self.done:
                 continue
@@ -332,15 +347,39 @@ class _Lowering:
                 if node.op in WEIGHT_INPUT:
                     at["kernel"] = self.kernel_for(self.name_of(input_at(node, WEIGHT_INPUT[node.op])) or "")
                 self.emit(node.op, node, [self.name_of(t) for t in node.inputs], [t.name for t in node.outputs], **at)
-            elif node.op in MOVE_OPS and not self.from_dq(node.inputs[0]):
+            elif id(node) in self.grouped:
+                self.group(node)
+            elif node.op in MOVE_OPS and not (node.op == "Resize" and _attr(node, "mode", "nearest") != "nearest"):
                 # moving float values (e.g. Flatten of the float graph input before its Q) is exact
                 self.emit("Move", node, [self.name_of(t) for t in node.inputs],
                           [o.name for o in node.outputs], op=node.op, attrs=dict(node.attrs), requant=False)
+            elif node.op in FLOAT_OPS and not node.domain:
+                self.float_step(node)
             elif node.op in GROUP_OPS:
-                self.group(node)
+                self.group(node)                 # fails naming why it is not a quantized group
             else:
-                _fail(node, "no integer kernel for this op")
+                _fail(node, "no integer kernel for this op, and not an op qgraph-run runs in float "
+                            "between DequantizeLinear and QuantizeLinear as ONNX Runtime does")
         return self.prog
+
+    def is_group(self, node) -> bool:
+        """Whether ``node`` is an integer group: its inputs that must be dequantized are (see
+        ``_DQ_INPUTS``) and one QuantizeLinear quantizes its output. Otherwise ORT runs it in float."""
+        if node.op not in GROUP_OPS or not node.inputs or node.domain:
+            return False
+        if isinstance(output_quantizer(self.g, node, CLIP_OPS if node.op in CLAMPED_OPS else ()), Skip):
+            return False
+        wanted = range(len(node.inputs)) if node.op == "Concat" else _DQ_INPUTS.get(node.op, (0,))
+        return all(i < len(node.inputs) and self.from_dq(node.inputs[i]) for i in wanted)
+
+    def float_step(self, node):
+        """A node ORT runs in float between DQ and Q (``floatops``): float in, float out."""
+        for t in node.inputs:
+            c = ir.const(t) if t is not None and t.name else None
+            if c is not None:
+                self.prog.consts.setdefault(t.name, np.asarray(c))
+        self.emit("Float", node, [self.name_of(t) for t in node.inputs], [o.name for o in node.outputs],
+                  op=node.op, attrs=dict(node.attrs), opset=int(self.g.opset or 13), n_out=len(node.outputs))
 
     @staticmethod
     def from_dq(t) -> bool:
@@ -376,12 +415,10 @@ class _Lowering:
     def boundary(self, node):
         """Emit a Q or DQ step unless a group consumes it (DQ of constants and DQs feeding groups)."""
         if node.op == "DequantizeLinear":
-            if ir.const(node.inputs[0]) is not None and not ir.is_graph_output(self.g, node.outputs[0]):
-                return                                       # weights: read by the groups
             users = ir.consumers(node.outputs[0])
-            if users and all(u.op in GROUP_OPS or u.op == "Shape" for u in users) \
+            if users and all(id(u) in self.grouped or u.op == "Shape" for u in users) \
                     and not ir.is_graph_output(self.g, node.outputs[0]):
-                return
+                return                                       # read by the groups (weights included)
         at = dict(node.attrs)
         if node.op == "QuantizeLinear" and "output_dtype" in at:
             at["output_dtype_name"] = onnx.helper.tensor_dtype_to_np_dtype(at["output_dtype"]).name

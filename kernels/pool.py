@@ -72,8 +72,24 @@ def _window_reduce(x, kh, kw, sh, sw, dh, dw, pt, pl, is_max, zx, out, counts):
                     counts[y, xo] = cnt
 
 
+def _window_max_float(x, kh, kw, sh, sw, dh, dw, pads, oh, ow) -> np.ndarray:
+    """MaxPool of float values (a float unit between DQ and Q): exact, the order does not matter;
+    padding reads as -inf."""
+    pt, pl, pb, pr = pads
+    h, w = x.shape[2:]
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    xp = np.full(x.shape[:2] + (max(h + pt + pb, (oh - 1) * sh + span_h), max(w + pl + pr, (ow - 1) * sw + span_w)),
+                 -np.inf, x.dtype)
+    xp[:, :, pt:pt + h, pl:pl + w] = x
+    win = np.lib.stride_tricks.sliding_window_view(xp, (span_h, span_w), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :oh, :ow]
+    return win.max(axis=(4, 5))
+
+
 def max_pool(x: np.ndarray, attrs: dict) -> np.ndarray:
     (kh, kw), (sh, sw), (dh, dw), pads, (oh, ow) = pool_geometry(attrs, x.shape[2:])
+    if x.dtype.kind == "f":
+        return _window_max_float(x, kh, kw, sh, sw, dh, dw, pads, oh, ow)
     out = np.empty((x.shape[0], x.shape[1], oh, ow), x.dtype)
     counts = np.empty((oh, ow), np.int64)
     _window_reduce(np.ascontiguousarray(x), kh, kw, sh, sw, dh, dw, pads[0], pads[1], True, 0, out, counts)

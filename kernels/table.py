@@ -5,6 +5,6 @@ executes them through it.
 """
 from __future__ import annotations
 
-from qgraph.kernels import eltwise, movement, qlinear, softmax
+from qgraph.kernels import eltwise, floatops, movement, qlinear, softmax
 
-KERNELS = {**qlinear.KERNELS, **eltwise.KERNELS, **movement.KERNELS, **softmax.KERNELS}
+KERNELS = {**qlinear.KERNELS, **eltwise.KERNELS, **movement.KERNELS, **softmax.KERNELS, **floatops.KERNELS}

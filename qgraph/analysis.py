@@ -1,7 +1,11 @@
 """Static figures of a model: parameters, bytes, MACs per node, op counts.
 
 MACs are counted per sample (batch dimension taken as 1) from shapes that ONNX shape inference
-gives; a node whose shapes are unknown counts 0 and is listed in ``ModelStats.unknown_macs``.
+gives. Symbolic (or negative, as some exporters write ``-1``) dimensions are taken from
+``input_shapes`` when given (the calibration inputs' shapes), propagated through the graph by shape
+inference with data propagation; otherwise, and wherever a dimension stays unknown, the node's MACs
+are unknown: it is listed in ``ModelStats.unknown_macs`` and the total is ``None`` (printed ``?``),
+never a product of placeholder dims nor a silent 0.
 """
 from __future__ import annotations
 
@@ -25,14 +29,16 @@ _DOT_OPS = frozenset(LAYER_OPS + QOPERATOR_DOT_OPS)
 class ModelStats:
     bytes: int
     params: int                       # elements of float / quantized weight initializers
-    macs: int
+    macs: int | None                  # None when a dot-product node's shapes are unknown
     nodes: int
     ops: Counter = field(default_factory=Counter)
     unknown_macs: list[str] = field(default_factory=list)
 
 
-def model_stats(model: onnx.ModelProto) -> ModelStats:
-    shapes = _shapes(model)
+def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = None) -> ModelStats:
+    """Figures of ``model``; ``input_shapes`` (input name -> concrete shape, e.g. of a calibration
+    batch) resolves symbolic input dimensions, the leading one counted as 1 (MACs per sample)."""
+    shapes = _shapes(model, input_shapes)
     inits = {t.name: t for t in model.graph.initializer}
     macs, unknown = 0, []
     for node in model.graph.node:
@@ -46,7 +52,7 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
     return ModelStats(
         bytes=ir.model_bytes(model),
         params=count_params(model),
-        macs=macs,
+        macs=None if unknown else macs,
         nodes=len(model.graph.node),
         ops=Counter(n.op_type for n in model.graph.node),
         unknown_macs=unknown,
@@ -63,27 +69,121 @@ def count_params(model: onnx.ModelProto) -> int:
     return total
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(ir.skeleton(model))
-    except Exception:
-        inferred = model
+def _shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = None) -> dict[str, tuple]:
+    """Tensor name -> shape, a dim None where unknown. A graph input's leading dim, when not a
+    positive number, is the batch and becomes 1 (per sample); its other symbolic dims come from
+    ``input_shapes`` when given. Shapes are then inferred afresh from the inputs."""
+    light = ir.skeleton(model)
+    _concrete_inputs(light, input_shapes or {})
+    inferred = _infer(light)
+    for _ in range(_SHAPE_ROUNDS):
+        if not _fold_shape_arithmetic(inferred):
+            break
+        inferred = _infer(inferred)
     out: dict[str, tuple] = {}
     g = inferred.graph
     for vi in list(g.value_info) + list(g.input) + list(g.output):
         tt = vi.type.tensor_type
         if not tt.HasField("shape"):
             continue
-        dims = []
-        for i, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value"):
-                dims.append(d.dim_value)
-            else:
-                dims.append(1 if i == 0 else None)  # symbolic batch -> per sample
-        out[vi.name] = tuple(dims)
+        # symbolic, or -1 as some exporters write it: unknown
+        out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                             for d in tt.shape.dim)
     for t in g.initializer:
         out[t.name] = tuple(t.dims)
     return out
+
+
+#: Rounds of (fold shape arithmetic, infer again): each round resolves what the previous one exposed.
+_SHAPE_ROUNDS = 8
+#: Ops evaluated on small int64 shape tensors when every input is known (the exporters' dynamic
+#: Reshape targets: Shape -> Cast -> Slice -> Concat -> Reshape).
+_SHAPE_OPS = frozenset({"Shape", "Cast", "Slice", "Concat", "Gather", "Unsqueeze", "Squeeze", "Add", "Sub",
+                        "Mul", "Div", "Floor", "Ceil", "Identity", "Range", "ReduceProd", "Max", "Min",
+                        "Equal", "Where", "Expand", "ConstantOfShape"})
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return model
+
+
+def _fold_shape_arithmetic(model: onnx.ModelProto) -> bool:
+    """Evaluate the shape subgraphs that ONNX's data propagation leaves open (it does not go through
+    Cast, for one): Shape of a tensor whose shape is fully known, and int64 arithmetic on such
+    values (``_SHAPE_OPS``), become initializers. True when anything was folded."""
+    from onnx.reference import ReferenceEvaluator
+    g = model.graph
+    known_shape = {}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        dims = vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else None
+        if dims is not None and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+            known_shape[vi.name] = [d.dim_value for d in dims]
+    values = {t.name: numpy_helper.to_array(t) for t in g.initializer if int(np.prod(t.dims)) <= 64}
+    for node in g.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None and int(np.prod(value.dims)) <= 64:
+            values[node.output[0]] = numpy_helper.to_array(value)
+    folded = []
+    for node in g.node:
+        if node.op_type not in _SHAPE_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if any(o in values for o in node.output):
+            continue
+        if node.op_type == "Shape":
+            if node.input[0] not in known_shape:
+                continue
+            start = next((a.i for a in node.attribute if a.name == "start"), 0)
+            end = next((a.i for a in node.attribute if a.name == "end"), None)
+            result = [np.array(known_shape[node.input[0]], np.int64)[start:end]]
+        else:
+            ins = [i for i in node.input if i]
+            if not ins or any(values.get(i) is None for i in ins):
+                continue
+            try:
+                result = ReferenceEvaluator(node).run(None, {i: values[i] for i in ins})
+            except Exception:
+                continue
+        for name, v in zip(node.output, result):
+            values[name] = np.asarray(v)
+        folded.append(node)
+    if not folded:
+        return False
+    for node in folded:
+        g.node.remove(node)
+        for name in node.output:
+            g.initializer.append(numpy_helper.from_array(values[name], name))
+    return True
+
+
+def _concrete_inputs(light: onnx.ModelProto, input_shapes: dict[str, tuple]) -> None:
+    """Replace the graph inputs' non-positive dims: the leading one (the batch) by 1, the others by
+    ``input_shapes[name]``'s where given; then drop the inferred value_info and output shapes, whose
+    symbolic dims would otherwise stay."""
+    g = light.graph
+    inits = {t.name for t in g.initializer}
+    for vi in g.input:
+        if vi.name in inits or not vi.type.tensor_type.HasField("shape"):
+            continue
+        given = input_shapes.get(vi.name)
+        dims = vi.type.tensor_type.shape.dim
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                continue
+            if i == 0:
+                value = 1
+            elif given is not None and len(given) == len(dims) and int(given[i]) > 0:
+                value = int(given[i])
+            else:
+                continue
+            d.Clear()
+            d.dim_value = value
+    del g.value_info[:]
+    for vi in g.output:
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
 
 
 def _known(shape) -> bool:

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the per-pass report as JSON to this file")
     p.add_argument("--verify", action="store_true", help="compare outputs with the original after every pass (ONNX Runtime)")
     p.add_argument("--tolerance", type=float, help="relative tolerance for --verify (default: each pass's own)")
+    p.add_argument("--noise-factor", type=float, metavar="K",
+                   help="--verify allows each output max(tolerance, K x the original model's own float noise), "
+                        "the noise measured by running it with ORT's graph optimizations off and basic vs all "
+                        "(default 4; 0: the tolerance alone)")
     p.add_argument("--dump-dir", help="write NN_<pass>.onnx after every pass into this directory")
     p.add_argument("--plots", help="write PNG plots from passes that draw them (equalize) into this directory "
                                    "(needs matplotlib: pip install qgraph[plots])")
@@ -137,7 +141,7 @@ def _main(args) -> int:
     output = args.output or default_output(args.model)
     model, report = optimize(
         args.model, args.passes, calib=args.calib, output=output, report=args.report,
-        verify=args.verify, tolerance=args.tolerance, dump_dir=args.dump_dir, seed=args.seed,
+        verify=args.verify, tolerance=args.tolerance, noise_factor=args.noise_factor, dump_dir=args.dump_dir, seed=args.seed,
         preset=args.preset, calib_limit=args.calib_limit, plots=args.plots, progress=not args.quiet)
     if not args.quiet:
         print(report.format())

@@ -612,16 +612,19 @@ class Skip(Exception):
 
 # ----------------------------------------------------------------------------- ONNX Runtime
 
-def ort_session(model, *, threads: int = 0, optimize: bool = True):
+def ort_session(model, *, threads: int = 0, optimize: bool | str = True):
     """One ONNX Runtime CPU session for a ModelProto. A model over protobuf's 2 GB limit goes
     through a temporary folder that is removed as soon as the session holds its weights.
-    ``optimize=False`` turns ONNX Runtime's graph optimizations (and so its QDQ fusions) off."""
+    ``optimize=False`` turns ONNX Runtime's graph optimizations (and so its QDQ fusions) off; a
+    string names the level (``"ORT_ENABLE_BASIC"``, ...)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    if not optimize:
+    if isinstance(optimize, str):
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimize)
+    elif not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         if not ir.is_large(model):

@@ -1,5 +1,6 @@
 """The module map is a rule, not a wish: every import in the package (function-level ones included) is
-checked against it, and the package's import graph has no cycle. The rules are those of docs/architecture.md, "Who may import whom".
+checked against it, the package's import graph has no cycle, and tools never import each other's
+private names. The rules are those of docs/architecture.md, "Who may import whom".
 """
 from __future__ import annotations
 
@@ -160,6 +161,21 @@ def test_the_package_import_graph_has_no_cycle():
 def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def tools_private_imports() -> list[str]:
+    tools = {p.stem: p for p in (REPO / "tools").glob("*.py")}
+    bad = []
+    for stem, path in tools.items():
+        for line, target, names in imports_of(path.read_text(), stem):
+            if target.split(".")[0] in tools:
+                bad.extend(f"tools/{stem}.py:{line} imports {target}.{n}" for n in names if n.startswith("_"))
+    return bad
+
+
+def test_tools_never_import_each_others_private_names():
+    bad = tools_private_imports()
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("folder", ["passes", "kernels"])

@@ -276,7 +276,7 @@ def _zoo(name: str):
     from builders import ROOT
     sys.path.insert(0, str(ROOT / "tools"))
     import zoo_manifest
-    from qgraph.data import DataMissing, zoo_split
+    from zoo_data import DataMissing, zoo_split
     path = zoo_manifest.model_path(name)
     if not path.exists():
         pytest.skip(f"zoo model {name} not built ({path}): python tools/zoo.py build {name}")

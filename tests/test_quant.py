@@ -437,17 +437,11 @@ def test_digits_cnn_w8a8_within_0_3_points_of_fp32():
 # ----------------------------------------------------------------------------- zoo acceptance
 
 def _zoo_model(name: str):
-    import tomllib
-    entry = tomllib.loads((DIGITS.parent / "manifest.toml").read_text())["models"][name]
-    where, _, rel = entry["file"].partition(":")
-    if where == "repo":
-        path = DIGITS.parents[1] / rel
-    else:
-        cache = os.environ.get("QGRAPH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "qgraph"))
-        path = os.path.join(cache, "zoo", rel)
-    if not os.path.exists(path):
+    from zoo_data import DataMissing, zoo_split
+    from zoo_manifest import model_path
+    path = model_path(name)
+    if not path.exists():
         pytest.skip(f"zoo model {name} not built ({path}): python tools/zoo.py build {name}")
-    from qgraph.data import DataMissing, zoo_split
     try:
         calib, evaluation = zoo_split(name)
     except DataMissing as exc:

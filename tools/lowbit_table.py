@@ -5,7 +5,7 @@ each with and without equalize / gptq / biascorr.
                                  [--variants KEY,...] [--json out.json] [--markdown out.md]
 
 Every cell is ``qgraph.optimize(model, pipeline, calib=<calibration split>)`` evaluated by ONNX Runtime on
-the evaluation split (``qgraph.data.zoo_split``: MNIST test set 10,000 for the LeNets with 1,000 training
+the evaluation split (``tools/zoo_data.py`` ``zoo_split``: MNIST test set 10,000 for the LeNets with 1,000 training
 images to calibrate; digits 288 / 72; ImageNet sample 400 / 100). Weights per output channel,
 activations 8-bit (rows marked A4 / A2 quantize activations to 4 / 2 bits), ``fold`` first. Columns:
 
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     import qgraph
     sys.path.insert(0, str(ROOT / "tools"))
     from zoo_manifest import model_path
-    from qgraph.data import zoo_split
+    from zoo_data import zoo_split
     from qgraph.kernels.cpu import cpu_name
     import onnxruntime
     rows = [r for r in ROWS if not args.rows or r[0] in args.rows.split(",")]
