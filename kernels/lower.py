@@ -34,6 +34,8 @@ import onnx
 
 from qgraph import ir
 from qgraph.errors import ModelError
+from qgraph.kernels.bitplanes import encoding_of
+from qgraph.kernels.bitserial import AUTO_WEIGHT_BITS
 from qgraph.kernels.eltwise import TABLE_FUNCS, build_table
 from qgraph.kernels.floatops import FLOAT_OPS
 from qgraph.kernels.table import KERNELS
@@ -45,6 +47,12 @@ QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                  "QuantizeLinear", "DequantizeLinear"}
 MOVE_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Pad",
             "Resize", "Identity", "Expand", "MaxPool", "Dropout"}
+#: the dot-product kernels a Program can use (``lower(model, kernel=...)``, ``qgraph-run --kernel``)
+KERNEL_CHOICES = ("auto", "bitserial", "int8")
+#: QOperator dot products: the input holding the constant weight
+WEIGHT_INPUT = {"QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3, "ConvInteger": 1, "MatMulInteger": 1}
+#: 4-bit integer types and the byte type the kernels hold their values in
+SUBBYTE = {"int4": np.int8, "uint4": np.uint8}
 #: ops whose integer kernels clamp their output (ORT fuses a following Relu / Clip into them)
 CLAMPED_OPS = ("Conv", "MatMul", "Gemm", "Add", "Mul")
 GROUP_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool", "AveragePool", "Concat", "Softmax"} \
@@ -97,8 +105,11 @@ def _fail(node, why: str):
 
 
 class _Lowering:
-    def __init__(self, g: ir.Graph):
+    def __init__(self, g: ir.Graph, kernel: str = "auto"):
+        if kernel not in KERNEL_CHOICES:
+            raise ModelError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNEL_CHOICES)}")
         self.g = g
+        self.kernel = kernel
         consts = {t.name: np.asarray(t.values) for t in ir.initializers(g)}
         self.prog = Program([], [t.name for t in g.inputs], [t.name for t in g.outputs], consts)
         self.done: set[int] = set()          # ids of nodes absorbed into a group
@@ -126,6 +137,9 @@ class _Lowering:
         if dq.attrs.get("block_size", 0):
             _fail(node, f"{what} uses blocked quantization")
         p = self.prog
+        stored = p.consts.get(src.name)
+        if stored is not None and stored.dtype.name in SUBBYTE:      # 4-bit weights: one byte each
+            p.consts[src.name] = stored.astype(SUBBYTE[stored.dtype.name])
         return (src.name, p.add_const(f"{src.name}::scale", scale.astype(np.float32)),
                 p.add_const(f"{src.name}::zp", zp), int(dq.attrs.get("axis", 1)))
 
@@ -193,8 +207,20 @@ class _Lowering:
              * self.prog.consts[sw_name].astype(np.float32).reshape(-1))
         return self.prog.add_const(f"{t.name}::int32", np.rint(b.astype(np.float32) / s).astype(np.int32))
 
-    def emit(self, kernel, node, inputs, outputs, **attrs):
-        self.prog.steps.append(Step(kernel, node.name, list(inputs), list(outputs), attrs))
+    def kernel_for(self, w_name: str) -> str:
+        """The dot-product kernel of a layer whose weight is the constant ``w_name`` (``KERNEL_CHOICES``):
+        ``int8``, ``bitserial`` (forced), or ``auto``: a bit-serial candidate (weights of at most
+        ``AUTO_WEIGHT_BITS`` bits), run bit-serially when the activation's planes are few enough
+        (``bitserial.use_bitserial``, decided on each input)."""
+        w = self.prog.consts.get(w_name)
+        if self.kernel == "int8" or w is None or w.dtype not in (np.int8, np.uint8):
+            return "int8"
+        if self.kernel == "bitserial":
+            return "bitserial"
+        return "auto" if encoding_of(w).bits <= AUTO_WEIGHT_BITS else "int8"
+
+    def emit(self, step_op, node, inputs, outputs, **attrs):
+        self.prog.steps.append(Step(step_op, node.name, list(inputs), list(outputs), attrs))
 
     # -- groups -------------------------------------------------------------------------------------
     def group(self, node):
@@ -217,11 +243,13 @@ class _Lowering:
             w, sw, zw, _ = self.dq_parts(dqs[1], node, "weight")
             b = self.bias(node, input_at(node, 2), sx, sw)
             extra = {"ort_float": {"bias": self.bias_float}} if id(node) in self.float_units else {}
-            self.emit("QLinearConv", node, [x, sx, zx, w, sw, zw, sy, zy, b], [y], **at, clamp=clamp, **extra)
+            self.emit("QLinearConv", node, [x, sx, zx, w, sw, zw, sy, zy, b], [y], **at, clamp=clamp,
+                      kernel=self.kernel_for(w), **extra)
         elif op == "MatMul":
             a, sa, za, _ = self.dq_parts(dqs[0], node, "input A")
             b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")
-            self.emit("QLinearMatMul", node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp)
+            self.emit("QLinearMatMul", node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp,
+                      kernel=self.kernel_for(b))
         elif op == "Gemm":
             if float(at.get("alpha", 1.0)) != 1.0 or float(at.get("beta", 1.0)) != 1.0:
                 _fail(node, "Gemm with alpha or beta != 1")
@@ -229,7 +257,8 @@ class _Lowering:
             b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")
             c = self.bias(node, input_at(node, 2), sa, sb)
             self.emit("QGemm", node, [a, sa, za, b, sb, zb, c, sy, zy], [y],
-                      transA=int(at.get("transA", 0)), transB=int(at.get("transB", 0)), clamp=clamp)
+                      transA=int(at.get("transA", 0)), transB=int(at.get("transB", 0)), clamp=clamp,
+                      kernel=self.kernel_for(b))
         elif op in ("Add", "Mul"):
             a, sa, za, _ = self.dq_parts(dqs[0], node, "input A")
             b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")
@@ -318,8 +347,10 @@ class _Lowering:
             elif node.op in QOPERATOR_OPS or node.domain == "com.microsoft" and node.op.startswith("QLinear"):
                 if node.op not in KERNELS:
                     _fail(node, "this quantized op has no integer kernel")
-                self.emit(node.op, node, [self.name_of(t) for t in node.inputs],
-                          [t.name for t in node.outputs], **dict(node.attrs))
+                at = dict(node.attrs)
+                if node.op in WEIGHT_INPUT:
+                    at["kernel"] = self.kernel_for(self.name_of(input_at(node, WEIGHT_INPUT[node.op])) or "")
+                self.emit(node.op, node, [self.name_of(t) for t in node.inputs], [t.name for t in node.outputs], **at)
             elif id(node) in self.grouped:
                 self.group(node)
             elif node.op in MOVE_OPS and not (node.op == "Resize" and _attr(node, "mode", "nearest") != "nearest"):
@@ -460,6 +491,24 @@ def _input_type(g, t) -> str | None:
     return kind
 
 
+def _ort_keeps_clip(clip, q) -> bool:
+    """ORT's ClipQuantFusion removes a Clip before QuantizeLinear only when the Clip's range covers
+    the real range of Q's type, [s (qmin - z), s (qmax - z)] (to float32 epsilon); a narrower Clip
+    (2-4-bit activations in int8) stays, and with it the op before it stays float."""
+    bounds = clip_bounds(clip)
+    scale, zp = const_at(q, 1), const_at(q, 2)
+    if bounds is None or scale is None or scale.size != 1:
+        return False
+    kind = np.asarray(zp).dtype.name if zp is not None else "uint8"
+    if kind not in INT_RANGES:
+        return False
+    z = float(np.asarray(zp).reshape(-1)[0]) if zp is not None else 0.0
+    s = float(scale.reshape(-1)[0])
+    lo, hi = (s * (v - z) for v in INT_RANGES[kind])
+    eps = float(np.finfo(np.float32).eps)
+    return bounds[0] - lo > eps or hi - bounds[1] > eps
+
+
 def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
     """Compute nodes of QDQ units that ONNX Runtime's CPU provider leaves unfused (DQ -> float op -> Q).
 
@@ -467,7 +516,9 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
     single-consumer Q -> DQ pairs (``_ort_type``), the QDQ selectors fuse Conv and MatMul only when
     input and output share one type and it is not int8 (int8 activations are not allowed there),
     Gemm when A and Y share a type, and Add / Mul when both inputs and the output share one. So an
-    int8 tensor read by two nodes (a residual) keeps its writer, its readers and the Add in float.
+    int8 tensor read by two nodes (a residual) keeps its writer, its readers and the Add in float;
+    a layer with 4-bit (INT4 / UINT4) weights is always float (ORT dequantizes them), and so is a layer
+    whose output reaches Q through a Clip narrower than Q's range (``_ort_keeps_clip``).
     Elsewhere ("none", or a non-x86 machine under "auto") every unit is taken as fused.
     """
     import platform as _pf
@@ -480,13 +531,20 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
         if node.op not in ("Conv", "MatMul", "Gemm", "Add", "Mul"):
             continue
         users = ir.consumers(node.outputs[0]) if node.outputs else []
-        if len(users) == 1 and users[0].op in CLIP_OPS:
-            users = ir.consumers(users[0].outputs[0])
+        clamp = users[0] if len(users) == 1 and users[0].op in CLIP_OPS else None
+        if clamp is not None:
+            users = ir.consumers(clamp.outputs[0])
         if len(users) != 1 or users[0].op != "QuantizeLinear":
+            continue
+        if clamp is not None and clamp.op == "Clip" and _ort_keeps_clip(clamp, users[0]):
+            units.append(node)                  # a Clip narrower than Q's range: float op + Clip + Q
             continue
         out = _ort_type(g, users[0])
         ins = [_input_type(g, t) for t in node.inputs[:2]]
         if any(t is None for t in ins):
+            continue
+        if node.op != "Add" and node.op != "Mul" and any(t in SUBBYTE for t in ins):
+            units.append(node)                  # ORT has no integer kernel for 4-bit weights here
             continue
         if node.op in ("Conv", "MatMul"):       # the weight (input 1) stays int8: not compared
             fused = ins[0] == out and ins[0] != "int8"
@@ -499,7 +557,10 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
     return units
 
 
-def lower(model) -> Program:
-    """Lower a quantized model (path, ModelProto or qgraph.ir Graph) to a Program; ModelError if it cannot."""
+def lower(model, kernel: str = "auto") -> Program:
+    """Lower a quantized model (path, ModelProto or qgraph.ir Graph) to a Program; ModelError if it cannot.
+    ``kernel``: how Conv / MatMul / Gemm with constant weights compute their dot products: ``int8``,
+    ``bitserial`` (every such layer, whatever its widths), or ``auto`` (bit-serial for weights of at
+    most 4 bits when the activation's planes are few enough, see ``bitserial.use_bitserial``)."""
     g = model if isinstance(model, ir.Graph) else ir.load(model)
-    return _Lowering(g).run()
+    return _Lowering(g, kernel).run()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from qgraph.errors import ModelError
-from qgraph.kernels import ortfloat
+from qgraph.kernels import bitconv, bitplanes, bitserial, ortfloat
 from qgraph.kernels.conv import pack_conv, conv_int
 from qgraph.kernels.gemm import pack_b, qgemm
 from qgraph.kernels.requant import output_scale, quantize_linear, requantize_into
@@ -60,10 +60,32 @@ def _requant_out(step, acc3, sx, sw, sy, zy, mode):
 
 # ----------------------------------------------------------------------------- convolution
 
+def _bitserial_input(step, x, zx, bits, k: int, padded: bool):
+    """The activation's bit-plane encoding when this step runs bit-serially on ``x`` (the step's
+    ``kernel``, set by the lowering, and ``bitserial.use_bitserial``), else None. What ran is noted
+    in ``step.cache["ran"]``."""
+    kernel = step.attrs.get("kernel", "int8")
+    if kernel == "int8" or bits is None:
+        step.cache["ran"] = "int8"
+        return None
+    enc = bitplanes.input_encoding(x, zx, padded)
+    if bitserial.use_bitserial(kernel, bits.enc, enc, k):
+        step.cache["ran"] = f"bitserial W {bits.enc.label()} x A {enc.label()}"
+        return enc
+    step.cache["ran"] = "int8"
+    return None
+
+
 def _conv_acc(step, x, zx, w, zw):
     geo = conv_geometry(step.attrs, w.shape, x.shape[2:])
-    pc = _cached(step, "w", w, lambda: pack_conv(w, geo.group))
-    acc = conv_int(x, zx, pc, _zp(zw), geo)
+    bits = _cached(step, "bits", w, lambda: bitconv.pack_conv(w, geo.group)) \
+        if step.attrs.get("kernel", "int8") != "int8" else None
+    enc = _bitserial_input(step, x, zx, bits, int(np.prod(w.shape[1:])), any(geo.pads))
+    if enc is not None:
+        acc = bitconv.conv(x, zx, bits, _zp(zw), geo, enc=enc)
+    else:
+        pc = _cached(step, "w", w, lambda: pack_conv(w, geo.group))
+        acc = conv_int(x, zx, pc, _zp(zw), geo)
     return acc if x.ndim == 4 else np.ascontiguousarray(acc[:, :, 0, :])
 
 
@@ -85,13 +107,16 @@ def _conv_plan(step, args, mode, x):
                 qmin, qmax, np.asarray(zy).dtype)
     else:
         geo = conv_geometry(step.attrs, w.shape, x.shape[2:])
-        pc = pack_conv(w, geo.group)
-        scale = np.ascontiguousarray(np.broadcast_to(output_scale(sx, sw, sy), (pc.cout,)))
-        mult, shift = fixed_multiplier(scale) if mode == "fixed" else (np.zeros(pc.cout, np.int64),
-                                                                        np.ones(pc.cout, np.int64))
-        b = np.zeros(pc.cout, np.int32) if bias is None else np.asarray(bias, np.int32).reshape(-1).copy()
+        kernel = step.attrs.get("kernel", "int8")
+        pc = pack_conv(w, geo.group) if kernel != "bitserial" else None
+        bits = bitconv.pack_conv(w, geo.group) if kernel != "int8" else None
+        cout = w.shape[0]
+        scale = np.ascontiguousarray(np.broadcast_to(output_scale(sx, sw, sy), (cout,)))
+        mult, shift = fixed_multiplier(scale) if mode == "fixed" else (np.zeros(cout, np.int64),
+                                                                        np.ones(cout, np.int64))
+        b = np.zeros(cout, np.int32) if bias is None else np.asarray(bias, np.int32).reshape(-1).copy()
         rq = (b, scale, mult, shift, _scalar(zy), qmin, qmax, mode == "fixed")
-        plan = ("int", geo, pc, _scalar(zx), _zp(zw), rq, np.asarray(zy).dtype)
+        plan = ("int", geo, pc, _scalar(zx), _zp(zw), rq, np.asarray(zy).dtype, bits, int(np.prod(w.shape[1:])))
     step.cache["plan"] = (key, list(args[1:]), plan)
     return plan
 
@@ -102,8 +127,12 @@ def qlinear_conv(step, args, mode):
     if plan[0] == "float":
         _, w_f, sx, zx, bias_f, sy, zy, qmin, qmax, dtype = plan
         return [ortfloat.conv_unit(step, x, sx, zx, w_f, bias_f, sy, zy, qmin, qmax, dtype)]
-    _, geo, pc, zx, zw, rq, dtype = plan
-    out = conv_int(x, zx, pc, zw, geo, rq=rq, out_dtype=dtype)   # requantized in the conv's epilogue
+    _, geo, pc, zx, zw, rq, dtype, bits, k = plan
+    enc = _bitserial_input(step, x, zx, bits, k, any(geo.pads))
+    if enc is not None:     # the same int32 accumulators, the same requantization arithmetic
+        out = bitconv.conv(x, zx, bits, zw, geo, rq=rq, out_dtype=dtype, enc=enc)
+    else:
+        out = conv_int(x, zx, pc, zw, geo, rq=rq, out_dtype=dtype)   # requantized in the conv's epilogue
     return [out if x.ndim == 4 else np.ascontiguousarray(out[:, :, 0, :])]
 
 
@@ -121,10 +150,16 @@ def _matmul_acc(step, a, za, b, zb):
     za = _zp(za)
     zb = _zp(zb)
     if b.ndim == 2:
-        pb = _cached(step, "b", b, lambda: pack_b(b))
         if za.size > 1 and a.ndim > 2:
             raise ModelError(f"{step.name}: per-row a_zero_point with batched A is not supported")
         a2 = a.reshape(-1, a.shape[-1])
+        bits = _cached(step, "bits", b, lambda: bitserial.pack(np.ascontiguousarray(b.T), bitserial.NR)) \
+            if step.attrs.get("kernel", "int8") != "int8" else None
+        enc = _bitserial_input(step, a2, za, bits, b.shape[0], False)
+        if enc is not None:
+            acc = bitserial.gemm(bitserial.pack(a2, bitserial.MR, enc), za, bits, zb)
+            return acc.reshape(*a.shape[:-1], b.shape[-1])
+        pb = _cached(step, "b", b, lambda: pack_b(b))
         return qgemm(a2, za, pb, zb).reshape(*a.shape[:-1], b.shape[-1])
     batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a_b = np.broadcast_to(a, batch + a.shape[-2:])

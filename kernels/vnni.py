@@ -29,6 +29,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from qgraph.kernels import cpu
 from qgraph.kernels.requant import column_terms
 from qgraph.kernels.tiles import broadcast, tile_loop
 
@@ -41,14 +42,7 @@ NC = 4 * NR     # columns of C per block of ``qgemm_vnni``: its int32 block [MC,
 
 
 def _host_has_vnni() -> bool:
-    if os.environ.get("QGRAPH_NO_VNNI"):
-        return False
-    try:
-        import llvmlite.binding as ll
-        feats = ll.get_host_cpu_features()
-        return bool(feats.get("avx512vnni")) and bool(feats.get("avx512bw"))
-    except Exception:  # pragma: no cover - llvmlite without host feature query
-        return False
+    return not os.environ.get("QGRAPH_NO_VNNI") and cpu.has("avx512vnni", "avx512bw")
 
 
 HAS_VNNI = _host_has_vnni()

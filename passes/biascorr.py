@@ -60,8 +60,9 @@ from qgraph import ir
 from qgraph.calibrate import ChannelSums, channel_means, progress_bar
 from qgraph.errors import QGraphError
 from qgraph.pipeline import Context, Pass, PassResult, QuantRecord, option, quantized
-from qgraph.ops import (INT32, MATRIX_LAYER_OPS, QGroup, Skip, bias_qparams, clip_bounds, const_at, dequantize,
-                        find_groups, float_source, is_q, out_channels, qparams_of, weight_times_input)
+from qgraph.ops import (CLIP_OPS, INT32, MATRIX_LAYER_OPS, QGroup, Skip, bias_qparams, clip_bounds, const_at,
+                        dequantize, find_groups, float_source, is_q, out_channels, output_quantizer, qparams_of,
+                        weight_times_input)
 from qgraph.qdq import dq_constant
 from qgraph.replay import BatchCache, replay
 
@@ -203,8 +204,12 @@ def _float_weight(grp: QGroup, qstate: QuantRecord) -> np.ndarray | None:
 def _float_name(g: ir.Graph, grp: QGroup) -> str:
     """The layer output's name in the float model: a graph output's name moved to its DQ when quantized."""
     y = grp.node.outputs[0]
-    if grp.y_q is not None:
-        dq = [n for n in ir.consumers(grp.y_q.outputs[0]) if n.op == "DequantizeLinear"]
+    q = grp.y_q
+    if q is None:          # through a Clip to a narrow range (2-4-bit activations) or a kept Relu
+        found = output_quantizer(g, grp.node, CLIP_OPS)
+        q = None if isinstance(found, Skip) else found[0]
+    if q is not None:
+        dq = [n for n in ir.consumers(q.outputs[0]) if n.op == "DequantizeLinear"]
         if len(dq) == 1 and ir.is_graph_output(g, dq[0].outputs[0]):
             return dq[0].outputs[0].name
     return y.name

@@ -37,16 +37,26 @@ from qgraph.errors import ModelError
 from qgraph.pipeline import Context, Pass, PassResult, QuantRecord, no_batchnorm, not_quantized, option
 from qgraph.ops import INT32, LAYER_OPS, MATRIX_LAYER_OPS, QParams, bias_qparams, clip_bounds, dequantize, quantize
 from qgraph.qdq import dq_constant, insert_qdq
+from qgraph.grids import GRIDS, POT_BITS, grid_levels, grid_qparams, storage_for, weight_integers
 from qgraph.qparams import ACT_METHODS, WEIGHT_METHODS, act_range, make_qparams, sqnr_db, weight_qparams
 from qgraph.rounding import round_layers
 from qgraph.passes.quant_placement import Matcher, Plan, make_plan
+
+
+#: activation widths: below 8 the integers stay in int8 / uint8 with a Clip to [qmin, qmax] before Q
+ACT_BITS = (2, 3, 4, 8, 16)
+#: ops whose output may go through a Clip into Q: the Clip is then the integer op's output clamp
+#: (ORT runs such a unit in float; ``qgraph-run`` lowers it as one integer step)
+NARROW_PRODUCERS = ("Conv", "Gemm", "MatMul", "Add", "Mul")
 
 
 @dataclass
 class QuantOptions:
     bits: int = option(8, "weight bits; below 8 the symmetric range is narrow ([-7, 7] at 4 bits, see "
                        "weight_scheme)", range=(2, 8))
-    act_bits: int = option(8, "activation bits", choices=(8, 16))
+    act_bits: int = option(8, "activation bits: 8, 16, or 2..4 (int8/uint8 storage with a Clip to the narrow "
+                           "range before Q; tensors not written by Conv/Gemm/MatMul/Add/Mul keep 8)",
+                           choices=ACT_BITS)
     granularity: str = option("channel", "weight scales per output channel or per tensor",
                               choices=("channel", "tensor"))
     scheme: str = option("asym", "activation ranges: asymmetric (zero point) or symmetric",
@@ -57,8 +67,11 @@ class QuantOptions:
     act_dtype: str = option("int8", "activation storage type (s8s8 or u8s8 with int8 weights)",
                             choices=("int8", "uint8"))
     act_method: str = option("minmax", "activation range", choices=ACT_METHODS)
+    weight_grid: str = option("uniform", "grid of the Conv/Gemm/MatMul weights not named in precision: uniform "
+                              "(bits), binary (±α, XNOR-Net), ternary (0, ±α, TWN) or pot (0, ±α·2^k; bits 2..4)",
+                              choices=GRIDS)
     weight_method: str = option("auto", "weight range; auto: mse for per-tensor weights (one range for all "
-                                "channels: outlier channels waste it), minmax per channel",
+                                "channels: outlier channels waste it) and power-of-two grids, minmax per channel",
                                 choices=("auto",) + WEIGHT_METHODS)
     percentile: float = option(99.999, "percentile for act_method=percentile", range=(50.0, 100.0))
     storage4: str = option("int4", "container of weights with <= 4 bits: ONNX INT4 (half the bytes; ORT "
@@ -90,8 +103,13 @@ class QuantOptions:
             if not 2 <= int(b) <= 8:
                 return f"precision '{key}@{b}': weight bits must be within 2..8"
         for key, b in self.act_precision.items():
-            if int(b) not in (8, 16):
-                return f"act_precision '{key}@{b}': activation bits must be 8 or 16"
+            if int(b) not in ACT_BITS:
+                return f"act_precision '{key}@{b}': activation bits must be one of {', '.join(map(str, ACT_BITS))}"
+        if self.weight_grid == "pot" and self.bits not in POT_BITS:
+            return (f"weight_grid=pot takes bits 2..4 (0 and ±2^0..±2^(2^(bits-1)-2) times a scale; "
+                    f"bits=4 reaches ±64), not bits={self.bits}")
+        if self.weight_grid != "uniform" and self.weight_scheme == "asym":
+            return f"weight_grid={self.weight_grid} is symmetric (no zero point): drop weight_scheme=asym"
         from qgraph.errors import OptionError
         from qgraph.passes.mixed import check_mixed_options
         try:
@@ -130,6 +148,7 @@ class Quantize(Pass):
         _refuse_half_precision(g)
         g.toposort()
         _name_nodes(g)
+        self._graph_outputs = {t.name for t in g.outputs}
         plan = make_plan(g, granularity=o.granularity, bits=o.bits, precision=o.precision,
                          exclude=o.exclude, absorb=o.absorb_relu and o.scheme == "asym",
                          weight_only=o.weight_only)
@@ -143,7 +162,9 @@ class Quantize(Pass):
             bins = 0 if o.act_method == "minmax" else o.bins    # minmax needs no histogram
             observe = [n for n in plan.acts if n not in plan.derived and n not in plan.fixed]
             stats = cached_collect(ctx, float_model, observe, bins=bins, batch_size=o.batch_size)
-        w_qp = {name: self._decide_weight(wp) for name, wp in plan.weights.items()}
+        listed = Matcher(list(o.precision), [n.name for n in g.nodes if n.op in LAYER_OPS])
+        w_qp = {name: self._decide_weight(wp, gridded=not any(listed.any(r) for r in wp.readers))
+                for name, wp in plan.weights.items()}
         act_qp = self._decide_activations(plan, stats, w_qp)
         w_int, rounding_notes = self._round(g, plan, w_qp, float_model, ctx)
         before = {name: qp.scale for name, qp in w_qp.items()}
@@ -177,6 +198,8 @@ class Quantize(Pass):
 
     def _decide_activations(self, plan: Plan, stats: dict, w_qp: dict) -> dict[str, QParams]:
         o = self.opts
+        self._kept8: dict[str, int] = {}        # narrow activations kept at 8 bits, by the op writing them
+        self._clipped: set[str] = set()         # narrow activations quantized through a Clip
         symmetric = o.scheme == "sym"
         signed = o.act_dtype == "int8"
         matcher = Matcher(list(o.act_precision), [])
@@ -199,6 +222,14 @@ class Quantize(Pass):
             seen = [m for m in members if m in stats]
             rep = max(seen, key=lambda m: stats[m].max - stats[m].min if stats[m].count else -1)
             bits = max(bits_of(m) for m in members)   # a shared scale takes the widest request
+            if bits < 8:
+                why = next((r for r in (_why_not_narrow(plan, m, self._graph_outputs) for m in members) if r), None)
+                if why:      # QuantizeLinear alone saturates at the storage type's range: kept at 8 bits
+                    self._kept8[why] = self._kept8.get(why, 0) + 1
+                    bits = 8
+                else:        # a Clip to [qmin, qmax] goes before Q where a layer writes the values
+                    self._clipped.update(m for m in members if m not in plan.derived
+                                         and _writer(plan, m).op in NARROW_PRODUCERS)
             rmin, rmax = act_range(stats[rep], o.act_method, bits=bits, symmetric=symmetric,
                                    signed=signed, percentile=o.percentile)
             qp = make_qparams(rmin, rmax, bits=bits, storage=self._act_storage(bits), symmetric=symmetric,
@@ -217,13 +248,21 @@ class Quantize(Pass):
                 out[m] = qp
         return out
 
-    def _decide_weight(self, wp) -> QParams:
+    def _decide_weight(self, wp, gridded: bool = True) -> QParams:
+        """``gridded``: the weight takes ``weight_grid`` (layers not named in ``precision``)."""
         o = self.opts
         method = o.weight_method
         if method == "auto":
             method = "mse" if wp.axis is None else "minmax"
         if not self._weight_of_layer(wp):
             method = "minmax"     # tables and Add/Mul constants: their scale is the output's too
+        elif o.weight_grid != "uniform" and gridded:
+            if o.weight_method == "auto" and o.weight_grid == "pot":
+                # a log2 grid spends its top octave on the single largest weight when scaled by min-max;
+                # the MSE scale is the grid's L2 projection (also measured: digits CNN POT4 29.7 -> 90.0)
+                method = "mse"
+            return grid_qparams(wp.tensor.values, grid=o.weight_grid, bits=o.bits, axis=wp.axis, method=method,
+                                storage=storage_for(grid_levels(o.weight_grid, o.bits), o.storage4))
         storage = "int4" if wp.bits <= 4 and o.storage4 == "int4" else "int8"
         return weight_qparams(wp.tensor.values, bits=wp.bits, storage=storage,
                               symmetric=o.weight_scheme == "sym" or not self._weight_of_layer(wp),
@@ -274,7 +313,7 @@ class Quantize(Pass):
         w_dq: dict[str, ir.Variable] = {}
         for name, wp in plan.weights.items():
             qp = w_qp[name]
-            q = w_int[name] if w_int and name in w_int else quantize(wp.tensor.values, qp)
+            q = w_int[name] if w_int and name in w_int else weight_integers(wp.tensor.values, qp)
             _, out = dq_constant(g, q, qp, name)
             w_dq[name] = out
             for node in wp.readers:
@@ -296,7 +335,7 @@ class Quantize(Pass):
             qp = act_qp[name]
             relu = plan.absorbed.get(name)
             source = relu.inputs[0] if relu is not None and self._absorbable(relu, qp) else None
-            q_node, _, dq_out = insert_qdq(g, t, qp, source=source)
+            q_node, _, dq_out = insert_qdq(g, t, qp, source=source, clip=name in self._clipped)
             if source is not None:
                 relu.inputs.clear()
                 relu.outputs.clear()
@@ -326,6 +365,14 @@ class Quantize(Pass):
                  "weight_bits": {f"{b}b": n for b, n in sorted(bits.items())},
                  "relu_absorbed": sum(1 for r in plan.absorbed.values() if not r.outputs),
                  "skipped": dict(plan.skipped)}
+        grids = Counter(qp.method for qp in w_qp.values() if qp.levels is not None)
+        if grids:
+            notes["weight_grid"] = dict(sorted(grids.items()))
+        act_bits = Counter(qp.bits for qp in act_qp.values())
+        if set(act_bits) - {8}:
+            notes["act_bits"] = {f"{b}b": n for b, n in sorted(act_bits.items())}
+        if self._kept8:
+            notes["act_kept_8_bits"] = dict(sorted(self._kept8.items()))
         clipped = sum(v.get("bias", {}).get("clipped", 0) for v in record["layers"].values())
         if clipped:
             notes["bias_clipped"] = clipped
@@ -372,13 +419,36 @@ class Quantize(Pass):
 
 def _requantize_changed(w: np.ndarray, q: np.ndarray, old_scale, qp: QParams) -> np.ndarray:
     """``q`` with the slices whose scale changed from ``old_scale`` to ``qp.scale`` rounded anew."""
-    fresh = quantize(w, qp)
+    fresh = weight_integers(w, qp)
     if not qp.per_channel:
         return fresh
     changed = np.asarray(old_scale).reshape(-1) != np.asarray(qp.scale).reshape(-1)
     shape = [1] * q.ndim
     shape[qp.axis] = -1
     return np.where(changed.reshape(shape), fresh, q)
+
+
+def _writer(plan: Plan, name: str):
+    """The node whose output values activation ``name`` carries (through an absorbed Relu / Clip);
+    None for a graph input."""
+    relu = plan.absorbed.get(name)
+    return ir.producer(relu.inputs[0] if relu is not None else plan.acts[name])
+
+
+def _why_not_narrow(plan: Plan, name: str, outputs: set) -> str | None:
+    """None when activation ``name`` can be quantized below 8 bits in int8 / uint8 storage: a layer or
+    Add / Mul writes it (a Clip before Q narrows it), or its values are those of tensors that are
+    (data movement, Concat: tied to them). Otherwise the reason: ``graph_output`` (the model's result,
+    which an argmax or a softmax compares: four levels would tie most classes), ``graph_input`` (the
+    first layer reads 8-bit data, as in the low-bit literature), or ``written_by_<op>``."""
+    if name in outputs:
+        return "graph_output"
+    if name in plan.derived:
+        return None
+    node = _writer(plan, name)
+    if node is None:
+        return "graph_input"
+    return None if node.op in NARROW_PRODUCERS + ("Concat",) else f"written_by_{node.op}"
 
 
 def _min_cap(t) -> float | None:

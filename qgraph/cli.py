@@ -246,6 +246,10 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", required=True, help=".npz whose keys are the model's input names")
     p.add_argument("--mode", choices=("float", "fixed"), default="float",
                    help="requantization: float (RNE, as ORT) or fixed (int32 multiplier + shift)")
+    p.add_argument("--kernel", choices=("auto", "bitserial", "int8"), default="auto",
+                   help="dot products of Conv/MatMul/Gemm with constant weights: int8, bitserial (AND/XNOR-"
+                        "popcount over bit planes, every such layer), or auto (bit-serial for weights of <= 4 "
+                        "bits when weight x activation planes are few enough; default). All give the same integers")
     p.add_argument("--compare-ort", action="store_true", help="diff every output against ONNX Runtime")
     p.add_argument("--per-layer", action="store_true",
                    help="diff every quantized tensor against ORT, chained and isolated (on ORT's inputs)")
@@ -316,11 +320,12 @@ def _run_main(args) -> int:
         check_writable(args.output, "--output")
     model = ir.read_model(args.model)
     ir.check_strict(model, args.model)
-    prog = lower(model)
+    prog = lower(model, kernel=args.kernel)
     feeds = _load_inputs(model, args.inputs, args.limit)
     feeds = {k: v for k, v in feeds.items() if k in prog.inputs}
-    report: dict = {"model": args.model, "mode": args.mode, "steps": prog.summary()}
+    report: dict = {"model": args.model, "mode": args.mode, "kernel": args.kernel, "steps": prog.summary()}
     ours = run(prog, feeds, args.mode)
+    report["dot_products"] = {s.name: s.cache["ran"] for s in prog.steps if "ran" in s.cache}
     worst = 0
     if args.compare_ort:
         with _ort_refusals():
@@ -375,6 +380,11 @@ def _npz_bytes(arrays: dict) -> bytes:
 def _print_run(report: dict, args) -> None:
     steps = ", ".join(f"{k} {v}" for k, v in report["steps"].items())
     print(f"{report['model']}: {sum(report['steps'].values())} integer steps ({steps}); mode {args.mode}")
+    ran: dict[str, int] = {}
+    for how in report.get("dot_products", {}).values():
+        ran[how] = ran.get(how, 0) + 1
+    if ran:
+        print(f"  dot products (--kernel {args.kernel}): " + ", ".join(f"{k}: {v}" for k, v in sorted(ran.items())))
     for name, f in report["outputs"].items():
         if "exact" in f:
             print(f"  {name}: {f['exact'] * 100:.3f}% bit-exact of {f['elements']}, max {f['max_lsb']} LSB, "

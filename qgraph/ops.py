@@ -298,7 +298,9 @@ class QParams:
     """How one tensor is quantized. ``scale``/``zero_point`` are scalars (per tensor) or 1-D (per axis).
 
     ``storage`` is the ONNX element type the integers are stored in; ``bits`` the bit width actually
-    used (4-bit weights may be stored as int8 with the narrow range [-7, 7]).
+    used (4-bit weights may be stored as int8 with the narrow range [-7, 7]). ``levels``: the integers
+    a non-uniform grid allows (sorted; binary [-1, 1], power-of-two [-4, -2, -1, 0, 1, 2, 4], ...),
+    None for every integer in [qmin, qmax].
     """
     scale: np.ndarray
     zero_point: np.ndarray
@@ -312,6 +314,7 @@ class QParams:
     rmin: np.ndarray | float = 0.0   # the decided real range, before widening to contain 0
     rmax: np.ndarray | float = 0.0
     meta: dict = field(default_factory=dict)
+    levels: np.ndarray | None = None
 
     @property
     def per_channel(self) -> bool:
@@ -331,8 +334,11 @@ class QParams:
         def val(v):
             a = np.asarray(v)
             return a.item() if a.ndim == 0 else a.tolist()
-        return {"scale": val(self.scale), "zero_point": val(self.zero_point), "storage": self.storage,
-                "bits": self.bits, "axis": self.axis, "symmetric": self.symmetric, "method": self.method}
+        out = {"scale": val(self.scale), "zero_point": val(self.zero_point), "storage": self.storage,
+               "bits": self.bits, "axis": self.axis, "symmetric": self.symmetric, "method": self.method}
+        if self.levels is not None:
+            out["levels"] = val(self.levels)
+        return out
 
 
 def bias_qparams(scale) -> QParams:
@@ -344,9 +350,20 @@ def bias_qparams(scale) -> QParams:
 
 
 def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
-    """QuantizeLinear on an array (round half to even, saturate), as int64 values."""
+    """QuantizeLinear on an array (round half to even, saturate), as int64 values; on a grid with
+    ``levels``, the nearest allowed level (``nearest_level``)."""
     s, z = _broadcast(qp, np.ndim(x))
+    if qp.levels is not None:
+        return nearest_level(x / s, qp.levels) + z.astype(np.int64)
     return np.clip(np.rint(x / s) + z, qp.qmin, qp.qmax).astype(np.int64)
+
+
+def nearest_level(v: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Each value of ``v`` (in units of the scale) projected on the nearest of the sorted integer
+    ``levels`` (a value half-way between two levels takes the upper one), as int64."""
+    levels = np.asarray(levels, np.int64)
+    mids = (levels[1:] + levels[:-1]) / 2.0
+    return levels[np.searchsorted(mids, np.asarray(v, np.float64), side="right")]
 
 
 def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:

@@ -69,12 +69,18 @@ def _attrs(qp: QParams) -> dict:
 
 
 def insert_qdq(g: ir.Graph, t: ir.Tensor, qp: QParams, *, source: ir.Tensor | None = None,
-               name: str | None = None) -> tuple[ir.Node, ir.Node, ir.Variable]:
+               name: str | None = None, clip: bool = False) -> tuple[ir.Node, ir.Node, ir.Variable]:
     """``t -> Q -> DQ -> (every former reader of t)``; returns (Q node, DQ node, DQ output).
 
     ``source``: the tensor Q reads, when it is not ``t`` itself (a ReLU absorbed into the range:
     readers of the ReLU's output ``t`` read DQ(Q(ReLU's input)); the ReLU is left dead).
     A graph output keeps its name (it moves to the DQ output).
+
+    ``clip``: a range narrower than the storage type's (2-bit activations in int8: [qmin, qmax] =
+    [-2, 1]) needs ``Clip(s (qmin - z), s (qmax - z))`` before Q, since QuantizeLinear saturates only
+    at the type's bounds; Q of the clipped value lands exactly in [qmin, qmax]. ONNX Runtime keeps such
+    a Clip (it removes a Clip before Q only when it is no narrower than Q's range), so it runs the unit
+    as float ops on the same integers.
     """
     base = name or t.name
     domain = _domain(g, qp.storage)
@@ -89,6 +95,15 @@ def insert_qdq(g: ir.Graph, t: ir.Tensor, qp: QParams, *, source: ir.Tensor | No
         q_out.dtype = _gs_dtype(qp.storage)
     if source is not None:
         ir.swap_input(q_node, q_node.inputs[0], source)
+    if clip:
+        lo, hi = (np.float32(v) for v in qp.real_range())
+        if default_opset(g) >= 11:
+            bounds = [ir.add_const(g, base + "_clip_min", np.asarray(lo, np.float32)),
+                      ir.add_const(g, base + "_clip_max", np.asarray(hi, np.float32))]
+            ir.splice(g, q_node.inputs[0], "Clip", extra_inputs=bounds, only=[q_node], name=base + "_Clip")
+        else:
+            ir.splice(g, q_node.inputs[0], "Clip", attrs={"min": float(lo), "max": float(hi)}, only=[q_node],
+                      name=base + "_Clip")
     if domain:
         q_node.domain = dq_node.domain = domain
     return q_node, dq_node, dq_out

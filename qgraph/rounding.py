@@ -12,7 +12,9 @@ input column at a time and moves its rounding error onto the columns not yet rou
 Each row's clipping is chosen with it: the row's scale is tried at 0.5..1 of its min-max scale and the
 one with the smallest output error kept (GPTQ itself decides for rows of at most 32 inputs — depthwise
 3x3 has 9, where the clipping matters most —, nearest rounding under H for wider rows). The grid
-stays uniform and symmetric, so the QDQ graph and every integer kernel are unchanged.
+is the weight's own: uniform, or the codebook of a binary / ternary / power-of-two grid
+(``QParams.levels``, ``qgraph.grids``), where Q(w) is the nearest level; for binary and ternary, whose
+scale is a mean rather than a range, the scale is tried at 0.5..1.5 of its own.
 
 Layers and their input matrix X (K input features per output row):
     Conv (2-D, any groups)    im2col patches per group: K = Cin/g · kh · kw, in W[o].ravel() order
@@ -26,7 +28,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from qgraph import ir
 from qgraph.calibrate import stream
-from qgraph.ops import ConvGeometry, conv_geometry, out_axis
+from qgraph.ops import ConvGeometry, conv_geometry, nearest_level, out_axis
 
 #: damping added to H's diagonal, as a fraction of its mean (GPTQ's default)
 DAMP = 0.01
@@ -151,17 +153,26 @@ def collect_hessians(model, layers: dict, samples, *, batch_size: int = 16, prog
 
 # ----------------------------------------------------------------------------- rounding
 
+def project(v: np.ndarray, z, qmin: int, qmax: int, levels: np.ndarray | None = None) -> np.ndarray:
+    """The grid's nearest point of ``v`` (in units of the scale): round and saturate on a uniform
+    grid, the nearest of ``levels`` on a non-uniform one (binary, ternary, power-of-two)."""
+    if levels is None:
+        return np.clip(np.rint(v) + z, qmin, qmax)
+    return (nearest_level(v, levels) + z).astype(np.float64)
+
+
 def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int, *,
-         damp: float = DAMP, block: int = BLOCK, act_order: bool = True, pinned: np.ndarray | None = None
-         ) -> np.ndarray:
-    """Integer weights [G, R, K] for w [G, R, K] given H [G, K, K] and per-row scale/zero [G, R].
+         damp: float = DAMP, block: int = BLOCK, act_order: bool = True, levels: np.ndarray | None = None,
+         pinned: np.ndarray | None = None) -> np.ndarray:
+    """Integer weights [G, R, K] for w [G, R, K] given H [G, K, K] and per-row scale/zero [G, R];
+    ``levels``: the codebook of a non-uniform grid (each column goes to its nearest level).
     ``pinned`` [G, R, K] marks weights that must stay exactly zero (a sparse layer's zeros): they take
     the zero point, and their error moves to the other weights like any rounding error."""
     s = np.where(scale > 0, scale, 1.0)[:, :, None]
     z = zero[:, :, None]
 
     def nearest(col, _i):
-        qc = np.clip(np.rint(col / s) + z, qmin, qmax)
+        qc = project(col / s, z, qmin, qmax, levels)
         return qc, (qc - z) * s
     return _gptq(w, h, nearest, pinned=pinned, pin_to=(z, 0.0), damp=damp, block=block,
                  act_order=act_order).astype(np.int64)
@@ -261,7 +272,7 @@ def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
 def output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
     """tr((W − Ŵ) H (W − Ŵ)ᵀ) summed over groups: the layer's output squared error on the data."""
     d = (w - wq).astype(np.float64)
-    return float(np.einsum("grk,gkl,grl->", d, h, d))
+    return float(np.einsum("grk,grk->", d @ h, d))      # (d H) · d: a BLAS product, not a 3-operand einsum
 
 
 def round_layers(float_model, targets: dict, samples, *, batch_size: int = 16, progress: bool = False,
@@ -300,11 +311,15 @@ CLIP_RATIOS = np.linspace(0.5, 1.0, 11)
 #: rows with at most this many inputs choose their clipping by GPTQ itself, wider ones by nearest
 #: rounding under H (depthwise 3x3: 9 inputs, where the clipping matters most)
 SEARCH_WITH_GPTQ = 32
+#: grids whose scale is a mean of magnitudes (binary α = mean|w|, ternary's mean above Δ), not a range
+#: to clip: the output error may want it smaller or larger, so their candidates go both ways
+MEAN_SCALED = ("binary", "ternary")
+MEAN_SCALE_RATIOS = np.linspace(0.5, 1.5, 11)
 
 
 def _row_errors(m, wq, h) -> np.ndarray:
     d = m - wq
-    return np.einsum("grk,gkl,grl->gr", d, h, d)
+    return np.einsum("grk,grk->gr", d @ h, d)
 
 
 def _round_one(node, w, qp, h, pin_zeros: bool = False):
@@ -322,16 +337,18 @@ def _round_one(node, w, qp, h, pin_zeros: bool = False):
         return (a - zz) * s[:, :, None]
 
     def nearest(s):
-        return np.clip(np.rint(m / s[:, :, None]) + zz, qp.qmin, qp.qmax)
+        return project(m / s[:, :, None], zz, qp.qmin, qp.qmax, qp.levels)
 
     small = m.shape[2] <= SEARCH_WITH_GPTQ
     best_err = np.full(m.shape[:2], np.inf)
     best_s = s0.copy()
     best_q = None
     ratios = CLIP_RATIOS if qp.bits < 8 else CLIP_RATIOS[-1:]
+    if qp.method in MEAN_SCALED:
+        ratios = MEAN_SCALE_RATIOS
     for a in ratios:
         s = s0 * a
-        q = gptq(m, h, s, z, qp.qmin, qp.qmax, pinned=pinned) if small else nearest(s)
+        q = gptq(m, h, s, z, qp.qmin, qp.qmax, levels=qp.levels, pinned=pinned) if small else nearest(s)
         err = _row_errors(m, deq(q, s), h)
         if not qp.per_channel:
             err = np.full_like(err, err.sum())
@@ -340,7 +357,7 @@ def _round_one(node, w, qp, h, pin_zeros: bool = False):
         best_s = np.where(better, s, best_s)
         if small:
             best_q = q if best_q is None else np.where(better[:, :, None], q, best_q)
-    q = best_q if small else gptq(m, h, best_s, z, qp.qmin, qp.qmax, pinned=pinned)
+    q = best_q if small else gptq(m, h, best_s, z, qp.qmin, qp.qmax, levels=qp.levels, pinned=pinned)
     near = nearest(s0)
     e_near, e_gptq = output_error(m, deq(near, s0), h), output_error(m, deq(q, best_s), h)
     if e_gptq > e_near:   # damping can lose on a tiny layer: never do worse than nearest

@@ -1,0 +1,212 @@
+"""Bit-serial convolution: im2col rows packed as bit planes, times the weights' planes (``bitserial``).
+
+    C[Cout_g, pixels] = W_g[Cout_g, K] @ im2col_g[K, pixels]        per group, K in (kh, kw, c) order
+
+The weights are packed once (``pack_conv``: rows = output channels, the broadcast operand of the tile);
+on each call the input goes to an NHWC copy padded with the zero point, im2col rows are moved out of it
+64 bytes at a time (``_im2col``: the kw taps of one kernel row are one contiguous run when dilation is 1),
+their planes become the vector operand (pixels in the lanes, so the result is NCHW with no transpose),
+the tile GEMM finishes the accumulators with their zero-point terms (``bitserial._gemm_into``), and
+each output channel is requantized by ``requant.requant_run`` — the same accumulators and the same
+requantization as ``conv.conv_int``, so the results are equal (``tests/test_bitserial.py``). The
+activation's encoding counts the zero point as a value when there is padding (it is read there).
+Depthwise and grouped convolutions run one GEMM per group; several small images share one GEMM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from qgraph.kernels.bitplanes import WORD, Encoding, _pack, encoding_of, input_encoding
+from qgraph.kernels.bitserial import MR, NR, BitPacked, _fill_terms, _gemm_into, pack, pair_table
+from qgraph.kernels.requant import requant_run
+
+@dataclass
+class BitConv:
+    """A convolution's weights as bit planes, per group: rows = output channels of the group,
+    K in (kh, kw, c) order (the order ``_im2col`` writes patches in)."""
+    cout: int
+    cin_g: int
+    kernel: tuple[int, int]
+    groups: list[BitPacked]
+    enc: Encoding
+    panels: np.ndarray            # the groups' panels stacked [group, words of one group]
+    sums: np.ndarray              # their plane sums [group, Cout / group]
+    cache: dict = field(default_factory=dict)     # scratch buffers reused between calls
+
+
+def pack_conv(w: np.ndarray, group: int) -> BitConv:
+    """W [Cout, Cin/g, KH, KW] (or 1-D [Cout, Cin/g, KW]) int8/uint8 -> bit planes per group, one
+    encoding for the whole layer (from its values)."""
+    w = np.asarray(w)
+    if w.ndim == 3:
+        w = w[:, :, None, :]
+    cout, cin_g, kh, kw = w.shape
+    enc = encoding_of(w)
+    rows = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(cout, kh * kw * cin_g)
+    cg = cout // group
+    groups = [pack(rows[g * cg:(g + 1) * cg], MR, enc) for g in range(group)]
+    return BitConv(cout, cin_g, (kh, kw), groups, enc, np.stack([p.panels for p in groups]),
+                   np.stack([p.sums for p in groups]))
+
+
+@intrinsic
+def _move64(typingctx, dst, d_off, src, s_off):
+    """Copy 64 bytes from byte ``s_off`` of ``src``'s data to byte ``d_off`` of ``dst``'s (one vector
+    load and store; the caller leaves 64 bytes of slack after both arrays' used parts)."""
+    sig = types.void(dst, types.intp, src, types.intp)
+
+    def codegen(context, builder, signature, args):
+        v64 = ir.VectorType(ir.IntType(8), WORD).as_pointer()
+        i8p = ir.IntType(8).as_pointer()
+        d = context.make_array(signature.args[0])(context, builder, args[0]).data
+        s = context.make_array(signature.args[2])(context, builder, args[2]).data
+        val = builder.load(builder.bitcast(builder.gep(builder.bitcast(s, i8p), [args[3]]), v64), align=1)
+        builder.store(val, builder.bitcast(builder.gep(builder.bitcast(d, i8p), [args[1]]), v64), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _im2col(xf, hp, wp, c_all, n0, n1, c0, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, fill64, rb, of):
+    """Patches of images n0..n1-1 of xf (flat NHWC [N, hp, wp, c_all], spatially padded with zx) as
+    rows of ``of`` (flat [pixels, rb] bytes): row p = (n - n0)*OH*OW + y*OW + x holds tap (i, j)
+    channel c at (i*KW + j)*cin_g + c, then ``fill`` up to rb. Runs are copied 64 bytes at a time
+    (``_move64``; a copy may run past its end, into bytes written next: taps left to right, then the
+    fill, then the next row), so both buffers carry 64 bytes of slack. With dilation 1 and all the
+    channels in the group, the KW taps of a kernel row are one run of the image row."""
+    k = kh * kw * cin_g
+    run_row = dw == 1 and cin_g == c_all
+    p = 0
+    for n in range(n0, n1):
+        for y in range(oh):
+            for xo in range(ow):
+                d0 = p * rb
+                if run_row:
+                    run = kw * cin_g
+                    for i in range(kh):
+                        s0 = ((n * hp + y * sh + i * dh) * wp + xo * sw) * c_all
+                        for c in range(0, run, WORD):
+                            _move64(of, d0 + i * run + c, xf, s0 + c)
+                else:
+                    t = 0
+                    for i in range(kh):
+                        for j in range(kw):
+                            s0 = ((n * hp + y * sh + i * dh) * wp + xo * sw + j * dw) * c_all + c0
+                            for c in range(0, cin_g, WORD):
+                                _move64(of, d0 + t + c, xf, s0 + c)
+                            t += cin_g
+                if k < rb:
+                    _move64(of, d0 + k, fill64, 0)
+                p += 1
+
+
+def _scratch(pc: "BitConv", key: str, shape, dtype) -> np.ndarray:
+    """A buffer kept with the layer between calls (fresh large arrays cost page faults each time)."""
+    buf = pc.cache.get(key)
+    if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
+        buf = pc.cache[key] = np.empty(shape, dtype)
+    return buf
+
+
+def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, out_dtype=None,
+         enc: Encoding | None = None) -> np.ndarray:
+    """``conv.conv_int`` computed bit-serially, same contract: int32 [N, Cout, OH, OW] accumulators,
+    or with ``rq = (bias, scale, mult, shift, zp, qmin, qmax, fixed)`` the requantized output
+    (``requant.requant_run``, the one requantization). ``enc``: the activation's encoding when the
+    caller has it (else from x's values and zx). Per group and chunk of images (``_conv_chunks``):
+    im2col bytes in the weights' (kh, kw, c) order, their planes as the vector operand, the weights
+    broadcast."""
+    if x.ndim == 3:
+        x = x[:, :, None, :]
+    x = np.ascontiguousarray(x)
+    n_b, c_in, h, w = x.shape
+    g = geo.group
+    if c_in != pc.cin_g * g:
+        raise ValueError(f"conv: input has {c_in} channels, weights expect {pc.cin_g} x group {g}")
+    oh, ow = geo.out_hw(h, w)
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.strides, geo.dilations
+    pt, pl = geo.pads[0], geo.pads[1]
+    if enc is None:
+        enc = input_encoding(x, zx, any(geo.pads))
+    hp = max(h + pt, (oh - 1) * sh + (kh - 1) * dh + 1)
+    wp = max(w + pl, (ow - 1) * sw + (kw - 1) * dw + 1)
+    n_xp = n_b * hp * wp * c_in
+    xf = _scratch(pc, "xp", (n_xp + WORD,), x.dtype)           # + slack for 64-byte moves
+    xp = xf[:n_xp].reshape(n_b, hp, wp, c_in)
+    xp[...] = np.array(zx).astype(x.dtype)
+    xp[:, pt:pt + h, pl:pl + w, :] = x.transpose(0, 2, 3, 1)
+    pixels = oh * ow
+    k = kh * kw * pc.cin_g
+    words = max(1, -(-k // WORD))
+    per = max(1, min(n_b, 4096 // max(pixels, 1)))           # several small images per GEMM
+    cols = _scratch(pc, "cols", (per * pixels * words * WORD + WORD,), x.dtype)
+    bpanels = _scratch(pc, "bpanels", (-(-per * pixels // NR) * NR * enc.bits * words,), np.uint64)
+    acc = _scratch(pc, "acc", (pc.cout // g, per * pixels), np.int32)
+    qa, qb, coef, xor = pair_table(pc.enc, enc)
+    if rq is None:
+        out = np.empty((n_b, pc.cout, pixels), np.int32)
+        rq = (np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.int64), np.ones(1, np.int64), 0, 0, 0,
+              False)
+        raw = True
+    else:
+        out = np.empty((n_b, pc.cout, pixels), out_dtype)
+        raw = False
+    bias, scale, mult, shift, zp, qmin, qmax, fixed = rq
+    _conv_chunks(xf.view(np.uint8), hp, wp, c_in, n_b, per, pixels, pc.cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words,
+                 enc.bits, np.uint8(enc.add & 0xFF), enc.shift, enc.coefs, np.uint8(enc.fill & 0xFF), enc.offset,
+                 cols.view(np.uint8), bpanels, pc.panels, pc.sums, pc.enc.bits, pc.enc.offset,
+                 np.asarray(zw, np.int64).reshape(-1), int(zx), qa, qb, coef, xor, acc, raw,
+                 np.asarray(bias, np.int32).reshape(-1), np.asarray(scale, np.float32).reshape(-1),
+                 np.asarray(mult, np.int64).reshape(-1), np.asarray(shift, np.int64).reshape(-1), int(zp), int(qmin),
+                 int(qmax), bool(fixed), out)
+    return out.reshape(n_b, pc.cout, oh, ow)
+
+
+@njit(cache=True)
+def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words, planes, add,
+                 shift_b, coefs, fill, offset, cols, bpanels, wpanels, wsums, w_planes, w_offset, zw, zx, qa, qb, coef,
+                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, out):
+    """The whole convolution, chunk of images by chunk, group by group: im2col (``_im2col``), the
+    pixels' planes (``bitplanes._pack``), the tile GEMM finished with its zero-point terms
+    (``_gemm_into``), then ``requant_run`` per output channel (or, ``raw``, the int32 accumulators)."""
+    groups = wpanels.shape[0]
+    cout_g = wsums.shape[1]
+    rb = words * WORD
+    fill64 = np.empty(WORD, np.uint8)
+    fill64[:] = fill
+    mp = -(-cout_g // MR) * MR
+    rowt = np.empty((3, mp), np.int64)
+    per_w = zw.shape[0] > 1
+    per_s = scale.shape[0] > 1
+    for n0 in range(0, n_b, per):
+        n1 = min(n_b, n0 + per)
+        np_ = (n1 - n0) * pixels
+        npad = -(-np_ // NR) * NR
+        colt = np.empty((2, npad), np.int64)
+        bsums = np.empty(np_, np.int64)
+        for gi in range(groups):
+            _im2col(xf, hp, wp, c_all, n0, n1, gi * cin_g, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, fill64, rb, cols)
+            last = (np_ // NR) * NR * planes * words           # the last panel's unused lanes stay 0
+            bpanels[last:npad * planes * words] = 0
+            _pack(cols[:np_ * rb].reshape(np_, rb), np_, rb, NR, planes, add, shift_b, coefs, fill, bpanels, bsums)
+            zw_g = zw[gi * cout_g:(gi + 1) * cout_g] if per_w else zw
+            _fill_terms(wsums[gi], zw_g, w_offset, k, bsums, np.full(1, zx, np.int64), offset, xor, rowt, colt)
+            a = acc[:, :np_]
+            _gemm_into(wpanels[gi], w_planes * words * MR, bpanels, planes * words * NR, qa, qb, coef, xor, words,
+                       rowt, colt, a)
+            for i in range(cout_g):
+                o = gi * cout_g + i
+                for n in range(n1 - n0):
+                    src = a[i, n * pixels:(n + 1) * pixels]
+                    if raw:
+                        out[n0 + n, o, :] = src
+                    else:
+                        c = o if per_s else 0
+                        requant_run(src, np.int32(bias[o] if bias.shape[0] > 1 else bias[0]), scale[c], mult[c],
+                                    shift[c], zp, qmin, qmax, fixed, out[n0 + n, o])

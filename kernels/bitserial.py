@@ -1,0 +1,323 @@
+"""Bit-serial integer GEMM and convolution: dot products of low-bit integers as popcounts.
+
+With both operands split into bit planes (``bitplanes``: a = sum_q d_q a_q + o_a, w = sum_p c_p w_p
++ o_w, two's complement planes carrying the sign plane at -2^(b-1)), a dot product over K is
+
+    S' = sum_k (a_k - o_a)(w_k - o_w) = sum_(p, q) c_p d_q popcount(A_q AND W_p)        (AND planes)
+
+one popcount per 64 products per plane pair: a 2-bit x 2-bit product costs 4 of them, an 8-bit
+activation times a binary weight 8. When both operands are +-1 (XNOR-Net) one XOR does it:
+sum_k a_k w_k = K - 2 popcount(A XOR W), so S' = sum (a - o)(w - o) = sum(A') + sum(W') - 2 popcount.
+The zero points (and the offsets o) come out with the same row / column sum terms as the int8 GEMM
+(``gemm``): sum (a - za)(w - zw) = S' - zw' sum(A') - za' sum(W') + K za' zw', za' = za - o_a. The
+result is the same int32 accumulator the int8 kernel computes (exact: int32 wrapping arithmetic, the
+true value fits), requantized by the same ``requant.requant_run`` — so it equals the int8 kernel bit
+for bit, which the tests check on every shape and width.
+
+Micro-kernel (``_tile_and`` / ``_tile_xor``, LLVM IR through ``tiles.tile_loop``): ``MR`` rows of
+the broadcast operand x ``NR = 8 * NV`` columns of the vector operand, one <8 x i64> accumulator
+per row and vector held in registers across K; per 64-bit word of K: one broadcast per row, one
+vector load per NV, then AND (or XOR), ``llvm.ctpop.v8i64`` (``vpopcntq`` with AVX-512 VPOPCNTDQ; a
+byte-table sequence elsewhere) and an add. The loop over plane pairs is inside the tile, so the
+pair sums are weighted (``c_p d_q``) and added into totals that also stay in registers; the tile
+stores them once, as int32. Panels (``bitplanes.pack_panels``): [tiles][planes][words][T].
+
+Which operand is which: matmul C[M, N] = A[M, K] B[K, N] broadcasts the activation rows and takes
+the packed weight columns as vectors; convolution (``bitconv``) C[Cout, P] = W[Cout, K] im2col[K, P]
+broadcasts the packed weight rows and takes pixels as vectors (the result is NCHW without a transpose).
+Reference: ``gemm_reference`` (numpy, from the planes); the int8 kernels are the other reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from qgraph.kernels import cpu
+from qgraph.kernels.bitplanes import WORD, Encoding, encoding_of, input_encoding, pack_panels, planes_reference
+from qgraph.kernels.tiles import broadcast, tile_loop
+
+MR = 6          # rows of the broadcast operand per tile
+NV = 2          # <8 x i64> vectors of the vector operand per tile
+LANES = 8
+NR = LANES * NV
+
+#: ``auto`` considers layers whose weights have at most this many bits (``lower.kernel_for``) ...
+AUTO_WEIGHT_BITS = 4
+#: ... and runs one bit-serially when weight planes x activation planes is at most this: each plane
+#: pair costs an AND, a popcount and an add per 64 x 8 products, and on AVX-512 VPOPCNTDQ (Zen 4,
+#: ``tools/bench_bitserial.py``) 4 pairs (2 x 2 bits) match the int8 VNNI kernel, 8 (1 x 8) run at
+#: about half its speed. Without VPOPCNTDQ the vector popcount is a byte-table sequence (several
+#: instructions), so only the 1-pair forms (1-bit weights and activations) are taken there.
+#: (Not measured: with AMX-INT8 the int8 tiles are several times VNNI's speed, so there too only 1 pair.)
+AUTO_MAX_PAIRS = 4 if cpu.has("avx512vpopcntdq") and not cpu.has("amx-int8") else 1
+#: ... and when K fills at least half a 64-bit word (a depthwise 3x3 has K = 9: 55 of 64 bits idle)
+AUTO_MIN_K = WORD // 2
+
+
+def pairs(w: Encoding, x: Encoding) -> int:
+    """Plane pairs a product of the two encodings costs (1 for the XOR form)."""
+    return 1 if w.kind == "pm1" and x.kind == "pm1" else w.bits * x.bits
+
+
+def use_bitserial(kernel: str, w: Encoding | None, x: Encoding, k: int) -> bool:
+    """Whether a step lowered with ``kernel`` runs bit-serially on an input encoded as ``x``."""
+    if kernel == "bitserial":
+        return True
+    return kernel == "auto" and w is not None and pairs(w, x) <= AUTO_MAX_PAIRS and k >= AUTO_MIN_K
+
+
+def _make_tile(op: str):
+    """The tile intrinsic: for rows r < MR of the broadcast operand and columns c < NR,
+
+        C[r, c] = trunc32( sum over plane pairs i of coef[i] * T_i[r, c]
+                           + gamma[c] * alpha[r] + delta[c] * beta[r] + eps[r] )
+        T_i[r, c] = sum_k popcount(A[pa[i]][k][r] op B[pb[i]][k][c]),   op "and" or "xor"
+
+    (the zero-point and XOR terms of ``_terms``, so C is the finished int32 accumulator), stored at
+    ``c`` + c_off with row stride ldc. alpha/beta/eps are read from row ``r0``, gamma/delta from
+    column ``c0`` (both padded to whole tiles)."""
+
+    @intrinsic
+    def tile(typingctx, a, a_off, a_ps, b, b_off, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0, c, c_off, ldc):
+        sig = types.void(a, types.intp, types.intp, b, types.intp, types.intp, pa, pb, coef, types.intp, types.intp,
+                         rowt, types.intp, colt, types.intp, c, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            (_, a_off_v, a_ps_v, _, b_off_v, b_ps_v, _, _, _, np_v, kw_v, _, r0_v, _, c0_v, _, c_off_v,
+             ldc_v) = args
+            arrs = [context.make_array(signature.args[i])(context, builder, args[i])
+                    for i in (0, 3, 6, 7, 8, 11, 13, 15)]
+            i32, i64 = ir.IntType(32), ir.IntType(64)
+            vt = ir.VectorType(i64, LANES)
+            a_p = builder.gep(builder.bitcast(arrs[0].data, i64.as_pointer()), [a_off_v])
+            b_p = builder.gep(builder.bitcast(arrs[1].data, i64.as_pointer()), [b_off_v])
+            pa_p = builder.bitcast(arrs[2].data, i64.as_pointer())
+            pb_p = builder.bitcast(arrs[3].data, i64.as_pointer())
+            cf_p = builder.bitcast(arrs[4].data, i64.as_pointer())
+            row_p = builder.bitcast(arrs[5].data, i64.as_pointer())        # [3][rows]: alpha, beta, eps
+            col_p = builder.bitcast(arrs[6].data, i64.as_pointer())        # [2][cols]: gamma, delta
+            c_p = builder.gep(builder.bitcast(arrs[7].data, i32.as_pointer()), [c_off_v])
+            name = f"llvm.ctpop.v{LANES}i64"
+            ctpop = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(vt, [vt]), name)
+            zero = ir.Constant(vt, None)
+            n_rows = builder.extract_value(arrs[5].shape, 1)
+            n_cols = builder.extract_value(arrs[6].shape, 1)
+
+            entry = builder.block
+            pair_block = builder.append_basic_block("pair")
+            exit_block = builder.append_basic_block("pairs_done")
+            builder.branch(pair_block)
+            builder.position_at_end(pair_block)
+            i = builder.phi(i64)
+            i.add_incoming(ir.Constant(i64, 0), entry)
+            totals = []
+            for _ in range(MR * NV):
+                t = builder.phi(vt)
+                t.add_incoming(zero, entry)
+                totals.append(t)
+            qa = builder.load(builder.gep(pa_p, [i]))
+            qb = builder.load(builder.gep(pb_p, [i]))
+            cf = broadcast(builder, builder.load(builder.gep(cf_p, [i])), vt)
+            ap = builder.gep(a_p, [builder.mul(qa, a_ps_v)])
+            bp = builder.gep(b_p, [builder.mul(qb, b_ps_v)])
+
+            def load_a(k, r):
+                at = builder.add(builder.mul(k, ir.Constant(i64, MR)), ir.Constant(i64, r))
+                return broadcast(builder, builder.load(builder.gep(ap, [at])), vt)
+
+            def load_b(k, v):
+                q = builder.gep(bp, [builder.add(builder.mul(k, ir.Constant(i64, NR)), ir.Constant(i64, LANES * v))])
+                return builder.load(builder.bitcast(q, vt.as_pointer()), align=8)
+
+            def mac(acc, x, y):
+                both = builder.and_(x, y) if op == "and" else builder.xor(x, y)
+                return builder.add(acc, builder.call(ctpop, [both]))
+
+            _, _, _, sums = tile_loop(builder, kw_v, rows=MR, vecs=NV, vec_type=vt, load_a=load_a, load_b=load_b,
+                                      mac=mac)
+            new = [builder.add(t, builder.mul(s, cf)) for t, s in zip(totals, sums)]
+            after = builder.block
+            i_next = builder.add(i, ir.Constant(i64, 1))
+            i.add_incoming(i_next, after)
+            for t, n in zip(totals, new):
+                t.add_incoming(n, after)
+            builder.cbranch(builder.icmp_signed("<", i_next, np_v), pair_block, exit_block)
+            builder.position_at_end(exit_block)
+
+            def col_vec(which, v):
+                q = builder.gep(col_p, [builder.add(builder.add(builder.mul(ir.Constant(i64, which), n_cols), c0_v),
+                                                    ir.Constant(i64, LANES * v))])
+                return builder.load(builder.bitcast(q, vt.as_pointer()), align=8)
+
+            def row_val(which, r):
+                q = builder.gep(row_p, [builder.add(builder.add(builder.mul(ir.Constant(i64, which), n_rows), r0_v),
+                                                    ir.Constant(i64, r))])
+                return broadcast(builder, builder.load(q), vt)
+
+            gamma = [col_vec(0, v) for v in range(NV)]
+            delta = [col_vec(1, v) for v in range(NV)]
+            v32 = ir.VectorType(i32, LANES)
+            for r in range(MR):
+                alpha, beta, eps = row_val(0, r), row_val(1, r), row_val(2, r)
+                row = builder.gep(c_p, [builder.mul(ir.Constant(i64, r), ldc_v)])
+                for v in range(NV):
+                    val = builder.add(new[r * NV + v], builder.add(builder.mul(gamma[v], alpha),
+                                                                   builder.add(builder.mul(delta[v], beta), eps)))
+                    q = builder.bitcast(builder.gep(row, [ir.Constant(i64, LANES * v)]), v32.as_pointer())
+                    builder.store(builder.trunc(val, v32), q, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_tile_and = _make_tile("and")
+_tile_xor = _make_tile("xor")
+
+
+# ----------------------------------------------------------------------------- packed operands
+
+@dataclass
+class BitPacked:
+    """One operand as panels of bit planes (``bitplanes.pack_panels``) with its plane sums."""
+    panels: np.ndarray        # uint64 [tiles][planes][words][tile]
+    enc: Encoding
+    rows: int                 # real rows (M, N, Cout or pixels)
+    k: int                    # real K
+    words: int
+    tile: int
+    sums: np.ndarray          # int64 [rows]: sum_k (v - o)
+
+
+def pack(a: np.ndarray, tile: int, enc: Encoding | None = None) -> BitPacked:
+    """Rows of A [R, K] (int8 / uint8) as bit-plane panels; the encoding from A's values unless given."""
+    a = np.asarray(a)
+    if a.ndim != 2 or a.dtype not in (np.int8, np.uint8):
+        raise ValueError(f"bit-serial packing wants a 2-D int8/uint8 matrix, got {a.dtype} {a.shape}")
+    enc = input_encoding(a, 0, False) if enc is None else enc
+    panels, sums = pack_panels(a, enc, tile)
+    return BitPacked(panels, enc, a.shape[0], a.shape[1], max(1, -(-a.shape[1] // WORD)), tile, sums)
+
+
+@lru_cache(maxsize=256)
+def pair_table(a: Encoding, b: Encoding) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """(plane of A, plane of B, weight) per plane pair, and whether the XOR form applies."""
+    if a.kind == "pm1" and b.kind == "pm1":
+        return np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([-2], np.int64), True
+    ca, cb = a.coefs, b.coefs
+    qa, qb = np.meshgrid(np.arange(a.bits), np.arange(b.bits), indexing="ij")
+    return qa.reshape(-1).astype(np.int64), qb.reshape(-1).astype(np.int64), \
+        (ca[qa] * cb[qb]).reshape(-1).astype(np.int64), False
+
+
+# ----------------------------------------------------------------------------- GEMM
+
+@njit(cache=True)
+def _gemm_into(a, a_words, b, b_words, pa, pb, coef, xor, kw, rowt, colt, out):
+    """out[M, N] (int32, rows contiguous) = the finished accumulators of every tile (``_make_tile``);
+    edge tiles go through a small scratch tile and only their real part is copied."""
+    m, n = out.shape
+    ldc = out.strides[0] // 4            # any row stride; columns contiguous (the tile writes from out's data)
+    npairs = pa.shape[0]
+    a_ps = kw * MR
+    b_ps = kw * NR
+    scratch = np.empty(MR * NR, np.int32)
+    for nt in range(-(-n // NR)):
+        c0 = nt * NR
+        for mt in range(-(-m // MR)):
+            r0 = mt * MR
+            full = r0 + MR <= m and c0 + NR <= n
+            if full and xor:
+                _tile_xor(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0,
+                          out, r0 * ldc + c0, ldc)
+            elif full:
+                _tile_and(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0,
+                          out, r0 * ldc + c0, ldc)
+            elif xor:
+                _tile_xor(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0,
+                          scratch, 0, NR)
+            else:
+                _tile_and(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0,
+                          scratch, 0, NR)
+            if not full:
+                for r in range(min(MR, m - r0)):
+                    for c in range(min(NR, n - c0)):
+                        out[r0 + r, c0 + c] = scratch[r * NR + c]
+
+
+def _terms(pa: BitPacked, za, pb: BitPacked, zb, xor: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The per-row and per-column terms that finish a tile (``_make_tile``), as int64 padded to whole
+    tiles: with za' = za - o_a (per row), zb' = zb - o_b (per column), K the real depth,
+
+        sum_k (a - za)(b - zb) = S' + zb'_c (K za'_r - sum A'_r) - za'_r sum B'_c
+        AND form:  S' = the tile;  XOR form: S' = sum A'_r + sum B'_c - 2 popcounts (tile = -2 popcounts)
+
+    so alpha = K za' - sum A', gamma = zb', delta = sum B', beta = -za' (1 - za' for XOR), eps = 0
+    (sum A' for XOR)."""
+    rowt = np.empty((3, -(-pa.rows // MR) * MR), np.int64)
+    colt = np.empty((2, -(-pb.rows // NR) * NR), np.int64)
+    _fill_terms(pa.sums, np.asarray(za, np.int64).reshape(-1), pa.enc.offset, pa.k, pb.sums,
+                np.asarray(zb, np.int64).reshape(-1), pb.enc.offset, xor, rowt, colt)
+    return rowt, colt
+
+
+@njit(cache=True)
+def _fill_terms(asum, za, oa, k, bsum, zb, ob, xor, rowt, colt):
+    rowt[:] = 0
+    colt[:] = 0
+    for r in range(asum.shape[0]):
+        z = za[r if za.shape[0] > 1 else 0] - oa
+        rowt[0, r] = k * z - asum[r]
+        rowt[1, r] = (1 if xor else 0) - z
+        rowt[2, r] = asum[r] if xor else 0
+    for c in range(bsum.shape[0]):
+        colt[0, c] = zb[c if zb.shape[0] > 1 else 0] - ob
+        colt[1, c] = bsum[c]
+
+
+def gemm(pa: BitPacked, za, pb: BitPacked, zb, out: np.ndarray | None = None) -> np.ndarray:
+    """sum_k (A[m, k] - za) (B[k, n] - zb) as int32 [M, N] (into ``out`` when given: rows contiguous):
+    A's rows (tile MR) and B's columns (the rows of Bᵀ, tile NR) packed; za per tensor or per row, zb per
+    tensor or per column. Wrapping int32, exact whenever the true value fits (as the int8 kernel)."""
+    if pa.k != pb.k or pa.tile != MR or pb.tile != NR:
+        raise ValueError(f"bit-serial GEMM: operands do not match (K {pa.k} / {pb.k}, tiles {pa.tile} / {pb.tile})")
+    out = np.empty((pa.rows, pb.rows), np.int32) if out is None else out
+    qa, qb, coef, xor = pair_table(pa.enc, pb.enc)
+    if out.size:
+        rowt, colt = _terms(pa, za, pb, zb, xor)
+        _gemm_into(pa.panels, pa.enc.bits * pa.words * MR, pb.panels, pb.enc.bits * pb.words * NR, qa, qb, coef, xor,
+                   pa.words, rowt, colt, out)
+    return out
+
+
+def matmul(a: np.ndarray, za, pb: BitPacked, zb) -> np.ndarray:
+    """(A - za) @ (B - zb) in int32 with B's columns packed once (``pack(b.T, NR)``); A [M, K]
+    int8/uint8 is packed per call with the encoding its values need."""
+    return gemm(pack(a, MR), za, pb, zb)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def gemm_reference(a: np.ndarray, za, b: np.ndarray, zb) -> np.ndarray:
+    """Plain numpy, through the planes: sum over plane pairs of c_p d_q (A_q @ B_p) (popcounts of
+    ANDed planes), plus the offsets and zero points; int64 then int32 (wrapping)."""
+    a, b = np.asarray(a), np.asarray(b)
+    ea, eb = encoding_of(a), encoding_of(b)
+    pa, pb = planes_reference(a, ea), planes_reference(b, eb)        # [qa, M, K], [qb, K, N]
+    s = np.zeros((a.shape[0], b.shape[1]), np.int64)
+    for q, cq in enumerate(ea.coefs):
+        for p, cp in enumerate(eb.coefs):
+            s += int(cq) * int(cp) * (pa[q].astype(np.int64) @ pb[p].astype(np.int64))
+    k = a.shape[1]
+    ra = (a.astype(np.int64) - ea.offset).sum(axis=1)
+    cb = (b.astype(np.int64) - eb.offset).sum(axis=0)
+    za1 = np.asarray(za, np.int64).reshape(-1, 1) - ea.offset
+    zb1 = np.asarray(zb, np.int64).reshape(1, -1) - eb.offset
+    out = s - za1 * cb[None, :] - zb1 * ra[:, None] + k * za1 * zb1
+    return out.astype(np.int32)

@@ -1,0 +1,192 @@
+"""Benchmark the bit-serial kernels against ONNX Runtime's int8 and our int8 kernel, in one run.
+
+    python tools/bench_bitserial.py [--quick] [--sections gemm,conv] [--reps 7] [--json out.json]
+
+One thread everywhere. Every figure is a ratio measured in this process on the same shape (the three
+contenders alternate, best of --reps each, so load from other jobs slows them alike):
+
+  gemm   C[M, N] = A[M, K] B[K, N]: ORT MatMulInteger u8s8 (its fastest int8 path; A uint8, B int8
+         constant), our int8 GEMM (``gemm.qgemm``, s8s8, B packed once), and the bit-serial GEMM
+         (``bitserial.matmul``: B's planes packed once, A's planes packed on every call, zero-point terms
+         included), at W1A1 (+-1 x +-1: XNOR-popcount), W2A2, W4A4, W1A8 and W2A8. The bit-serial result
+         is checked equal to the int8 kernel's on the same integers.
+  conv   one QLinearConv layer (LeNet-5, digits CNN and MobileNetV2 shapes): ORT QLinearConv u8s8 on
+         8-bit data vs our runtime's step with ``--kernel int8`` and with ``--kernel bitserial`` on
+         data of the given widths (same shapes, our two outputs checked equal; +-1 activations use
+         zero point -1, so the zero padding is a +-1 code too and the XOR form applies).
+
+GOP/s counts 2*M*N*K (each product-accumulate as two operations), for every contender alike.
+Prints the CPU and whether it has AVX2, AVX-512 VNNI, AMX-INT8 and AVX-512 VPOPCNTDQ.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+GEMMS = [("256^3", 256, 256, 256), ("512^3", 512, 512, 512), ("1024^3", 1024, 1024, 1024),
+         ("LeNet-300 fc1 (batch 64)", 64, 784, 300), ("mbv2 pw 144->24 (im2col)", 3136, 144, 24),
+         ("mbv2 pw 576->160 (im2col)", 196, 576, 160), ("mbv2 3x3 full 64ch (im2col)", 784, 576, 64)]
+#: (weight bits, activation bits); 1 means +-1
+WIDTHS = [(1, 1), (2, 2), (4, 4), (1, 8), (2, 8)]
+# (name, batch, Cin, H, Cout, k, stride, group)
+CONVS = [("LeNet-5 conv2 5x5 20->50", 16, 20, 12, 50, 5, 1, 1), ("digits 3x3 16->16", 64, 16, 8, 16, 3, 1, 1),
+         ("mbv2 pw 192->64 28x28", 1, 192, 28, 64, 1, 1, 1), ("mbv2 3x3 64->64 28x28", 1, 64, 28, 64, 3, 1, 1),
+         ("mbv2 pw 960->320 7x7", 4, 960, 7, 320, 1, 1, 1)]
+
+
+def session(model: onnx.ModelProto):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _model(nodes, inputs, outputs, inits, opset=19):
+    g = helper.make_graph(nodes, "bench", inputs, outputs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 9
+    return m
+
+
+def best_of_each(fns: dict, reps: int) -> dict:
+    """Best time of each function, the functions run in turn ``reps`` times after one warm-up each."""
+    for f in fns.values():
+        f()
+    best = {k: float("inf") for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return best
+
+
+def operand(rng, shape, bits: int, signed: bool = True) -> np.ndarray:
+    """Integers of ``bits`` bits in int8 (1 bit: +-1)."""
+    if bits == 1:
+        return rng.choice(np.array([-1, 1], np.int8), shape)
+    if signed:
+        return rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), shape).astype(np.int8)
+    return rng.integers(0, 1 << bits, shape).astype(np.uint8)
+
+
+def label(wb: int, ab: int) -> str:
+    return f"W{wb}A{ab}" + (" (xnor)" if wb == ab == 1 else "")
+
+
+def bench_gemm(quick: bool, reps: int) -> list[dict]:
+    from qgraph.kernels import bitserial
+    from qgraph.kernels.gemm import pack_b, qgemm
+    rng = np.random.default_rng(0)
+    rows = []
+    shapes = GEMMS[:2] + GEMMS[3:5] if quick else GEMMS
+    for name, m, k, n in shapes:
+        ops = 2.0 * m * n * k
+        a8 = rng.integers(0, 256, (m, k)).astype(np.uint8)
+        b8 = rng.integers(-128, 128, (k, n)).astype(np.int8)
+        sess = session(_model([helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
+                              [numpy_helper.from_array(b8, "b")]))
+        for wb, ab in WIDTHS:
+            a, b = operand(rng, (m, k), ab), operand(rng, (k, n), wb)
+            pb8, pbits = pack_b(b), bitserial.pack(np.ascontiguousarray(b.T), bitserial.NR)
+            exact = bool(np.array_equal(bitserial.matmul(a, 0, pbits, 0), qgemm(a, 0, pb8, 0)))
+            t = best_of_each({"ort": lambda: sess.run(None, {"a": a8}), "int8": lambda: qgemm(a, 0, pb8, 0),
+                              "bits": lambda: bitserial.matmul(a, 0, pbits, 0)}, reps)
+            row = {"shape": name, "M": m, "K": k, "N": n, "widths": label(wb, ab),
+                   "ort_u8s8_gops": ops / t["ort"] / 1e9, "ours_int8_gops": ops / t["int8"] / 1e9,
+                   "bitserial_gops": ops / t["bits"] / 1e9, "vs_ort": t["ort"] / t["bits"],
+                   "vs_ours_int8": t["int8"] / t["bits"], "equal_to_int8": exact}
+            rows.append(row)
+            print(f"  gemm {name:<28} {label(wb, ab):<11} bit-serial {row['bitserial_gops']:7.1f} GOP/s | "
+                  f"ORT u8s8 {row['ort_u8s8_gops']:6.1f} (x{row['vs_ort']:.2f}) | ours int8 "
+                  f"{row['ours_int8_gops']:6.1f} (x{row['vs_ours_int8']:.2f}) | equal {exact}", flush=True)
+    return rows
+
+
+def _qlinear_conv(x_t, w, g, k, s, x_shape, zx):
+    cout = w.shape[0]
+    consts = {"sx": np.float32(0.02), "zx": np.array(zx, x_t), "w": w, "sw": np.full(cout, 0.01, np.float32),
+              "zw": np.zeros(cout, np.int8), "sy": np.float32(0.05), "zy": np.array(0, x_t),
+              "b": np.zeros(cout, np.int32)}
+    node = helper.make_node("QLinearConv", ["x", "sx", "zx", "w", "sw", "zw", "sy", "zy", "b"], ["y"],
+                            group=g, strides=[s, s], pads=[k // 2] * 4)
+    onnx_t = TensorProto.UINT8 if x_t == np.uint8 else TensorProto.INT8
+    return _model([node], [helper.make_tensor_value_info("x", onnx_t, list(x_shape))],
+                  [helper.make_tensor_value_info("y", onnx_t, [None] * 4)],
+                  [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
+
+
+def bench_conv(quick: bool, reps: int) -> list[dict]:
+    from qgraph.kernels import lower, run
+    rng = np.random.default_rng(1)
+    rows = []
+    for name, nb, cin, h, cout, k, s, g in (CONVS[:2] + CONVS[3:4] if quick else CONVS):
+        x_shape = (nb, cin, h, h)
+        oh = (h + 2 * (k // 2) - k) // s + 1
+        ops = 2.0 * nb * cout * oh * oh * cin // g * k * k
+        x8 = rng.integers(0, 256, x_shape).astype(np.uint8)
+        ort_sess = session(_qlinear_conv(np.uint8, rng.integers(-128, 128, (cout, cin // g, k, k)).astype(np.int8),
+                                         g, k, s, x_shape, 128))
+        for wb, ab in WIDTHS:
+            w = operand(rng, (cout, cin // g, k, k), wb)
+            x = operand(rng, x_shape, ab, signed=ab == 1)          # +-1, or unsigned a-bit (uint8)
+            # +-1 codes pad with zero point -1 (a code of the same two): the XNOR form holds over the padding
+            model = _qlinear_conv(x.dtype.type, w, g, k, s, x_shape, -1 if ab == 1 else 0)
+            p8, pb = lower(model, kernel="int8"), lower(model, kernel="bitserial")
+            exact = bool(np.array_equal(run(p8, {"x": x})["y"], run(pb, {"x": x})["y"]))
+            t = best_of_each({"ort": lambda: ort_sess.run(None, {"x": x8}), "int8": lambda: run(p8, {"x": x}),
+                              "bits": lambda: run(pb, {"x": x})}, reps)
+            row = {"layer": name, "widths": label(wb, ab), "ort_u8s8_gops": ops / t["ort"] / 1e9,
+                   "ours_int8_gops": ops / t["int8"] / 1e9, "bitserial_gops": ops / t["bits"] / 1e9,
+                   "vs_ort": t["ort"] / t["bits"], "vs_ours_int8": t["int8"] / t["bits"], "equal_to_int8": exact}
+            rows.append(row)
+            print(f"  conv {name:<28} {label(wb, ab):<11} bit-serial {row['bitserial_gops']:7.1f} GOP/s | "
+                  f"ORT u8s8 {row['ort_u8s8_gops']:6.1f} (x{row['vs_ort']:.2f}) | ours int8 "
+                  f"{row['ours_int8_gops']:6.1f} (x{row['vs_ours_int8']:.2f}) | equal {exact}", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    ap.add_argument("--sections", default="gemm,conv")
+    ap.add_argument("--reps", type=int, default=7, help="timed runs of each contender (best counts)")
+    ap.add_argument("--json", help="write all figures here")
+    args = ap.parse_args(argv)
+    import numba
+    import onnxruntime
+    from qgraph.kernels import amx, bitserial, cpu, vnni
+    flags = cpu.summary()
+    head = {"cpu": cpu.cpu_name(), "flags": flags, "our_int8_kernel": "amx" if amx.HAS_AMX else
+            ("vnni" if vnni.HAS_VNNI else "plain"), "bitserial_tile": f"{bitserial.MR}x{bitserial.NR}",
+            "auto_max_pairs": bitserial.AUTO_MAX_PAIRS, "threads": 1, "onnxruntime": onnxruntime.__version__,
+            "numba": numba.__version__}
+    print(f"CPU: {head['cpu']} | " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items())
+          + f" | our int8 kernel: {head['our_int8_kernel']} | one thread | onnxruntime {head['onnxruntime']}",
+          flush=True)
+    result = {"host": head}
+    if "gemm" in args.sections:
+        result["gemm"] = bench_gemm(args.quick, args.reps)
+    if "conv" in args.sections:
+        result["conv"] = bench_conv(args.quick, args.reps)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
