@@ -4,8 +4,10 @@
 
 Prints per output the fraction of bit-exact elements, the max |delta| in LSB and the histogram of
 delta; ``--per-layer`` lists every quantized tensor and marks the first that diverges from ORT.
-Exit codes: 0 ok, 2 bad input (model, inputs, unsupported op), 1 when ``--compare-ort`` finds a
-difference above ``--max-lsb``.
+``--compare-ort`` also names the kernel path ORT's int8 GEMMs take on this CPU (``qgraph.cpu``) and
+how many layers have weights whose int16 pair sums saturate there (``float`` mode computes them as ORT
+does). Exit codes: 0 ok, 2 bad input (model, inputs, unsupported op), 1 when ``--compare-ort`` finds
+a difference above ``--max-lsb`` (one line on stderr says which output and why).
 """
 from __future__ import annotations
 
@@ -73,9 +75,15 @@ def _main(args) -> int:
     ours = run(prog, feeds, args.mode)
     worst = 0
     if args.compare_ort:
+        from qgraph import cpu
+        from qgraph.kernels import ortsat
         figures, _, _ = diff.against_ort(model, feeds, args.mode, prog)
         report["outputs"] = figures
         worst = max((f.get("max_lsb", 10**9) for f in figures.values()), default=0)
+        path = cpu.ort_path()
+        sat = ortsat.saturating_steps(prog)
+        report["ort_path"] = {"name": path.name, "description": path.describe(), "saturates": path.saturates,
+                              "layers_that_can_saturate": sat, "layers": ortsat.int16_pair_steps(prog)}
     else:
         report["outputs"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in ours.items()}
     if args.per_layer:
@@ -89,7 +97,25 @@ def _main(args) -> int:
         print(json.dumps(report, indent=2))
     else:
         _print(report, args)
-    return 1 if args.compare_ort and worst > args.max_lsb else 0
+    if args.compare_ort and worst > args.max_lsb:
+        print(f"qgraph-run: exit 1: {_why(report, args, worst)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _why(report: dict, args, worst: int) -> str:
+    """One line: which output differs from ORT, by how much, and the likely reason."""
+    name, f = max(report["outputs"].items(), key=lambda kv: kv[1].get("max_lsb", 10**9))
+    what = (f"output {name} differs from ONNX Runtime by up to {worst} LSB on {100 * (1 - f.get('exact', 0)):.3f}% "
+            f"of its values (--max-lsb {args.max_lsb})") if "max_lsb" in f else f"output {name}: {f}"
+    from qgraph import cpu
+    if cpu.ort_path() != cpu.host_ort_path():
+        return what + (f": QGRAPH_ORT_PATH={cpu.ort_path().name} reproduces ORT on another CPU class "
+                       f"({cpu.ort_path().describe()}); ORT ran {cpu.host_ort_path().describe()} here")
+    if args.mode == "fixed":
+        return what + ": fixed mode requantizes with integer multipliers, ORT with float32 (use --mode float to match)"
+    return what + ": float mode is meant to match ORT bit for bit here; --per-layer shows the first layer that diverges"
+
 
 
 def _npz_bytes(arrays: dict) -> bytes:
@@ -102,6 +128,18 @@ def _npz_bytes(arrays: dict) -> bytes:
 def _print(report: dict, args) -> None:
     steps = ", ".join(f"{k} {v}" for k, v in report["steps"].items())
     print(f"{report['model']}: {sum(report['steps'].values())} integer steps ({steps}); mode {args.mode}")
+    if "ort_path" in report:
+        p = report["ort_path"]
+        n_sat, n = len(p["layers_that_can_saturate"]), p["layers"]
+        if not n_sat:
+            sat = f"no weight pair of its {n} u8s8 layers can leave int16 (exact on every CPU class)"
+        elif p["saturates"]:
+            sat = (f"{n_sat} of its {n} u8s8 layers have weight pairs that saturate int16 here; {args.mode} mode "
+                   + ("computes them as ORT does" if args.mode == "float" else "computes them exactly"))
+        else:
+            sat = (f"{n_sat} of its {n} u8s8 layers have weight pairs that would saturate on AVX2 / AVX-512BW CPUs "
+                   f"(quant:target=any avoids it)")
+        print(f"  ORT path: {p['description']}; {sat}")
     for name, f in report["outputs"].items():
         if "exact" in f:
             print(f"  {name}: {f['exact'] * 100:.3f}% bit-exact of {f['elements']}, max {f['max_lsb']} LSB, "

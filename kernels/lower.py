@@ -191,6 +191,19 @@ class _Lowering:
              * self.prog.consts[sw_name].astype(np.float32).reshape(-1))
         return self.prog.add_const(f"{t.name}::int32", np.rint(b.astype(np.float32) / s).astype(np.int32))
 
+    def ort_types(self, node) -> dict:
+        """The storage types ORT's x86 CPU provider gives the activations of a fused Conv / MatMul /
+        Gemm (int8 ones it rewrote are uint8 there): ``ort_act`` for input A, ``ort_b`` for a MatMul's
+        B when it is an activation. The runtime reproduces ORT's u8 x s8 arithmetic by them."""
+        import platform as _pf
+        if _pf.machine().lower() not in X86:
+            return {}
+        out = {"ort_act": _input_type(self.g, node.inputs[0])}
+        dq = ir.producer(node.inputs[1])
+        if dq is not None and dq.op == "DequantizeLinear" and ir.const(dq.inputs[0]) is None:
+            out["ort_b"] = _input_type(self.g, node.inputs[1])
+        return {k: v for k, v in out.items() if v is not None}
+
     def emit(self, kernel, node, inputs, outputs, **attrs):
         self.prog.steps.append(Step(kernel, node.name, list(inputs), list(outputs), attrs))
 
@@ -213,11 +226,12 @@ class _Lowering:
             w, sw, zw, _ = self.dq_parts(node.inputs[1], node, "weight")
             b = self.bias(node, node.inputs[2] if len(node.inputs) > 2 else None, sx, sw)
             extra = {"ort_float": {"bias": self.bias_float}} if id(node) in self.float_units else {}
-            self.emit("QLinearConv", node, [x, sx, zx, w, sw, zw, sy, zy, b], [y], **at, clamp=clamp, **extra)
+            self.emit("QLinearConv", node, [x, sx, zx, w, sw, zw, sy, zy, b], [y], **at, clamp=clamp, **extra,
+                      **self.ort_types(node))
         elif op == "MatMul":
             a, sa, za, _ = self.dq_parts(node.inputs[0], node, "input A")
             b, sb, zb, _ = self.dq_parts(node.inputs[1], node, "input B")
-            self.emit("QLinearMatMul", node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp)
+            self.emit("QLinearMatMul", node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp, **self.ort_types(node))
         elif op == "Gemm":
             if float(at.get("alpha", 1.0)) != 1.0 or float(at.get("beta", 1.0)) != 1.0:
                 _fail(node, "Gemm with alpha or beta != 1")
@@ -225,7 +239,8 @@ class _Lowering:
             b, sb, zb, _ = self.dq_parts(node.inputs[1], node, "input B")
             c = self.bias(node, node.inputs[2] if len(node.inputs) > 2 else None, sa, sb)
             self.emit("QGemm", node, [a, sa, za, b, sb, zb, c, sy, zy], [y],
-                      transA=int(at.get("transA", 0)), transB=int(at.get("transB", 0)), clamp=clamp)
+                      transA=int(at.get("transA", 0)), transB=int(at.get("transB", 0)), clamp=clamp,
+                      **self.ort_types(node))
         elif op in ("Add", "Mul"):
             a, sa, za, _ = self.dq_parts(node.inputs[0], node, "input A")
             b, sb, zb, _ = self.dq_parts(node.inputs[1], node, "input B")
