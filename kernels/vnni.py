@@ -29,6 +29,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from qgraph.cpu import compile_features
 from qgraph.kernels.requant import column_terms
 
 MR = 6          # rows of A per tile
@@ -42,12 +43,8 @@ NC = 4 * NR     # columns of C per block of ``qgemm_vnni``: its int32 block [MC,
 def _host_has_vnni() -> bool:
     if os.environ.get("QGRAPH_NO_VNNI"):
         return False
-    try:
-        import llvmlite.binding as ll
-        feats = ll.get_host_cpu_features()
-        return bool(feats.get("avx512vnni")) and bool(feats.get("avx512bw"))
-    except Exception:  # pragma: no cover - llvmlite without host feature query
-        return False
+    feats = compile_features()          # what Numba compiles for (the host unless NUMBA_CPU_FEATURES)
+    return bool(feats.get("avx512vnni")) and bool(feats.get("avx512bw"))
 
 
 HAS_VNNI = _host_has_vnni()
