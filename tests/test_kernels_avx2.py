@@ -233,3 +233,69 @@ def test_ort_path_can_be_named_for_another_cpu_class(monkeypatch):
     monkeypatch.setenv("QGRAPH_ORT_PATH", "neon")
     with pytest.raises(ValueError, match="expected auto or one of"):
         cpu.ort_path()
+
+
+def _layer_model(rng, op: str):
+    """One float layer and its calibration data: a 3x3 conv (Cin 16), the 3x3 stride-2 stem (Cin 3,
+    pairs across kernel taps), a pointwise conv, a grouped conv, a depthwise conv, a Gemm, a MatMul."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    inits, attrs = [], {}
+    if op.startswith("conv"):
+        cin, cout, k, s, g = {"conv3x3": (16, 32, 3, 1, 1), "conv_stem": (3, 16, 3, 2, 1), "conv_pw": (32, 48, 1, 1, 1),
+                              "conv_grouped": (16, 32, 3, 1, 4), "conv_dw": (16, 16, 3, 1, 16)}[op]
+        w = rng.standard_normal((cout, cin // g, k, k)).astype(np.float32)
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[k // 2] * 4, strides=[s, s], group=g)
+        x_shape, y_shape = [None, cin, 10, 10], [None, cout, None, None]
+        feeds = {"x": (rng.standard_normal((12, cin, 10, 10)) + 0.7).astype(np.float32)}
+        inits.append(numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "b"))
+    elif op == "gemm":
+        w = rng.standard_normal((24, 40)).astype(np.float32)
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
+        x_shape, y_shape = [None, 40], [None, 24]
+        feeds = {"x": rng.standard_normal((32, 40)).astype(np.float32)}
+        inits.append(numpy_helper.from_array(rng.standard_normal(24).astype(np.float32), "b"))
+    else:
+        w = rng.standard_normal((33, 20)).astype(np.float32)
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        x_shape, y_shape = [None, 6, 33], [None, 6, 20]
+        feeds = {"x": rng.standard_normal((16, 6, 33)).astype(np.float32)}
+    inits.append(numpy_helper.from_array(w, "w"))
+    graph = helper.make_graph([node], op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m, feeds
+
+
+LAYERS = ["conv3x3", "conv_stem", "conv_pw", "conv_grouped", "conv_dw", "gemm", "matmul"]
+
+
+@pytest.mark.parametrize("op", LAYERS)
+def test_float_mode_equals_ort_here_on_weights_that_saturate_without_vnni(op):
+    # quant:target=vnni keeps weight pairs that leave int16 in ORT's AVX2 / AVX-512BW kernels. On such a
+    # CPU ``float`` mode computes ORT's saturated sums, elsewhere the exact ones: bit-exact either way.
+    import qgraph
+    from qgraph.kernels import lower, run
+    from qgraph.kernels.diff import against_ort
+    model, feeds = _layer_model(np.random.default_rng(61), op)
+    q, _ = qgraph.optimize(model, "quant:target=vnni", calib=feeds, progress=False)
+    prog = lower(q)
+    assert bool(ortsat.saturating_steps(prog)) == (op != "conv_dw")    # not vacuous: pairs that do saturate
+    figures, _, _ = against_ort(q, feeds, "float", prog)
+    assert figures["y"]["max_lsb"] == 0, f"{op} on {cpu.ort_path().describe()}: {figures['y']}"
+
+
+@pytest.mark.parametrize("op", LAYERS)
+def test_target_any_weights_compute_the_same_integers_on_every_cpu_class(op, monkeypatch):
+    # quant's default: no pair can saturate, so ORT's AVX2 arithmetic (reproduced) equals the exact one
+    import qgraph
+    from qgraph.kernels import lower, run
+    model, feeds = _layer_model(np.random.default_rng(62), op)
+    q, rep = qgraph.optimize(model, "quant", calib=feeds, progress=False)
+    prog = lower(q)
+    assert ortsat.saturating_steps(prog) == [] and ortsat.int16_pair_steps(prog) == (op != "conv_dw")
+    monkeypatch.setenv("QGRAPH_ORT_PATH", "avx2")
+    on_avx2 = run(prog, feeds, "float")["y"]
+    monkeypatch.setenv("QGRAPH_ORT_PATH", "avx512vnni")
+    np.testing.assert_array_equal(on_avx2, run(prog, feeds, "float")["y"])
