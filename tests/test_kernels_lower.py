@@ -124,7 +124,11 @@ def test_small_cnn_qdq_matches_ort_in_float_mode(tmp_path):
     _check(q, rng.standard_normal((8, 3, 12, 12)).astype(np.float32))
 
 
-def test_fixed_mode_stays_within_one_lsb_of_float_mode_per_layer(tmp_path):
+def test_fixed_mode_stays_within_one_lsb_of_float_mode_per_layer(tmp_path, monkeypatch):
+    # the two requantizations on the same int32 sums: float mode with ORT's exact u8s8 path (on AVX2 /
+    # AVX-512BW CPUs float mode saturates int16 weight pairs as ORT does there, which is not
+    # requantization: this model's weights come from quantize_static, docs/cpu.md)
+    monkeypatch.setenv("QGRAPH_ORT_PATH", "avx512vnni")
     rng = np.random.default_rng(1)
     calib = [{"x": rng.standard_normal((4, 3, 12, 12)).astype(np.float32)} for _ in range(4)]
     prog = lower(_quantize(_small_cnn(rng), calib, tmp_path))
