@@ -334,8 +334,8 @@ def qgemm(a: np.ndarray, za, pb: Packed, zb) -> np.ndarray:
             amx.qgemm_amx(np.ascontiguousarray(a), np.asarray(za, np.int64).reshape(-1), pb.data, pb.amx_tail,
                           pb.k4, pb.sums, pb.offset, np.asarray(zb, np.int64).reshape(-1), out)
         return out
-    if KERNEL == "avx2" and a.ndim == 2 and a.dtype in (np.int8, np.uint8) and a.shape[1] == pb.k:
-        if a.shape[1] > 1 and a.strides[1] != 1 or a.strides[0] < a.shape[1]:
+    if KERNEL == "avx2" and a.ndim == 2 and a.dtype in (np.int8, np.uint8) and a.shape[1] == pb.k > 0:
+        if a.shape[1] > 1 and a.strides[1] != 1 or a.strides[0] < a.shape[1]:      # rows read in place
             a = np.ascontiguousarray(a)
         out = np.empty((a.shape[0], pb.rows), np.int32)
         if out.size:
