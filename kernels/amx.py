@@ -47,7 +47,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from qgraph.cpu import compile_features
+from qgraph.kernels.cpu import compile_features
 from qgraph.kernels.requant import column_terms
 
 TM = 32         # rows of C per block (two 16-row tiles)
@@ -129,30 +129,25 @@ def tile_zero(typingctx, t):
     return types.void(t), codegen
 
 
-@intrinsic(prefer_literal=True)
-def tile_load(typingctx, t, arr, off, stride):
-    """tmm[t] = rows of ``arr`` from element ``off``, ``stride`` bytes apart (shape from the config)."""
-    tid = _tile_id(t)
+def _tile_memory(llvm_name: str, doc: str):
+    """An intrinsic ``f(t, arr, off, stride)`` calling the AMX tile load or store ``llvm_name`` on the
+    rows of ``arr`` from element ``off``, ``stride`` bytes apart (shape from the tile config)."""
+    @intrinsic(prefer_literal=True)
+    def tile_memory(typingctx, t, arr, off, stride):
+        tid = _tile_id(t)
 
-    def codegen(context, builder, sig, args):
-        p = _byte_ptr(context, builder, sig.args[1], args[1], args[2])
-        fn = _declare(builder, "llvm.x86.tileloadd64", [_I8, _I8.as_pointer(), _I64])
-        builder.call(fn, [ir.Constant(_I8, tid), p, args[3]])
-        return context.get_dummy_value()
-    return types.void(t, arr, types.intp, types.intp), codegen
+        def codegen(context, builder, sig, args):
+            p = _byte_ptr(context, builder, sig.args[1], args[1], args[2])
+            fn = _declare(builder, llvm_name, [_I8, _I8.as_pointer(), _I64])
+            builder.call(fn, [ir.Constant(_I8, tid), p, args[3]])
+            return context.get_dummy_value()
+        return types.void(t, arr, types.intp, types.intp), codegen
+    tile_memory.__doc__ = doc
+    return tile_memory
 
 
-@intrinsic(prefer_literal=True)
-def tile_store(typingctx, t, arr, off, stride):
-    """Rows of tmm[t] -> ``arr`` from element ``off``, ``stride`` bytes apart."""
-    tid = _tile_id(t)
-
-    def codegen(context, builder, sig, args):
-        p = _byte_ptr(context, builder, sig.args[1], args[1], args[2])
-        fn = _declare(builder, "llvm.x86.tilestored64", [_I8, _I8.as_pointer(), _I64])
-        builder.call(fn, [ir.Constant(_I8, tid), p, args[3]])
-        return context.get_dummy_value()
-    return types.void(t, arr, types.intp, types.intp), codegen
+tile_load = _tile_memory("llvm.x86.tileloadd64", "tmm[t] = rows of ``arr`` from element ``off``, ``stride`` bytes apart.")
+tile_store = _tile_memory("llvm.x86.tilestored64", "Rows of tmm[t] -> ``arr`` from element ``off``, ``stride`` bytes apart.")
 
 
 @intrinsic(prefer_literal=True)

@@ -2,7 +2,7 @@
 
 Without VNNI the x86 way to multiply bytes is ``vpmaddubsw`` (u8 x s8 pairs added into int16), which
 saturates: two products of up to 255 * 128 leave int16 (what ONNX Runtime's AVX2 kernels do, see
-``qgraph.cpu``). This kernel widens both operands to int16 instead and multiplies with ``vpmaddwd``
+``qgraph.kernels.cpu``). This kernel widens both operands to int16 instead and multiplies with ``vpmaddwd``
 (int16 pairs added into int32): exact for every input, and the same multiply-port work per product
 as ``vpmaddubsw`` + ``vpmaddwd`` (one multiply uop per 16 products either way). Written in LLVM IR
 through a Numba ``@intrinsic``, as ``vnni.py``:
@@ -20,7 +20,7 @@ added (one even/odd shuffle pair per row) and the 8 columns stored to (or added 
 ``gemm_u8s8_avx2`` has ``vnni.gemm_u8s8_vnni``'s contract (packed operands; the conv path);
 ``qgemm_avx2`` is the matmul path: A packed ``MC`` rows at a time into a reused int16 buffer with its
 row sums, C computed in cache-sized blocks, zero points applied as each block is written out.
-Compiled only when used (``qgraph.cpu.gemm_kernel`` picks it on AVX2 CPUs without VNNI; any AVX2 CPU
+Compiled only when used (``qgraph.kernels.cpu.gemm_kernel`` picks it on AVX2 CPUs without VNNI; any AVX2 CPU
 runs it, so its tests run on every x86-64 machine of the last decade).
 """
 from __future__ import annotations

@@ -24,47 +24,7 @@ from qgraph.kernels.amx import aligned_empty
 from qgraph.kernels.gemm import Packed, conv_gemm_requant, k4_of, pack_a, qgemm_packed
 from qgraph.kernels.depthwise import depthwise
 from qgraph.kernels.vnni import NR
-
-
-@dataclass
-class ConvGeometry:
-    kernel: tuple[int, int]
-    strides: tuple[int, int] = (1, 1)
-    dilations: tuple[int, int] = (1, 1)
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)   # top, left, bottom, right
-    group: int = 1
-
-    def out_hw(self, h: int, w: int) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
-        pt, pl, pb, pr = self.pads
-        return ((h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
-
-
-def geometry_from_attrs(attrs: dict, w_shape, x_spatial) -> ConvGeometry:
-    """ONNX Conv attributes (1-D or 2-D, auto_pad included) -> ConvGeometry in 2-D form."""
-    rank = len(w_shape) - 2
-    if rank not in (1, 2):
-        raise ModelError(f"only 1-D and 2-D convolutions are supported, got {rank}-D")
-    kernel = list(attrs.get("kernel_shape") or w_shape[2:])
-    strides = list(attrs.get("strides") or [1] * rank)
-    dil = list(attrs.get("dilations") or [1] * rank)
-    pads = list(attrs.get("pads") or [0] * (2 * rank))
-    auto = attrs.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * (2 * rank)
-        for d in range(rank):
-            out = -(-x_spatial[d] // strides[d])
-            total = max(0, (out - 1) * strides[d] + dil[d] * (kernel[d] - 1) + 1 - x_spatial[d])
-            small, big = total // 2, total - total // 2
-            pads[d], pads[d + rank] = (small, big) if auto == "SAME_UPPER" else (big, small)
-    elif auto == "VALID":
-        pads = [0] * (2 * rank)
-    if rank == 1:
-        return ConvGeometry((1, kernel[0]), (1, strides[0]), (1, dil[0]), (0, pads[0], 0, pads[1]),
-                            int(attrs.get("group", 1)))
-    return ConvGeometry(tuple(kernel), tuple(strides), tuple(dil), (pads[0], pads[1], pads[2], pads[3]),
-                        int(attrs.get("group", 1)))
+from qgraph.ops import ConvGeometry
 
 
 @dataclass

@@ -13,7 +13,9 @@ import numpy as np
 import onnx
 
 from qgraph.kernels.lower import Program, lower
-from qgraph.kernels.runtime import KERNELS, run
+from qgraph.ops import ort_session
+from qgraph.kernels.runtime import run
+from qgraph.kernels.table import KERNELS
 
 
 def compare(ours: np.ndarray, ref: np.ndarray, lsb: float | None = None) -> dict:
@@ -46,7 +48,6 @@ def output_lsb(model: onnx.ModelProto) -> dict[str, float]:
 
 def against_ort(model: onnx.ModelProto, inputs: dict, mode: str = "float", prog: Program | None = None):
     """{output: compare(...)} for our runtime vs ORT (one thread) on the same inputs."""
-    from qgraph.instruments import ort_session
     prog = prog or lower(model)
     ours = run(prog, inputs, mode)
     names = [o.name for o in model.graph.output]
@@ -110,12 +111,7 @@ def _ort_values(model: onnx.ModelProto, prog: Program, wanted: list[str], inputs
     have = {o.name for o in opt.graph.output}
     for t in set(where.values()) - have:
         opt.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # already optimized
-    sess = ort.InferenceSession(opt.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(opt, threads=1, optimize=False)   # already optimized
     names = [o.name for o in opt.graph.output]
     feeds = {k: v for k, v in inputs.items() if k in {i.name for i in opt.graph.input}}
     got = dict(zip(names, sess.run(names, feeds)))
@@ -139,7 +135,6 @@ def per_layer(model: onnx.ModelProto, inputs: dict, mode: str = "float", prog: P
     ref = {k: _as_dtype(v, env[k].dtype) for k, v in _ort_values(model, prog, wanted, inputs).items()}
     missing = [n for n in wanted if n not in ref]
     if missing:     # not traceable in the optimized graph: expose them in the model itself
-        from qgraph.instruments import ort_session
         exposed = onnx.ModelProto()
         exposed.CopyFrom(model)
         have = {o.name for o in exposed.graph.output}

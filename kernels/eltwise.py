@@ -18,7 +18,8 @@ from numba import njit
 
 from qgraph.errors import ModelError
 from qgraph.kernels import ortfloat
-from qgraph.kernels.requant import BOUNDS, fixed_multiplier, quantize_linear
+from qgraph.kernels.requant import quantize_linear
+from qgraph.ops import INT_RANGES, fixed_multiplier, rescale
 
 
 def _f32(v) -> np.float32:
@@ -45,7 +46,7 @@ def _scalar_side(a: np.ndarray, b: np.ndarray) -> str | None:
 
 
 def _saturate(v: np.ndarray, dtype) -> np.ndarray:
-    qmin, qmax = BOUNDS[np.dtype(dtype).name]
+    qmin, qmax = INT_RANGES[np.dtype(dtype).name]
     return np.clip(v, qmin, qmax).astype(dtype)
 
 
@@ -53,7 +54,7 @@ def _float_unit(op, step, args):
     """A unit ORT leaves DQ -> float Add | Mul -> Q (see ``ortfloat``)."""
     a, sa, za, b, sb, zb, sc, zc = args
     dtype = np.asarray(zc).dtype
-    lo, hi = step.attrs.get("clamp", BOUNDS[dtype.name])
+    lo, hi = step.attrs.get("clamp", INT_RANGES[dtype.name])
     return [ortfloat.binary_unit(op, a, _f32(sa), _zp(za), b, _f32(sb), _zp(zb), _f32(sc), _zp(zc),
                                  lo, hi, dtype)]
 
@@ -65,10 +66,10 @@ def qlinear_add(step, args, mode):
     dtype = np.asarray(zc).dtype
     za, zb, zc = _zp(za), _zp(zb), _zp(zc)
     r_a, r_b = _f32(sa) / _f32(sc), _f32(sb) / _f32(sc)
-    lo, hi = step.attrs.get("clamp", BOUNDS[dtype.name])
+    lo, hi = step.attrs.get("clamp", INT_RANGES[dtype.name])
     if mode == "fixed":
         # one shift for both terms (that of the larger ratio), one rounding of the sum
-        (_, n) = (v[0] for v in fixed_multiplier(np.array([max(r_a, r_b)])))
+        n = int(fixed_multiplier(max(r_a, r_b))[1][0])
         ma, mb = (int(round(float(r) * 2.0 ** n)) for r in (r_a, r_b))
         v = ((a.astype(np.int64) - za) * ma + (b.astype(np.int64) - zb) * mb + (1 << (n - 1))) >> n
         return [np.clip(v + zc, lo, hi).astype(dtype)]
@@ -107,13 +108,8 @@ def qlinear_mul(step, args, mode):
     dtype = np.asarray(zc).dtype
     prod = (a.astype(np.int64) - _zp(za)) * (b.astype(np.int64) - _zp(zb))
     m = np.float32(_f32(sa) * _f32(sb) / _f32(sc))
-    lo, hi = step.attrs.get("clamp", BOUNDS[dtype.name])
-    if mode == "fixed":
-        (mult,), (sh,) = fixed_multiplier(np.array([m]))
-        v = (prod * mult + (1 << (sh - 1))) >> sh
-    else:
-        v = np.rint(prod.astype(np.float32) * m)
-    return [np.clip(v + _zp(zc), lo, hi).astype(dtype)]
+    lo, hi = step.attrs.get("clamp", INT_RANGES[dtype.name])
+    return [np.clip(rescale(prod, m, mode) + _zp(zc), lo, hi).astype(dtype)]
 
 
 # ----------------------------------------------------------------------------- table lookups
@@ -138,17 +134,17 @@ def build_table(op: str, attrs: dict, sx, zx, in_dtype, sy, zy, out_dtype) -> np
     in_name = np.dtype(in_dtype).name
     if in_name not in ("int8", "uint8"):
         raise ModelError(f"table lookup over {in_name} inputs is not supported (8-bit only)")
-    qmin, qmax = BOUNDS[in_name]
+    qmin, qmax = INT_RANGES[in_name]
     codes = np.arange(qmin, qmax + 1, dtype=np.int64)
     x = ((codes - _zp(zx)).astype(np.float32) * _f32(sx)).astype(np.float32)
     y = TABLE_FUNCS[op](x, attrs).astype(np.float32)
-    omin, omax = BOUNDS[np.dtype(out_dtype).name]
+    omin, omax = INT_RANGES[np.dtype(out_dtype).name]
     return quantize_linear(y, _f32(sy), _zp(zy), omin, omax).astype(out_dtype)
 
 
 def lookup(step, args, mode):
     x, table = args[0], args[1]
-    qmin = BOUNDS[x.dtype.name][0]
+    qmin = INT_RANGES[x.dtype.name][0]
     return [table[x.astype(np.int64) - qmin]]
 
 
@@ -158,12 +154,7 @@ def requantize_tensor(x, sx, zx, sy, zy, mode, dtype):
     """Same values, new (scale, zero point): y = sat(zy + round((x - zx) * sx/sy))."""
     m = np.float32(_f32(sx) / _f32(sy))
     d = x.astype(np.int64) - _zp(zx)
-    if mode == "fixed":
-        (mult,), (sh,) = fixed_multiplier(np.array([m]))
-        v = (d * mult + (1 << (sh - 1))) >> sh
-    else:
-        v = np.rint(d.astype(np.float32) * m)
-    return _saturate(v + _zp(zy), dtype)
+    return _saturate(rescale(d, m, mode) + _zp(zy), dtype)
 
 
 def requant_step(step, args, mode):

@@ -13,7 +13,7 @@ the true result fits int32, so arithmetic mod 2^32 is exact, and the loops stay 
 Either operand can be the one packed once: matmul packs the constant B (weights), convolution packs
 the constant A (weights, ``C[Cout, pixels] = W @ im2col``) and builds B panels per call.
 
-Micro-kernels, chosen at import (``KERNEL``, by ``qgraph.cpu.gemm_kernel``; ``QGRAPH_GEMM=amx|vnni|avx2|plain``
+Micro-kernels, chosen at import (``KERNEL``, by ``qgraph.kernels.cpu.gemm_kernel``; ``QGRAPH_GEMM=amx|vnni|avx2|plain``
 forces one): AMX tiles (``amx``, when the CPU has AMX-INT8 and Linux grants the tile state;
 ``QGRAPH_NO_AMX=1`` turns it off), else AVX-512 VNNI (``vnni``), else AVX2 (``avx2``: int16 ``vpmaddwd``
 on the same panels, A widened to int16 once), else plain Numba. The
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from qgraph import cpu
+from qgraph.kernels import cpu
 from qgraph.kernels import amx, avx2, vnni
 from qgraph.kernels.requant import column_terms
 from qgraph.kernels.vnni import MR, NR
@@ -221,6 +221,9 @@ def conv_gemm_vnni(a, b, k4, cols, nb, pix, k, rowsum, oa, za, colsum, ob, zb, b
                        shift, zp, qmin, qmax, fixed, o0, out3)
 
 
+# Deliberately a second copy of ``conv_gemm_vnni``: the micro-kernel is an intrinsic, and a body that
+# branched between the two would make LLVM compile the VNNI instructions on CPUs that lack them
+# (instruction selection fails there); Numba cannot pass the micro-kernel as a cached argument.
 @njit(cache=True)
 def conv_gemm_generic(a, b, k4, cols, nb, pix, k, rowsum, oa, za, colsum, ob, zb, bias, scale, mult, shift, zp,
                       qmin, qmax, fixed, o0, out3):

@@ -16,9 +16,14 @@ implementation per op. Q of a float graph input and DQ to a float graph output s
 Quantize/DequantizeLinear steps. Relu/Clip between the op and its Q become the output clamp; several
 identical Qs of one output (dedicated Q/DQ pairs) share one result. Also lowered, as not arithmetic on
 activations: nodes whose inputs are all constants (folded once here), Shape and integer arithmetic on
-shapes (evaluated at run time by ONNX's reference implementation), and data movement of a float
-input before its first Q (e.g. Flatten). Anything else is a ``ModelError`` naming the node and op:
-there is no float fallback.
+shapes (evaluated at run time by ONNX's reference implementation), and data movement of float values.
+
+The ops ORT itself runs in float between DQ and Q (no integer kernel: Div, Pow, Sqrt, ReduceMean, an
+Add of a float constant, a per-channel Min, HardSwish written as Mul/Add/Clip/Div, ...) become
+``Float`` steps (``floatops.py``, ORT's float32 arithmetic) between explicit DequantizeLinear and
+QuantizeLinear steps, as ORT runs them: integer tensors at the borders. A node that is neither a
+group nor such a float op (a float Conv / MatMul / Gemm, an op ``floatops`` does not know) is a
+``ModelError`` naming the node and op.
 """
 from __future__ import annotations
 
@@ -30,20 +35,27 @@ import onnx
 from qgraph import ir
 from qgraph.errors import ModelError
 from qgraph.kernels.eltwise import TABLE_FUNCS, build_table
-from qgraph.kernels.requant import BOUNDS
+from qgraph.kernels.floatops import FLOAT_OPS
+from qgraph.kernels.table import KERNELS
+from qgraph.ops import (CLIP_OPS, INT_RANGES, Skip, clip_bounds, const_at, input_at, is_dq, is_q, match_group,
+                        output_quantizer)
 
 QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",
                  "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
                  "QuantizeLinear", "DequantizeLinear"}
 MOVE_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Pad",
             "Resize", "Identity", "Expand", "MaxPool", "Dropout"}
+#: ops whose integer kernels clamp their output (ORT fuses a following Relu / Clip into them)
+CLAMPED_OPS = ("Conv", "MatMul", "Gemm", "Add", "Mul")
 GROUP_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool", "AveragePool", "Concat", "Softmax"} \
     | MOVE_OPS | set(TABLE_FUNCS)
+#: inputs that must come from DequantizeLinear for a node to be an integer group (default: input 0)
+_DQ_INPUTS = {"Conv": (0, 1), "MatMul": (0, 1), "Gemm": (0, 1), "Add": (0, 1), "Mul": (0, 1)}
 
 
 @dataclass
 class Step:
-    op: str                    # key of runtime.KERNELS
+    op: str                    # key of table.KERNELS
     name: str                  # the node (or the group's compute node) it came from
     inputs: list[str]          # value names; "" for an absent optional input
     outputs: list[str]
@@ -75,6 +87,11 @@ class Program:
         return counts
 
 
+def _attr(node, name: str, default):
+    v = node.attrs.get(name, default)
+    return v.decode() if isinstance(v, bytes) else v
+
+
 def _fail(node, why: str):
     raise ModelError(f"cannot lower node {node.name or '?'} ({node.op}): {why}")
 
@@ -88,20 +105,21 @@ class _Lowering:
         self.float_units: set[int] = set()   # ids of group nodes ORT runs as DQ -> float op -> Q
         self.bias_float = None
         self.shapes: set[str] = set()        # int64 shape tensors computed at run time
+        self.grouped: set[int] = set()       # ids of nodes lowered as integer groups
 
     # -- helpers ------------------------------------------------------------------------------------
     def name_of(self, t) -> str:
         return "" if t is None or (isinstance(t, ir.Variable) and not t.name) else t.name
 
-    def dq_parts(self, t, node, what: str):
-        """(int value name, scale name, zero point name, axis) of a tensor made by DequantizeLinear."""
-        dq = ir.producer(t) if t is not None else None
-        if dq is None or dq.op != "DequantizeLinear":
+    def dq_parts(self, dq, node, what: str):
+        """(int value name, scale name, zero point name, axis) of the DequantizeLinear ``dq`` that
+        makes input ``what`` of ``node`` (None: that input is not dequantized, which is an error)."""
+        if dq is None:
             _fail(node, f"{what} is not produced by DequantizeLinear (float inputs are not lowered)")
         scale = ir.const(dq.inputs[1])
         if scale is None:
             _fail(node, f"the scale of {what} is not a constant")
-        zp = ir.const(dq.inputs[2]) if len(dq.inputs) > 2 else None
+        zp = const_at(dq, 2)
         src = dq.inputs[0]
         if zp is None:
             zp = np.zeros((), ir.const(src).dtype if ir.const(src) is not None else np.uint8)
@@ -112,41 +130,19 @@ class _Lowering:
                 p.add_const(f"{src.name}::zp", zp), int(dq.attrs.get("axis", 1)))
 
     def q_after(self, node):
-        """Follow node -> [Relu | Clip] -> QuantizeLinear; returns (q node, clamp nodes, other qs).
-
-        Several QuantizeLinear readers with the same scale and zero point (one per consumer, as
-        quantizers emit with dedicated Q/DQ pairs) share the first one's result."""
-        out = node.outputs[0]
-        chain = []
-        while True:
-            users = ir.consumers(out)
-            if users and all(u.op == "QuantizeLinear" for u in users) and len(users) > 1 \
-                    and not ir.is_graph_output(self.g, out) and all(self.same_q(users[0], u) for u in users):
-                return users[0], chain, users[1:]
-            if ir.is_graph_output(self.g, out) or len(users) != 1:
-                _fail(node, "its output is not quantized by exactly one QuantizeLinear")
-            nxt = users[0]
-            if nxt.op == "QuantizeLinear":
-                return nxt, chain, []
-            if nxt.op in ("Relu", "Clip") and node.op in ("Conv", "MatMul", "Gemm", "Add", "Mul"):
-                chain.append(nxt)
-                out = nxt.outputs[0]
-                continue
-            _fail(node, f"its output goes to {nxt.op}, not to QuantizeLinear")
-
-    @staticmethod
-    def same_q(a, b) -> bool:
-        pa = [ir.const(t) for t in a.inputs[1:]]
-        pb = [ir.const(t) for t in b.inputs[1:]]
-        return (len(pa) == len(pb) and all(x is not None and y is not None and x.dtype == y.dtype
-                                           and np.array_equal(x, y) for x, y in zip(pa, pb))
-                and a.attrs == b.attrs)
+        """node -> [Relu | Clip] -> QuantizeLinear: (q node, clamp nodes, twin qs); the clamp only
+        after the ops whose integer kernels saturate to a range (ORT's fused activations)."""
+        found = output_quantizer(self.g, node, CLIP_OPS if node.op in CLAMPED_OPS else ())
+        if isinstance(found, Skip):
+            _fail(node, found.detail)
+        return found
 
     def q_parts(self, q):
         scale = ir.const(q.inputs[1])
         if scale is None:
             _fail(q, "the output scale is not a constant")
-        zp = ir.const(q.inputs[2]) if len(q.inputs) > 2 else np.zeros((), np.uint8)
+        zp = const_at(q, 2)
+        zp = np.zeros((), np.uint8) if zp is None else zp
         if scale.size != 1:
             _fail(q, "per-channel activation quantization is not supported")
         p = self.prog
@@ -154,18 +150,20 @@ class _Lowering:
         return y, p.add_const(f"{y}::scale", scale.astype(np.float32)), p.add_const(f"{y}::zp", zp), zp, scale
 
     def clamp(self, chain, zp, scale) -> tuple[int, int]:
-        lo, hi = BOUNDS[np.asarray(zp).dtype.name]
+        lo, hi = INT_RANGES[np.asarray(zp).dtype.name]
         z, s = int(np.asarray(zp).reshape(-1)[0]), float(np.asarray(scale).reshape(-1)[0])
         for n in chain:
+            bounds = clip_bounds(n)
+            if bounds is None:
+                _fail(n, "its bounds are not constants")
+            cmin, cmax = bounds
             if n.op == "Relu":
                 lo = max(lo, z)
             else:
-                cmin = ir.const(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1].name else n.attrs.get("min")
-                cmax = ir.const(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2].name else n.attrs.get("max")
-                if cmin is not None:
-                    lo = max(lo, z + int(np.rint(np.float32(np.asarray(cmin).reshape(-1)[0]) / np.float32(s))))
-                if cmax is not None:
-                    hi = min(hi, z + int(np.rint(np.float32(np.asarray(cmax).reshape(-1)[0]) / np.float32(s))))
+                if np.isfinite(cmin):
+                    lo = max(lo, z + int(np.rint(np.float32(cmin) / np.float32(s))))
+                if np.isfinite(cmax):
+                    hi = min(hi, z + int(np.rint(np.float32(cmax) / np.float32(s))))
             self.done.add(id(n))
         return lo, hi
 
@@ -176,7 +174,7 @@ class _Lowering:
         if t is None or not t.name:
             return ""
         prod = ir.producer(t)
-        if prod is not None and prod.op == "DequantizeLinear" and ir.const(prod.inputs[0]) is not None:
+        if is_dq(prod) and ir.const(prod.inputs[0]) is not None:
             self.done.add(id(prod))
             scale = ir.const(prod.inputs[1])
             if scale is not None:
@@ -218,54 +216,56 @@ class _Lowering:
                       requant=False)
 
     def group_step(self, node, q, chain):
+        group = match_group(node)                   # the DQ behind each input (None: not dequantized)
+        dqs = group.inputs_dq if group is not None else [None] * len(node.inputs)
         y, sy, zy, zp_arr, s_arr = self.q_parts(q)
         clamp = self.clamp(chain, zp_arr, s_arr)
         op, at = node.op, dict(node.attrs)
         if op == "Conv":
-            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
-            w, sw, zw, _ = self.dq_parts(node.inputs[1], node, "weight")
-            b = self.bias(node, node.inputs[2] if len(node.inputs) > 2 else None, sx, sw)
+            x, sx, zx, _ = self.dq_parts(dqs[0], node, "input")
+            w, sw, zw, _ = self.dq_parts(dqs[1], node, "weight")
+            b = self.bias(node, input_at(node, 2), sx, sw)
             extra = {"ort_float": {"bias": self.bias_float}} if id(node) in self.float_units else {}
             self.emit("QLinearConv", node, [x, sx, zx, w, sw, zw, sy, zy, b], [y], **at, clamp=clamp, **extra,
                       **self.ort_types(node))
         elif op == "MatMul":
-            a, sa, za, _ = self.dq_parts(node.inputs[0], node, "input A")
-            b, sb, zb, _ = self.dq_parts(node.inputs[1], node, "input B")
+            a, sa, za, _ = self.dq_parts(dqs[0], node, "input A")
+            b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")
             self.emit("QLinearMatMul", node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp, **self.ort_types(node))
         elif op == "Gemm":
             if float(at.get("alpha", 1.0)) != 1.0 or float(at.get("beta", 1.0)) != 1.0:
                 _fail(node, "Gemm with alpha or beta != 1")
-            a, sa, za, _ = self.dq_parts(node.inputs[0], node, "input A")
-            b, sb, zb, _ = self.dq_parts(node.inputs[1], node, "input B")
-            c = self.bias(node, node.inputs[2] if len(node.inputs) > 2 else None, sa, sb)
+            a, sa, za, _ = self.dq_parts(dqs[0], node, "input A")
+            b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")
+            c = self.bias(node, input_at(node, 2), sa, sb)
             self.emit("QGemm", node, [a, sa, za, b, sb, zb, c, sy, zy], [y],
                       transA=int(at.get("transA", 0)), transB=int(at.get("transB", 0)), clamp=clamp,
                       **self.ort_types(node))
         elif op in ("Add", "Mul"):
-            a, sa, za, _ = self.dq_parts(node.inputs[0], node, "input A")
-            b, sb, zb, _ = self.dq_parts(node.inputs[1], node, "input B")
+            a, sa, za, _ = self.dq_parts(dqs[0], node, "input A")
+            b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")
             extra = {"ort_float": {}} if id(node) in self.float_units else {}
             self.emit("QLinear" + op, node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp, **extra)
         elif op in ("GlobalAveragePool", "AveragePool"):
-            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
+            x, sx, zx, _ = self.dq_parts(dqs[0], node, "input")
             self.emit("QLinear" + op, node, [x, sx, zx, sy, zy], [y], **at)
         elif op == "Concat":
             ins = [sy, zy]
-            for i, t in enumerate(node.inputs):
-                ins += list(self.dq_parts(t, node, f"input {i}")[:3])
+            for i, dq in enumerate(dqs):
+                ins += list(self.dq_parts(dq, node, f"input {i}")[:3])
             self.emit("QLinearConcat", node, ins, [y], axis=int(at.get("axis", 0)))
         elif op == "Softmax":                       # ORT fuses it into com.microsoft QLinearSoftmax
-            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
+            x, sx, zx, _ = self.dq_parts(dqs[0], node, "input")
             opset = int(self.g.opset or 13)
             self.emit("QLinearSoftmax", node, [x, sx, zx, sy, zy], [y], opset=opset,
                       axis=int(at.get("axis", -1 if opset >= 13 else 1)))
         elif op in TABLE_FUNCS:
-            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
+            x, sx, zx, _ = self.dq_parts(dqs[0], node, "input")
             c = self.prog.consts
             table = build_table(op, at, c[sx], c[zx], c[zx].dtype, c[sy], c[zy], c[zy].dtype)
             self.emit("Lookup", node, [x, self.prog.add_const(f"{y}::table", table)], [y])
         else:  # data movement
-            x, sx, zx, _ = self.dq_parts(node.inputs[0], node, "input")
+            x, sx, zx, _ = self.dq_parts(dqs[0], node, "input")
             c = self.prog.consts
             same = (np.float32(c[sx].reshape(-1)[0]) == np.float32(c[sy].reshape(-1)[0])
                     and int(c[zx].reshape(-1)[0]) == int(c[zy].reshape(-1)[0]) and c[zx].dtype == c[zy].dtype)
@@ -273,7 +273,7 @@ class _Lowering:
             if op == "Pad" and len(extra) > 1 and extra[1]:      # float pad value -> its code
                 v = np.float32(np.asarray(ir.const(node.inputs[2])).reshape(-1)[0])
                 code = np.clip(np.rint(v / np.float32(c[sx].reshape(-1)[0])) + int(c[zx].reshape(-1)[0]),
-                               *BOUNDS[c[zx].dtype.name]).astype(c[zx].dtype)
+                               *INT_RANGES[c[zx].dtype.name]).astype(c[zx].dtype)
                 extra[1] = self.prog.add_const(f"{y}::pad_value", code)
             elif op == "Pad":
                 extra = (extra + ["", ""])[:1] + [self.prog.add_const(f"{y}::pad_value", c[zx])] + extra[2:]
@@ -318,6 +318,7 @@ class _Lowering:
         self.g.toposort()
         self.fold_constants()
         self.float_units = {id(n) for n in ort_float_units(self.g)}
+        self.grouped = {id(n) for n in self.g.nodes if id(n) not in self.done and self.is_group(n)}
         for node in self.g.nodes:
             if id(node) in self.done:
                 continue
@@ -326,24 +327,48 @@ class _Lowering:
             if node.op in ("QuantizeLinear", "DequantizeLinear"):
                 self.boundary(node)
             elif node.op in QOPERATOR_OPS or node.domain == "com.microsoft" and node.op.startswith("QLinear"):
-                if node.op not in _runtime_ops():
+                if node.op not in KERNELS:
                     _fail(node, "this quantized op has no integer kernel")
                 self.emit(node.op, node, [self.name_of(t) for t in node.inputs],
                           [t.name for t in node.outputs], **dict(node.attrs))
-            elif node.op in MOVE_OPS and not self.from_dq(node.inputs[0]):
+            elif id(node) in self.grouped:
+                self.group(node)
+            elif node.op in MOVE_OPS and not (node.op == "Resize" and _attr(node, "mode", "nearest") != "nearest"):
                 # moving float values (e.g. Flatten of the float graph input before its Q) is exact
                 self.emit("Move", node, [self.name_of(t) for t in node.inputs],
                           [o.name for o in node.outputs], op=node.op, attrs=dict(node.attrs), requant=False)
+            elif node.op in FLOAT_OPS and not node.domain:
+                self.float_step(node)
             elif node.op in GROUP_OPS:
-                self.group(node)
+                self.group(node)                 # fails naming why it is not a quantized group
             else:
-                _fail(node, "no integer kernel for this op")
+                _fail(node, "no integer kernel for this op, and not an op qgraph-run runs in float "
+                            "between DequantizeLinear and QuantizeLinear as ONNX Runtime does")
         return self.prog
+
+    def is_group(self, node) -> bool:
+        """Whether ``node`` is an integer group: its inputs that must be dequantized are (see
+        ``_DQ_INPUTS``) and one QuantizeLinear quantizes its output. Otherwise ORT runs it in float."""
+        if node.op not in GROUP_OPS or not node.inputs or node.domain:
+            return False
+        if isinstance(output_quantizer(self.g, node, CLIP_OPS if node.op in CLAMPED_OPS else ()), Skip):
+            return False
+        wanted = range(len(node.inputs)) if node.op == "Concat" else _DQ_INPUTS.get(node.op, (0,))
+        return all(i < len(node.inputs) and self.from_dq(node.inputs[i]) for i in wanted)
+
+    def float_step(self, node):
+        """A node ORT runs in float between DQ and Q (``floatops``): float in, float out."""
+        for t in node.inputs:
+            c = ir.const(t) if t is not None and t.name else None
+            if c is not None:
+                self.prog.consts.setdefault(t.name, np.asarray(c))
+        self.emit("Float", node, [self.name_of(t) for t in node.inputs], [o.name for o in node.outputs],
+                  op=node.op, attrs=dict(node.attrs), opset=int(self.g.opset or 13), n_out=len(node.outputs))
 
     @staticmethod
     def from_dq(t) -> bool:
         p = ir.producer(t) if t is not None else None
-        return p is not None and p.op == "DequantizeLinear"
+        return is_dq(p)
 
     def shape_arithmetic(self, node) -> bool:
         """Shape of an activation, and integer arithmetic on shapes (dynamic batch, 'same' padding):
@@ -352,7 +377,7 @@ class _Lowering:
         if node.op == "Shape":
             src = node.inputs[0]
             dq = ir.producer(src)
-            name = dq.inputs[0].name if dq is not None and dq.op == "DequantizeLinear" else src.name
+            name = dq.inputs[0].name if is_dq(dq) else src.name
             self.emit("Shape", node, [name], [node.outputs[0].name], **dict(node.attrs))
         elif names and node.op not in ("QuantizeLinear", "DequantizeLinear") \
                 and all(n in self.shapes for n in names):
@@ -374,12 +399,10 @@ class _Lowering:
     def boundary(self, node):
         """Emit a Q or DQ step unless a group consumes it (DQ of constants and DQs feeding groups)."""
         if node.op == "DequantizeLinear":
-            if ir.const(node.inputs[0]) is not None and not ir.is_graph_output(self.g, node.outputs[0]):
-                return                                       # weights: read by the groups
             users = ir.consumers(node.outputs[0])
-            if users and all(u.op in GROUP_OPS or u.op == "Shape" for u in users) \
+            if users and all(id(u) in self.grouped or u.op == "Shape" for u in users) \
                     and not ir.is_graph_output(self.g, node.outputs[0]):
-                return
+                return                                       # read by the groups (weights included)
         at = dict(node.attrs)
         if node.op == "QuantizeLinear" and "output_dtype" in at:
             at["output_dtype_name"] = onnx.helper.tensor_dtype_to_np_dtype(at["output_dtype"]).name
@@ -408,7 +431,7 @@ def _ort_type(g, q) -> str:
     """Storage type ORT's x86 CPU provider gives the output of QuantizeLinear ``q``:
     ``QDQS8ToU8Transformer`` rewrites an int8 Q -> DQ pair to uint8 only when the Q has exactly
     one consumer edge (and a constant scalar zero point)."""
-    zp = ir.const(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2].name else None
+    zp = const_at(q, 2)
     kind = np.asarray(zp).dtype.name if zp is not None else "uint8"
     if kind == "int8" and np.asarray(zp).size == 1 and not ir.is_graph_output(g, q.outputs[0]) \
             and _edges(g, q.outputs[0]) == 1:
@@ -424,9 +447,9 @@ def _input_type(g, t) -> str | None:
         return None
     src = dq.inputs[0]
     q = ir.producer(src)
-    if q is not None and q.op == "QuantizeLinear":
+    if is_q(q):
         return _ort_type(g, q)
-    zp = ir.const(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2].name else None
+    zp = const_at(dq, 2)
     kind = np.asarray(zp).dtype.name if zp is not None else "uint8"
     return "uint8" if kind == "int8" and ir.const(src) is not None else kind
 
@@ -451,7 +474,7 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
         if node.op not in ("Conv", "MatMul", "Gemm", "Add", "Mul"):
             continue
         users = ir.consumers(node.outputs[0]) if node.outputs else []
-        if len(users) == 1 and users[0].op in ("Relu", "Clip"):
+        if len(users) == 1 and users[0].op in CLIP_OPS:
             users = ir.consumers(users[0].outputs[0])
         if len(users) != 1 or users[0].op != "QuantizeLinear":
             continue
@@ -468,11 +491,6 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
         if not fused:
             units.append(node)
     return units
-
-
-def _runtime_ops():
-    from qgraph.kernels.runtime import KERNELS
-    return KERNELS
 
 
 def lower(model) -> Program:

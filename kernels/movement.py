@@ -25,7 +25,8 @@ def _reshape(x, shape, attrs):
 
 
 def _flatten(x, attrs):
-    axis = int(attrs.get("axis", 1)) % max(x.ndim, 1)
+    axis = int(attrs.get("axis", 1))
+    axis = axis + x.ndim if axis < 0 else axis        # 0..rank: axis == rank gives (prod, 1)
     return x.reshape(int(np.prod(x.shape[:axis])), -1)
 
 
@@ -58,6 +59,31 @@ def _pad(x, pads, value, axes, attrs):
     return np.pad(x, width, mode={"reflect": "reflect", "edge": "edge", "wrap": "wrap"}[mode])
 
 
+def resize_shape(shape, scales, sizes) -> tuple[list[int], list[float]]:
+    """Resize's output shape and per-axis scale: from ``sizes`` when given, else floor(d * scale)."""
+    if sizes is not None and np.asarray(sizes).size:
+        out_shape = _ints(sizes)
+        return out_shape, [o / i for o, i in zip(out_shape, shape)]
+    scl = [float(s) for s in np.asarray(scales).reshape(-1)]
+    return [int(np.floor(d * s)) for d, s in zip(shape, scl)], scl
+
+
+def source_coords(ctm: str, n_in: int, n_out: int, s: float, dtype, name: str) -> np.ndarray:
+    """The input coordinate of each output position of one resized axis, in ``dtype`` arithmetic
+    (ONNX Resize's coordinate_transformation_mode)."""
+    f = np.dtype(dtype).type
+    o = np.arange(n_out, dtype=dtype)
+    if ctm == "asymmetric":
+        return o / f(s)
+    if ctm == "align_corners":
+        return o * f(n_in - 1) / f(max(n_out - 1, 1))
+    if ctm == "half_pixel" or (ctm == "pytorch_half_pixel" and n_out > 1):
+        return (o + f(0.5)) / f(s) - f(0.5)
+    if ctm == "pytorch_half_pixel":
+        return np.zeros(n_out, dtype)
+    raise ModelError(f"cannot lower node {name} (Resize): coordinate mode {ctm!r}")
+
+
 def _resize_nearest(x, scales, sizes, attrs, name):
     mode = attrs.get("mode", "nearest")
     mode = mode.decode() if isinstance(mode, bytes) else mode
@@ -67,25 +93,13 @@ def _resize_nearest(x, scales, sizes, attrs, name):
     ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
     nmode = attrs.get("nearest_mode", "round_prefer_floor")
     nmode = nmode.decode() if isinstance(nmode, bytes) else nmode
-    if sizes is not None and np.asarray(sizes).size:
-        out_shape = _ints(sizes)
-        scl = [o / i for o, i in zip(out_shape, x.shape)]
-    else:
-        scl = [float(s) for s in np.asarray(scales).reshape(-1)]
-        out_shape = [int(np.floor(d * s)) for d, s in zip(x.shape, scl)]
+    out_shape, scl = resize_shape(x.shape, scales, sizes)
     y = x
     for ax, (n_in, n_out, s) in enumerate(zip(x.shape, out_shape, scl)):
         if n_in == n_out:
             continue
-        o = np.arange(n_out, dtype=np.float64)
-        if ctm == "asymmetric":
-            src = o / s
-        elif ctm == "align_corners":
-            src = o * (n_in - 1) / max(n_out - 1, 1)
-        elif ctm in ("half_pixel", "pytorch_half_pixel"):
-            src = (o + 0.5) / s - 0.5
-        else:
-            raise ModelError(f"cannot lower node {name} (Resize): coordinate mode {ctm!r}")
+        # pytorch_half_pixel as half_pixel here, as before (a one-pixel output reads pixel 0 either way)
+        src = source_coords("half_pixel" if ctm == "pytorch_half_pixel" else ctm, n_in, n_out, s, np.float64, name)
         rounders = {"floor": np.floor, "ceil": np.ceil,
                     "round_prefer_floor": lambda v: np.ceil(v - 0.5), "round_prefer_ceil": lambda v: np.floor(v + 0.5)}
         idx = np.clip(rounders[nmode](src).astype(np.int64), 0, n_in - 1)

@@ -27,7 +27,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from qgraph.kernels import sgemm
-from qgraph.kernels.conv import geometry_from_attrs
+from qgraph.ops import conv_geometry
 
 SGEMM_STRIDE_N = 128
 SGEMM_STRIDE_K = 128
@@ -141,7 +141,7 @@ def conv_unit(step, x, sx, zx, w_f, bias_f, sy, zy, lo, hi, out_dtype) -> np.nda
     hit = step.cache.get("sgemm")
     if hit is None or hit[0] is not w_f or hit[1] != (h, wd):
         w4 = w_f[:, :, None, :] if one_d else w_f
-        geo = geometry_from_attrs(step.attrs, w_f.shape, (wd,) if one_d else (h, wd))   # 1-D: as 2-D, height 1
+        geo = conv_geometry(step.attrs, w_f.shape, (wd,) if one_d else (h, wd))   # 1-D: as 2-D, height 1
         cout, cin_g, kh, kw = w4.shape
         cout_g = cout // geo.group
         wmat = w4.reshape(cout, cin_g * kh * kw)
@@ -239,7 +239,7 @@ def conv_unit_reference(attrs, x, sx, zx, w_f, bias_f, sy, zy, lo, hi, out_dtype
     """The plain loops ``conv_unit`` must equal exactly: per image and group, im2col
     (``_dequantize_im2col``), ``sgemm_mlas``, then ``_quantize_rows``. For tests."""
     one_d = x.ndim == 3
-    geo = geometry_from_attrs(attrs, w_f.shape, x.shape[2:])
+    geo = conv_geometry(attrs, w_f.shape, x.shape[2:])
     if one_d:
         x, w_f = x[:, :, None, :], w_f[:, :, None, :]
     n_b, _, h, wd = x.shape

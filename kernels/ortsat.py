@@ -5,9 +5,9 @@ into int16, saturating) and ``vpmaddwd`` with ones (int16 -> int32), so the raw 
 
     raw[m, n] = sum_j sat16(a[m, 2j] * w[2j, n] + a[m, 2j+1] * w[2j+1, n])
 
-over the GEMM's K order (``qgraph.cpu``), followed by the exact zero-point terms. ``float`` mode
-computes this (instead of the exact sum) for the steps ORT runs as u8 x s8 when ``qgraph.cpu.ort_path``
-saturates and the weights have a pair that can (``qgraph.cpu.can_saturate``); everywhere else the
+over the GEMM's K order (``qgraph.ops``), followed by the exact zero-point terms. ``float`` mode
+computes this (instead of the exact sum) for the steps ORT runs as u8 x s8 when ``qgraph.kernels.cpu.ort_path``
+saturates and the weights have a pair that can (``qgraph.ops.can_saturate``); everywhere else the
 two are the same integers. ``conv_acc`` / ``matmul_acc`` return the int32 accumulators (bias not
 added) in ORT's operand values: int8 activations are the uint8 codes + 128 ORT stores them as, the
 zero point likewise.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from qgraph.cpu import ort_k_rows
+from qgraph.ops import can_saturate, ort_k_rows, pairs_in_int16
 
 
 @njit(cache=True)
@@ -134,7 +134,6 @@ def conv_acc(x: np.ndarray, zx: int, w: np.ndarray, zw, geo) -> np.ndarray:
 def _int16_pair_step(step, consts) -> tuple[np.ndarray, str, int] | None:
     """(weights, op, group) of a step ORT runs as u8 activations x constant int8 weights through int16
     pair sums on AVX2 / AVX-512BW CPUs, else None."""
-    from qgraph.cpu import pairs_in_int16
     op = {"QLinearConv": "Conv", "ConvInteger": "Conv", "QLinearMatMul": "MatMul", "MatMulInteger": "MatMul",
           "QGemm": "Gemm"}.get(step.op)
     if op is None or "ort_float" in step.attrs:
@@ -155,8 +154,7 @@ def int16_pair_steps(prog) -> int:
 
 
 def saturating_steps(prog) -> list[str]:
-    """Names of those steps whose weights have an adjacent pair that can leave int16 (``qgraph.cpu``)."""
-    from qgraph.cpu import can_saturate
+    """Names of those steps whose weights have an adjacent pair that can leave int16 (``qgraph.ops``)."""
     out = []
     for s in prog.steps:
         hit = _int16_pair_step(s, prog.consts)

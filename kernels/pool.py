@@ -14,7 +14,8 @@ import numpy as np
 from numba import njit
 
 from qgraph.errors import ModelError
-from qgraph.kernels.requant import BOUNDS, requantize_into
+from qgraph.kernels.requant import requantize_into
+from qgraph.ops import INT_RANGES
 
 
 def pool_geometry(attrs: dict, spatial) -> tuple:
@@ -71,8 +72,24 @@ def _window_reduce(x, kh, kw, sh, sw, dh, dw, pt, pl, is_max, zx, out, counts):
                     counts[y, xo] = cnt
 
 
+def _window_max_float(x, kh, kw, sh, sw, dh, dw, pads, oh, ow) -> np.ndarray:
+    """MaxPool of float values (a float unit between DQ and Q): exact, the order does not matter;
+    padding reads as -inf."""
+    pt, pl, pb, pr = pads
+    h, w = x.shape[2:]
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    xp = np.full(x.shape[:2] + (max(h + pt + pb, (oh - 1) * sh + span_h), max(w + pl + pr, (ow - 1) * sw + span_w)),
+                 -np.inf, x.dtype)
+    xp[:, :, pt:pt + h, pl:pl + w] = x
+    win = np.lib.stride_tricks.sliding_window_view(xp, (span_h, span_w), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :oh, :ow]
+    return win.max(axis=(4, 5))
+
+
 def max_pool(x: np.ndarray, attrs: dict) -> np.ndarray:
     (kh, kw), (sh, sw), (dh, dw), pads, (oh, ow) = pool_geometry(attrs, x.shape[2:])
+    if x.dtype.kind == "f":
+        return _window_max_float(x, kh, kw, sh, sw, dh, dw, pads, oh, ow)
     out = np.empty((x.shape[0], x.shape[1], oh, ow), x.dtype)
     counts = np.empty((oh, ow), np.int64)
     _window_reduce(np.ascontiguousarray(x), kh, kw, sh, sw, dh, dw, pads[0], pads[1], True, 0, out, counts)
@@ -113,7 +130,7 @@ def average_pool(x, sx, zx: int, sy, zy, attrs: dict, mode: str) -> np.ndarray:
         if (dh, dw) != (1, 1):
             raise ModelError("AveragePool with dilations: no float-mode kernel (ORT has none to match)")
         zy_arr = np.asarray(zy)
-        qmin, qmax = BOUNDS[zy_arr.dtype.name]
+        qmin, qmax = INT_RANGES[zy_arr.dtype.name]
         out = np.empty((x.shape[0], x.shape[1], oh, ow), zy_arr.dtype)
         _average_pool_ort(np.ascontiguousarray(x), np.float32(sx), np.int32(zx), np.float32(sy),
                           np.int32(zy_arr.reshape(-1)[0]), kh, kw, sh, sw, pads[0], pads[1],
@@ -125,7 +142,7 @@ def average_pool(x, sx, zx: int, sy, zy, attrs: dict, mode: str) -> np.ndarray:
     if attrs.get("count_include_pad", 0):
         counts[:] = kh * kw
     zy_arr = np.asarray(zy)
-    qmin, qmax = BOUNDS[zy_arr.dtype.name]
+    qmin, qmax = INT_RANGES[zy_arr.dtype.name]
     out = np.empty(acc.shape, zy_arr.dtype)
     for cnt in np.unique(counts):        # one requantization per distinct window size
         where = counts == cnt
@@ -154,7 +171,7 @@ def global_average_pool(x, sx, zx: int, sy, zy, mode: str) -> np.ndarray:
     acc = (_plane_sums(np.ascontiguousarray(x).reshape(n_b * c_n, -1)) - zx * size).astype(np.int32)
     m = np.float32(np.float32(sx) / (np.float32(sy) * np.float32(size)))
     zy_arr = np.asarray(zy)
-    qmin, qmax = BOUNDS[zy_arr.dtype.name]
+    qmin, qmax = INT_RANGES[zy_arr.dtype.name]
     out = requantize_into(acc.reshape(n_b, c_n, 1), [m], int(zy_arr.reshape(-1)[0]), qmin, qmax, mode,
                           zy_arr.dtype)
     return out.reshape((n_b, c_n) + (1,) * (x.ndim - 2))

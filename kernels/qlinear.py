@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from qgraph import cpu
+from qgraph.kernels import cpu
 from qgraph.errors import ModelError
 from qgraph.kernels import ortfloat, ortsat
-from qgraph.kernels.conv import geometry_from_attrs, pack_conv, conv_int
+from qgraph.kernels.conv import pack_conv, conv_int
 from qgraph.kernels.gemm import pack_b, qgemm
-from qgraph.kernels.requant import (BOUNDS, dequantize_linear, fixed_multiplier, output_scale, quantize_linear,
-                                    requantize_into)
+from qgraph.kernels.requant import output_scale, quantize_linear, requantize_into
+from qgraph.ops import INT_RANGES, can_saturate, conv_geometry, dequantize_array, fixed_multiplier
 
 
 def int_dtype_name(a: np.ndarray) -> str:
@@ -56,11 +56,11 @@ def _ort_saturates(step, mode, act_dtype, w, op: str, group: int = 1) -> bool:
         return False
     if step.attrs.get("ort_act", np.dtype(act_dtype).name) != "uint8" or step.attrs.get("ort_b", "int8") != "int8":
         return False
-    return _cached(step, f"sat:{op}", w, lambda: cpu.can_saturate(w, op, group=group))
+    return _cached(step, f"sat:{op}", w, lambda: can_saturate(w, op, group=group))
 
 
 def _bounds(step, zy) -> tuple[int, int]:
-    qmin, qmax = BOUNDS[int_dtype_name(zy)]
+    qmin, qmax = INT_RANGES[int_dtype_name(zy)]
     lo, hi = step.attrs.get("clamp", (qmin, qmax))   # Relu/Clip folded into the output clamp
     return max(qmin, lo), min(qmax, hi)
 
@@ -74,7 +74,7 @@ def _requant_out(step, acc3, sx, sw, sy, zy, mode):
 # ----------------------------------------------------------------------------- convolution
 
 def _conv_acc(step, x, zx, w, zw, mode="fixed"):
-    geo = geometry_from_attrs(step.attrs, w.shape, x.shape[2:])
+    geo = conv_geometry(step.attrs, w.shape, x.shape[2:])
     if _ort_saturates(step, mode, x.dtype, w, "Conv", geo.group):
         acc = ortsat.conv_acc(x if x.ndim == 4 else x[:, :, None, :], zx, w, _zp(zw), geo)
         return acc if x.ndim == 4 else np.ascontiguousarray(acc[:, :, 0, :])
@@ -100,12 +100,12 @@ def _conv_plan(step, args, mode, x):
         plan = ("float", w_f, _f32(sx), _scalar(zx), step.attrs["ort_float"].get("bias"), _f32(sy), _scalar(zy),
                 qmin, qmax, np.asarray(zy).dtype)
     elif _ort_saturates(step, mode, x.dtype, w, "Conv", int(step.attrs.get("group", 1))):   # int16 pair sums
-        geo = geometry_from_attrs(step.attrs, w.shape, x.shape[2:])
+        geo = conv_geometry(step.attrs, w.shape, x.shape[2:])
         b = np.zeros(w.shape[0], np.int32) if bias is None else np.asarray(bias, np.int32).reshape(-1)
         plan = ("sat", geo, w, _scalar(zx), _zp(zw), b, output_scale(sx, sw, sy), _scalar(zy), qmin, qmax,
                 np.asarray(zy).dtype)
     else:
-        geo = geometry_from_attrs(step.attrs, w.shape, x.shape[2:])
+        geo = conv_geometry(step.attrs, w.shape, x.shape[2:])
         pc = pack_conv(w, geo.group)
         scale = np.ascontiguousarray(np.broadcast_to(output_scale(sx, sw, sy), (pc.cout,)))
         mult, shift = fixed_multiplier(scale) if mode == "fixed" else (np.zeros(pc.cout, np.int64),
@@ -227,7 +227,7 @@ def quantize(step, args, mode):
     if kind not in _TO_NP:
         raise ModelError(f"{step.name}: QuantizeLinear to {kind} is not supported")
     zpv = np.zeros((), np.int64) if zp is None else np.asarray(zp).astype(np.int64)
-    qmin, qmax = BOUNDS[kind]
+    qmin, qmax = INT_RANGES[kind]
     return [quantize_linear(x, _broadcast_param(scale, x.shape, axis, block),
                             _broadcast_param(zpv, x.shape, axis, block), qmin, qmax, _TO_NP[kind])]
 
@@ -239,7 +239,7 @@ def dequantize(step, args, mode):
         raise ModelError(f"{step.name}: DequantizeLinear from {x.dtype} is not supported")
     axis, block = int(step.attrs.get("axis", 1)), int(step.attrs.get("block_size", 0))
     zpv = np.zeros((), np.int64) if zp is None else np.asarray(zp).astype(np.int64)
-    y = dequantize_linear(np.asarray(x).astype(np.int64), _broadcast_param(scale, x.shape, axis, block),
+    y = dequantize_array(np.asarray(x).astype(np.int64), _broadcast_param(scale, x.shape, axis, block),
                           _broadcast_param(zpv, x.shape, axis, block))
     return [y.astype(np.asarray(scale).dtype)]
 

@@ -10,18 +10,18 @@ computes, gemmlowp / TFLite style)::
     M = m * 2^-n,  m an int32 in [2^30, 2^31)  ->  y = clamp(((acc * m + 2^(n-1)) >> n) + zp_y)
 
 i.e. a 64-bit product, round half up, arithmetic shift. Both modes use ``requantize``; the only
-difference is the branch on ``fixed``. Quantize/dequantize at the float boundary live here too.
+difference is the branch on ``fixed``. The plain definitions (``fixed_multiplier``, ``requantize``,
+``dequantize_array``) are in ``qgraph.ops``; these are their compiled forms, tested equal to them.
+Quantizing at the float boundary (``quantize_linear``) lives here too.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-MODES = ("float", "fixed")
+from qgraph.ops import REQUANT_MODES, fixed_multiplier
 
-#: saturation bounds per integer storage type (int4/uint4 are held in int8/uint8 arrays)
-BOUNDS = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535),
-          "int4": (-8, 7), "uint4": (0, 15), "int32": (-2**31, 2**31 - 1)}
+MODES = REQUANT_MODES
 
 
 @njit(cache=True)
@@ -44,30 +44,6 @@ def output_scale(s_x, s_w, s_y) -> np.ndarray:
     s_y = np.float32(np.asarray(s_y, np.float32).reshape(()))
     s_w = np.asarray(s_w, np.float32).reshape(-1)
     return ((s_x * s_w) / s_y).astype(np.float32)
-
-
-def fixed_multiplier(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split each positive float scale into (int32 multiplier in [2^30, 2^31), right shift)."""
-    scale = np.asarray(scale, np.float64).reshape(-1)
-    mult = np.zeros(scale.shape, np.int64)
-    shift = np.zeros(scale.shape, np.int64)
-    for i, s in enumerate(scale):
-        if not s > 0:
-            mult[i], shift[i] = 0, 1
-            continue
-        m, e = np.frexp(s)                       # s = m * 2^e, m in [0.5, 1)
-        q = int(round(m * (1 << 31)))
-        if q == 1 << 31:
-            q //= 2
-            e += 1
-        n = 31 - int(e)
-        if n < 1:
-            raise ValueError(f"requantization scale {s} >= 2^30 cannot be a fixed-point multiplier")
-        if n > 62:                               # tiny scales: drop low multiplier bits instead
-            q >>= min(n - 62, 31)
-            n = 62
-        mult[i], shift[i] = q, n
-    return mult, shift
 
 
 @njit(cache=True)
@@ -127,19 +103,6 @@ def _requant_row(a, scale, zp, lo, hi, o):
         o[c] = np.int32(np.rint(f)) + zp
 
 
-def requantize_reference(acc, scale, zp, qmin, qmax, mode="float"):
-    """Plain numpy version of ``requantize`` (acc shaped (outer, C, inner), scale of length C or 1)."""
-    acc = np.asarray(acc)
-    scale = np.asarray(scale, np.float32).reshape(1, -1, 1)
-    if mode == "float":
-        r = np.rint(acc.astype(np.float32) * scale).astype(np.int64)
-    else:
-        mult, shift = fixed_multiplier(scale.reshape(-1))
-        mult, shift = mult.reshape(1, -1, 1), shift.reshape(1, -1, 1)
-        r = (acc.astype(np.int64) * mult + (np.int64(1) << (shift - 1))) >> shift
-    return np.clip(r + int(zp), qmin, qmax)
-
-
 def requantize_into(acc3: np.ndarray, scale, zp: int, qmin: int, qmax: int, mode: str,
                     dtype) -> np.ndarray:
     """Convenience wrapper: allocate the output, derive fixed-point multipliers, call ``requantize``."""
@@ -184,9 +147,3 @@ def _quantize_flat(x, scale, zp, qmin, qmax, out):
     for i in range(x.shape[0]):
         q = np.rint(x[i] / scale) + zp
         out[i] = qmin if q < qmin else (qmax if q > qmax else q)
-
-
-def dequantize_linear(q: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
-    """ONNX DequantizeLinear: (q - zp) * scale, in float32 (exact for <= 16-bit integers)."""
-    d = (np.asarray(q, np.int64) - np.asarray(zp, np.int64)).astype(np.float32)
-    return d * np.asarray(scale, np.float32)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from qgraph.errors import ModelError
-from qgraph.kernels import eltwise, movement, qlinear, softmax
 from qgraph.kernels.lower import Program, lower
 from qgraph.kernels.requant import MODES
-
-KERNELS = {**qlinear.KERNELS, **eltwise.KERNELS, **movement.KERNELS, **softmax.KERNELS}
+from qgraph.kernels.table import KERNELS
 
 
 def run(model, inputs: dict[str, np.ndarray], mode: str = "float", *, trace: bool = False):

@@ -19,6 +19,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from qgraph.kernels.tiles import broadcast, tile_loop
+
 MR = 12         # rows of A (output channels) per tile
 NV = 2          # zmm registers of B per tile
 NR = 16 * NV    # columns of B (pixels) per tile
@@ -37,8 +39,6 @@ def _fma_tile(typingctx, a, a_off, b, b_off, c, c_off, ldc, kn, first):
         a_off_v, b_off_v, c_off_v, ldc_v, kn_v, first_v = args[1], args[3], args[5], args[6], args[7], args[8]
         f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
         v16 = ir.VectorType(f32, 16)
-        zero = ir.Constant(v16, None)
-        izero = ir.Constant(ir.VectorType(i32, 16), None)
         ap = builder.gep(a_arr.data, [a_off_v])
         bp = builder.gep(b_arr.data, [b_off_v])
         cp = builder.gep(c_arr.data, [c_off_v])
@@ -46,44 +46,19 @@ def _fma_tile(typingctx, a, a_off, b, b_off, c, c_off, ldc, kn, first):
         fma = builder.module.globals.get(name) or ir.Function(
             builder.module, ir.FunctionType(v16, [v16, v16, v16]), name)
 
-        entry = builder.block
-        loop = builder.append_basic_block("fma_k")
-        done = builder.append_basic_block("fma_done")
+        def load_a(k, r):   # A[r, k] in every lane
+            return broadcast(builder, builder.load(builder.gep(ap, [builder.add(builder.mul(k, ir.Constant(i64, MR)),
+                                                                               ir.Constant(i64, r))]), align=4), v16)
+
+        def load_b(k, v):
+            b_k = builder.gep(bp, [builder.add(builder.mul(k, ir.Constant(i64, NR)), ir.Constant(i64, 16 * v))])
+            return builder.load(builder.bitcast(b_k, v16.as_pointer()), align=4)
+
+        _, _, _, sums = tile_loop(builder, kn_v, rows=MR, vecs=NV, vec_type=v16, load_a=load_a, load_b=load_b,
+                                  mac=lambda acc, a, b: builder.call(fma, [a, b, acc]), guard=True)
         store = builder.append_basic_block("fma_store")
         add = builder.append_basic_block("fma_add")
         end = builder.append_basic_block("fma_end")
-        builder.cbranch(builder.icmp_signed(">", kn_v, ir.Constant(i64, 0)), loop, done)
-        builder.position_at_end(loop)
-        k = builder.phi(i64)
-        k.add_incoming(ir.Constant(i64, 0), entry)
-        acc = []
-        for _ in range(MR * NV):
-            p = builder.phi(v16)
-            p.add_incoming(zero, entry)
-            acc.append(p)
-        a_k = builder.gep(ap, [builder.mul(k, ir.Constant(i64, MR))])
-        b_k = builder.gep(bp, [builder.mul(k, ir.Constant(i64, NR))])
-        b_vec = [builder.load(builder.bitcast(builder.gep(b_k, [ir.Constant(i64, 16 * v)]), v16.as_pointer()),
-                              align=4) for v in range(NV)]
-        new = []
-        for r in range(MR):
-            a1 = builder.load(builder.gep(a_k, [ir.Constant(i64, r)]), align=4)
-            a_bc = builder.shuffle_vector(builder.insert_element(zero, a1, ir.Constant(i32, 0)), zero, izero)
-            for v in range(NV):
-                new.append(builder.call(fma, [a_bc, b_vec[v], acc[r * NV + v]]))
-        k_next = builder.add(k, ir.Constant(i64, 1))
-        k.add_incoming(k_next, loop)
-        for p, n in zip(acc, new):
-            p.add_incoming(n, loop)
-        builder.cbranch(builder.icmp_signed("<", k_next, kn_v), loop, done)
-
-        builder.position_at_end(done)
-        sums = []
-        for i in range(MR * NV):
-            p = builder.phi(v16)
-            p.add_incoming(zero, entry)
-            p.add_incoming(new[i], loop)
-            sums.append(p)
         builder.cbranch(first_v, store, add)
 
         def ptr(r, v):

@@ -21,7 +21,7 @@ import math
 import numpy as np
 from numba import njit
 
-from qgraph.kernels.requant import BOUNDS
+from qgraph.ops import INT_RANGES
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -40,12 +40,21 @@ def exp_table_fixed(s_x: float) -> np.ndarray:
 
 
 @njit(cache=True)
+def _row_max(row):
+    m = row[0]
+    for j in range(row.shape[0]):
+        m = max(m, row[j])
+    return m
+
+
+# The float and fixed rows below are deliberately two kernels: float32 sums and RNE (ORT) against
+# int64 sums and round-half-up division (integer hardware); one body with a mode flag would carry
+# both accumulators through every row.
+@njit(cache=True)
 def _softmax_rows_float(x, table, y_scale, zy, qmin, qmax, out):
     n, d = x.shape
     for r in range(n):
-        xmax = x[r, 0]
-        for j in range(d):
-            xmax = max(xmax, x[r, j])
+        xmax = _row_max(x[r])
         total = np.float32(0.0)
         for j in range(d):
             total = np.float32(total + table[np.int32(xmax) - np.int32(x[r, j])])
@@ -62,9 +71,7 @@ def _softmax_rows_float(x, table, y_scale, zy, qmin, qmax, out):
 def _softmax_rows_fixed(x, table, y_scale, zy, qmin, qmax, out):
     n, d = x.shape
     for r in range(n):
-        xmax = x[r, 0]
-        for j in range(d):
-            xmax = max(xmax, x[r, j])
+        xmax = _row_max(x[r])
         total = np.int64(0)
         for j in range(d):
             total += table[np.int32(xmax) - np.int32(x[r, j])]
@@ -97,7 +104,7 @@ def qlinear_softmax(step, args, mode):
     z = int(np.asarray(zy).reshape(-1)[0])
     y_scale = np.float32(np.floor(np.float32(1.0) / s_y))
     out = np.zeros(rows.shape, x.dtype)
-    qmin, qmax = BOUNDS[x.dtype.name]
+    qmin, qmax = INT_RANGES[x.dtype.name]
     if mode == "fixed":
         _softmax_rows_fixed(np.ascontiguousarray(rows), exp_table_fixed(s_x), np.int64(y_scale), z, qmin, qmax, out)
     else:
@@ -113,7 +120,7 @@ def softmax_reference(x: np.ndarray, s_x: float, s_y: float, z_y: int, axis: int
     x = np.moveaxis(np.asarray(x), axis, -1)
     table = exp_table(s_x, x.shape[-1])
     y_scale = np.float32(np.floor(np.float32(1.0) / np.float32(s_y)))
-    qmin, qmax = BOUNDS[x.dtype.name]
+    qmin, qmax = INT_RANGES[x.dtype.name]
     out = np.zeros(x.shape, np.int64)
     for idx in np.ndindex(*x.shape[:-1]):
         row = x[idx].astype(np.int64)

@@ -29,8 +29,9 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from qgraph.cpu import compile_features
+from qgraph.kernels.cpu import compile_features
 from qgraph.kernels.requant import column_terms
+from qgraph.kernels.tiles import broadcast, tile_loop
 
 MR = 6          # rows of A per tile
 NV = 2          # zmm registers of B per tile
@@ -67,7 +68,6 @@ def _make_tile(nv: int, accumulate: bool):
             i8p = ir.IntType(8).as_pointer()
             i32, i64 = ir.IntType(32), ir.IntType(64)
             v16 = ir.VectorType(i32, 16)
-            zero = ir.Constant(v16, None)
             ap = builder.gep(builder.bitcast(a_arr.data, i8p), [a_off_v])
             bp = builder.gep(builder.bitcast(b_arr.data, i8p), [b_off_v])
             cp = builder.gep(builder.bitcast(c_arr.data, i32.as_pointer()), [c_off_v])
@@ -75,36 +75,16 @@ def _make_tile(nv: int, accumulate: bool):
             fn = builder.module.globals.get(name) or ir.Function(
                 builder.module, ir.FunctionType(v16, [v16, v16, v16]), name)
 
-            entry = builder.block
-            loop = builder.append_basic_block("vnni_k")
-            done = builder.append_basic_block("vnni_store")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            k = builder.phi(i64)
-            k.add_incoming(ir.Constant(i64, 0), entry)
-            acc = []
-            for _ in range(MR * nv):
-                p = builder.phi(v16)
-                p.add_incoming(zero, entry)
-                acc.append(p)
-            a_k = builder.gep(ap, [builder.mul(k, ir.Constant(i64, MR * 4))])
-            b_k = builder.gep(bp, [builder.mul(k, ir.Constant(i64, NR * 4))])
-            b_vec = [builder.load(builder.bitcast(builder.gep(b_k, [ir.Constant(i64, 64 * v)]), v16.as_pointer()),
-                                  align=1) for v in range(nv)]
-            new = []
-            for r in range(MR):
-                a4 = builder.load(builder.bitcast(builder.gep(a_k, [ir.Constant(i64, 4 * r)]), i32.as_pointer()),
-                                  align=1)
-                a_bc = builder.shuffle_vector(builder.insert_element(zero, a4, ir.Constant(i32, 0)), zero, zero)
-                for v in range(nv):
-                    new.append(builder.call(fn, [acc[r * nv + v], a_bc, b_vec[v]]))
-            k_next = builder.add(k, ir.Constant(i64, 1))
-            k.add_incoming(k_next, loop)
-            for p, n in zip(acc, new):
-                p.add_incoming(n, loop)
-            builder.cbranch(builder.icmp_signed("<", k_next, k4_v), loop, done)
+            def load_a(k, r):   # 4 bytes A[r, 4k:4k+4] as one i32 in every lane
+                a_k = builder.gep(ap, [builder.add(builder.mul(k, ir.Constant(i64, MR * 4)), ir.Constant(i64, 4 * r))])
+                return broadcast(builder, builder.load(builder.bitcast(a_k, i32.as_pointer()), align=1), v16)
 
-            builder.position_at_end(done)
+            def load_b(k, v):
+                b_k = builder.gep(bp, [builder.add(builder.mul(k, ir.Constant(i64, NR * 4)), ir.Constant(i64, 64 * v))])
+                return builder.load(builder.bitcast(b_k, v16.as_pointer()), align=1)
+
+            _, _, _, new = tile_loop(builder, k4_v, rows=MR, vecs=nv, vec_type=v16, load_a=load_a, load_b=load_b,
+                                     mac=lambda acc, a, b: builder.call(fn, [acc, a, b]))
             for r in range(MR):
                 row = builder.gep(cp, [builder.mul(ir.Constant(i64, r), ldc_v)])
                 for v in range(nv):

@@ -28,7 +28,8 @@ the layer that produces x: its output is N(β, γ²) per channel, and after ReLU
     E[clip(y, lo, hi)] = μ(Φ(b) − Φ(a)) + σ(φ(a) − φ(b)) + lo·Φ(a) + hi·(1 − Φ(b)),  a = (lo−μ)/σ, b = (hi−μ)/σ
 
 (padding at the borders is ignored, as in the paper). The int32 bias (scale s_x·s_w) and its float
-record in ``ctx.state["quant"]`` are updated together; a layer without a bias gets one.
+record are updated together; a layer without a bias gets one. The float weights and the float model
+come from ``ctx.quant`` (what ``quant`` recorded), the layers from the graph (``find_groups``).
 """
 from __future__ import annotations
 
@@ -40,13 +41,11 @@ import numpy as np
 
 from qgraph import ir
 from qgraph.calibrate import progress_bar, stream
-from qgraph.errors import PassError
-from qgraph.pipeline import Context, Pass, PassResult, option, quantized
-from qgraph.qdq import QGroup, dq_constant, find_groups, float_source, is_q, qparams_of
-from qgraph.qparams import QParams, dequantize
-
-INT32 = (-(2**31), 2**31 - 1)
-_LAYER_OPS = ("Conv", "Gemm", "MatMul")
+from qgraph.errors import QGraphError
+from qgraph.pipeline import Context, Pass, PassResult, QuantRecord, option, quantized
+from qgraph.ops import (INT32, MATRIX_LAYER_OPS, QGroup, Skip, bias_qparams, clip_bounds, const_at, dequantize,
+                        find_groups, float_source, is_q, out_channels, qparams_of, weight_times_input)
+from qgraph.qdq import dq_constant
 
 
 @dataclass
@@ -61,7 +60,6 @@ class BiasCorrOptions:
 
 
 class BiasCorrection(Pass):
-    __doc__ = __doc__
     name = "biascorr"
     summary = "correct the per-channel output mean shift of quantized layers (empirical or analytic, DFQ)"
     options = BiasCorrOptions
@@ -69,16 +67,16 @@ class BiasCorrection(Pass):
     preserves_function = False
 
     def run(self, g: ir.Graph, ctx: Context) -> PassResult:
-        qstate = ctx.state.get("quant")
+        qstate = ctx.quant
         if qstate is None:
-            raise PassError(self.name, [], "needs the float weights that 'quant' records: run biascorr after "
-                                           "'quant' in the same pipeline")
+            raise QGraphError("needs the float weights that 'quant' records: run biascorr after 'quant' in "
+                              "the same pipeline")
         skipped: Counter = Counter()
         layers = []
-        for grp in find_groups(g, _LAYER_OPS):
+        for grp in find_groups(g, MATRIX_LAYER_OPS):
             reason = _unsupported(grp, qstate)
-            if reason:
-                skipped[reason] += 1
+            if reason is not None:
+                skipped[reason.reason] += 1
             else:
                 layers.append(grp)
         if self.opts.mode == "empirical":
@@ -95,10 +93,10 @@ class BiasCorrection(Pass):
 
     # -- empirical ------------------------------------------------------------------------
 
-    def _empirical(self, g: ir.Graph, ctx: Context, qstate: dict, layers: list[QGroup]):
+    def _empirical(self, g: ir.Graph, ctx: Context, qstate: QuantRecord, layers: list[QGroup]):
         if ctx.calib is None:
-            raise PassError(self.name, [], "mode=empirical needs calibration data: give --calib (CLI) or calib= "
-                                           "(API), or use biascorr:mode=analytic")
+            raise QGraphError("mode=empirical needs calibration data: give --calib (CLI) or calib= (API), or "
+                              "use biascorr:mode=analytic")
         samples = ctx.calib
         if self.opts.samples and self.opts.samples < len(samples):
             samples = samples.subset(range(self.opts.samples))
@@ -108,7 +106,7 @@ class BiasCorrection(Pass):
             # what the next layer reads, clipped the same way on both sides (the activation chain and
             # the quantizer's range of the QDQ model): the two means differ only by quantization error
             bounds = {grp.node.outputs[0].name: b for grp in layers if (b := _output_bounds(g, grp)) is not None}
-        by_float = _channel_stats(qstate["float_model"], list(float_names.values()), samples,
+        by_float = _channel_stats(qstate.float_model, list(float_names.values()), samples,
                                   self.opts.batch_size, ctx.progress, "biascorr float",
                                   {float_names[q]: b for q, b in bounds.items()})
         float_stats = {q: by_float[f] for q, f in float_names.items()}
@@ -122,7 +120,7 @@ class BiasCorrection(Pass):
             for grp in wave:
                 name = grp.node.outputs[0].name
                 delta = _shift(float_stats[name], quant_stats[name])
-                _add_to_bias(g, grp, delta, qstate)
+                _add_to_bias(g, grp, delta)
                 shifts[grp.node.name] = delta
             if bar is not None:
                 bar.update(1)
@@ -133,43 +131,39 @@ class BiasCorrection(Pass):
 
     # -- analytic -------------------------------------------------------------------------
 
-    def _analytic(self, g: ir.Graph, ctx: Context, qstate: dict, layers: list[QGroup], skipped: Counter):
-        bn_stats = ctx.state.get("bn_stats", {})
+    def _analytic(self, g: ir.Graph, ctx: Context, qstate: QuantRecord, layers: list[QGroup], skipped: Counter):
+        bn_stats = ctx.bn_stats
         shifts = {}
         for grp in layers:
             ex = _expected_input(grp, bn_stats)
-            if isinstance(ex, str):
-                skipped[ex] += 1
+            if isinstance(ex, Skip):
+                skipped[ex.reason] += 1
                 continue
             w_float = _float_weight(grp, qstate)
             w_quant = grp.weight_float()
             delta = -_apply_to_mean(grp, w_quant - w_float, ex)
-            _add_to_bias(g, grp, delta, qstate)
+            _add_to_bias(g, grp, delta)
             shifts[grp.node.name] = delta
         return shifts
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def _unsupported(grp: QGroup, qstate: dict) -> str | None:
+def _unsupported(grp: QGroup, qstate: QuantRecord) -> Skip | None:
     if grp.w_dq is None or grp.w_index != 1:
-        return "weight_not_quantized_constant"
+        return Skip("weight_not_quantized_constant")
     if grp.node.op == "Gemm" and grp.node.attrs.get("transA", 0):
-        return "gemm_transA"
+        return Skip("gemm_transA")
     if grp.node.op == "MatMul":
-        return "matmul_has_no_bias_input"
-    if _weight_record(grp, qstate) is None:
-        return "float_weight_unknown"
+        return Skip("matmul_has_no_bias_input")
+    if _float_weight(grp, qstate) is None:
+        return Skip("float_weight_unknown")
     return None
 
 
-def _weight_record(grp: QGroup, qstate: dict) -> dict | None:
-    out = grp.w_dq.outputs[0].name
-    return next((rec for rec in qstate["weights"].values() if rec["dq_output"] == out), None)
-
-
-def _float_weight(grp: QGroup, qstate: dict) -> np.ndarray:
-    return np.asarray(_weight_record(grp, qstate)["float"], dtype=np.float64)
+def _float_weight(grp: QGroup, qstate: QuantRecord) -> np.ndarray | None:
+    w = qstate.float_weights.get(grp.w_dq.outputs[0].name)
+    return None if w is None else np.asarray(w, dtype=np.float64)
 
 
 def _truncated(g: ir.Graph, outputs: list[str]):
@@ -215,10 +209,8 @@ def _output_bounds(g: ir.Graph, grp: QGroup) -> tuple[np.ndarray, np.ndarray] | 
     Clip / Min / Max with constants that alone reads it, and the range of the quantizer at its end.
     None when nothing clips it (its raw output is what the next layer reads)."""
     w_shape = grp.weight_float().shape
-    if grp.node.op == "Gemm":
-        cout, rank = w_shape[0] if grp.node.attrs.get("transB", 0) else w_shape[1], 2
-    else:
-        cout, rank = w_shape[0], len(w_shape)
+    cout = out_channels(grp.node, w_shape)
+    rank = 2 if grp.node.op == "Gemm" else len(w_shape)
     lo, hi = np.full(cout, -np.inf), np.full(cout, np.inf)
     t = grp.node.outputs[0]
     while True:
@@ -229,11 +221,10 @@ def _output_bounds(g: ir.Graph, grp: QGroup) -> tuple[np.ndarray, np.ndarray] | 
         if r.op == "Relu":
             lo = np.maximum(lo, 0.0)
         elif r.op == "Clip":
-            lo_v, hi_v = (ir.const(r.inputs[k]) if len(r.inputs) > k and r.inputs[k].name else None for k in (1, 2))
-            if lo_v is not None:
-                lo = np.maximum(lo, float(lo_v))
-            if hi_v is not None:
-                hi = np.minimum(hi, float(hi_v))
+            bounds = clip_bounds(r)
+            if bounds is None:
+                break
+            lo, hi = np.maximum(lo, bounds[0]), np.minimum(hi, bounds[1])
         elif r.op in ("Min", "Max") and len(r.inputs) == 2:
             other = [i for i in r.inputs if i is not t]
             v = ir.const(other[0]) if len(other) == 1 else None
@@ -322,12 +313,12 @@ def _waves(g: ir.Graph, layers: list[QGroup]) -> list[list[QGroup]]:
     return [waves[k] for k in sorted(waves)]
 
 
-def _add_to_bias(g: ir.Graph, grp: QGroup, delta: np.ndarray, qstate: dict) -> None:
+def _add_to_bias(g: ir.Graph, grp: QGroup, delta: np.ndarray) -> None:
     """b ← b + delta (float), stored as int32 with the bias's scale s_x·s_w; a missing bias is created."""
     node = grp.node
     beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
     b_dq = grp.b_dq
-    float_bias = node.inputs[2] if len(node.inputs) > 2 and ir.const(node.inputs[2]) is not None else None
+    float_bias = node.inputs[2] if const_at(node, 2) is not None else None
     if b_dq is not None:
         qp = qparams_of(b_dq)
         current = dequantize(ir.const(b_dq.inputs[0]).astype(np.int64), qp).astype(np.float64)
@@ -347,36 +338,21 @@ def _add_to_bias(g: ir.Graph, grp: QGroup, delta: np.ndarray, qstate: dict) -> N
         s_x = qparams_of(grp.x_dq).scale.astype(np.float32)
         s_w = qparams_of(grp.w_dq).scale.astype(np.float32)
         s_b = np.broadcast_to(s_x * s_w, delta.shape).astype(np.float32)
-        qp = QParams(scale=s_b, zero_point=np.zeros(delta.shape, np.int32), storage="int32", bits=32,
-                     qmin=INT32[0], qmax=INT32[1], axis=0, symmetric=True, method="bias")
+        qp = bias_qparams(s_b)
         new = delta / beta
         q = np.clip(np.rint(new / s_b.astype(np.float64)), *INT32).astype(np.int32)
         _, out = dq_constant(g, q, qp, node.name + "_bias")
         while len(node.inputs) < 2:
             node.inputs.append(ir.Variable.empty())
         node.inputs.append(out)
-    rec = qstate.setdefault("layers", {}).setdefault(node.name, {}).setdefault("bias", {})
-    rec["float"] = new.astype(np.float32)
-    rec["corrected_by"] = (rec.get("corrected_by") or 0) + 1
 
 
 def _apply_to_mean(grp: QGroup, dw: np.ndarray, ex: np.ndarray) -> np.ndarray:
     """(ΔW)·E[x] per output channel for a constant per-channel input mean E[x] (borders ignored)."""
-    node = grp.node
-    if node.op == "Gemm":
-        return (dw @ ex) if node.attrs.get("transB", 0) else (ex @ dw)
-    groups = int(node.attrs.get("group", 1))
-    cout, cin_g = dw.shape[0], dw.shape[1]
-    cout_g = cout // groups
-    summed = dw.reshape(cout, cin_g, -1).sum(axis=2)
-    out = np.empty(cout)
-    for o in range(cout):
-        start = (o // cout_g) * cin_g
-        out[o] = summed[o] @ ex[start:start + cin_g]
-    return out
+    return weight_times_input(grp.node, dw, ex)
 
 
-def _expected_input(grp: QGroup, bn_stats: dict) -> np.ndarray | str:
+def _expected_input(grp: QGroup, bn_stats: dict) -> np.ndarray | Skip:
     """E[x] per input channel of ``grp`` from the BN statistics of the layer producing x, or a reason."""
     if grp.x_dq is None:  # weight-only: the input is the float tensor itself
         lo, hi = -np.inf, np.inf
@@ -384,31 +360,31 @@ def _expected_input(grp: QGroup, bn_stats: dict) -> np.ndarray | str:
     else:
         q = ir.producer(grp.x_dq.inputs[0])
         if not is_q(q):
-            return "input_not_from_quantize"
+            return Skip("input_not_from_quantize")
         lo, hi = (float(v) for v in qparams_of(q).real_range())
         t = float_source(grp.x_dq)
     bound = None
     while t is not None:
         p = ir.producer(t)
         if p is None:
-            return "input_is_graph_input"
+            return Skip("input_is_graph_input")
         if t.name in bn_stats:
             st = bn_stats[t.name]
-            hi_c = np.full(st["beta"].shape, hi) if bound is None else np.minimum(bound, hi)
-            return _clipped_normal_mean(st["beta"], st["gamma"], lo, hi_c)
+            hi_c = np.full(st.beta.shape, hi) if bound is None else np.minimum(bound, hi)
+            return _clipped_normal_mean(st.beta, st.gamma, lo, hi_c)
         if p.op == "Relu":
             lo = max(lo, 0.0)
         elif p.op == "Clip":
-            lo_v = ir.const(p.inputs[1]) if len(p.inputs) > 1 and p.inputs[1].name else None
-            hi_v = ir.const(p.inputs[2]) if len(p.inputs) > 2 and p.inputs[2].name else None
-            lo = max(lo, float(lo_v)) if lo_v is not None else lo
-            hi = min(hi, float(hi_v)) if hi_v is not None else hi
-        elif p.op == "Min" and len(p.inputs) == 2 and ir.const(p.inputs[1]) is not None:
-            bound = ir.const(p.inputs[1]).reshape(-1).astype(np.float64)
+            bounds = clip_bounds(p)
+            if bounds is None:
+                return Skip("input_mean_unknown")
+            lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+        elif p.op == "Min" and len(p.inputs) == 2 and const_at(p, 1) is not None:
+            bound = const_at(p, 1).reshape(-1).astype(np.float64)
         elif p.op not in ("Identity", "Dropout"):
-            return "input_mean_unknown"
+            return Skip("input_mean_unknown")
         t = p.inputs[0]
-    return "input_mean_unknown"
+    return Skip("input_mean_unknown")
 
 
 def _clipped_normal_mean(mu: np.ndarray, sigma: np.ndarray, lo: float, hi) -> np.ndarray:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qgraph import ir
+from qgraph.ops import input_at
 from qgraph.pipeline import Context, Pass, PassResult, option
 
 #: Ops whose constant inputs must stay as they are (folding would undo quantization).
@@ -30,7 +31,6 @@ class CleanupOptions:
 
 
 class Cleanup(Pass):
-    __doc__ = __doc__
     name = "cleanup"
     summary = "remove Identity/Dropout and dead nodes, fold constant subgraphs, share identical initializers"
     options = CleanupOptions
@@ -62,8 +62,8 @@ class Cleanup(Pass):
                 count += 1
             elif node.op == "Dropout" and node.inputs and node.outputs:
                 mask_used = len(node.outputs) > 1 and (node.outputs[1].outputs or ir.is_graph_output(g, node.outputs[1]))
-                training = node.inputs[2] if len(node.inputs) > 2 else None
-                t_val = ir.const(training) if training is not None and training.name else np.array(False)
+                training = input_at(node, 2)
+                t_val = ir.const(training) if training is not None else np.array(False)
                 if mask_used or t_val is None or bool(np.asarray(t_val).reshape(-1)[0]):
                     continue  # training-mode Dropout or a used mask: not a no-op
                 ir.bypass(g, node)

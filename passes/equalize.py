@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from qgraph import ir
-from qgraph.analysis import Chain, CoupledSet, coupled_sets, equalization_chains
+from qgraph.analysis import EQUALIZABLE_OPS, NO_PAIR, Chain, CoupledSet, coupled_sets, equalization_pair
+from qgraph.ops import Skip, channel_ranges, clip_bounds, const_at, per_channel_weight, weight_times_input
+from qgraph.patterns import Rule, apply_rules
 from qgraph.pipeline import Context, Pass, PassResult, no_batchnorm, not_quantized, option
 
 
@@ -45,7 +47,6 @@ class EqualizeOptions:
 
 
 class EqualizeCrossLayer(Pass):
-    __doc__ = __doc__
     name = "equalize"
     summary = "cross-layer equalization of Conv/Gemm pairs (DFQ), ReLU6 kept exact, optional bias absorption"
     options = EqualizeOptions
@@ -58,24 +59,15 @@ class EqualizeCrossLayer(Pass):
         self.preserves_function = self.opts.relu6 != "relu" and not self.opts.absorb
 
     def run(self, g: ir.Graph, ctx: Context) -> PassResult:
-        chains, refused = equalization_chains(g)
-        skipped = Counter(reason for _, reason in refused)
-        details = [f"{name}: {reason}" for name, reason in refused]
         pairs: list[Chain] = []
-        for chain in chains:
-            if chain.clip is not None:
-                problem = self._clip_problem(chain)
-                if problem:
-                    skipped[problem] += 1
-                    details.append(f"{chain.first.name} -> {chain.second.name}: {problem}")
-                    continue
-            pairs.append(chain)
+        report = apply_rules(g, [PAIR], _Pairing(self, pairs))
+        skipped, details = report.skipped, report.details
         sets: list[CoupledSet] = []
         if self.opts.coupled:
             sets, refused_sets = coupled_sets(g)
-            for name, reason in refused_sets:
-                skipped[reason] += 1
-                details.append(f"stream '{name}': {reason}")
+            for name, s in refused_sets:
+                skipped[s.reason] += 1
+                details.append(f"stream '{name}': {s}")
         # one cumulative scale per chain (the clip bound and the BN statistics follow it)
         total = {id(c): np.ones(c.channels) for c in pairs}
         before = {id(c): (_out_ranges(c.first), _in_ranges(c.second, c.channels)) for c in pairs}
@@ -98,18 +90,18 @@ class EqualizeCrossLayer(Pass):
                 worst = max(worst, float(np.max(np.abs(s - 1.0))))
             if worst <= self.opts.tol:
                 break
-        bn_stats = ctx.state.get("bn_stats", {})
+        bn_stats = ctx.bn_stats
         for cs in sets:
             for layer in cs.producers:
                 key = layer.outputs[0].name
                 if key in bn_stats and id(cs) in total:
-                    bn_stats[key] = {k: v / total[id(cs)] for k, v in bn_stats[key].items()}
+                    bn_stats[key] = bn_stats[key].scaled(total[id(cs)])
         replaced = 0
         for chain in pairs:
             s = total[id(chain)]
             key = chain.first.outputs[0].name
             if key in bn_stats:
-                bn_stats[key] = {k: v / s for k, v in bn_stats[key].items()}
+                bn_stats[key] = bn_stats[key].scaled(s)
             if chain.clip is not None:
                 replaced += self._rewrite_clip(g, chain, s)
         absorbed = self._absorb(g, pairs, bn_stats, skipped, details) if self.opts.absorb else 0
@@ -123,7 +115,6 @@ class EqualizeCrossLayer(Pass):
         if skipped:
             notes["skipped"] = dict(skipped)
             notes["details"] = details
-        ctx.state["equalized"] = [(c.first.name, c.second.name) for c in pairs]
         notes["converged"] = bool(not (pairs or sets) or sweeps < self.opts.iterations)
         if ctx.plots and pairs:
             after = {id(c): (_out_ranges(c.first), _in_ranges(c.second, c.channels)) for c in pairs}
@@ -151,18 +142,18 @@ class EqualizeCrossLayer(Pass):
     # -- ReLU6 / Clip ---------------------------------------------------------------------
 
     def _clip_problem(self, chain: Chain) -> str | None:
-        lo, hi = _clip_bounds(chain.clip)
+        bounds = clip_bounds(chain.clip)
         if self.opts.relu6 == "skip":
             return "relu6_skipped"
-        if lo is None or hi is None:
+        if bounds is None:
             return "clip_bound_not_constant"
-        if lo != 0.0:
+        if bounds[0] != 0.0:
             return "clip_lower_bound_not_zero"
         return None
 
     def _rewrite_clip(self, g: ir.Graph, chain: Chain, s: np.ndarray) -> int:
         clip = chain.clip
-        _, hi = _clip_bounds(clip)
+        _, hi = clip_bounds(clip)
         if self.opts.relu6 == "relu":
             _make_relu(clip)
             return 1
@@ -196,7 +187,7 @@ class EqualizeCrossLayer(Pass):
             if not all(n.op in ("Relu", "MaxPool", "Clip") for n in chain.between):
                 skipped["absorb_not_relu"] += 1
                 continue
-            c = np.maximum(0.0, stats["beta"] - 3.0 * stats["gamma"])
+            c = np.maximum(0.0, stats.beta - 3.0 * stats.gamma)
             if bound is not None:
                 # min(relu(y − c), m − c) = min(relu(y), m) − c wherever y ≥ c: the bound moves down too
                 b = ir.const(bound).astype(np.float64)
@@ -206,52 +197,49 @@ class EqualizeCrossLayer(Pass):
                 continue
             _add_out_bias(g, chain.first, -c)
             _add_out_bias(g, chain.second, _propagate(chain.second, c))
-            stats["beta"] = stats["beta"] - c
+            stats.beta = stats.beta - c
             done += 1
         return done
 
 
+# ----------------------------------------------------------------------------- the pair rule
+
+@dataclass
+class _Pairing:
+    eq: EqualizeCrossLayer
+    pairs: list
+
+
+def _match_pair(g: ir.Graph, first, st: _Pairing) -> Chain:
+    """Conv|Gemm -> [Relu, pools, zero Pad, Flatten of 1x1, one ReLU6] -> Conv|Gemm, nothing else reading."""
+    chain = equalization_pair(g, first)
+    if chain.clip is not None:
+        problem = st.eq._clip_problem(chain)
+        if problem:
+            raise Skip(problem, f"-> {chain.second.name}")
+    return chain
+
+
+PAIR = Rule("pair", EQUALIZABLE_OPS, _match_pair, lambda g, chain, st: st.pairs.append(chain),
+            quiet=NO_PAIR + ("not_a_layer",), doc="a layer and the one layer reading its channels")
+
+
 # ----------------------------------------------------------------------------- weight views
 
-def _weight(layer) -> np.ndarray:
-    return ir.const(layer.inputs[1])
-
-
-def _out_axis(layer) -> int:
-    if layer.op == "Gemm":
-        return 0 if layer.attrs.get("transB", 0) else 1
-    return 0  # Conv: W[Cout, Cin/g, k...]
-
-
 def _out_ranges(layer) -> np.ndarray:
-    w = np.abs(_weight(layer).astype(np.float64))
-    axis = _out_axis(layer)
-    return np.max(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), axis=1)
-
-
-def _in_index(layer, channels: int):
-    """For each input channel i, an index expression selecting W2's entries that read channel i."""
-    w = _weight(layer)
-    if layer.op == "Gemm":
-        return [((slice(None), i) if layer.attrs.get("transB", 0) else (i,)) for i in range(channels)]
-    groups = int(layer.attrs.get("group", 1))
-    cin_g, cout_g = w.shape[1], w.shape[0] // groups
-    return [(slice((i // cin_g) * cout_g, (i // cin_g + 1) * cout_g), i % cin_g) for i in range(channels)]
+    return channel_ranges(layer, ir.const(layer.inputs[1]), "out")
 
 
 def _in_ranges(layer, channels: int) -> np.ndarray:
-    w = np.abs(_weight(layer).astype(np.float64))
-    return np.array([np.max(w[idx]) for idx in _in_index(layer, channels)])
+    return channel_ranges(layer, ir.const(layer.inputs[1]), "in")
 
 
 def _scale_out(layer, f: np.ndarray) -> None:
+    """W1[i] *= f_i, b1[i] *= f_i (output channels)."""
     t = layer.inputs[1]
-    w = ir.const(t).astype(np.float64)
-    axis = _out_axis(layer)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    t.values = (w * f.reshape(shape)).astype(ir.const(t).dtype)
-    if len(layer.inputs) > 2 and ir.const(layer.inputs[2]) is not None:
+    w = ir.const(t)
+    t.values = (w.astype(np.float64) * per_channel_weight(layer, f, w.shape, "out")).astype(w.dtype)
+    if const_at(layer, 2) is not None:
         b = layer.inputs[2]
         bv = ir.const(b)
         beta = float(layer.attrs.get("beta", 1.0)) if layer.op == "Gemm" else 1.0
@@ -266,31 +254,20 @@ def _scale_out(layer, f: np.ndarray) -> None:
 
 
 def _scale_in(layer, s: np.ndarray) -> None:
+    """W2[:, i] *= s_i (input channels)."""
     t = layer.inputs[1]
-    w = ir.const(t).astype(np.float64)
-    for i, idx in enumerate(_in_index(layer, s.size)):
-        w[idx] *= s[i]
-    t.values = w.astype(ir.const(t).dtype)
+    w = ir.const(t)
+    t.values = (w.astype(np.float64) * per_channel_weight(layer, s, w.shape, "in")).astype(w.dtype)
 
 
 def _propagate(layer, c: np.ndarray) -> np.ndarray:
     """W2 applied to a constant input c (per channel): the change of W2's output per output channel."""
-    w = _weight(layer).astype(np.float64)
-    if layer.op == "Gemm":
-        return (w @ c) if layer.attrs.get("transB", 0) else (c @ w)
-    groups = int(layer.attrs.get("group", 1))
-    cin_g, cout_g = w.shape[1], w.shape[0] // groups
-    out = np.zeros(w.shape[0])
-    summed = w.reshape(w.shape[0], cin_g, -1).sum(axis=2)  # Σ over the kernel window
-    for o in range(w.shape[0]):
-        g0 = (o // cout_g) * cin_g
-        out[o] = summed[o] @ c[g0:g0 + cin_g]
-    return out
+    return weight_times_input(layer, ir.const(layer.inputs[1]), c)
 
 
 def _add_out_bias(g: ir.Graph, layer, delta: np.ndarray) -> None:
     cout = _out_ranges(layer).size
-    if len(layer.inputs) > 2 and ir.const(layer.inputs[2]) is not None:
+    if const_at(layer, 2) is not None:
         b = layer.inputs[2]
         bv = ir.const(b).astype(np.float64)
         beta = float(layer.attrs.get("beta", 1.0)) if layer.op == "Gemm" else 1.0
@@ -304,16 +281,6 @@ def _add_out_bias(g: ir.Graph, layer, delta: np.ndarray) -> None:
     layer.inputs.append(ir.add_const(g, layer.name + "_bias", delta.astype(np.float32)))
     if layer.op == "Gemm":
         layer.attrs["beta"] = 1.0
-
-
-def _clip_bounds(clip) -> tuple[float | None, float | None]:
-    """(min, max) of a Clip (opset >= 11: optional inputs); ±inf when absent, None when not constant."""
-    def bound(i: int, absent: float) -> float | None:
-        if len(clip.inputs) <= i or not clip.inputs[i].name:
-            return absent
-        v = ir.const(clip.inputs[i])
-        return None if v is None else float(v)
-    return bound(1, -np.inf), bound(2, np.inf)
 
 
 def _make_relu(clip) -> None:

@@ -18,9 +18,9 @@ Inference", §2) affine map, per tensor or per output channel:
    ``own`` (the float tensor vs its own fake-quantization) and ``model`` (the float model's tensor vs the
    quantized model's, i.e. accumulated error). Worst N in the notes, all in notes["details"].
 
-Later passes find what was done in ``ctx.state["quant"]``: per activation its QParams, per weight the
-float original and its QParams, and per layer the float tensors around it; ``qgraph.qdq.find_groups``
-finds the DQ(x), DQ(w), DQ(b) -> op -> Q(y) groups on the graph itself.
+Later passes read the quantized layers from the graph itself (``qgraph.ops.find_groups``: the
+DQ(x), DQ(w), DQ(b) -> op -> Q(y) groups) and what the graph no longer holds from ``ctx.quant``
+(a ``QuantRecord``: the float model and the float value of each quantized weight).
 """
 from __future__ import annotations
 
@@ -30,17 +30,15 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from numba import njit
 
-from qgraph import cpu, ir
+from qgraph import ir, ops
 from qgraph.calibrate import DEFAULT_BINS, cached_collect, stream
 from qgraph.errors import ModelError
-from qgraph.pipeline import Context, Pass, PassResult, no_batchnorm, not_quantized, option
+from qgraph.pipeline import Context, Pass, PassResult, QuantRecord, no_batchnorm, not_quantized, option
+from qgraph.ops import INT32, LAYER_OPS, MATRIX_LAYER_OPS, QParams, bias_qparams, clip_bounds, dequantize, quantize
 from qgraph.qdq import dq_constant, insert_qdq
-from qgraph.qparams import (ACT_METHODS, WEIGHT_METHODS, QParams, act_range, dequantize, fake_quant,
-                            make_qparams, quantize, sqnr_db, weight_qparams)
+from qgraph.qparams import ACT_METHODS, WEIGHT_METHODS, act_range, make_qparams, sqnr_db, weight_qparams
 from qgraph.rounding import round_layers
-from qgraph.passes.quant_placement import Matcher, Plan, clip_bounds, make_plan
-
-INT32 = (-(2 ** 31), 2 ** 31 - 1)
+from qgraph.passes.quant_placement import Matcher, Plan, make_plan
 
 
 @dataclass
@@ -93,7 +91,6 @@ class QuantOptions:
 
 
 class Quantize(Pass):
-    __doc__ = __doc__
     name = "quant"
     summary = "post-training quantization to QDQ (int8 / low-bit weights) that ONNX Runtime fuses"
     options = QuantOptions
@@ -136,9 +133,8 @@ class Quantize(Pass):
         if o.sqnr and ctx.calib is not None and (act_qp or w_qp):
             details = self._sqnr(float_model, ir.to_model(g), act_qp, record, ctx)
             notes.update(_summarize_sqnr(details, w_qp, record, o.worst))
-        ctx.state["quant"] = {"options": self.label(), "activations": act_qp, "weights": record["weights"],
-                              "layers": record["layers"], "dq_of": record["dq_of"],
-                              "float_model": float_model}  # biascorr compares against it
+        ctx.quant = QuantRecord(options=self.label(), float_model=float_model, activations=act_qp,
+                                float_weights={e["dq_output"]: e["float"] for e in record["weights"].values()})
         return PassResult(modified=bool(plan.nodes), notes=notes)
 
     # -- decisions -------------------------------------------------------------------------
@@ -206,7 +202,7 @@ class Quantize(Pass):
 
     @staticmethod
     def _weight_of_layer(wp) -> bool:
-        return bool(wp.readers) and wp.readers[0].op in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+        return bool(wp.readers) and wp.readers[0].op in LAYER_OPS
 
     def _round(self, g: ir.Graph, plan: Plan, w_qp: dict, float_model, ctx: Context) -> tuple[dict, dict]:
         """GPTQ integers for the layers' weights (``rounding=gptq``), with what the notes say of it."""
@@ -218,8 +214,8 @@ class Quantize(Pass):
         targets, kept = {}, {}
         for name, wp in plan.weights.items():
             node = wp.readers[0] if len(wp.readers) == 1 else None
-            if node is None or node.op not in ("Conv", "Gemm", "MatMul") or node.inputs[1] is not wp.tensor:
-                if node is not None and node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            if node is None or node.op not in MATRIX_LAYER_OPS or node.inputs[1] is not wp.tensor:
+                if node is not None and node.op in LAYER_OPS:
                     kept[name] = f"{node.op} '{node.name}' reads it in a form gptq does not handle"
                 elif len(wp.readers) > 1:
                     kept[name] = f"shared by {len(wp.readers)} nodes"
@@ -265,9 +261,7 @@ class Quantize(Pass):
             q = np.rint(b / np.broadcast_to(s_b, b.shape))
             clipped = int(np.sum((q < INT32[0]) | (q > INT32[1])))
             q = np.clip(q, *INT32).astype(np.int32)
-            qp = QParams(scale=s_b.astype(np.float32), zero_point=np.zeros(np.shape(s_b), np.int32),
-                         storage="int32", bits=32, qmin=INT32[0], qmax=INT32[1],
-                         axis=0 if np.ndim(s_b) == 1 else None, symmetric=True, method="bias")
+            qp = bias_qparams(s_b)
             _, out = dq_constant(g, q, qp, bias.name + "_" + node_name)
             ir.swap_input(node, bias, out)
             layers.setdefault(node_name, {})["bias"] = {"float": bias.values, "qparams": qp,
@@ -283,7 +277,7 @@ class Quantize(Pass):
             dq_of[name] = dq_out.name
             q_of[name] = q_node.outputs[0].name
         for node in plan.nodes:
-            if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            if node.op in LAYER_OPS:
                 entry = layers.setdefault(node.name, {})
                 entry["op"] = node.op
                 entry["weight"] = next((w for w, wp in plan.weights.items() if node in wp.readers), None)
@@ -293,7 +287,7 @@ class Quantize(Pass):
     @staticmethod
     def _absorbable(relu, qp: QParams) -> bool:
         """The quantized range must lie inside the ReLU/Clip bounds: then Q's saturation is the clip."""
-        lo, hi = clip_bounds(relu)
+        lo, hi = clip_bounds(relu)      # constant: quant_placement absorbs only those
         rlo, rhi = qp.real_range()
         tol = float(np.max(qp.scale)) * 1e-3
         return bool(np.all(rlo >= lo - tol) and np.all(rhi <= hi + max(tol, abs(hi) * 1e-6)))
@@ -341,7 +335,7 @@ def _pair_reader(wp, shape):
     """The Conv / Gemm / MatMul that reads ``wp`` as its weight through int16 pair sums on AVX2, or None."""
     for node in wp.readers:
         if node.op in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1 and node.inputs[1] is wp.tensor \
-                and cpu.pairs_in_int16(node.op, shape, int(node.attrs.get("group", 1))):
+                and ops.pairs_in_int16(node.op, shape, int(node.attrs.get("group", 1))):
             return node
     return None
 
@@ -349,25 +343,25 @@ def _pair_reader(wp, shape):
 def _pair_scale(wp, qp: QParams) -> QParams:
     """``target=any``, symmetric 8-bit weights: each channel's scale (the tensor's, per tensor) times the
     m in [1, 2] that gives the least squared weight error once the adjacent pairs that still leave int16
-    are fitted (``cpu.fit_pair_rows``). m = 1 keeps the 8-bit steps and moves only the offending pairs,
+    are fitted (``ops.fit_pair_rows``). m = 1 keeps the 8-bit steps and moves only the offending pairs,
     which costs a channel with few of them little; a channel with many large same-sign neighbours
     widens instead, at worst to 7-bit steps (m = 2: |q| <= 64, every pair fits)."""
-    if qp.storage != "int8" or qp.qmax < cpu.PAIR_LIMIT // 2 or not np.all(np.asarray(qp.zero_point) == 0):
+    if qp.storage != "int8" or qp.qmax < ops.PAIR_LIMIT // 2 or not np.all(np.asarray(qp.zero_point) == 0):
         return qp
     w = np.asarray(wp.tensor.values, np.float64)
     node = _pair_reader(wp, w.shape)
     if node is None or not w.size:
         return qp
     trans_b = int(node.attrs.get("transB", 0))
-    rows = cpu.ort_k_rows(w, node.op, trans_b)
+    rows = ops.ort_k_rows(w, node.op, trans_b)
     scale = np.asarray(qp.scale, np.float64).reshape(-1)
     channel = np.arange(rows.shape[0]) % scale.size if qp.per_channel else np.zeros(rows.shape[0], np.int64)
     t = rows / np.where(scale > 0, scale, 1.0)[channel][:, None]
-    if cpu.pair_excess(np.clip(np.rint(t), qp.qmin, qp.qmax)).max(initial=-1) <= 0:
+    if ops.pair_excess(np.clip(np.rint(t), qp.qmin, qp.qmax)).max(initial=-1) <= 0:
         return qp
     err = np.empty((len(PAIR_STEPS), rows.shape[0]))
     for i, m in enumerate(PAIR_STEPS):
-        q, _ = cpu.fit_pair_rows(np.clip(np.rint(t / m), qp.qmin, qp.qmax), t / m, min(qp.qmax, -qp.qmin))
+        q, _ = ops.fit_pair_rows(np.clip(np.rint(t / m), qp.qmin, qp.qmax), t / m, min(qp.qmax, -qp.qmin))
         err[i] = np.sum((t - m * q) ** 2, axis=1)
     if qp.per_channel:
         per = np.zeros((len(PAIR_STEPS), scale.size))
@@ -381,15 +375,15 @@ def _pair_scale(wp, qp: QParams) -> QParams:
 
 def _fit_pairs(wp, qp: QParams, q: np.ndarray) -> tuple[np.ndarray, int]:
     """``target=any``: the int8 weights of a Conv / Gemm / MatMul with no adjacent pair (in the K order
-    of the layer that reads them) whose same-sign magnitudes sum past ``cpu.PAIR_LIMIT``, so ORT's
+    of the layer that reads them) whose same-sign magnitudes sum past ``ops.PAIR_LIMIT``, so ORT's
     vpmaddubsw kernels (AVX2, AVX-512BW) cannot saturate on them: each offending pair moves to the
-    nearest integer point of the limit (``cpu.fit_pairs``). Returns (codes, pairs moved)."""
-    if qp.storage != "int8" or not q.size or np.abs(q).max() * 2 <= cpu.PAIR_LIMIT:
+    nearest integer point of the limit (``ops.fit_pairs``). Returns (codes, pairs moved)."""
+    if qp.storage != "int8" or not q.size or np.abs(q).max() * 2 <= ops.PAIR_LIMIT:
         return q, 0
     moved = 0
     for node in wp.readers:
         if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or node.inputs[1] is not wp.tensor \
-                or not cpu.pairs_in_int16(node.op, q.shape, int(node.attrs.get("group", 1))):
+                or not ops.pairs_in_int16(node.op, q.shape, int(node.attrs.get("group", 1))):
             continue
         s, z = (np.asarray(v, np.float64) for v in (qp.scale, qp.zero_point))
         if qp.axis is not None and s.ndim == 1:
@@ -397,7 +391,7 @@ def _fit_pairs(wp, qp: QParams, q: np.ndarray) -> tuple[np.ndarray, int]:
             shape[qp.axis] = -1
             s, z = s.reshape(shape), z.reshape(shape)
         target = np.asarray(wp.tensor.values, np.float64) / s + z
-        q, n = cpu.fit_pairs(q, target, node.op, int(node.attrs.get("transB", 0)), qp.qmin, qp.qmax)
+        q, n = ops.fit_pairs(q, target, node.op, int(node.attrs.get("transB", 0)), qp.qmin, qp.qmax)
         moved += n
     return q, moved
 
@@ -483,7 +477,7 @@ def _db(signal: float, noise: float) -> float | None:
 
 
 def _name_nodes(g: ir.Graph) -> None:
-    """Give every node a unique name: notes, ``exclude`` and ``ctx.state`` refer to nodes by name."""
+    """Give every node a unique name: notes, ``exclude`` and the report refer to nodes by name."""
     seen: set[str] = set()
     for node in g.nodes:
         if not node.name or node.name in seen:

@@ -33,13 +33,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qgraph import ir
+from qgraph.ops import BIASED_LAYER_OPS, CLIP_OPS, LAYER_OPS, Skip, clip_bounds, input_at, out_axis, pads_with_zero
+from qgraph.patterns import Rule, apply_rules
 
-DOT = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+DOT = LAYER_OPS
 BINARY = ("Add", "Mul")
 OWN_SCALE = ("AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax")
 TIED = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Slice", "Split",
         "DepthToSpace", "SpaceToDepth", "Identity", "Pad")
-ABSORBABLE = ("Relu", "Clip")
+ABSORBABLE = CLIP_OPS
 #: Tied ops whose output values are a subset of their input's (Resize may interpolate beyond: observed).
 SUBSET_RANGE = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split",
                 "DepthToSpace", "SpaceToDepth", "Identity", "Pad")
@@ -65,7 +67,7 @@ class Plan:
     fixed: dict = field(default_factory=dict)                # act name -> weight name whose qparams it takes
     derived: set = field(default_factory=set)                # outputs of data movement: range within the input's
     skipped: dict = field(default_factory=dict)              # reason -> count
-    skipped_nodes: list = field(default_factory=list)        # (node name, op, reason)
+    skipped_nodes: list = field(default_factory=list)        # "op 'name': reason (detail)"
 
     def find(self, name: str) -> str:
         root = name
@@ -86,9 +88,6 @@ class Plan:
             out.setdefault(self.find(name), []).append(name)
         return out
 
-    def skip(self, node, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        self.skipped_nodes.append((node.name, node.op, reason))
 
 
 class Matcher:
@@ -128,18 +127,205 @@ def _is_act(t) -> bool:
 
 def weight_axis(node, granularity: str, w) -> int | None:
     """Per-channel axis of ``node``'s weight: the output-channel axis, or None (per tensor)."""
-    if granularity != "channel":
-        return None
-    rank = len(w.shape)
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        return 1 if int(node.attrs.get("group", 1)) == 1 else None
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    if node.op == "MatMul" and rank == 2:
-        return 1
-    return None
+    if granularity != "channel" or (node.op == "MatMul" and len(w.shape) != 2):
+        return None      # a batched MatMul weight has no single output-channel axis here
+    return out_axis(node, len(w.shape))
+
+
+@dataclass
+class Placement:
+    """What one node puts into the plan: activations to quantize, constants to store as integers
+    (tensor, axis, bits), tensors tied to one scale, an int32 bias, and whether its output (through
+    an absorbed ReLU/Clip) is quantized."""
+    node: object
+    acts: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
+    ties: list = field(default_factory=list)
+    bias: tuple | None = None
+    output: bool = True
+
+
+@dataclass
+class _Placing:
+    """The state the placement rules share: the graph, the options, and the plan being built."""
+    g: ir.Graph
+    plan: Plan
+    granularity: str
+    bits: int
+    precision: dict
+    excluded: Matcher
+    prec: Matcher
+    absorb: bool
+    weight_only: bool
+
+    def bits_for(self, node) -> int:
+        for p, b in self.precision.items():
+            if self.prec.match(node, p):
+                return int(b)
+        return self.bits
+
+    def add_act(self, t) -> None:
+        self.plan.acts.setdefault(t.name, t)
+        self.plan.ties.setdefault(t.name, t.name)
+
+    def add_weight(self, node, t, axis, b) -> None:
+        wp = self.plan.weights.get(t.name)
+        if wp is None:
+            wp = self.plan.weights[t.name] = WeightPlan(t, axis, b)
+        elif wp.axis != axis:
+            wp.axis = None           # readers disagree on the channel axis: per tensor
+        wp.bits = max(wp.bits, b)
+        wp.readers.append(node)
+
+    def out_tensor(self, node):
+        """The tensor that carries ``node``'s quantized output: a sole ReLU/Clip reader's output when
+        it can be absorbed, else the node's own output."""
+        y = node.outputs[0]
+        readers = ir.consumers(y)
+        if self.absorb and len(readers) == 1 and not ir.is_graph_output(self.g, y) and readers[0].op in ABSORBABLE:
+            r = readers[0]
+            bounds = clip_bounds(r)
+            if not self.excluded.any(r) and bounds is not None and bounds[0] <= 0.0 and r.outputs[0].name:
+                self.plan.absorbed[r.outputs[0].name] = r
+                return r.outputs[0]
+        return y
+
+
+def _unless_excluded(match):
+    def checked(g, node, st: _Placing):
+        if not node.outputs:
+            raise Skip("no_outputs")
+        if st.excluded.any(node):
+            raise Skip("excluded")
+        return match(g, node, st)
+    return checked
+
+
+def _match_dot(g, node, st: _Placing) -> Placement:
+    op, ins = node.op, node.inputs
+    if op == "Gemm" and (node.attrs.get("transA", 0) or len(ins) < 2):
+        raise Skip("gemm_transA")
+    a, w = ins[0], ins[1]
+    if op == "MatMul" and isinstance(a, ir.Constant) and _is_act(w):
+        a, w = w, a      # constant on the left: quantized per tensor
+        axis = None
+    elif isinstance(w, ir.Constant):
+        axis = weight_axis(node, st.granularity, w.values)
+    elif _from_constants(w) or (op == "MatMul" and _from_constants(a)):
+        raise Skip("weight_from_constant_subgraph", "e.g. Transpose(initializer): run 'cleanup' first")
+    elif op == "MatMul" and _is_act(w) and _is_act(a):
+        if st.weight_only:
+            raise Skip("no_constant_weight")
+        return Placement(node, acts=[a, w])
+    else:
+        raise Skip("weight_not_constant")
+    if not _is_float(w) or not (_is_act(a) or st.weight_only):
+        raise Skip("not_float")
+    weights = [(w, axis, st.bits_for(node))]
+    if st.weight_only:
+        return Placement(node, weights=weights, output=False)
+    bias = None
+    if op in BIASED_LAYER_OPS and input_at(node, 2) is not None:
+        b = ins[2]
+        if isinstance(b, ir.Constant) and b.values.ndim == 1 and (
+                op != "Gemm" or (float(node.attrs.get("alpha", 1.0)) == 1.0 and float(node.attrs.get("beta", 1.0)) == 1.0)):
+            bias = (node, b, a.name, w.name)
+    return Placement(node, acts=[a], weights=weights, bias=bias)
+
+
+def _match_binary(g, node, st: _Placing) -> Placement:
+    ins = list(node.inputs)
+    if not all(_is_float(t) for t in ins) or not _is_float(node.outputs[0]):
+        raise Skip("not_float")
+    if not any(_is_act(t) for t in ins):
+        raise Skip("constant_inputs")
+    return Placement(node, acts=[t for t in ins if _is_act(t)],
+                     weights=[(t, None, 8) for t in ins if not _is_act(t) and isinstance(t, ir.Constant)])
+
+
+def _match_concat(g, node, st: _Placing) -> Placement:
+    if not all(_is_float(t) for t in node.inputs):
+        raise Skip("not_float")
+    if not all(_is_act(t) for t in node.inputs):
+        raise Skip("concat_constant_input")
+    y = node.outputs[0]
+    return Placement(node, acts=[y] + list(node.inputs), ties=[(y.name, t.name) for t in node.inputs], output=False)
+
+
+def _match_own_scale(g, node, st: _Placing) -> Placement:
+    if not _is_act(node.inputs[0]):
+        raise Skip("input_not_activation")
+    if node.op == "Softmax":      # its output is quantized as it is (nothing to absorb)
+        return Placement(node, acts=[node.inputs[0], node.outputs[0]], output=False)
+    return Placement(node, acts=[node.inputs[0]])
+
+
+def _place(g, p: Placement, st: _Placing) -> None:
+    for t, axis, b in p.weights:
+        st.add_weight(p.node, t, axis, b)
+    for t in p.acts:
+        st.add_act(t)
+    for x, y in p.ties:
+        st.plan.tie(x, y)
+    if p.bias is not None:
+        st.plan.biases.append(p.bias)
+    if p.output:
+        st.add_act(st.out_tensor(p.node))
+    st.plan.nodes.append(p.node)
+
+
+def _match_tied(g, node, st: _Placing):
+    """Data movement whose input is quantized passes the scale on; a Gather on a constant table
+    passes the table's. Returns (node, input, outputs, is_table)."""
+    if not node.outputs:
+        raise Skip("no_outputs")
+    if st.excluded.any(node):
+        raise Skip("excluded")
+    x = node.inputs[0]
+    outs = [o for o in node.outputs if o.name and _is_float(o)]
+    if not outs:
+        raise Skip("not_float")
+    if node.op == "Gather" and isinstance(x, ir.Constant):
+        if not _is_float(x):
+            raise Skip("not_float")
+        return node, x, outs, True
+    if x.name not in st.plan.acts:
+        raise Skip("input_not_quantized")
+    if node.op == "Pad" and not pads_with_zero(node):
+        raise Skip("pad_value_not_zero")
+    return node, x, outs, False
+
+
+def _tie(g, found, st: _Placing) -> None:
+    node, x, outs, table = found
+    plan = st.plan
+    if table:
+        plan.weights.setdefault(x.name, WeightPlan(x, None, 8)).readers.append(node)
+    for o in outs:
+        plan.acts.setdefault(o.name, o)
+        plan.ties.setdefault(o.name, o.name)
+        if table:
+            plan.fixed[o.name] = x.name
+        else:
+            plan.tie(x.name, o.name)
+            if node.op in SUBSET_RANGE:
+                plan.derived.add(o.name)     # no need to observe: the input's range covers it
+    plan.nodes.append(node)
+
+
+#: The placement rules, tried in this order; the data-movement rule runs in a second sweep, once the
+#: quantized tensors it propagates from are known.
+LAYER = Rule("layer", DOT, _unless_excluded(_match_dot), _place, quiet=("no_outputs",),
+             doc="Conv/ConvTranspose/Gemm/MatMul")
+BINARY_RULE = Rule("binary", BINARY, _unless_excluded(_match_binary), _place, quiet=("no_outputs",),
+                   doc="Add, Mul: every input")
+CONCAT = Rule("concat", ("Concat",), _unless_excluded(_match_concat), _place, quiet=("no_outputs",),
+              doc="Concat: one shared scale")
+OWN = Rule("own_scale", OWN_SCALE, _unless_excluded(_match_own_scale), _place, quiet=("no_outputs",),
+           doc="pools, Sigmoid, Softmax, ...")
+TIED_RULE = Rule("tied", TIED + ("Gather",), _match_tied, _tie,
+                 quiet=("input_not_quantized", "not_float", "no_outputs"),
+                 doc="data movement takes its input's scale; Gather a constant table's")
 
 
 def make_plan(g: ir.Graph, *, granularity: str, bits: int, precision: dict, exclude, absorb: bool,
@@ -147,175 +333,15 @@ def make_plan(g: ir.Graph, *, granularity: str, bits: int, precision: dict, excl
     """The placement plan for graph ``g`` (already toposorted)."""
     plan = Plan()
     dot_order = [n.name for n in g.nodes if n.op in DOT]
-    excluded = Matcher(exclude, dot_order)
-    prec = Matcher(list(precision), dot_order)
-
-    def bits_for(node) -> int:
-        for p, b in precision.items():
-            if prec.match(node, p):
-                return int(b)
-        return bits
-
-    def add_act(t) -> None:
-        plan.acts.setdefault(t.name, t)
-        plan.ties.setdefault(t.name, t.name)
-
-    def add_weight(node, t, axis, b) -> None:
-        wp = plan.weights.get(t.name)
-        if wp is None:
-            wp = plan.weights[t.name] = WeightPlan(t, axis, b)
-        elif wp.axis != axis:
-            wp.axis = None           # readers disagree on the channel axis: per tensor
-        wp.bits = max(wp.bits, b)
-        wp.readers.append(node)
-
-    def out_tensor(node):
-        """The tensor that carries ``node``'s quantized output: a sole ReLU/Clip reader's output when
-        it can be absorbed, else the node's own output."""
-        y = node.outputs[0]
-        readers = ir.consumers(y)
-        if absorb and len(readers) == 1 and not ir.is_graph_output(g, y) and readers[0].op in ABSORBABLE:
-            r = readers[0]
-            if not excluded.any(r) and _clip_low(r) <= 0.0 and r.outputs[0].name:
-                plan.absorbed[r.outputs[0].name] = r
-                return r.outputs[0]
-        return y
-
-    for node in g.nodes:
-        op = node.op
-        if op not in QUANTIZABLE or not node.outputs:
-            continue
-        if excluded.any(node):
-            plan.skip(node, "excluded")
-            continue
-        if op in DOT:
-            _plan_dot(plan, g, node, granularity, bits_for(node), add_act, add_weight, out_tensor, weight_only)
-        elif weight_only:
-            continue
-        elif op in BINARY:
-            ins = [t for t in node.inputs]
-            if not all(_is_float(t) for t in ins) or not _is_float(node.outputs[0]):
-                plan.skip(node, "not_float")
-                continue
-            if not any(_is_act(t) for t in ins):
-                plan.skip(node, "constant_inputs")
-                continue
-            for t in ins:
-                if _is_act(t):
-                    add_act(t)
-                elif isinstance(t, ir.Constant):
-                    add_weight(node, t, None, 8)
-            add_act(out_tensor(node))
-            plan.nodes.append(node)
-        elif op == "Concat":
-            if not all(_is_float(t) for t in node.inputs):
-                plan.skip(node, "not_float")
-                continue
-            if not all(_is_act(t) for t in node.inputs):
-                plan.skip(node, "concat_constant_input")
-                continue
-            y = node.outputs[0]
-            add_act(y)
-            for t in node.inputs:
-                add_act(t)
-                plan.tie(y.name, t.name)
-            plan.nodes.append(node)
-        elif op in OWN_SCALE:
-            if not _is_act(node.inputs[0]):
-                plan.skip(node, "input_not_activation")
-                continue
-            add_act(node.inputs[0])
-            add_act(out_tensor(node) if op not in ("Softmax",) else node.outputs[0])
-            plan.nodes.append(node)
+    st = _Placing(g, plan, granularity, bits, precision, Matcher(exclude, dot_order),
+                  Matcher(list(precision), dot_order), absorb, weight_only)
+    rules = [LAYER] if weight_only else [LAYER, BINARY_RULE, CONCAT, OWN]
+    report = apply_rules(g, rules, st)
     if not weight_only:
-        _propagate_tied(plan, g, excluded)
+        apply_rules(g, [TIED_RULE], st, report=report)
+    plan.skipped = dict(report.skipped)
+    plan.skipped_nodes = report.details
     return plan
-
-
-def _plan_dot(plan, g, node, granularity, b, add_act, add_weight, out_tensor, weight_only) -> None:
-    op = node.op
-    ins = node.inputs
-    if op == "Gemm" and (node.attrs.get("transA", 0) or len(ins) < 2):
-        plan.skip(node, "gemm_transA")
-        return
-    a, w = ins[0], ins[1]
-    if op == "MatMul" and isinstance(a, ir.Constant) and _is_act(w):
-        a, w = w, a      # constant on the left: quantized per tensor
-        axis = None
-    elif isinstance(w, ir.Constant):
-        axis = weight_axis(node, granularity, w.values)
-    elif _from_constants(w) or (op == "MatMul" and _from_constants(a)):
-        plan.skip(node, "weight_from_constant_subgraph")   # e.g. Transpose(initializer): run 'cleanup' first
-        return
-    elif op == "MatMul" and _is_act(w) and _is_act(a):
-        if weight_only:
-            plan.skip(node, "no_constant_weight")
-            return
-        add_act(a)
-        add_act(w)
-        add_act(out_tensor(node))
-        plan.nodes.append(node)
-        return
-    else:
-        plan.skip(node, "weight_not_constant")
-        return
-    if not _is_float(w) or not (_is_act(a) or weight_only):
-        plan.skip(node, "not_float")
-        return
-    add_weight(node, w, axis, b)
-    plan.nodes.append(node)
-    if weight_only:
-        return
-    add_act(a)
-    if op in ("Conv", "ConvTranspose", "Gemm") and len(ins) > 2 and ins[2].name:
-        bias = ins[2]
-        ok = isinstance(bias, ir.Constant) and bias.values.ndim == 1 and (
-            op != "Gemm" or (float(node.attrs.get("alpha", 1.0)) == 1.0 and float(node.attrs.get("beta", 1.0)) == 1.0))
-        if ok:
-            plan.biases.append((node, bias, a.name, w.name))
-    add_act(out_tensor(node))
-
-
-def _propagate_tied(plan: Plan, g: ir.Graph, excluded: Matcher) -> None:
-    """Data-movement ops whose input is quantized pass the scale on; a Gather on a constant table
-    passes the table's."""
-    for node in g.nodes:
-        if node.op not in TIED + ("Gather",) or not node.outputs or excluded.any(node):
-            continue
-        x = node.inputs[0]
-        outs = [o for o in node.outputs if o.name and _is_float(o)]
-        if node.op == "Gather" and isinstance(x, ir.Constant):
-            if not _is_float(x) or not outs:
-                continue
-            plan.weights.setdefault(x.name, WeightPlan(x, None, 8)).readers.append(node)
-            for o in outs:
-                plan.acts.setdefault(o.name, o)
-                plan.ties.setdefault(o.name, o.name)
-                plan.fixed[o.name] = x.name
-            plan.nodes.append(node)
-            continue
-        if x.name not in plan.acts or not outs:
-            continue
-        if node.op == "Pad" and not _pads_with_zero(node):
-            plan.skip(node, "pad_value_not_zero")
-            continue
-        for o in outs:
-            plan.acts.setdefault(o.name, o)
-            plan.ties.setdefault(o.name, o.name)
-            plan.tie(x.name, o.name)
-            if node.op in SUBSET_RANGE:
-                plan.derived.add(o.name)     # no need to observe: the input's range covers it
-        plan.nodes.append(node)
-
-
-def _pads_with_zero(node) -> bool:
-    """Pad adds only zeros (constant mode, value 0 or absent) or copies of its input (edge, reflect):
-    its output values lie in the input's range plus 0, which every quantized range contains."""
-    if node.attrs.get("mode", "constant") in ("edge", "reflect", b"edge", b"reflect"):
-        return True
-    value = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    v = ir.const(value) if value is not None else np.zeros(1)
-    return v is not None and v.size <= 1 and float(np.asarray(v).reshape(-1)[0] if v.size else 0.0) == 0.0
 
 
 def _from_constants(t, depth: int = 4) -> bool:
@@ -326,25 +352,3 @@ def _from_constants(t, depth: int = 4) -> bool:
     if node is None or depth == 0 or not node.inputs:
         return False
     return all(_from_constants(i, depth - 1) for i in node.inputs if i.name)
-
-
-def _clip_low(node) -> float:
-    if node.op == "Relu":
-        return 0.0
-    lo = node.attrs.get("min")
-    if lo is None and len(node.inputs) > 1 and node.inputs[1].name:
-        v = ir.const(node.inputs[1])
-        lo = float(v) if v is not None else np.inf   # a variable bound: not absorbable
-    return -np.inf if lo is None else float(lo)
-
-
-def clip_bounds(node) -> tuple[float, float]:
-    """[lo, hi] of a Relu/Clip node (constant bounds)."""
-    if node.op == "Relu":
-        return 0.0, np.inf
-    lo, hi = node.attrs.get("min"), node.attrs.get("max")
-    if lo is None and len(node.inputs) > 1 and node.inputs[1].name:
-        lo = ir.const(node.inputs[1])
-    if hi is None and len(node.inputs) > 2 and node.inputs[2].name:
-        hi = ir.const(node.inputs[2])
-    return (-np.inf if lo is None else float(lo)), (np.inf if hi is None else float(hi))

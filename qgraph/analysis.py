@@ -1,7 +1,11 @@
 """Static figures of a model: parameters, bytes, MACs per node, op counts.
 
 MACs are counted per sample (batch dimension taken as 1) from shapes that ONNX shape inference
-gives; a node whose shapes are unknown counts 0 and is listed in ``ModelStats.unknown_macs``.
+gives. Symbolic (or negative, as some exporters write ``-1``) dimensions are taken from
+``input_shapes`` when given (the calibration inputs' shapes), propagated through the graph by shape
+inference with data propagation; otherwise, and wherever a dimension stays unknown, the node's MACs
+are unknown: it is listed in ``ModelStats.unknown_macs`` and the total is ``None`` (printed ``?``),
+never a product of placeholder dims nor a silent 0.
 """
 from __future__ import annotations
 
@@ -13,24 +17,28 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from qgraph import ir
+from qgraph.ops import (LAYER_OPS, QOPERATOR_DOT_OPS, Skip, const_at, in_channels, layer_weight, out_channels,
+                        pads_with_zero)
+
 #: Ops whose output is a dot product over weights: the MAC counters below know them.
-_DOT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul",
-            "ConvInteger", "MatMulInteger", "QGemm", "MatMulNBits"}
+_DOT_OPS = frozenset(LAYER_OPS + QOPERATOR_DOT_OPS)
 
 
 @dataclass
 class ModelStats:
     bytes: int
     params: int                       # elements of float / quantized weight initializers
-    macs: int
+    macs: int | None                  # None when a dot-product node's shapes are unknown
     nodes: int
     ops: Counter = field(default_factory=Counter)
     unknown_macs: list[str] = field(default_factory=list)
 
 
-def model_stats(model: onnx.ModelProto) -> ModelStats:
-    from qgraph.ir import model_bytes
-    shapes = _shapes(model)
+def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = None) -> ModelStats:
+    """Figures of ``model``; ``input_shapes`` (input name -> concrete shape, e.g. of a calibration
+    batch) resolves symbolic input dimensions, the leading one counted as 1 (MACs per sample)."""
+    shapes = _shapes(model, input_shapes)
     inits = {t.name: t for t in model.graph.initializer}
     macs, unknown = 0, []
     for node in model.graph.node:
@@ -42,9 +50,9 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
         else:
             macs += m
     return ModelStats(
-        bytes=model_bytes(model),
+        bytes=ir.model_bytes(model),
         params=count_params(model),
-        macs=macs,
+        macs=None if unknown else macs,
         nodes=len(model.graph.node),
         ops=Counter(n.op_type for n in model.graph.node),
         unknown_macs=unknown,
@@ -61,28 +69,121 @@ def count_params(model: onnx.ModelProto) -> int:
     return total
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, tuple]:
-    from qgraph.ir import skeleton
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton(model))
-    except Exception:
-        inferred = model
+def _shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = None) -> dict[str, tuple]:
+    """Tensor name -> shape, a dim None where unknown. A graph input's leading dim, when not a
+    positive number, is the batch and becomes 1 (per sample); its other symbolic dims come from
+    ``input_shapes`` when given. Shapes are then inferred afresh from the inputs."""
+    light = ir.skeleton(model)
+    _concrete_inputs(light, input_shapes or {})
+    inferred = _infer(light)
+    for _ in range(_SHAPE_ROUNDS):
+        if not _fold_shape_arithmetic(inferred):
+            break
+        inferred = _infer(inferred)
     out: dict[str, tuple] = {}
     g = inferred.graph
     for vi in list(g.value_info) + list(g.input) + list(g.output):
         tt = vi.type.tensor_type
         if not tt.HasField("shape"):
             continue
-        dims = []
-        for i, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value"):
-                dims.append(d.dim_value)
-            else:
-                dims.append(1 if i == 0 else None)  # symbolic batch -> per sample
-        out[vi.name] = tuple(dims)
+        # symbolic, or -1 as some exporters write it: unknown
+        out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                             for d in tt.shape.dim)
     for t in g.initializer:
         out[t.name] = tuple(t.dims)
     return out
+
+
+#: Rounds of (fold shape arithmetic, infer again): each round resolves what the previous one exposed.
+_SHAPE_ROUNDS = 8
+#: Ops evaluated on small int64 shape tensors when every input is known (the exporters' dynamic
+#: Reshape targets: Shape -> Cast -> Slice -> Concat -> Reshape).
+_SHAPE_OPS = frozenset({"Shape", "Cast", "Slice", "Concat", "Gather", "Unsqueeze", "Squeeze", "Add", "Sub",
+                        "Mul", "Div", "Floor", "Ceil", "Identity", "Range", "ReduceProd", "Max", "Min",
+                        "Equal", "Where", "Expand", "ConstantOfShape"})
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return model
+
+
+def _fold_shape_arithmetic(model: onnx.ModelProto) -> bool:
+    """Evaluate the shape subgraphs that ONNX's data propagation leaves open (it does not go through
+    Cast, for one): Shape of a tensor whose shape is fully known, and int64 arithmetic on such
+    values (``_SHAPE_OPS``), become initializers. True when anything was folded."""
+    from onnx.reference import ReferenceEvaluator
+    g = model.graph
+    known_shape = {}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        dims = vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else None
+        if dims is not None and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+            known_shape[vi.name] = [d.dim_value for d in dims]
+    values = {t.name: numpy_helper.to_array(t) for t in g.initializer if int(np.prod(t.dims)) <= 64}
+    for node in g.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None and int(np.prod(value.dims)) <= 64:
+            values[node.output[0]] = numpy_helper.to_array(value)
+    folded = []
+    for node in g.node:
+        if node.op_type not in _SHAPE_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if any(o in values for o in node.output):
+            continue
+        if node.op_type == "Shape":
+            if node.input[0] not in known_shape:
+                continue
+            start = next((a.i for a in node.attribute if a.name == "start"), 0)
+            end = next((a.i for a in node.attribute if a.name == "end"), None)
+            result = [np.array(known_shape[node.input[0]], np.int64)[start:end]]
+        else:
+            ins = [i for i in node.input if i]
+            if not ins or any(values.get(i) is None for i in ins):
+                continue
+            try:
+                result = ReferenceEvaluator(node).run(None, {i: values[i] for i in ins})
+            except Exception:
+                continue
+        for name, v in zip(node.output, result):
+            values[name] = np.asarray(v)
+        folded.append(node)
+    if not folded:
+        return False
+    for node in folded:
+        g.node.remove(node)
+        for name in node.output:
+            g.initializer.append(numpy_helper.from_array(values[name], name))
+    return True
+
+
+def _concrete_inputs(light: onnx.ModelProto, input_shapes: dict[str, tuple]) -> None:
+    """Replace the graph inputs' non-positive dims: the leading one (the batch) by 1, the others by
+    ``input_shapes[name]``'s where given; then drop the inferred value_info and output shapes, whose
+    symbolic dims would otherwise stay."""
+    g = light.graph
+    inits = {t.name for t in g.initializer}
+    for vi in g.input:
+        if vi.name in inits or not vi.type.tensor_type.HasField("shape"):
+            continue
+        given = input_shapes.get(vi.name)
+        dims = vi.type.tensor_type.shape.dim
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                continue
+            if i == 0:
+                value = 1
+            elif given is not None and len(given) == len(dims) and int(given[i]) > 0:
+                value = int(given[i])
+            else:
+                continue
+            d.Clear()
+            d.dim_value = value
+    del g.value_info[:]
+    for vi in g.output:
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
 
 
 def _known(shape) -> bool:
@@ -131,7 +232,8 @@ def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray | None:
 #: Ops that act on each channel alone and commute with a positive per-channel scale: f(x/s) = f(x)/s.
 HOMOGENEOUS = frozenset({"Relu", "PRelu", "LeakyRelu", "MaxPool", "AveragePool", "GlobalAveragePool",
                          "GlobalMaxPool", "Identity", "Dropout"})
-_LAYERS = ("Conv", "Gemm")
+#: Layers cross-layer equalization rescales (per output channel of one, input channel of the next).
+EQUALIZABLE_OPS = ("Conv", "Gemm")
 
 
 @dataclass
@@ -142,28 +244,6 @@ class Chain:
     second: Any
     channels: int
     clip: Any = None  # a Clip among ``between`` (ReLU6): homogeneous only with its bound rescaled
-
-
-def equalization_chains(g) -> tuple[list[Chain], list[tuple[str, str]]]:
-    """Layer pairs whose shared channels can be rescaled, and (layer, reason) for those that cannot.
-
-    A pair is coupled to nothing else when every tensor from ``first``'s output to ``second``'s input
-    has exactly one reader: a residual join or a branch would see the rescaled channels too.
-    """
-    from qgraph import ir
-    chains: list[Chain] = []
-    refused: list[tuple[str, str]] = []
-    for node in g.nodes:
-        if node.op not in _LAYERS or len(node.inputs) < 2 or ir.const(node.inputs[1]) is None:
-            continue
-        if node.op == "Gemm" and node.attrs.get("transA", 0):
-            continue
-        found = _follow(g, node)
-        if isinstance(found, Chain):
-            chains.append(found)
-        elif found is not None:
-            refused.append((node.name, found))
-    return chains, refused
 
 
 @dataclass
@@ -177,10 +257,9 @@ class CoupledSet:
     tensors: list
 
 
-def coupled_sets(g) -> tuple[list[CoupledSet], list[tuple[str, str]]]:
-    """Residual streams and fan-outs that can be equalized as a whole, and (tensor, reason) for the
+def coupled_sets(g) -> tuple[list[CoupledSet], list[tuple[str, Skip]]]:
+    """Residual streams and fan-outs that can be equalized as a whole, and (tensor, Skip) for the
     ones that cannot (a reader or writer that is neither a layer nor the joining Add)."""
-    from qgraph import ir
     parent: dict[str, str] = {}
     tensor = {}
 
@@ -236,15 +315,15 @@ def coupled_sets(g) -> tuple[list[CoupledSet], list[tuple[str, str]]]:
                 break
         rep = members[0].name
         if problem:
-            refused.append((rep, problem))
+            refused.append((rep, Skip(problem)))
             continue
         chans = {_layer_channels(p, out=True) for p in producers} | {_layer_channels(c, out=False) for c in consumers}
         if len(chans) != 1 or not producers or not consumers:
-            refused.append((rep, "channel_mismatch"))
+            refused.append((rep, Skip("channel_mismatch")))
             continue
         weights = [l.inputs[1] for l in producers + consumers]
         if any(len(ir.consumers(w)) > 1 for w in weights):
-            refused.append((rep, "weight_shared"))
+            refused.append((rep, Skip("weight_shared")))
             continue
         unique = list({id(c): c for c in consumers}.values())
         sets.append(CoupledSet(producers, unique, chans.pop(), members))
@@ -252,77 +331,61 @@ def coupled_sets(g) -> tuple[list[CoupledSet], list[tuple[str, str]]]:
 
 
 def _layer_weight(node):
-    from qgraph import ir
-    if node.op not in _LAYERS or len(node.inputs) < 2 or ir.const(node.inputs[1]) is None:
-        return None
-    if node.op == "Gemm" and node.attrs.get("transA", 0):
-        return None
-    return ir.const(node.inputs[1])
+    """The constant weight of a Conv / Gemm (no transA) that equalization can rescale, else None."""
+    return layer_weight(node) if node.op in EQUALIZABLE_OPS else None
 
 
 def _layer_channels(node, out: bool) -> int:
-    w = _layer_weight(node)
-    if node.op == "Conv":
-        return w.shape[0] if out else w.shape[1] * int(node.attrs.get("group", 1))
-    transb = node.attrs.get("transB", 0)
-    return (w.shape[0] if transb else w.shape[1]) if out else (w.shape[1] if transb else w.shape[0])
+    return out_channels(node) if out else in_channels(node)
 
 
-def _follow(g, first) -> Chain | str | None:
-    from qgraph import ir
-    w = ir.const(first.inputs[1])
-    channels = w.shape[0] if first.op == "Conv" else (w.shape[0] if first.attrs.get("transB", 0) else w.shape[1])
+#: Why a layer has no partner, when that is not a miss: its output is a network output, is read by
+#: nothing, or joins others (residual streams are equalized as coupled sets instead).
+NO_PAIR = ("graph_output", "no_reader", "joins")
+
+
+def equalization_pair(g, first) -> Chain:
+    """The chain from layer ``first`` (output channel i) to the one layer that reads channel i, or a
+    Skip: ``coupled_output`` (read by several), ``stops_at_<op>``, ``channel_mismatch``, ... or one of
+    ``NO_PAIR``. Every tensor on the way has exactly one reader: a residual join or a branch would
+    see the rescaled channels too."""
+    if _layer_weight(first) is None:
+        raise Skip("not_a_layer")
+    channels = out_channels(first)
     t = first.outputs[0]
     between, clip = [], None
     while True:
         if ir.is_graph_output(g, t):
-            return None  # a network output: nothing to pair with
+            raise Skip("graph_output")
         readers = ir.consumers(t)
         if len(readers) != 1:
-            return "coupled_output" if len(readers) > 1 else None
+            raise Skip("coupled_output" if readers else "no_reader")
         nxt = readers[0]
         if nxt.inputs[0] is not t:
-            return "not_first_input"
-        if nxt.op in HOMOGENEOUS or _is_channelwise_clip(nxt) or _is_zero_pad(nxt) or _is_unit_flatten(nxt, t):
+            raise Skip("not_first_input")
+        if nxt.op in HOMOGENEOUS or _is_channelwise_clip(nxt) or pads_with_zero(nxt) or _is_unit_flatten(nxt, t):
             if nxt.op == "Clip":
                 if clip is not None:
-                    return "two_clips"
+                    raise Skip("two_clips")
                 clip = nxt
             between.append(nxt)
             t = nxt.outputs[0]
             continue
-        if nxt.op in _LAYERS and len(nxt.inputs) > 1 and ir.const(nxt.inputs[1]) is not None:
+        if nxt.op in EQUALIZABLE_OPS and const_at(nxt, 1) is not None:
             if nxt.op == "Gemm" and nxt.attrs.get("transA", 0):
-                return "second_gemm_transA"
-            w2 = ir.const(nxt.inputs[1])
-            cin = w2.shape[1] * int(nxt.attrs.get("group", 1)) if nxt.op == "Conv" else (
-                w2.shape[1] if nxt.attrs.get("transB", 0) else w2.shape[0])
-            if cin != channels:
-                return "channel_mismatch"
+                raise Skip("second_gemm_transA")
+            if in_channels(nxt) != channels:
+                raise Skip("channel_mismatch")
             if len(ir.consumers(nxt.inputs[1])) > 1 or len(ir.consumers(first.inputs[1])) > 1:
-                return "weight_shared"
+                raise Skip("weight_shared")
             return Chain(first, between, nxt, channels, clip)
-        if nxt.op in _LAYERS:
-            return "weight_not_constant"
-        return None if nxt.op in ("Add", "Concat", "Sum", "Mul") else f"stops_at_{nxt.op}"
+        if nxt.op in EQUALIZABLE_OPS:
+            raise Skip("weight_not_constant")
+        raise Skip("joins" if nxt.op in ("Add", "Concat", "Sum", "Mul") else f"stops_at_{nxt.op}")
 
 
 def _is_channelwise_clip(node) -> bool:
     return node.op == "Clip"
-
-
-def _is_zero_pad(node) -> bool:
-    from qgraph import ir
-    if node.op != "Pad":
-        return False
-    mode = node.attrs.get("mode", "constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "constant":
-        return mode in ("reflect", "edge")
-    if len(node.inputs) > 2 and node.inputs[2].name:
-        v = ir.const(node.inputs[2])
-        return v is not None and float(v) == 0.0
-    return True
 
 
 def _is_unit_flatten(node, t) -> bool:

@@ -10,7 +10,8 @@ import onnx
 from qgraph import ir
 from qgraph.errors import ModelError
 from qgraph.instruments import Dump, Report, Verify
-from qgraph.pipeline import Context, Pass, PassManager, build_passes
+from qgraph.passes import build_passes
+from qgraph.pipeline import Context, Pass, PassManager
 
 
 def optimize(model: str | os.PathLike | onnx.ModelProto,
@@ -21,6 +22,7 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
              report: str | os.PathLike | None = None,
              verify: bool = False,
              tolerance: float | None = None,
+             noise_factor: float | None = None,
              dump_dir: str | os.PathLike | None = None,
              seed: int = 0,
              preset: str | None = None,
@@ -35,7 +37,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
                a dict of arrays, or a ``qgraph.data.Samples``
     output  -- where to write the result (atomically; never over the input); None to not write
     report  -- where to write the JSON report; verify -- check outputs against the original after
-               each pass (tolerance overrides each pass's own); dump_dir -- write NN_<pass>.onnx;
+               each pass (tolerance overrides each pass's own; an output may also differ by
+               noise_factor x the original model's own float noise, default 4, 0 for none); dump_dir -- write NN_<pass>.onnx;
                plots -- directory for PNGs drawn by passes (equalize: channel ranges before/after)
     """
     pipeline = build_passes(passes)  # option errors before any work
@@ -53,7 +56,8 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
                 "pipeline": [p.label() for p in pipeline]}
     instruments: list = [rep]
     if verify:
-        instruments.append(Verify(rep, tolerance=tolerance))
+        instruments.append(Verify(rep, tolerance=tolerance,
+                                  **({} if noise_factor is None else {"noise_factor": noise_factor})))
     if dump_dir is not None:
         instruments.append(Dump(dump_dir))
     manager = PassManager(pipeline, instruments)

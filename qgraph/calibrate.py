@@ -230,7 +230,7 @@ def stream(model: onnx.ModelProto, names: list[str], samples, *, batch_size: int
            progress: bool = False, desc: str = "calibrate", threads: int = 0
            ) -> Iterator[dict[str, np.ndarray]]:
     """Run one ORT session over ``samples`` in batches; yield {name: value} for ``names`` per batch."""
-    from qgraph.instruments import ort_session
+    from qgraph.ops import ort_session
     sess = ort_session(with_outputs(model, names), threads=threads)
     inputs = [i.name for i in sess.get_inputs()]
     bs = batch_size_for(model, batch_size)

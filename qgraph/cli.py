@@ -1,19 +1,25 @@
-"""``qgraph-opt``: the command line over ``qgraph.optimize``.
+"""The command lines: ``qgraph-opt`` over ``qgraph.optimize``, and ``qgraph-run`` over the integer
+runtime (``qgraph.kernels``).
 
-Exit codes: 0 ok, 1 a pass failed, 2 bad input or options. Errors are one line on stderr; the
-traceback only with ``--debug``. The input file is never written; the output appears whole or not
-at all.
+Both exit 0 when all went well, 1 when the work failed on valid input (a pass failed; ``qgraph-run
+--compare-ort`` found a difference above ``--max-lsb``), 2 for bad input or options (a missing or
+broken file, an unsupported op, a bad option). Errors are one line on stderr; the traceback only with
+``--debug``. The input file is never written; an output appears whole or not at all.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
+
 from qgraph.errors import ModelError, OptionError, PassError, QGraphError
 
 PROG = "qgraph-opt"
+RUN_PROG = "qgraph-run"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the per-pass report as JSON to this file")
     p.add_argument("--verify", action="store_true", help="compare outputs with the original after every pass (ONNX Runtime)")
     p.add_argument("--tolerance", type=float, help="relative tolerance for --verify (default: each pass's own)")
+    p.add_argument("--noise-factor", type=float, metavar="K",
+                   help="--verify allows each output max(tolerance, K x the original model's own float noise), "
+                        "the noise measured by running it with ORT's graph optimizations off and basic vs all "
+                        "(default 4; 0: the tolerance alone)")
     p.add_argument("--dump-dir", help="write NN_<pass>.onnx after every pass into this directory")
     p.add_argument("--plots", help="write PNG plots from passes that draw them (equalize) into this directory "
                                    "(needs matplotlib: pip install qgraph[plots])")
@@ -55,14 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_passes() -> str:
-    from qgraph.pipeline import registry
-    table = registry()
+    from qgraph.passes import PASSES as table
     width = max(len(n) for n in table)
     return "\n".join(f"{name.ljust(width)}  {cls.summary}" for name, cls in table.items())
 
 
 def explain(name: str) -> str:
-    from qgraph.pipeline import describe_options, lookup
+    from qgraph.passes import lookup
+    from qgraph.pipeline import describe_options
     cls = lookup(name)
     doc = textwrap.dedent(cls.__doc__ or cls.summary).strip()
     lines = [f"{cls.name}: {cls.summary}", "", doc, ""]
@@ -87,28 +97,32 @@ def default_output(model: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``qgraph-opt``."""
     args = build_parser().parse_args(argv)
+    return _guarded(PROG, args, _main)
+
+
+def _guarded(prog: str, args, body) -> int:
+    """Run ``body(args)`` with the exit codes and one-line errors both command lines share."""
     try:
-        return _main(args)
+        return body(args)
     except (ModelError, OptionError) as exc:
-        return _fail(args, exc, 2)
-    except PassError as exc:
-        return _fail(args, exc, 1)
-    except QGraphError as exc:
-        return _fail(args, exc, 1)
+        return _fail(prog, args, exc, 2)
+    except QGraphError as exc:           # PassError and other failures on valid input
+        return _fail(prog, args, exc, 1)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug in qgraph: still one line unless --debug
-        return _fail(args, exc, 1, prefix="internal error: ")
+        return _fail(prog, args, exc, 1, prefix="internal error: ")
 
 
-def _fail(args, exc: BaseException, code: int, prefix: str = "") -> int:
+def _fail(prog: str, args, exc: BaseException, code: int, prefix: str = "") -> int:
     if args.debug:
         import traceback
         traceback.print_exc()
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    print(f"{PROG}: error: {prefix}{msg}", file=sys.stderr)
+    print(f"{prog}: error: {prefix}{msg}", file=sys.stderr)
     return code
 
 
@@ -127,13 +141,152 @@ def _main(args) -> int:
     output = args.output or default_output(args.model)
     model, report = optimize(
         args.model, args.passes, calib=args.calib, output=output, report=args.report,
-        verify=args.verify, tolerance=args.tolerance, dump_dir=args.dump_dir, seed=args.seed,
+        verify=args.verify, tolerance=args.tolerance, noise_factor=args.noise_factor, dump_dir=args.dump_dir, seed=args.seed,
         preset=args.preset, calib_limit=args.calib_limit, plots=args.plots, progress=not args.quiet)
     if not args.quiet:
         print(report.format())
         print()
     print(f"wrote {output} ({Path(output).stat().st_size:,} bytes)")
     return 0
+
+
+# ----------------------------------------------------------------------------- qgraph-run
+
+RUN_DOC = """Run a quantized ONNX model (QDQ or QOperator) on qgraph's integer kernels, optionally diffed
+against ONNX Runtime: per output the share of bit-exact elements, the max |delta| in LSB and its
+histogram; --per-layer lists every quantized tensor and marks the first that diverges from ORT."""
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=RUN_PROG, description=RUN_DOC)
+    p.add_argument("model", help="quantized ONNX model (QDQ or QOperator)")
+    p.add_argument("--inputs", required=True, help=".npz whose keys are the model's input names")
+    p.add_argument("--mode", choices=("float", "fixed"), default="float",
+                   help="requantization: float (RNE, as ORT) or fixed (int32 multiplier + shift)")
+    p.add_argument("--compare-ort", action="store_true", help="diff every output against ONNX Runtime; names the int8 kernel path ORT takes on this CPU "
+                   "(QGRAPH_ORT_PATH=avx2 reproduces an AVX2 CPU)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="diff every quantized tensor against ORT, chained and isolated (on ORT's inputs)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N samples of each input")
+    p.add_argument("--max-lsb", type=int, default=1, help="--compare-ort fails (exit 1) above this (default 1)")
+    p.add_argument("--output", help="write our outputs to this .npz")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    """``qgraph-run``."""
+    args = build_run_parser().parse_args(argv)
+    return _guarded(RUN_PROG, args, _run_main)
+
+
+def _load_inputs(path: str, limit: int | None) -> dict[str, np.ndarray]:
+    try:
+        data = np.load(path)
+    except Exception as exc:
+        raise ModelError(f"cannot read inputs {path}: {exc}") from None
+    return {k: (data[k][:limit] if limit else data[k]) for k in data.files}
+
+
+def _histogram(h: dict) -> str:
+    return " ".join(f"{k}:{v}" for k, v in sorted(h.items()))
+
+
+def _run_main(args) -> int:
+    from qgraph import ir
+    from qgraph.kernels import diff
+    from qgraph.kernels.lower import lower
+    from qgraph.kernels.runtime import run
+
+    model = ir.read_model(args.model)
+    prog = lower(model)
+    feeds = _load_inputs(args.inputs, args.limit)
+    feeds = {k: v for k, v in feeds.items() if k in prog.inputs}
+    report: dict = {"model": args.model, "mode": args.mode, "steps": prog.summary()}
+    ours = run(prog, feeds, args.mode)
+    worst = 0
+    if args.compare_ort:
+        from qgraph.kernels import cpu, ortsat
+        figures, _, _ = diff.against_ort(model, feeds, args.mode, prog)
+        report["outputs"] = figures
+        worst = max((f.get("max_lsb", 10**9) for f in figures.values()), default=0)
+        path = cpu.ort_path()
+        report["ort_path"] = {"name": path.name, "description": path.describe(), "saturates": path.saturates,
+                              "layers_that_can_saturate": ortsat.saturating_steps(prog),
+                              "layers": ortsat.int16_pair_steps(prog)}
+    else:
+        report["outputs"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in ours.items()}
+    if args.per_layer:
+        rows = diff.per_layer(model, feeds, args.mode, prog)
+        report["layers"] = rows
+        first = next((r for r in rows if r.get("max_lsb", 1) > 0), None)
+        report["first_divergence"] = first["output"] if first else None
+    if args.output:
+        ir.atomic_write_bytes(args.output, _npz_bytes(ours))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_run(report, args)
+    if args.compare_ort and worst > args.max_lsb:
+        over = [n for n, f in report["outputs"].items() if f.get("max_lsb", 10**9) > args.max_lsb]
+        print(f"{RUN_PROG}: {len(over)} of {len(report['outputs'])} outputs differ from ONNX Runtime by more than "
+              f"--max-lsb {args.max_lsb} (worst {worst} LSB: {', '.join(over[:3])}): {_why_differs(args)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _why_differs(args) -> str:
+    """The likely reason ``--compare-ort`` found a difference, for the one line it prints."""
+    from qgraph.kernels import cpu
+    here, named = cpu.host_ort_path(), cpu.ort_path()
+    if named != here:
+        return (f"QGRAPH_ORT_PATH={named.name} reproduces ORT on another CPU class ({named.describe()}); "
+                f"ORT ran {here.describe()} here")
+    if args.mode == "fixed":
+        return "fixed mode requantizes with integer multipliers, ORT in float32 (--mode float matches ORT)"
+    return "float mode is meant to equal ORT bit for bit here; --per-layer shows the first layer that diverges"
+
+
+def _npz_bytes(arrays: dict) -> bytes:
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _print_run(report: dict, args) -> None:
+    steps = ", ".join(f"{k} {v}" for k, v in report["steps"].items())
+    print(f"{report['model']}: {sum(report['steps'].values())} integer steps ({steps}); mode {args.mode}")
+    if "ort_path" in report:
+        p = report["ort_path"]
+        n_sat, n = len(p["layers_that_can_saturate"]), p["layers"]
+        if not n_sat:
+            sat = f"no weight pair of its {n} u8s8 layers can leave int16 (exact on every CPU class)"
+        elif p["saturates"]:
+            sat = (f"{n_sat} of its {n} u8s8 layers have weight pairs that saturate int16 here; {args.mode} mode "
+                   + ("computes them as ORT does" if args.mode == "float" else "computes them exactly"))
+        else:
+            sat = (f"{n_sat} of its {n} u8s8 layers have weight pairs that would saturate on AVX2 / AVX-512BW CPUs "
+                   f"(quant:target=any avoids it)")
+        print(f"  ORT path: {p['description']}; {sat}")
+    for name, f in report["outputs"].items():
+        if "exact" in f:
+            print(f"  {name}: {f['exact'] * 100:.3f}% bit-exact of {f['elements']}, max {f['max_lsb']} LSB, "
+                  f"histogram |d| {_histogram(f['histogram'])}")
+        elif "shape" in f:
+            print(f"  {name}: {f['dtype']} {f['shape']}")
+        else:
+            print(f"  {name}: {f}")
+    if "layers" in report:
+        print("  per layer (vs ORT):")
+        for r in report["layers"]:
+            mark = "  <- first divergence" if r["output"] == report["first_divergence"] else ""
+            iso = r.get("isolated")
+            iso_txt = f"  | isolated {iso['exact'] * 100:8.4f}% max {iso['max_lsb']}" if iso else ""
+            print(f"    {r['op']:<26} {r['output'][:56]:<56} {r['exact'] * 100:8.3f}%  max {r['max_lsb']}"
+                  f"{iso_txt}{mark}")
 
 
 if __name__ == "__main__":  # pragma: no cover

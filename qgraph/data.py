@@ -14,27 +14,13 @@ Sources (``open_samples``):
 Nothing decodes an image or reads a per-sample file before ``batches`` asks for it, so a folder of
 any size streams in constant memory; arrays given as arrays (npz, dict) are used in place.
 
-Zoo datasets (``zoo_split``) and their fixed calibration / evaluation split:
-
-    imagenet-sample  ../shared/data/imagenet-sample: 500 images sorted by file name; calibration =
-                     every 5th image (sorted positions 0, 5, 10, ..., 495: 100 images), evaluation =
-                     the other 400
-    mnist            ../shared/data/mnist/mnist.npz: calibration = the first 1,000 training images,
-                     evaluation = the official 10,000-image test set
-    digits-sample    models/digits_sample.npz (360 images): calibration = every 5th (72),
-                     evaluation = the other 288
-    sentences        models/zoo/sentences.npz (80 tokenized sentences of models/zoo/sentences.txt):
-                     calibration = every 4th (20), evaluation = the other 60
-    random           seeded standard-normal inputs of the model's shapes (the structure-only
-                     models): calibration = 8 samples (seed 0), evaluation = 4 others (seed 1)
-
-The shared data root is ``$QGRAPH_DATA`` when set, else ``../shared/data`` next to the repository.
+``random_samples(shapes, count, seed=...)`` gives seeded N(0, 1) inputs of fixed shapes, for models
+that have no data of their own.
 """
 from __future__ import annotations
 
 import csv
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -43,13 +29,8 @@ import numpy as np
 
 from qgraph.errors import ModelError
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 LABELS_KEY = "labels"
-
-
-class DataMissing(ModelError):
-    """A zoo dataset (or the package needed to read it) is not on this machine: callers may skip."""
 
 
 # ----------------------------------------------------------------------------- presets
@@ -74,6 +55,8 @@ class Preset:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     identity: bool = False             # "raw": arrays untouched, images as float32 0..255 NCHW
+    size: tuple[int, int] | None = None  # images resized to exactly (width, height), no crop
+    bgr: bool = False                  # channels in B, G, R order (OpenCV-fed models)
 
     @property
     def channels(self) -> int:
@@ -99,6 +82,8 @@ class Preset:
         try:
             with Image.open(path) as im:
                 im = im.convert("L" if self.mode == "L" else "RGB")
+                if self.size is not None:
+                    im = im.resize(self.size, Image.BILINEAR)
                 if self.resize is not None and min(im.size) != self.resize:
                     w, h = im.size
                     s = self.resize / min(w, h)
@@ -117,6 +102,8 @@ class Preset:
         except OSError as e:
             raise ModelError(f"cannot read image {path}: {e}") from None
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        if self.bgr:
+            a = np.ascontiguousarray(a[::-1])
         return a if self.identity else self.normalize(a[None])[0]
 
 
@@ -128,6 +115,13 @@ PRESETS: dict[str, Preset] = {
     "efficientnet-lite": Preset("efficientnet-lite", resize=256, crop=224, mean=(127.0,), std=(128.0,)),
     # MNIST: (x/255 - 0.1307) / 0.3081, (N, 1, 28, 28)
     "mnist": Preset("mnist", mode="L", resize=28, crop=28, scale=1 / 255, mean=(0.1307,), std=(0.3081,)),
+    # PaddleOCR (PP-OCR, BGR as OpenCV reads): detection normalizes like ImageNet (x/255 - mean) / std
+    # at a multiple of 32 (here 256x256: shorter side 256, center crop); recognition (3x48x320) and
+    # direction classification (3x48x192) use (x/255 - 0.5) / 0.5 on the image resized to that size
+    "ppocr-det": Preset("ppocr-det", resize=256, crop=256, scale=1 / 255, mean=IMAGENET_MEAN,
+                        std=IMAGENET_STD, bgr=True),
+    "ppocr-rec": Preset("ppocr-rec", size=(320, 48), scale=1 / 255, mean=(0.5,), std=(0.5,), bgr=True),
+    "ppocr-cls": Preset("ppocr-cls", size=(192, 48), scale=1 / 255, mean=(0.5,), std=(0.5,), bgr=True),
     # no change: arrays as given, images as float32 0..255 NCHW
     "raw": Preset("raw", identity=True),
 }
@@ -420,36 +414,7 @@ def _read_labels(folder: Path, files: list[Path]) -> np.ndarray | None:
     return np.array([table[f.name] for f in files], dtype=np.int64)
 
 
-# ----------------------------------------------------------------------------- zoo datasets
-
-def data_root() -> Path:
-    """``$QGRAPH_DATA`` or ``../shared/data`` beside the repository."""
-    env = os.environ.get("QGRAPH_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
-
-
-@dataclass(frozen=True)
-class ZooDataset:
-    name: str
-    preset: str
-    input_names: tuple[str, ...]
-    doc: str
-
-
-DATASETS: dict[str, ZooDataset] = {d.name: d for d in (
-    ZooDataset("imagenet-sample", "imagenet", ("input",),
-               "500 ImageNet images; calibration every 5th in file order (100), evaluation the other 400"),
-    ZooDataset("mnist", "mnist", ("input",),
-               "MNIST; calibration the first 1,000 training images, evaluation the 10,000 test images"),
-    ZooDataset("digits-sample", "raw", ("input",),
-               "models/digits_sample.npz (360); calibration every 5th (72), evaluation the other 288"),
-    ZooDataset("sentences", "raw", ("input_ids", "attention_mask", "token_type_ids"),
-               "models/zoo/sentences.npz (80); calibration every 4th (20), evaluation the other 60"),
-)}
-
-
-RANDOM_CALIBRATION, RANDOM_EVALUATION = 8, 4
-
+# ----------------------------------------------------------------------------- random inputs
 
 def random_samples(shapes: Mapping[str, Sequence], count: int, *, seed: int = 0,
                    dtype=np.float32) -> Samples:
@@ -472,111 +437,3 @@ def random_samples(shapes: Mapping[str, Sequence], count: int, *, seed: int = 0,
         return {n: np.stack(v) for n, v in out.items()}
 
     return Samples(list(dims), count, fetch, description=f"random N(0,1), seed {seed}")
-
-
-def _every(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    pos = np.arange(n)
-    return pos[pos % k == 0], pos[pos % k != 0]
-
-
-def split_positions(dataset: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions, within ``open_zoo_dataset(dataset)`` (n samples), of the calibration and the
-    evaluation subsets. For mnist every sample of that set (the test set) evaluates and the
-    calibration images come from the training set instead, so the first array is empty."""
-    if dataset == "mnist":
-        return np.arange(0), np.arange(n)
-    _dataset(dataset)
-    return _every(n, 4 if dataset == "sentences" else 5)
-
-
-def open_zoo_dataset(name: str, *, preset: str | Preset | None = None,
-                     input_names: Sequence[str] | None = None) -> Samples:
-    """Every sample of a zoo dataset (for ``mnist``: the test set), in its documented order."""
-    ds = _dataset(name)
-    names = list(input_names or ds.input_names)
-    p = preset or ds.preset
-    if name == "imagenet-sample":
-        folder = data_root() / "imagenet-sample"
-        if not (folder / "labels.csv").exists():
-            raise DataMissing(f"zoo data not found: {folder} (set QGRAPH_DATA or put shared/data "
-                              "beside the repository)")
-        return open_samples(folder, names, preset=p)
-    if name == "mnist":
-        return _mnist(names, p)[1]
-    return open_samples(_repo_file(name), names, preset=p)
-
-
-def zoo_split(name: str, *, preset: str | Preset | None = None,
-              input_names: Sequence[str] | None = None) -> tuple[Samples, Samples]:
-    """(calibration, evaluation) for a zoo dataset or a zoo model name from models/manifest.toml.
-
-    A model name brings its dataset, preset and input names; a dataset name uses the dataset's
-    default preset (``imagenet`` for imagenet-sample) unless ``preset`` is given. Raises
-    ``DataMissing`` (a ModelError) when the data is not on this machine.
-    """
-    if name not in DATASETS:
-        entry = _manifest_entry(name)
-        ds = entry.get("dataset")
-        if ds == "random":
-            shapes = {i["name"]: i["shape"] for i in entry.get("inputs", [])}
-            return (random_samples(shapes, RANDOM_CALIBRATION, seed=0),
-                    random_samples(shapes, RANDOM_EVALUATION, seed=1))
-        if ds not in DATASETS:
-            raise ModelError(f"zoo model '{name}' has no dataset split (dataset: {ds})")
-        preset = preset or entry.get("preset")
-        input_names = input_names or [i["name"] for i in entry.get("inputs", [])] or None
-        name = ds
-    ds = DATASETS[name]
-    names = list(input_names or ds.input_names)
-    p = preset or ds.preset
-    if name == "mnist":
-        return _mnist(names, p)
-    every = open_zoo_dataset(name, preset=p, input_names=names)
-    calib, evaluation = split_positions(name, len(every))
-    return every.subset(calib), every.subset(evaluation)
-
-
-def _dataset(name: str) -> ZooDataset:
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise ModelError(f"unknown zoo dataset '{name}' (valid: {', '.join(DATASETS)})") from None
-
-
-def _repo_file(name: str) -> Path:
-    path = {"digits-sample": REPO / "models" / "digits_sample.npz",
-            "sentences": REPO / "models" / "zoo" / "sentences.npz"}[name]
-    if not path.exists():
-        raise DataMissing(f"zoo data not found: {path}")
-    return path
-
-
-MNIST_CALIBRATION = 1000
-
-
-def _mnist(names: list[str], preset: str | Preset) -> tuple[Samples, Samples]:
-    path = data_root() / "mnist" / "mnist.npz"
-    if not path.exists():
-        raise DataMissing(f"zoo data not found: {path} (set QGRAPH_DATA or put shared/data "
-                          "beside the repository)")
-    with np.load(path) as z:
-        train = {"input": z["x_train"][:MNIST_CALIBRATION], LABELS_KEY: z["y_train"][:MNIST_CALIBRATION]}
-        test = {"input": z["x_test"], LABELS_KEY: z["y_test"]}
-    calib = open_samples(train, names, preset=preset)
-    calib.description = f"{path} train[:{MNIST_CALIBRATION}]"
-    evaluation = open_samples(test, names, preset=preset)
-    evaluation.description = f"{path} test"
-    return calib, evaluation
-
-
-def _manifest_entry(name: str) -> dict:
-    path = REPO / "models" / "manifest.toml"
-    if not path.exists():
-        raise ModelError(f"unknown zoo dataset '{name}' (valid: {', '.join(DATASETS)}) and no "
-                         f"models/manifest.toml to look it up as a model")
-    with open(path, "rb") as f:
-        models = tomllib.load(f).get("models", {})
-    if name not in models:
-        raise ModelError(f"unknown zoo dataset or model '{name}' (datasets: {', '.join(DATASETS)}; "
-                         f"models: {', '.join(models)})")
-    return models[name]

@@ -16,20 +16,31 @@ import onnx
 
 from qgraph import ir
 from qgraph.analysis import model_stats
-from qgraph.errors import QGraphError
+from qgraph.errors import OptionError, QGraphError
+from qgraph.ops import ort_session
 from qgraph.pipeline import Context, Instrument, Pass, PassResult
 
 
 # ----------------------------------------------------------------------------- Report
 
 class Report(Instrument):
-    """Per pass: model bytes, parameters, MACs, node count by op type, wall time and the pass's notes."""
+    """Per pass: model bytes, parameters, MACs, node count by op type, wall time and the pass's notes.
+
+    MACs are per sample. Symbolic input dimensions (other than the batch) are taken from the first
+    calibration sample when the context has calibration data (``meta["mac_input_shapes"]``); a
+    model whose dot-product shapes stay unknown shows ``?`` (``null`` in the JSON, with the nodes
+    under ``unknown_macs``).
+    """
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
         self.meta: dict[str, Any] = {}
+        self.input_shapes: dict[str, tuple] = {}
 
     def start(self, g, model, ctx) -> None:
+        self.input_shapes = calibration_shapes(ctx)
+        if self.input_shapes:
+            self.meta["mac_input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
         self.rows = [self._row("input", 0, model, seconds=0.0, notes={})]
 
     def after(self, index: int, p: Pass, g, model, result: PassResult, seconds: float, ctx: Context) -> None:
@@ -37,17 +48,28 @@ class Report(Instrument):
         row["modified"] = result.modified
         self.rows.append(row)
 
-    @staticmethod
-    def _row(name: str, index: int, model: onnx.ModelProto, seconds: float, notes: dict) -> dict:
-        s = model_stats(model)
-        return {"pass": name, "index": index, "bytes": s.bytes, "params": s.params, "macs": s.macs,
-                "nodes": s.nodes, "ops": dict(sorted(s.ops.items())), "seconds": round(seconds, 4),
-                "notes": _jsonable(notes)}
+    def _row(self, name: str, index: int, model: onnx.ModelProto, seconds: float, notes: dict) -> dict:
+        s = model_stats(model, self.input_shapes)
+        row = {"pass": name, "index": index, "bytes": s.bytes, "params": s.params, "macs": s.macs,
+               "nodes": s.nodes, "ops": dict(sorted(s.ops.items())), "seconds": round(seconds, 4),
+               "notes": _jsonable(notes)}
+        if s.unknown_macs:
+            row["unknown_macs"] = list(s.unknown_macs)
+        return row
 
-    def attach_verify(self, index: int, diffs: dict[str, dict[str, float]], tolerance: float | None) -> None:
+    def attach_verify(self, index: int, diffs: dict[str, dict[str, float]], tolerance: float | None,
+                      bounds: dict[str, float] | None = None) -> None:
         for row in self.rows:
             if row["index"] == index:
                 row["verify"] = {"outputs": diffs, "tolerance": tolerance}
+                if bounds is not None:
+                    row["verify"]["bounds"] = bounds
+
+    def attach_noise(self, noise: dict[str, dict[str, float]], factor: float) -> None:
+        """The original model's own float noise per output (Verify), shown on the input row."""
+        self.meta["verify_noise"] = {"factor": factor, "outputs": noise}
+        if self.rows:
+            self.rows[0]["verify_noise"] = noise
 
     def to_dict(self) -> dict:
         return {"qgraph_report": 1, **self.meta, "passes": self.rows}
@@ -66,8 +88,12 @@ class Report(Instrument):
             if v:
                 worst = max((d["max_rel"] for d in v["outputs"].values()), default=0.0)
                 vtxt = f"rel {worst:.1e}"
+            elif r.get("verify_noise"):
+                worst = max((d["max_rel"] for d in r["verify_noise"].values()), default=0.0)
+                vtxt = f"noise {worst:.1e}"
             table.append([str(r["index"]), r["pass"], str(r["nodes"]), _si(r["params"]),
-                          _bytes(r["bytes"]), _si(r["macs"]), f"{r['seconds']:.2f}s", vtxt,
+                          _bytes(r["bytes"]), "?" if r["macs"] is None else _si(r["macs"]),
+                          f"{r['seconds']:.2f}s", vtxt,
                           _notes(r["notes"])])
         widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
         lines = []
@@ -91,6 +117,14 @@ class Report(Instrument):
         if not changed:
             out.append("(no op counts changed)")
         return "\n".join(out)
+
+
+def calibration_shapes(ctx: Context) -> dict[str, tuple]:
+    """Input name -> shape of the first calibration sample (empty without calibration data)."""
+    if ctx.calib is None:
+        return {}
+    first = next(iter(ctx.calib.batches(1)), None)
+    return {k: tuple(np.shape(v)) for k, v in (first or {}).items()}
 
 
 def _si(n: int) -> str:
@@ -148,25 +182,6 @@ class VerifyError(QGraphError):
     pass
 
 
-def ort_session(model: onnx.ModelProto, *, threads: int = 0):
-    """One ONNX Runtime CPU session for a ModelProto (through a temp file when it is too large)."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        if not ir.is_large(model):
-            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        import tempfile
-        tmp = tempfile.mkdtemp(prefix="qgraph-ort-")
-        path = os.path.join(tmp, "model.onnx")
-        ir.save(model, path)
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise QGraphError(f"ONNX Runtime cannot load the model: {ir._first_line(exc)}") from None
-
-
 def seeded_inputs(model: onnx.ModelProto, seed: int, batch: int = 2) -> dict[str, np.ndarray]:
     """Random inputs for every graph input: normal floats, small ints (token-id-like), masks of ones.
 
@@ -210,25 +225,47 @@ def output_diffs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict
     return out
 
 
+#: Verify's noise factor k: a function-preserving pass is held to max(tolerance, k x noise) per output.
+NOISE_FACTOR = 4.0
+#: The other executions of the original model whose differences from the reference are its noise.
+NOISE_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC")
+
+
 class Verify(Instrument):
     """After each pass, run the current model and the original through ORT on the same inputs.
 
-    A pass that claims to preserve function (``Pass.preserves_function``) fails when its worst
-    output's relative error exceeds the pass's ``tolerance`` (or the one given here).
+    A pass that claims to preserve function (``Pass.preserves_function``) fails when an output's
+    relative error (max|Δ| / max|reference|) exceeds its bound ``max(tolerance, k × noise)``:
+    ``tolerance`` is the pass's own (or the one given here), ``noise`` the float noise of the
+    original model itself on that output, measured once at the start as the largest difference
+    between the reference run (ORT, all graph optimizations) and the same model run with ORT's
+    graph optimizations off and at the basic level (``NOISE_LEVELS``). Those runs compute the same
+    function with the float32 operations fused and ordered differently, so their difference is
+    what reassociation alone does on this model and these inputs; a rewrite that only reassociates
+    lands within a small multiple of it, while a real change (a wrong fold) does not shrink with
+    it. ``noise_factor`` k (default ``NOISE_FACTOR`` = 4; 0 turns the floor off) is that multiple.
     Inputs: the first calibration batch when calibration data is given, else seeded random inputs.
     """
 
-    def __init__(self, report: Report | None = None, tolerance: float | None = None, max_samples: int = 8):
+    def __init__(self, report: Report | None = None, tolerance: float | None = None, max_samples: int = 8,
+                 noise_factor: float = NOISE_FACTOR):
+        if noise_factor < 0:
+            raise OptionError(f"the verify noise factor must be >= 0, got {noise_factor:g}")
         self.report = report
         self.tolerance = tolerance
         self.max_samples = max_samples
+        self.noise_factor = noise_factor
         self.feeds: dict[str, np.ndarray] = {}
         self.reference: dict[str, np.ndarray] = {}
+        self.noise: dict[str, dict[str, float]] = {}
         self.history: list[tuple[str, dict]] = []
 
     def start(self, g, model, ctx: Context) -> None:
         self.feeds = self._inputs(model, ctx)
         self.reference = self._run(model)
+        self.noise = self._noise(model) if self.noise_factor > 0 else {}
+        if self.report is not None and self.noise:
+            self.report.attach_noise(self.noise, self.noise_factor)
 
     def _inputs(self, model: onnx.ModelProto, ctx: Context) -> dict[str, np.ndarray]:
         if ctx.calib is not None:
@@ -237,8 +274,8 @@ class Verify(Instrument):
                 return batch
         return seeded_inputs(model, ctx.seed)
 
-    def _run(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-        sess = ort_session(model)
+    def _run(self, model: onnx.ModelProto, optimize: bool | str = True) -> dict[str, np.ndarray]:
+        sess = ort_session(model, optimize=optimize)
         names = [o.name for o in sess.get_outputs()]
         wanted = {i.name for i in sess.get_inputs()}
         missing = wanted - set(self.feeds)
@@ -247,8 +284,22 @@ class Verify(Instrument):
         try:
             outs = sess.run(names, {k: v for k, v in self.feeds.items() if k in wanted})
         except Exception as exc:
-            raise VerifyError(f"ONNX Runtime failed to run the model: {ir._first_line(exc)}") from None
+            raise VerifyError(f"ONNX Runtime failed to run the model: {ir.first_line(exc)}") from None
         return dict(zip(names, outs))
+
+    def _noise(self, model: onnx.ModelProto) -> dict[str, dict[str, float]]:
+        """Per output, the largest max_abs / max_rel difference of the ``NOISE_LEVELS`` runs of the
+        original model from the reference run."""
+        noise = {name: {"max_abs": 0.0, "max_rel": 0.0} for name in self.reference}
+        for level in NOISE_LEVELS:
+            for name, d in output_diffs(self.reference, self._run(model, level)).items():
+                noise[name] = {k: max(noise[name][k], d[k]) for k in noise[name]}
+        return noise
+
+    def bounds(self, tolerance: float) -> dict[str, float]:
+        """Per output, the relative error a function-preserving pass may show: max(tolerance, k x noise)."""
+        return {name: max(tolerance, self.noise_factor * self.noise.get(name, {}).get("max_rel", 0.0))
+                for name in self.reference}
 
     def after(self, index, p, g, model, result, seconds, ctx) -> None:
         got = self._run(model)
@@ -257,14 +308,20 @@ class Verify(Instrument):
             raise VerifyError(f"outputs disappeared: {', '.join(sorted(missing))}")
         diffs = output_diffs(self.reference, got)
         tol = self.tolerance if self.tolerance is not None else p.tolerance
+        bounds = self.bounds(tol)
         self.history.append((p.label(), diffs))
         if self.report is not None:
-            self.report.attach_verify(index, diffs, tol if p.preserves_function else None)
+            self.report.attach_verify(index, diffs, tol if p.preserves_function else None,
+                                      bounds if p.preserves_function else None)
         if p.preserves_function:
-            name, worst = max(diffs.items(), key=lambda kv: kv[1]["max_rel"])
-            if worst["max_rel"] > tol:
+            over = {n: d for n, d in diffs.items() if d["max_rel"] > bounds[n]}
+            if over:
+                name, worst = max(over.items(), key=lambda kv: kv[1]["max_rel"] - bounds[kv[0]])
+                noise = self.noise.get(name, {}).get("max_rel", 0.0)
                 raise VerifyError(f"output '{name}' differs from the original: max rel diff "
-                                  f"{worst['max_rel']:.3g} > tolerance {tol:g} (max abs {worst['max_abs']:.3g})")
+                                  f"{worst['max_rel']:.3g} > bound {bounds[name]:.3g} = max(tolerance {tol:g}, "
+                                  f"{self.noise_factor:g} x the model's own float noise {noise:.3g}) "
+                                  f"(max abs {worst['max_abs']:.3g})")
 
 
 # ----------------------------------------------------------------------------- Dump

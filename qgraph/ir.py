@@ -56,14 +56,14 @@ def read_model(src: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
-        raise ModelError(f"not an ONNX model (protobuf parse failed): {path}: {_first_line(exc)}") from None
+        raise ModelError(f"not an ONNX model (protobuf parse failed): {path}: {first_line(exc)}") from None
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise ModelError(f"not an ONNX model (no graph nodes; truncated or not a model file?): {path}")
     if any(_uses_external_data(t) for t in model.graph.initializer):
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
-            raise ModelError(f"external data of {path} could not be read: {_first_line(exc)}") from None
+            raise ModelError(f"external data of {path} could not be read: {first_line(exc)}") from None
     return model
 
 
@@ -79,14 +79,14 @@ def load(src: str | os.PathLike | onnx.ModelProto, *, infer_shapes: bool = True)
     try:
         check(model)
     except Exception as exc:
-        raise ModelError(f"invalid ONNX model {where}: {_first_line(exc)}") from None
+        raise ModelError(f"invalid ONNX model {where}: {first_line(exc)}") from None
     model = _upgrade(model, where)
     if infer_shapes:
         model = _infer_shapes(model)
     try:
         g = gs.import_onnx(model)
     except Exception as exc:
-        raise ModelError(f"cannot import {where}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot import {where}: {first_line(exc)}") from None
     g.qgraph_meta = {
         "source": str(Path(src).resolve()) if not isinstance(src, onnx.ModelProto) else None,
         "metadata_props": {p.key: p.value for p in model.metadata_props},
@@ -109,7 +109,7 @@ def _upgrade(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     except Exception as exc:
         raise ModelError(
             f"{where} uses opset {version}; qgraph needs >= {MIN_OPSET} and the upgrade failed: "
-            f"{_first_line(exc)}") from None
+            f"{first_line(exc)}") from None
     return upgraded
 
 
@@ -504,7 +504,7 @@ def to_numpy_tensor(t: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(t)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     for line in text.splitlines():
         if line.strip():

@@ -20,6 +20,7 @@ import onnx
 
 from qgraph import ir
 from qgraph.errors import OptionError, PassError, QGraphError
+from qgraph.ops import QParams
 
 
 # ----------------------------------------------------------------------------- results and context
@@ -32,6 +33,33 @@ class PassResult:
 
 
 @dataclass
+class BNStats:
+    """A folded BatchNormalization's output distribution, per channel: N(beta, gamma²)."""
+    gamma: np.ndarray
+    beta: np.ndarray
+
+    def scaled(self, s) -> "BNStats":
+        """The statistics of the channels divided by ``s`` (equalization rescales them)."""
+        return BNStats(gamma=self.gamma / s, beta=self.beta / s)
+
+
+@dataclass
+class QuantRecord:
+    """What ``quant`` knows that the quantized graph no longer holds, for later passes (``biascorr``).
+
+    options        -- the quant pass as written on the command line
+    float_model    -- the model just before quantization
+    float_weights  -- the float values of each quantized weight, by the name of its DequantizeLinear
+                      output (find the layer's with ``qgraph.ops.find_groups``)
+    activations    -- the QParams of each quantized activation, by float tensor name
+    """
+    options: str
+    float_model: onnx.ModelProto
+    float_weights: dict[str, np.ndarray] = field(default_factory=dict)
+    activations: dict[str, QParams] = field(default_factory=dict)
+
+
+@dataclass
 class Context:
     """What several passes share across one pipeline run.
 
@@ -39,17 +67,21 @@ class Context:
     seed      -- seed for everything random (Verify inputs, k-means init, sampling)
     original  -- the model as loaded, before any pass (for Verify and for passes that compare)
     stats     -- cached statistics, keyed by whoever computes them (e.g. calibration ranges)
-    state     -- facts one pass leaves for a later one (e.g. BatchNorm statistics kept by ``fold``)
     progress  -- whether long steps show progress bars
     plots     -- a directory where passes that draw (equalize) write PNGs, or None
+
+    Facts one pass leaves for a later one, each typed:
+    bn_stats  -- per layer output name, the statistics of the BatchNorm ``fold`` folded into it
+    quant     -- what ``quant`` recorded (None until it ran)
     """
     calib: Any = None
     seed: int = 0
     original: onnx.ModelProto | None = None
     stats: dict = field(default_factory=dict)
-    state: dict = field(default_factory=dict)
     progress: bool = True
     plots: str | None = None
+    bn_stats: dict[str, BNStats] = field(default_factory=dict)
+    quant: QuantRecord | None = None
 
     def rng(self, salt: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, salt])
@@ -250,6 +282,7 @@ class Pass:
 
     ``preserves_function`` says the pass claims to keep the model's outputs (within
     ``tolerance``, a relative error: max|Δ| / max|reference| per output); ``Verify`` holds it to that.
+    A pass without a docstring of its own is described by its module's (``--explain`` shows it).
     """
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -257,6 +290,12 @@ class Pass:
     requires: ClassVar[tuple[Requirement, ...]] = ()
     preserves_function: ClassVar[bool] = True
     tolerance: ClassVar[float] = 1e-4
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.__doc__ is None:
+            import sys
+            cls.__doc__ = getattr(sys.modules.get(cls.__module__), "__doc__", None)
 
     def __init__(self, opts: Any = None, **values: Any):
         if opts is not None and values:
@@ -340,40 +379,6 @@ def _add_option(steps: list, token: str, text: str) -> None:
     steps[-1][1][key] = value.strip()
 
 
-def registry() -> dict[str, type[Pass]]:
-    from qgraph.passes import PASSES  # the one explicit table
-    return PASSES
-
-
-def lookup(name: str) -> type[Pass]:
-    table = registry()
-    if name in table:
-        return table[name]
-    guess = difflib.get_close_matches(name, list(table), n=1, cutoff=0.5)
-    hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-    raise OptionError(f"unknown pass '{name}'{hint}; known passes: {', '.join(table)}")
-
-
-def build_passes(spec: str | Sequence[str | Pass]) -> list[Pass]:
-    """Pass objects from a ``-p`` string, a list of such strings, or Pass instances."""
-    if isinstance(spec, str):
-        items: list[str | Pass] = [spec]
-    else:
-        items = list(spec)
-    out: list[Pass] = []
-    for item in items:
-        if isinstance(item, Pass):
-            out.append(item)
-            continue
-        if not isinstance(item, str):
-            raise OptionError(f"a pipeline item must be a pass name or a Pass, got {type(item).__name__}")
-        for name, values in parse_pipeline(item):
-            out.append(lookup(name)(**values))
-    if not out:
-        raise OptionError("the pipeline is empty")
-    return out
-
-
 # ----------------------------------------------------------------------------- manager
 
 class Instrument:
@@ -418,7 +423,7 @@ class PassManager:
             except QGraphError as exc:
                 raise PassError(p.name, done, str(exc)) from exc
             except Exception as exc:
-                raise PassError(p.name, done, f"{type(exc).__name__}: {ir._first_line(exc)}") from exc
+                raise PassError(p.name, done, f"{type(exc).__name__}: {ir.first_line(exc)}") from exc
             seconds = time.perf_counter() - t0
             self.results.append((p, result))
             for inst in self.instruments:
@@ -437,4 +442,4 @@ def _check(model: onnx.ModelProto) -> None:
     try:
         ir.check(model)
     except onnx.checker.ValidationError as exc:
-        raise QGraphError(f"the rewritten model fails onnx.checker: {ir._first_line(exc)}") from None
+        raise QGraphError(f"the rewritten model fails onnx.checker: {ir.first_line(exc)}") from None

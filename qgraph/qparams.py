@@ -29,71 +29,18 @@ Weights are decided on the array itself (per tensor or per output channel): ``mi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 from numba import njit
+
+from qgraph.ops import QParams, is_signed
 
 if TYPE_CHECKING:  # pragma: no cover
     from qgraph.calibrate import TensorStats
 
 ACT_METHODS = ("minmax", "percentile", "mse", "entropy")
 WEIGHT_METHODS = ("minmax", "mse")
-
-#: ONNX element types by storage name; (signed, bits of the storage type).
-STORAGE = {"int8": (True, 8), "uint8": (False, 8), "int16": (True, 16), "uint16": (False, 16),
-           "int4": (True, 4), "uint4": (False, 4), "int32": (True, 32)}
-
-
-@dataclass
-class QParams:
-    """How one tensor is quantized. ``scale``/``zero_point`` are scalars (per tensor) or 1-D (per axis).
-
-    ``storage`` is the ONNX element type the integers are stored in; ``bits`` the bit width actually
-    used (4-bit weights may be stored as int8 with the narrow range [-7, 7]).
-    """
-    scale: np.ndarray
-    zero_point: np.ndarray
-    storage: str = "int8"
-    bits: int = 8
-    qmin: int = -128
-    qmax: int = 127
-    axis: int | None = None
-    symmetric: bool = False
-    method: str = "minmax"
-    rmin: np.ndarray | float = 0.0   # the decided real range, before widening to contain 0
-    rmax: np.ndarray | float = 0.0
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def per_channel(self) -> bool:
-        return self.axis is not None
-
-    @property
-    def np_dtype(self):
-        return storage_np_dtype(self.storage)
-
-    def real_range(self) -> tuple[np.ndarray, np.ndarray]:
-        """The real values of qmin and qmax: what QuantizeLinear saturates to."""
-        s = self.scale.astype(np.float64)
-        z = self.zero_point.astype(np.float64)
-        return s * (self.qmin - z), s * (self.qmax - z)
-
-    def to_dict(self) -> dict:
-        def val(v):
-            a = np.asarray(v)
-            return a.item() if a.ndim == 0 else a.tolist()
-        return {"scale": val(self.scale), "zero_point": val(self.zero_point), "storage": self.storage,
-                "bits": self.bits, "axis": self.axis, "symmetric": self.symmetric, "method": self.method}
-
-
-def storage_np_dtype(storage: str):
-    if storage in ("int4", "uint4"):
-        import onnx
-        return onnx.helper.tensor_dtype_to_np_dtype(
-            onnx.TensorProto.INT4 if storage == "int4" else onnx.TensorProto.UINT4)
-    return np.dtype(storage)
 
 
 def qrange(bits: int, signed: bool, symmetric: bool) -> tuple[int, int]:
@@ -129,8 +76,7 @@ def scale_zero_point(rmin, rmax, qmin: int, qmax: int, symmetric: bool,
 
 def make_qparams(rmin, rmax, *, bits: int, storage: str, symmetric: bool, axis: int | None = None,
                  method: str = "minmax") -> QParams:
-    signed, _ = STORAGE[storage]
-    qmin, qmax = qrange(bits, signed, symmetric)
+    qmin, qmax = qrange(bits, is_signed(storage), symmetric)
     zp_dtype = np.int32 if storage in ("int4", "uint4", "int32") else np.dtype(storage)
     scale, zp = scale_zero_point(rmin, rmax, qmin, qmax, symmetric, zp_dtype=zp_dtype)
     return QParams(scale=scale, zero_point=zp, storage=storage, bits=bits, qmin=qmin, qmax=qmax,
@@ -315,7 +261,7 @@ def weight_qparams(w: np.ndarray, *, bits: int, storage: str, symmetric: bool = 
     else:
         moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
         rmin, rmax = moved.min(axis=1), moved.max(axis=1)
-    signed, _ = STORAGE[storage]
+    signed = is_signed(storage)
     if method == "mse":
         rmin, rmax = _weight_mse(w, axis, rmin, rmax, bits, signed, symmetric)
     elif method != "minmax":
@@ -346,32 +292,7 @@ def _weight_mse(w, axis, rmin, rmax, bits, signed, symmetric, candidates: int = 
     return lo, hi
 
 
-# ----------------------------------------------------------------------------- arrays
-
-def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
-    """QuantizeLinear on an array (round half to even, saturate), as int64 values."""
-    s, z = _broadcast(qp, np.ndim(x))
-    return np.clip(np.rint(x / s) + z, qp.qmin, qp.qmax).astype(np.int64)
-
-
-def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
-    s, z = _broadcast(qp, np.ndim(q))
-    return ((q.astype(np.float32) - z) * s).astype(np.float32)
-
-
-def fake_quant(x: np.ndarray, qp: QParams) -> np.ndarray:
-    return dequantize(quantize(x, qp), qp)
-
-
-def _broadcast(qp: QParams, ndim: int):
-    s = np.asarray(qp.scale, np.float32)
-    z = np.asarray(qp.zero_point).astype(np.float32)
-    if qp.axis is not None and s.ndim == 1:
-        shape = [1] * ndim
-        shape[qp.axis] = -1
-        s, z = s.reshape(shape), z.reshape(shape)
-    return s, z
-
+# ----------------------------------------------------------------------------- reporting
 
 def sqnr_db(signal_power: float, noise_power: float) -> float:
     """10 log10(E[x^2] / E[(x - x')^2]); +inf when there is no noise."""

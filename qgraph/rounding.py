@@ -26,6 +26,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from qgraph import ir
 from qgraph.calibrate import stream
+from qgraph.ops import ConvGeometry, conv_geometry, out_axis
 
 #: damping added to H's diagonal, as a fraction of its mean (GPTQ's default)
 DAMP = 0.01
@@ -38,33 +39,21 @@ class Unsupported(Exception):
 
 # ----------------------------------------------------------------------------- layer geometry
 
-def _conv_geometry(node, w_shape, x_shape) -> dict:
+def _conv_geometry(node, w_shape, x_shape) -> ConvGeometry:
     if len(w_shape) != 4:
         raise Unsupported(f"{len(w_shape) - 2}-D convolution")
-    auto = node.attrs.get("auto_pad", "NOTSET")
-    kh, kw = w_shape[2:]
-    dh, dw = node.attrs.get("dilations", [1, 1])
-    sh, sw = node.attrs.get("strides", [1, 1])
-    if auto in ("NOTSET", "VALID"):
-        pads = list(node.attrs.get("pads", [0, 0, 0, 0])) if auto == "NOTSET" else [0, 0, 0, 0]
-    else:  # SAME_UPPER / SAME_LOWER
-        pads = [0, 0, 0, 0]
-        for i, (n, k, d, s) in enumerate(((x_shape[2], kh, dh, sh), (x_shape[3], kw, dw, sw))):
-            total = max(0, (-(-n // s) - 1) * s + (k - 1) * d + 1 - n)
-            small, big = total // 2, total - total // 2
-            pads[i], pads[i + 2] = (small, big) if auto == "SAME_UPPER" else (big, small)
-    return {"k": (kh, kw), "d": (dh, dw), "s": (sh, sw), "pads": pads, "groups": int(node.attrs.get("group", 1))}
+    return conv_geometry(node.attrs, w_shape, x_shape[2:])
 
 
-def _conv_patches(x: np.ndarray, geo: dict) -> np.ndarray:
+def _conv_patches(x: np.ndarray, geo: ConvGeometry) -> np.ndarray:
     """[G, K, L] patches of one image x [C, H, W] (K in W[o, cin, kh, kw] order)."""
-    t, l, b, r = geo["pads"]
+    t, l, b, r = geo.pads
     xp = np.pad(x, ((0, 0), (t, b), (l, r)))
-    (kh, kw), (dh, dw), (sh, sw) = geo["k"], geo["d"], geo["s"]
+    (kh, kw), (dh, dw), (sh, sw) = geo.kernel, geo.dilations, geo.strides
     win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
     win = win[:, ::sh, ::sw, ::dh, ::dw]                 # [C, Ho, Wo, kh, kw]
     c, ho, wo = win.shape[:3]
-    g = geo["groups"]
+    g = geo.group
     win = win.reshape(g, c // g, ho * wo, kh * kw).transpose(0, 1, 3, 2)   # [G, cpg, kh·kw, L]
     return np.ascontiguousarray(win.reshape(g, (c // g) * kh * kw, ho * wo))
 
@@ -91,8 +80,7 @@ def row_scales(qp, node, w_shape, m_shape) -> tuple[np.ndarray, np.ndarray]:
     z = np.asarray(qp.zero_point, np.float64)
     if s.ndim == 0 or s.size == 1:
         return np.full(m_shape[:2], float(s.reshape(-1)[0])), np.full(m_shape[:2], float(z.reshape(-1)[0]))
-    out_axis = {"Conv": 0, "Gemm": 0 if node.attrs.get("transB", 0) else 1, "MatMul": 1}[node.op]
-    if qp.axis != out_axis:
+    if qp.axis != out_axis(node, len(w_shape)):
         raise Unsupported(f"weight scales along axis {qp.axis}, not the output axis")
     return s.reshape(m_shape[:2]), z.reshape(m_shape[:2])
 

@@ -7,9 +7,10 @@ from onnx import helper
 from builders import init, make_model
 from qgraph import ir
 from qgraph.errors import PassError
-from qgraph.pipeline import Context, PassManager, build_passes
-from qgraph.qdq import find_groups, qparams_of
-from qgraph.qparams import dequantize
+from qgraph.passes import build_passes
+from qgraph.pipeline import BNStats, Context, PassManager
+from qgraph.ops import find_groups, qparams_of
+from qgraph.ops import dequantize
 
 
 def chain(rng, cin=3, c=6, cout=4):
@@ -24,10 +25,9 @@ def chain(rng, cin=3, c=6, cout=4):
     return make_model(nodes, [("x", ["N", cin, 5, 5])], [("y", ["N", cout, 5, 5])], inits)
 
 
-def quantized(model, calib, bits=6, **state):
+def quantized(model, calib, bits=6, bn_stats=None):
     g = ir.load(model)
-    ctx = Context(calib=calib, progress=False)
-    ctx.state.update(state)
+    ctx = Context(calib=calib, progress=False, bn_stats=bn_stats or {})
     PassManager(build_passes(f"quant:bits={bits},granularity=tensor")).run(g, ctx)
     return g, ctx
 
@@ -45,11 +45,10 @@ def samples(rng, n=64):
 def test_analytic_reproduces_the_clipped_normal_correction(rng):
     model = chain(rng)
     beta, gamma = np.array([0.5, -0.3, 1.0, 0.1, 2.0, -1.0]), np.array([1.0, 0.5, 0.2, 2.0, 1.0, 0.3])
-    g, ctx = quantized(model, samples(rng), bn_stats={"h": {"beta": beta, "gamma": gamma}})
+    g, ctx = quantized(model, samples(rng), bn_stats={"h": BNStats(beta=beta, gamma=gamma)})
     before = conv2_bias(g)
     grp = next(grp for grp in find_groups(g, ("Conv",)) if grp.node.name == "conv2")
-    w_float = next(r["float"] for r in ctx.state["quant"]["weights"].values()
-                   if r["dq_output"] == grp.w_dq.outputs[0].name).astype(np.float64)
+    w_float = ctx.quant.float_weights[grp.w_dq.outputs[0].name].astype(np.float64)
     w_quant = grp.weight_float()
     lo, hi = (float(v) for v in qparams_of(ir.producer(grp.x_dq.inputs[0])).real_range())
     # E[clip(N(β, γ²), max(lo, 0), hi)] by numerical integration, independent of the closed form
@@ -88,8 +87,14 @@ def test_empirical_puts_output_means_back_on_the_float_model(rng):
 
 def test_biascorr_without_quant_state_says_what_to_do(rng):
     g, _ = quantized(chain(rng), samples(rng))
-    with pytest.raises(PassError, match="after 'quant'"):
+    with pytest.raises(PassError, match=r"pass 'biascorr' failed \(after: none\).*after 'quant'"):
         PassManager(build_passes("biascorr")).run(g, Context())
+
+
+def test_biascorr_error_names_the_passes_that_ran(rng):
+    g = ir.load(chain(rng))
+    with pytest.raises(PassError, match=r"pass 'biascorr' failed \(after: quant\): mode=empirical needs"):
+        PassManager(build_passes("quant:bits=6,weight_only=true,biascorr")).run(g, Context(progress=False))
 
 
 def test_empirical_without_data_names_the_option(rng):

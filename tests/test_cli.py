@@ -151,5 +151,5 @@ def test_debug_shows_traceback(tmp_path):
 def test_pass_failure_exits_1_and_writes_nothing(demo, tmp_path):
     # verify with an impossible tolerance makes 'fold' fail after it ran: exit 1, no output file
     before = snapshot(tmp_path)
-    proc = run(demo, "-p", "fold", "--verify", "--tolerance", "0")
+    proc = run(demo, "-p", "fold", "--verify", "--tolerance", "0", "--noise-factor", "0")
     assert_clean_failure(proc, tmp_path, before, code=1, mentions="pass 'fold' failed")

@@ -1,14 +1,13 @@
-"""qgraph.data: every source kind, presets, subsets, splits and the errors people see.
+"""qgraph.data: every source kind, presets, subsets and the errors people see.
 
-All data is made in tmp_path; nothing here needs ../shared/data.
+All data is made in tmp_path. The zoo's datasets and splits (tools/zoo_data.py): test_zoo_data.py.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from qgraph.data import (PRESETS, DataMissing, Samples, open_samples, random_samples, split_positions,
-                         zoo_split)
+from qgraph.data import PRESETS, Samples, open_samples, random_samples
 from qgraph.errors import ModelError
 
 
@@ -171,12 +170,12 @@ def test_raw_preset_keeps_pixels_0_to_255(tmp_path):
 
 def test_image_folder_without_a_preset_lists_the_presets(tmp_path):
     _image_folder(tmp_path, n=1, labels=False)
-    with pytest.raises(ModelError, match="give a preset \\(efficientnet-lite, imagenet, mnist, raw\\)"):
+    with pytest.raises(ModelError, match="give a preset \\(efficientnet-lite, imagenet, mnist, ppocr-cls, ppocr-det, ppocr-rec, raw\\)"):
         open_samples(tmp_path, ["input"])
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ModelError, match=r"unknown preset 'imgnet' \(valid: efficientnet-lite, imagenet, mnist, raw\)"):
+    with pytest.raises(ModelError, match=r"unknown preset 'imgnet' \(valid: efficientnet-lite, imagenet, mnist, ppocr-cls, ppocr-det, ppocr-rec, raw\)"):
         open_samples({"x": np.zeros((1, 2))}, ["x"], preset="imgnet")
     assert {"imagenet", "efficientnet-lite", "mnist", "raw"} <= set(PRESETS)
 
@@ -238,26 +237,3 @@ def test_random_samples_are_the_same_whatever_the_batch_size():
     np.testing.assert_array_equal(a, b)
     assert a.shape == (5, 3, 4, 4)
 
-
-# ----------------------------------------------------------------------------- zoo splits
-
-def test_zoo_splits_are_disjoint_and_documented():
-    c, e = split_positions("imagenet-sample", 500)
-    assert len(c) == 100 and len(e) == 400 and not set(c) & set(e)
-    assert list(c[:3]) == [0, 5, 10]
-    c, e = split_positions("sentences", 80)
-    assert (len(c), len(e)) == (20, 60)
-
-
-def test_zoo_split_without_the_data_raises_data_missing(tmp_path, monkeypatch):
-    monkeypatch.setenv("QGRAPH_DATA", str(tmp_path))
-    with pytest.raises(DataMissing, match="zoo data not found"):
-        zoo_split("imagenet-sample")
-    with pytest.raises(DataMissing):
-        zoo_split("mnist")
-    assert issubclass(DataMissing, ModelError)
-
-
-def test_zoo_split_unknown_name_lists_datasets():
-    with pytest.raises(ModelError, match="imagenet-sample"):
-        zoo_split("no-such-dataset")

@@ -12,7 +12,7 @@ import qgraph
 from builders import DIGITS, DIGITS_SAMPLE, init, make_model, ops, rel_err, run_ort
 from qgraph import ir
 from qgraph.passes.equalize import EqualizeCrossLayer
-from qgraph.pipeline import Context
+from qgraph.pipeline import BNStats, Context
 
 TOL = 1e-5
 
@@ -202,7 +202,7 @@ def test_bias_absorption_is_exact_when_relu_never_clips(rng):
              helper.make_node("Conv", ["hr", "w2"], ["y"], name="conv2")]
     model = make_model(nodes, [("x", [1, 3, 4, 4])], [("y", [1, 2, 4, 4])], inits)
     ctx = Context()
-    ctx.state["bn_stats"] = {"h": {"beta": np.full(c, 5.0), "gamma": np.full(c, 1.0)}}
+    ctx.bn_stats = {"h": BNStats(beta=np.full(c, 5.0), gamma=np.full(c, 1.0))}
     out, notes = equalize(model, ctx, absorb=True)
     assert notes["absorbed"] == 1
     plain, _ = equalize(model)
@@ -244,7 +244,7 @@ def test_bias_absorption_through_relu6_lowers_the_carried_bound(rng):
              helper.make_node("Conv", ["hc", "w2"], ["y"], name="conv2")]
     model = make_model(nodes, [("x", [1, 3, 4, 4])], [("y", [1, 2, 4, 4])], inits)
     ctx = Context()
-    ctx.state["bn_stats"] = {"h": {"beta": np.full(c, 3.0), "gamma": np.full(c, 0.2)}}
+    ctx.bn_stats = {"h": BNStats(beta=np.full(c, 3.0), gamma=np.full(c, 0.2))}
     out, notes = equalize(model, ctx, absorb=True, relu6="carry")
     assert notes["absorbed"] == 1 and "Min" in ops(out)
     check_same(model, out, {"x": rng.uniform(0, 1, (1, 3, 4, 4)).astype(np.float32)})

@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qgraph.instruments import ort_session
+from qgraph.ops import ort_session
 from qgraph.kernels import lower, run
 
 CONFIGS, DRAWS = 24, 8

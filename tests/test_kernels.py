@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 from qgraph.kernels import amx, gemm, pool, vnni
-from qgraph.kernels.conv import ConvGeometry, conv_int, conv_reference, pack_conv
-from qgraph.kernels.requant import fixed_multiplier, requantize_into, requantize_reference
+from qgraph.kernels.conv import conv_int, conv_reference, pack_conv
+from qgraph.kernels.requant import requantize_into
+from qgraph.ops import ConvGeometry, fixed_multiplier
+from qgraph.ops import requantize as requantize_reference
 
 DT = {"s8": np.int8, "u8": np.uint8}
 
@@ -177,6 +179,25 @@ def test_amx_conv_with_ragged_k_equals_reference(cin, kernel):
 def test_amx_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("QGRAPH_NO_AMX", "1")
     assert amx._request_amx() is False
+
+
+def test_amx_kernel_compiles_to_tile_instructions_on_any_x86_cpu(tmp_path):
+    # The AMX tests above run only on AMX hardware; this one compiles (never runs) the AMX GEMM for
+    # a Sapphire Rapids target in a subprocess, so a broken intrinsic is caught on every x86 CPU.
+    import platform
+    import subprocess
+    import sys
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("AMX is an x86-64 extension")
+    code = ("from numba import types; from qgraph.kernels import amx; a = types.Array(types.int8, 1, 'C'); "
+            "sig = (a, a, a, types.Array(types.int32, 2, 'C'), types.intp, types.intp); "
+            "amx.gemm_amx_raw.compile(sig); asm = amx.gemm_amx_raw.overloads[sig].library.get_asm_str(); "
+            "print(all(i in asm for i in ('tileloadd', 'tilestored', 'tdpbssd', 'tilezero')))")
+    feats = "+amx-tile,+amx-int8,+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni,+avx2,+fma,+avx,+bmi2"
+    env = {**__import__("os").environ, "NUMBA_CPU_NAME": "sapphirerapids", "NUMBA_CPU_FEATURES": feats,
+           "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("kind", ["dense", "grouped", "depthwise", "depthwise_multiplier", "conv1d"])

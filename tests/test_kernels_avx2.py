@@ -11,14 +11,15 @@ import os
 import numpy as np
 import pytest
 
-from qgraph import cpu
+from qgraph import ops
+from qgraph.kernels import cpu
 from qgraph.kernels import avx2, gemm, ortsat, vnni
 from qgraph.kernels.conv import ConvGeometry, conv_int, conv_reference, pack_conv
 from qgraph.kernels.requant import fixed_multiplier, requantize_into
 
 DT = {"s8": np.int8, "u8": np.uint8}
 ONLY = os.environ.get("QGRAPH_FUZZ_ONLY")
-needs_avx2 = pytest.mark.skipif(not cpu.host_features().get("avx2"), reason="this CPU has no AVX2 at all")
+needs_avx2 = pytest.mark.skipif(not cpu.features().get("avx2"), reason="this CPU has no AVX2 at all")
 
 # M not a multiple of MR, past one MC block; N not a multiple of 8 or 32, past one NC block; K = 1, 3,
 # 27 (the last rows read through the zero-padded copy), 16, 144, 1025 (past one KC4 block, ragged)
@@ -185,7 +186,7 @@ def test_ort_saturating_conv_equals_exact_when_no_pair_can_saturate():
     x = _ints(rng, np.int8, (2, 6, 8, 8))
     w = rng.integers(-64, 64, (10, 3, 3, 3)).astype(np.int8)
     geo = ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2)
-    assert not cpu.can_saturate(w, "Conv", group=2)
+    assert not ops.can_saturate(w, "Conv", group=2)
     np.testing.assert_array_equal(ortsat.conv_acc(x, -4, w, 0, geo), conv_reference(x, -4, w, 0, geo))
 
 
@@ -205,15 +206,15 @@ def test_fit_pairs_leaves_no_pair_past_the_limit_and_moves_only_those(op, shape,
     rng = np.random.default_rng(51)
     target = rng.uniform(-128.4, 127.4, shape)
     q = np.clip(np.rint(target), -128, 127).astype(np.int8)
-    rows = cpu.ort_k_rows(q, op, trans_b)
-    np.testing.assert_array_equal(cpu._from_k_rows(rows, q.shape, op, trans_b), q)     # layouts round-trip
-    fitted, moved = cpu.fit_pairs(q, target, op, trans_b)
-    assert moved > 0 and cpu.pair_excess(cpu.ort_k_rows(fitted, op, trans_b)).max() <= 0
+    rows = ops.ort_k_rows(q, op, trans_b)
+    np.testing.assert_array_equal(ops._from_k_rows(rows, q.shape, op, trans_b), q)     # layouts round-trip
+    fitted, moved = ops.fit_pairs(q, target, op, trans_b)
+    assert moved > 0 and ops.pair_excess(ops.ort_k_rows(fitted, op, trans_b)).max() <= 0
     pad = lambda r: np.pad(r, ((0, 0), (0, r.shape[1] % 2)))          # noqa: E731
-    before, after = pad(rows.astype(int)), pad(cpu.ort_k_rows(fitted, op, trans_b).astype(int))
+    before, after = pad(rows.astype(int)), pad(ops.ort_k_rows(fitted, op, trans_b).astype(int))
     changed = (before != after).reshape(before.shape[0], -1, 2).any(axis=2)
-    bad = (np.maximum(before[:, 0::2], 0) + np.maximum(before[:, 1::2], 0) > cpu.PAIR_LIMIT) | \
-          (np.maximum(-before[:, 0::2], 0) + np.maximum(-before[:, 1::2], 0) > cpu.PAIR_LIMIT)
+    bad = (np.maximum(before[:, 0::2], 0) + np.maximum(before[:, 1::2], 0) > ops.PAIR_LIMIT) | \
+          (np.maximum(-before[:, 0::2], 0) + np.maximum(-before[:, 1::2], 0) > ops.PAIR_LIMIT)
     np.testing.assert_array_equal(changed, bad)
     assert moved == int(bad.sum())
 
@@ -221,8 +222,8 @@ def test_fit_pairs_leaves_no_pair_past_the_limit_and_moves_only_those(op, shape,
 def test_depthwise_weights_never_saturate_in_ort():
     # MLAS's depthwise kernel widens to int32 first; a channel multiplier goes through GEMM
     w = np.full((8, 1, 3, 3), 127, np.int8)
-    assert not cpu.can_saturate(w, "Conv", group=8)
-    assert cpu.can_saturate(np.full((16, 1, 3, 3), 127, np.int8), "Conv", group=8)
+    assert not ops.can_saturate(w, "Conv", group=8)
+    assert ops.can_saturate(np.full((16, 1, 3, 3), 127, np.int8), "Conv", group=8)
 
 
 def test_ort_path_can_be_named_for_another_cpu_class(monkeypatch):

@@ -17,8 +17,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qgraph.errors import ModelError
-from qgraph.kernels import lower, run
-from qgraph.kernels.cli import main as cli_main
+from qgraph.kernels import cpu, lower, run
+from qgraph.cli import run_main as cli_main
 from qgraph.kernels.diff import against_ort, fixed_vs_float_per_layer, per_layer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +186,27 @@ def test_cli_compares_with_ort_and_reports_json(tmp_path, capsys):
     import json
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["outputs"]["y"]["max_lsb"] <= 1
+
+
+def test_cli_exits_1_and_says_why_when_ort_differs_beyond_max_lsb(tmp_path, capsys, monkeypatch):
+    # the comparison itself is tested above; here only what the command line does with a difference
+    from qgraph.kernels import diff
+    rng = np.random.default_rng(3)
+    calib = [{"x": rng.standard_normal((16, 16)).astype(np.float32)} for _ in range(2)]
+    onnx.save(_quantize(_mlp_with_tables(rng), calib, tmp_path), tmp_path / "m.onnx")
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((8, 16)).astype(np.float32))
+    figures = {"y": {"exact": 0.5, "elements": 8, "max_lsb": 5, "histogram": {0: 4, 5: 4}}}
+    monkeypatch.setattr(diff, "against_ort", lambda *a, **k: (figures, None, None))
+    rc = cli_main([str(tmp_path / "m.onnx"), "--inputs", str(tmp_path / "x.npz"), "--compare-ort"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err == "qgraph-run: 1 of 1 outputs differ from ONNX Runtime by more than --max-lsb 1 " \
+                             "(worst 5 LSB: y): float mode is meant to equal ORT bit for bit here; --per-layer " \
+                             "shows the first layer that diverges\n"
+    # reproducing another CPU class's ORT path: the line says so
+    monkeypatch.setenv("QGRAPH_ORT_PATH", "avx2" if not cpu.host_ort_path().saturates else "avx512vnni")
+    rc = cli_main([str(tmp_path / "m.onnx"), "--inputs", str(tmp_path / "x.npz"), "--compare-ort"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "reproduces ORT on another CPU class" in err and err.count("\n") == 1
 
 
 def test_cli_exits_2_with_one_line_on_unsupported_model(tmp_path, capsys):

@@ -18,15 +18,9 @@ What is asserted, per model, and why these bounds (the issue's acceptance lines)
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
 pytestmark = pytest.mark.zoo
 
@@ -35,9 +29,9 @@ MODELS = ("digits_cnn", "lenet5", "lenet_300_100", "mobilenet_v2", "efficientnet
 
 @pytest.fixture(scope="module", params=MODELS)
 def zoo(request):
-    from qgraph.data import DataMissing, zoo_split
     from qgraph.kernels import lower
     from runtime_zoo import qdq_model
+    from zoo_data import DataMissing, zoo_split
     name = request.param
     try:
         path = qdq_model(name)
@@ -60,12 +54,12 @@ def test_float_mode_is_bit_exact_end_to_end(zoo):
 
 
 def test_top1_equals_ort(zoo):
+    from bench_common import one_thread_session
     from qgraph.kernels import run
-    from runtime_zoo import _session
     name, model, prog, evaluation, _ = zoo
     if evaluation.labels is None:
         pytest.skip(f"{name}: no labels")
-    sess = _session(model)
+    sess = one_thread_session(model)
     out = model.graph.output[0].name
     inputs = {i.name for i in model.graph.input}
     ours = ref = seen = 0

@@ -8,7 +8,8 @@ from onnx import helper
 from builders import bn_node, bn_params, init, make_model
 from qgraph import ir
 from qgraph.errors import OptionError, PassError
-from qgraph.pipeline import (Context, Pass, PassManager, PassResult, build_passes, make_options, no_batchnorm,
+from qgraph.passes import build_passes
+from qgraph.pipeline import (Context, Pass, PassManager, PassResult, make_options, no_batchnorm,
                              option, parse_pipeline)
 
 
@@ -69,15 +70,15 @@ def test_bad_options_name_the_problem(key, value, message):
 
 
 class Record(Pass):
-    """Appends its tag to ctx.state['order']."""
+    """Appends its tag to the list ``order``."""
     name = "record"
 
-    def __init__(self, tag):
+    def __init__(self, tag, order):
         super().__init__()
-        self.tag = tag
+        self.tag, self.order = tag, order
 
     def run(self, g, ctx):
-        ctx.state.setdefault("order", []).append(self.tag)
+        self.order.append(self.tag)
         return PassResult(False)
 
 
@@ -105,14 +106,14 @@ def tiny_graph():
 
 
 def test_manager_runs_in_the_given_order():
-    ctx = Context()
-    PassManager([Record("b"), Record("a"), Record("c")]).run(tiny_graph(), ctx)
-    assert ctx.state["order"] == ["b", "a", "c"]
+    order = []
+    PassManager([Record("b", order), Record("a", order), Record("c", order)]).run(tiny_graph(), Context())
+    assert order == ["b", "a", "c"]
 
 
 def test_failure_names_the_pass_and_those_before():
     with pytest.raises(PassError) as info:
-        PassManager([Record("a"), Record("b"), Boom()]).run(tiny_graph(), Context())
+        PassManager([Record("a", []), Record("b", []), Boom()]).run(tiny_graph(), Context())
     assert info.value.pass_name == "boom" and info.value.done == ["record", "record"]
     assert "went wrong" in str(info.value)
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from qgraph.calibrate import TensorStats
-from qgraph.qparams import (act_range, dequantize, fake_quant, make_qparams, qrange, quantize,
-                            scale_zero_point, weight_qparams)
+from qgraph.ops import dequantize, fake_quant, quantize
+from qgraph.qparams import act_range, make_qparams, qrange, scale_zero_point, weight_qparams
 
 
 def stats_of(*arrays, bins=2048) -> TensorStats:

@@ -24,7 +24,7 @@ from qgraph.data import open_samples
 from qgraph.errors import PassError
 from qgraph.pipeline import Context
 from qgraph.passes.quant import Quantize
-from qgraph.qdq import find_groups, qparams_of
+from qgraph.ops import find_groups, qparams_of
 
 TOL = 0.05
 
@@ -418,10 +418,11 @@ def test_state_records_qparams_for_later_passes(rng):
     g = ir.load(model)
     ctx = Context(calib=open_samples(calib_for(model, rng), ["x"]), progress=False)
     Quantize(sqnr=False).run(g, ctx)
-    state = ctx.state["quant"]
-    assert set(state["activations"]) == {"x", "y"}
-    assert state["weights"]["w"]["float"].shape == (8, 4, 3, 3)
-    assert state["layers"]["conv"]["bias"]["qparams"].storage == "int32"
+    record = ctx.quant
+    assert set(record.activations) == {"x", "y"}
+    grp = next(grp for grp in find_groups(g) if grp.node.name == "conv")
+    assert record.float_weights[grp.w_dq.outputs[0].name].shape == (8, 4, 3, 3)
+    assert qparams_of(grp.b_dq).storage == "int32"
     assert "activations" in ctx.stats    # calibration statistics cached for later passes
 
 
@@ -437,17 +438,11 @@ def test_digits_cnn_w8a8_within_0_3_points_of_fp32():
 # ----------------------------------------------------------------------------- zoo acceptance
 
 def _zoo_model(name: str):
-    import tomllib
-    entry = tomllib.loads((DIGITS.parent / "manifest.toml").read_text())["models"][name]
-    where, _, rel = entry["file"].partition(":")
-    if where == "repo":
-        path = DIGITS.parents[1] / rel
-    else:
-        cache = os.environ.get("QGRAPH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "qgraph"))
-        path = os.path.join(cache, "zoo", rel)
-    if not os.path.exists(path):
+    from zoo_data import DataMissing, zoo_split
+    from zoo_manifest import model_path
+    path = model_path(name)
+    if not path.exists():
         pytest.skip(f"zoo model {name} not built ({path}): python tools/zoo.py build {name}")
-    from qgraph.data import DataMissing, zoo_split
     try:
         calib, evaluation = zoo_split(name)
     except DataMissing as exc:

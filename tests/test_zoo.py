@@ -8,16 +8,10 @@ standard pipeline not yet recorded for a model skips and says which command reco
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-
-import zoo_manifest  # noqa: E402
-from qgraph.data import DataMissing, data_root  # noqa: E402
+import zoo_manifest
+from zoo_data import DataMissing, data_root
 
 pytestmark = pytest.mark.zoo
 
@@ -112,7 +106,6 @@ def test_fold_has_work_on_the_exported_cnns(built):
 
 
 def test_readme_table_is_generated_from_the_manifest():
-    sys.path.insert(0, str(REPO / "tools"))
     from zoo import zoo_table
-    readme = (REPO / "models" / "README.md").read_text(encoding="utf-8")
+    readme = zoo_manifest.MODELS_README.read_text(encoding="utf-8")
     assert zoo_table(MANIFEST) in readme, "models/README.md is stale: run python tools/zoo.py table --write"

@@ -15,7 +15,7 @@ Sections (every figure is a ratio against ORT measured in the same process, same
   jit    start-up of the runtime in a fresh process: cold (empty Numba cache) and warm (cache filled)
 Best of N repetitions after a warm-up; GOP/s counts 2*M*N*K. The header names the CPU, its int8 ISA
 (AVX2, AVX-512BW, AVX-512 VNNI, AVX-VNNI, AMX-INT8, VPOPCNTDQ), our GEMM kernel and the path ORT's
-u8s8 kernels take (``qgraph.cpu``).
+u8s8 kernels take (``qgraph.kernels.cpu``).
 
 ``--isa avx2`` reruns the benchmark with our kernels compiled for Haswell (NUMBA_CPU_NAME /
 NUMBA_CPU_FEATURES: AVX2 + FMA, no AVX-512), so the AVX2 kernel's own GOP/s are what an AVX2 CPU of
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from bench_common import cpu_flags, cpu_model, one_thread_session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,26 +56,6 @@ CONVS = [("stem 3x3 s2", 3, 224, 32, 3, 2, 1), ("dw 3x3 32", 32, 112, 32, 3, 1, 
          ("pw 960->320", 960, 7, 320, 1, 1, 1), ("pw 320->1280", 320, 7, 1280, 1, 1, 1)]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
-        return []
-    return [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_vpopcntdq")
-            if f in flags]
-
-
 def best_of(fn, reps: int) -> float:
     fn()
     best = float("inf")
@@ -83,14 +64,6 @@ def best_of(fn, reps: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
-
-
-def session(model: onnx.ModelProto):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _model(nodes, inputs, outputs, inits, opset=19):
@@ -114,7 +87,7 @@ def bench_gemm(quick: bool) -> list[dict]:
         for a_t, onnx_t in (("s8", TensorProto.INT8), ("u8", TensorProto.UINT8)):
             a = (rng.integers(-128, 128, (m, k)).astype(np.int8) if a_t == "s8"
                  else rng.integers(0, 256, (m, k)).astype(np.uint8))
-            sess = session(_model([helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
+            sess = one_thread_session(_model([helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
                                   [helper.make_tensor_value_info("a", onnx_t, [m, k])],
                                   [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
                                   [numpy_helper.from_array(b, "b")]))
@@ -148,7 +121,7 @@ def bench_conv(quick: bool) -> list[dict]:
         model = _model([node], [helper.make_tensor_value_info("x", TensorProto.INT8, list(x.shape))],
                        [helper.make_tensor_value_info("y", TensorProto.INT8, [None] * 4)],
                        [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
-        sess, prog = session(model), lower(model)
+        sess, prog = one_thread_session(model), lower(model)
         exact = bool((run(prog, {"x": x})["y"] == sess.run(None, {"x": x})[0]).all())
         t_ort = best_of(lambda: sess.run(None, {"x": x}), 5)
         t_ours = best_of(lambda: run(prog, {"x": x}), 5)
@@ -184,7 +157,7 @@ def zoo_models(batches: list[int]) -> list[tuple[str, Path, dict]]:
     are reported and left out."""
     sys.path.insert(0, str(ROOT / "tools"))
     from runtime_zoo import qdq_model
-    from qgraph.data import zoo_split
+    from zoo_data import zoo_split
     out = []
     for name in ZOO_MODELS:
         try:
@@ -215,7 +188,7 @@ def bench_model(label: str, path: Path, feeds: dict, reps: int = 10) -> dict:
     from qgraph.kernels import lower, run
     from qgraph.kernels.diff import against_ort
     model = onnx.load(path)
-    sess, prog = session(model), lower(model)
+    sess, prog = one_thread_session(model), lower(model)
     figures, _, _ = against_ort(model, feeds, "float", prog)
     t_ours, t_ort = best_pair(lambda: run(prog, feeds), lambda: sess.run(None, feeds), reps)
     row = {"model": label, "path": str(path), "ours_ms": t_ours * 1e3, "ort_ms": t_ort * 1e3,
@@ -255,13 +228,13 @@ def main(argv=None) -> int:
                     help="avx2: compile our kernels for Haswell (AVX2 + FMA, no AVX-512) in a fresh process")
     args = ap.parse_args(argv)
     if args.isa == "avx2" and os.environ.get("NUMBA_CPU_NAME") != "haswell":
-        from qgraph.cpu import HASWELL_FEATURES
+        from qgraph.kernels.cpu import HASWELL_FEATURES
         env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL_FEATURES}
         env.pop("QGRAPH_GEMM", None)
         return subprocess.call([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env=env)
     import numba
     import onnxruntime
-    from qgraph import cpu
+    from qgraph.kernels import cpu
     from qgraph.kernels import gemm
     head = {"cpu": cpu_model(), "flags": cpu_flags(), "gemm_kernel": gemm.KERNEL,
             "compiled_for": os.environ.get("NUMBA_CPU_NAME", "host"), "ort_path": cpu.host_ort_path().describe(),

@@ -29,12 +29,12 @@ METHODS = ("minmax", "entropy", "percentile")
 
 
 def _samples(zoo: str, n: int):
-    from qgraph.data import open_zoo_dataset, zoo_split
+    from zoo_data import open_zoo_dataset, zoo_split
+    from zoo_manifest import model_entry
     if n <= 100:
         calib, _ = zoo_split(zoo)
         return calib.subset(range(min(n, len(calib))))
-    from qgraph.data import _manifest_entry
-    entry = _manifest_entry(zoo)
+    entry = model_entry(zoo)
     every = open_zoo_dataset(entry["dataset"], preset=entry.get("preset"),
                              input_names=[i["name"] for i in entry.get("inputs", [])] or None)
     return every.subset(range(min(n, len(every))))
@@ -123,11 +123,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import qgraph
-    from qgraph.data import _manifest_entry
+    from zoo_manifest import model_path
     src = args.model
     if src is None:
-        cache = Path(os.environ.get("QGRAPH_CACHE", Path.home() / ".cache" / "qgraph"))
-        src = str(cache / "zoo" / _manifest_entry(args.zoo)["file"].split(":", 1)[1])
+        src = str(model_path(args.zoo))
     tmp = tempfile.mkdtemp(prefix="bench-quant-")
     folded = os.path.join(tmp, "folded.onnx")
     qgraph.optimize(src, "fold", output=folded, progress=False)

@@ -4,7 +4,7 @@
 
 For each model: FP32 top-1 on the evaluation split, FP32 after ``fold,equalize`` (equalization must
 keep the function), then each quantized pipeline's top-1 with calibration on the calibration split
-(zoo split of qgraph.data: 100 calibration / 400 evaluation images). Prints a markdown table (the
+(zoo split of tools/zoo_data.py: 100 calibration / 400 evaluation images). Prints a markdown table (the
 README's) and writes every figure as JSON. Needs the zoo built (python tools/zoo.py build NAME) and
 ../shared/data.
 """
@@ -81,12 +81,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import qgraph
-    from qgraph.data import zoo_split
-    cache = Path(__import__("os").environ.get("QGRAPH_CACHE", Path.home() / ".cache" / "qgraph")) / "zoo"
+    from zoo_data import zoo_split
+    from zoo_manifest import model_path
     only = set(args.only.split(",")) if args.only else None
     results: dict = {"cpu": platform.processor() or platform.machine(), "models": {}}
     for name in args.models.split(","):
-        path = cache / f"{name}.onnx"
+        path = model_path(name)
         if not path.exists():
             print(f"{name}: not built ({path}); run python tools/zoo.py build {name}", file=sys.stderr)
             return 2

@@ -29,8 +29,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import onnx  # noqa: E402
+
+from bench_common import cpu_model, one_thread_session  # noqa: E402
 
 MODELS = ("digits_cnn", "lenet5", "lenet_300_100", "mobilenet_v2", "efficientnet_lite0")
 PIPELINE = "fold,quant:act_dtype=int8"
@@ -39,7 +40,7 @@ PIPELINE = "fold,quant:act_dtype=int8"
 def qdq_model(name: str, rebuild: bool = False) -> Path:
     """The s8s8 QDQ model of zoo model ``name`` (built once, then cached)."""
     import qgraph
-    from qgraph.data import zoo_split
+    from zoo_data import zoo_split
     from zoo_manifest import model_path, zoo_cache
     out = zoo_cache() / "runtime" / f"{name}.s8s8.onnx"
     if out.exists() and not rebuild:
@@ -53,14 +54,6 @@ def qdq_model(name: str, rebuild: bool = False) -> Path:
     return out
 
 
-def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
 def _merge(hist: dict, more: dict) -> None:
     for k, v in more.items():
         hist[k] = hist.get(k, 0) + v
@@ -70,10 +63,10 @@ def measure(name: str, path: Path, eval_limit: int | None = None, layer_n: int =
             batch: int = 32) -> dict:
     """Every figure of the module docstring for one QDQ model."""
     from qgraph import ir
-    from qgraph.data import zoo_split
     from qgraph.kernels import lower, run
     from qgraph.kernels.diff import compare, fixed_vs_float_per_layer, ort_float_nodes, output_lsb, per_layer
     from qgraph.kernels.lower import ort_float_units
+    from zoo_data import zoo_split
     model = onnx.load(path)
     prog = lower(model)
     g = ir.load(model)
@@ -84,7 +77,7 @@ def measure(name: str, path: Path, eval_limit: int | None = None, layer_n: int =
     if eval_limit:
         evaluation = evaluation.subset(range(min(eval_limit, len(evaluation))))
     labels = evaluation.labels
-    sess = _session(model)
+    sess = one_thread_session(model)
     out_name = model.graph.output[0].name
     lsb = output_lsb(model).get(out_name)
     feeds_names = {i.name for i in model.graph.input}
@@ -163,7 +156,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
     import onnxruntime
-    from bench_kernels import cpu_model
     print(f"CPU: {cpu_model()} ({platform.machine()}), onnxruntime {onnxruntime.__version__}, one thread", flush=True)
     results = []
     for name in args.names:

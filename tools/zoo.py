@@ -30,8 +30,8 @@ from zoo_manifest import (MODELS_README, available_pipelines, default_tolerance,
                           load_manifest, missing_zoo_extra, model_entry, model_path, resolve_names,
                           updating_manifest)
 
-from qgraph.data import DataMissing  # noqa: E402
 from qgraph.errors import QGraphError  # noqa: E402
+from zoo_data import DataMissing  # noqa: E402
 
 
 def log(msg: str) -> None:

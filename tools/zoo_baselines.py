@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qgraph.data import Samples, zoo_split
+from qgraph.data import Samples
+from zoo_data import zoo_split
 from zoo_eval import evaluate, fixed_batch, session
 from zoo_manifest import REPO, cache_dir, model_path, zoo_cache
 

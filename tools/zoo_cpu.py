@@ -48,7 +48,7 @@ np.savez(sys.argv[3], *s.run(None, {k: d[k] for k in d.files}))
 
 def qdq(name: str, pipeline: str) -> Path:
     import qgraph
-    from qgraph.data import zoo_split
+    from zoo_data import zoo_split
     from zoo_eval import pipeline_slug
     from zoo_manifest import model_path, zoo_cache
     out = zoo_cache() / "cpu" / f"{name}.{pipeline_slug(pipeline)}.onnx"
@@ -60,8 +60,9 @@ def qdq(name: str, pipeline: str) -> Path:
 
 
 def ort_baseline(name: str) -> Path:
-    from zoo_baselines import _out_dir, run_ort
-    out = _out_dir() / f"{name}.ort_qdq_per_channel.onnx"
+    from zoo_baselines import run_ort
+    from zoo_manifest import zoo_cache
+    out = zoo_cache() / "baselines" / f"{name}.ort_qdq_per_channel.onnx"      # where run_ort writes it
     if not out.exists():
         run_ort(name)
     return out
@@ -82,8 +83,8 @@ def _ours(prog, feeds, path: str) -> np.ndarray:
 
 def measure(name: str, label: str, path: Path, limit: int | None, qemu: int, batch: int = 20) -> dict:
     import onnx
-    from qgraph import cpu
-    from qgraph.data import zoo_split
+    from qgraph.kernels import cpu
+    from zoo_data import zoo_split
     from qgraph.kernels import lower, ortsat
     from zoo_eval import session
     model = onnx.load(path)
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--qemu", type=int, default=0, help="check the avx2 column against ORT under qemu Haswell")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
-    from qgraph import cpu
+    from qgraph.kernels import cpu
     print(f"CPU: {cpu.describe_host()}; ORT's int8 path here: {cpu.host_ort_path().describe()}", flush=True)
     rows = []
     for name in args.names:

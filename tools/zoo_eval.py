@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qgraph.data import Samples, open_zoo_dataset, random_samples, zoo_split
+from qgraph.data import Samples, random_samples
+from zoo_data import RANDOM_EVALUATION, open_zoo_dataset, zoo_split
 from zoo_manifest import model_entry, model_path
 
 
@@ -48,7 +49,6 @@ def samples_for(name: str, split: str = "eval") -> Samples:
     entry = model_entry(name)
     if split == "all":
         if entry["dataset"] == "random":
-            from qgraph.data import RANDOM_EVALUATION
             shapes = {i["name"]: i["shape"] for i in entry["inputs"]}
             return random_samples(shapes, RANDOM_EVALUATION, seed=1)
         return open_zoo_dataset(entry["dataset"], preset=entry["preset"],

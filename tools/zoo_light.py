@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from zoo_build import EXPORT_TOL, OPSET, BuildError, _op_counts, _save
 from zoo_manifest import zoo_cache
+from zoo_onnx import EXPORT_TOL, OPSET, BuildError, op_counts, save_model
 
 LIGHT_SEED = 0
 LIGHT_VERSION = 1            # bump when the light weights / BN fitting change
@@ -46,7 +46,7 @@ def build_light(name: str, src: str, out: Path, log) -> dict:
         key="qgraph.zoo.source", value=f"onnx {onnx.__version__} backend/test/data/light/{src}, "
                                        f"weights seeded {LIGHT_SEED}"))
     onnx.checker.check_model(m)
-    _save(m, out)
+    save_model(m, out)
     # same function as the opset-9 model with the same weights
     tmp9 = out.with_name(f".{out.stem}.opset9.onnx")
     onnx.save(m9, str(tmp9))
@@ -62,7 +62,7 @@ def build_light(name: str, src: str, out: Path, log) -> dict:
         tmp9.unlink()
     if diff > EXPORT_TOL * max(1.0, scale):
         raise BuildError(f"{name}: opset-{OPSET} model differs from the original by {diff:.3g}")
-    counts = _op_counts(m)
+    counts = op_counts(m)
     return {"op_counts": counts, "batchnorm": counts.get("BatchNormalization", 0),
             "check": {"opset9_max_abs_diff": diff, "output_max_abs": scale}}
 

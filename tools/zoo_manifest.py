@@ -1,8 +1,10 @@
 """The zoo's shared ground: models/manifest.toml (read with tomllib, written by our own emitter),
 where each model file lives, the standard pipelines and their default tolerances.
 
-Used by tools/zoo.py (the command line), tools/zoo_build.py, tools/zoo_eval.py,
-tools/zoo_baselines.py and tests/test_zoo.py. Nothing here needs torch.
+The one place the manifest is read (``load_manifest``, ``model_entry``): tools/zoo.py (the command
+line), tools/zoo_data.py (a model's dataset split), tools/zoo_build.py, tools/zoo_eval.py,
+tools/zoo_baselines.py, tools/runtime_zoo.py, tools/bench_quant.py and the zoo tests all go through
+it. Nothing here needs torch.
 """
 from __future__ import annotations
 

@@ -1,0 +1,86 @@
+"""MACs with dynamic shapes: symbolic dims come from the calibration inputs when given, else the
+MACs are unknown (None, printed '?'): never a product of placeholder dims, never a silent 0."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from builders import DIGITS, DIGITS_SAMPLE, init, make_model
+from onnx import helper
+
+import qgraph
+from qgraph.analysis import model_stats
+
+DIGITS_MACS = 315_968      # the digits CNN at 1x1x8x8, per sample (README tour)
+
+
+def symbolic_digits(batch="N", h="H", w="W", batch_value=None):
+    """The digits CNN with its input's dims made symbolic (or -1, as Paddle exports write them)."""
+    m = onnx.load(str(DIGITS))
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    for d, v in zip((dims[0], dims[2], dims[3]), (batch, h, w)):
+        d.Clear()
+        if isinstance(v, int):
+            d.dim_value = v
+        else:
+            d.dim_param = v
+    del m.graph.value_info[:]
+    return m
+
+
+def test_symbolic_batch_is_one_sample():
+    assert model_stats(symbolic_digits(h=8, w=8)).macs == DIGITS_MACS
+
+
+def test_symbolic_hw_without_inputs_is_unknown_not_partial():
+    s = model_stats(symbolic_digits())
+    assert s.macs is None
+    assert s.unknown_macs                                  # every Conv is listed
+
+
+def test_symbolic_hw_resolved_from_input_shapes():
+    assert model_stats(symbolic_digits(), {"input": (16, 1, 8, 8)}).macs == DIGITS_MACS
+
+
+def test_negative_dims_are_symbolic_not_negative():
+    # Paddle writes -1 for a dynamic dim: taken as dim_value it made the product negative
+    m = symbolic_digits()
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    dims[0].Clear()
+    dims[0].dim_value = -1
+    assert model_stats(m).macs is None
+    assert model_stats(m, {"input": (2, 1, 8, 8)}).macs == DIGITS_MACS
+
+
+def test_reshape_target_computed_through_cast_is_resolved():
+    #   x[N, C=4, H, W] ─Shape─Cast(float)─Cast(int64)─Slice[0:1]─Concat(·, [-1])─┐
+    #   x ───────────────────────────────────────────────────────────────Reshape─MatMul(W[4*H*W... ])
+    # ONNX's data propagation stops at Cast; the MAC counter folds the shape subgraph itself.
+    hw = 3 * 5
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Cast", ["s"], ["sf"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Cast", ["sf"], ["si"], to=onnx.TensorProto.INT64),
+             helper.make_node("Slice", ["si", "zero", "one"], ["n"]),
+             helper.make_node("Concat", ["n", "minus1"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w"], ["y"], name="fc")]
+    inits = [init("zero", np.array([0], np.int64)), init("one", np.array([1], np.int64)),
+             init("minus1", np.array([-1], np.int64)), init("w", np.zeros((4 * hw, 10), np.float32))]
+    m = make_model(nodes, [("x", ["N", 4, "H", "W"])], [("y", ["N", 10])], inits)
+    assert model_stats(m).macs is None
+    assert model_stats(m, {"x": (7, 4, 3, 5)}).macs == 4 * hw * 10
+
+
+def test_report_takes_shapes_from_calibration_and_prints_question_mark_without(tmp_path):
+    model = symbolic_digits()
+    with np.load(DIGITS_SAMPLE) as z:
+        calib = {"input": z["input"][:4]}
+    _, rep = qgraph.optimize(model, "fold", calib=calib, progress=False)
+    assert [r["macs"] for r in rep.rows] == [DIGITS_MACS, DIGITS_MACS]
+    assert rep.meta["mac_input_shapes"] == {"input": [1, 1, 8, 8]}
+    _, rep = qgraph.optimize(model, "fold", progress=False)
+    assert [r["macs"] for r in rep.rows] == [None, None]
+    assert rep.to_dict()["passes"][0]["unknown_macs"]
+    header, _, first = rep.format().splitlines()[:3]
+    col = header.split().index("MACs")
+    assert first.split()[col] == "?"

@@ -1,0 +1,84 @@
+"""Third-party graphs (``pytest -m zoo``): the PP-OCR models of the rapidocr-onnxruntime wheel, as
+paddle2onnx wrote them (opset 11/12, Constant nodes, -1 and symbolic dims, HardSwish as
+Mul/Add/Clip/Div, ConvTranspose, nearest Resize, a LayerNorm written as ReduceMean/Sub/Pow/Sqrt/Div,
+attention MatMuls). Built by ``python tools/zoo.py build ppocr_det ppocr_rec ppocr_cls``; inputs are
+the zoo's ImageNet images under each model's preset (there is no OCR-labelled data). Skipped, saying
+why, when a model or the data is absent.
+
+Asserted, per model:
+- ``fold,cleanup --verify`` passes (each pass within max(tolerance, 4 x the model's own float noise));
+  on ppocr_rec, the noisiest (7e-5), a fold that scales one weight tensor by 1 + 1e-3 still fails;
+- the MACs are known once the calibration inputs give the dynamic dims;
+- ``fold,quant`` lowers and ``qgraph-run`` (float mode) agrees with ORT on >= 99.9% of the output
+  elements. The max LSB is printed and bounded by 8, not 1: ORT runs the 5x5 depthwise Convs these
+  models have as float units whose MLAS order ``ortfloat`` does not reproduce for every pixel
+  (isolated: 99.9997% exact, 1 LSB), and those 1-LSB steps compound through the later layers.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+pytestmark = pytest.mark.zoo
+
+MODELS = ("ppocr_det", "ppocr_rec", "ppocr_cls")
+CALIB, EVAL = 32, 8
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def zoo(request):
+    from zoo_data import DataMissing, zoo_split
+    from zoo_manifest import model_path
+    name = request.param
+    path = model_path(name)
+    if not path.exists():
+        pytest.skip(f"{name}: {path} not built (python tools/zoo.py build {name})")
+    try:
+        calib, evaluation = zoo_split(name)
+    except DataMissing as e:
+        pytest.skip(f"{name}: {e}")
+    return name, path, calib.subset(range(CALIB)), next(iter(evaluation.batches(EVAL)))
+
+
+def test_fold_cleanup_verify_passes(zoo):
+    import qgraph
+    name, path, calib, _ = zoo
+    _, rep = qgraph.optimize(path, "fold,cleanup", calib=calib, verify=True, progress=False)
+    noise = max(d["max_rel"] for d in rep.meta["verify_noise"]["outputs"].values())
+    worst = max(d["max_rel"] for r in rep.rows[1:] for d in r["verify"]["outputs"].values())
+    print(f"{name}: noise {noise:.2e}, worst pass diff {worst:.2e}, MACs {rep.rows[0]['macs']}")
+    assert all(r["macs"] is not None and r["macs"] > 0 for r in rep.rows)
+
+
+def test_wrong_fold_still_fails_on_the_noisiest_model(zoo):
+    from test_verify import WrongFold
+
+    from qgraph import ir
+    from qgraph.errors import PassError
+    from qgraph.instruments import Report, Verify
+    from qgraph.pipeline import Context, PassManager
+    name, path, calib, _ = zoo
+    if name != "ppocr_rec":
+        pytest.skip("run on ppocr_rec only (the largest float noise of the three)")
+    rep = Report()
+    with pytest.raises(PassError, match="wrongfold.*model's own float noise"):
+        PassManager([WrongFold()], [rep, Verify(rep)]).run(ir.load(path), Context(calib=calib))
+
+
+def test_fold_quant_runs_in_qgraph_run_like_ort(zoo, tmp_path):
+    import qgraph
+    from qgraph.kernels import diff
+    name, path, calib, feeds = zoo
+    model, _ = qgraph.optimize(path, "fold,quant", calib=calib, output=tmp_path / "q.onnx", progress=False)
+    figures, _, _ = diff.against_ort(model, feeds, "float")
+    for out, f in figures.items():
+        print(f"{name} {out}: {100 * f['exact']:.4f}% bit-exact of {f['elements']}, max {f['max_lsb']} LSB")
+        assert f["exact"] >= 0.999, f
+        assert f["max_lsb"] <= 8, f
