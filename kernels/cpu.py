@@ -184,15 +184,8 @@ def ort_path() -> OrtPath:
 
 def describe_host() -> str:
     """One line: the CPU model and the int8 features that matter here."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
-    except OSError:
-        pass
     f = features()
     flags = [label for label, key in (("AVX2", "avx2"), ("AVX-512BW", "avx512bw"), ("AVX-512 VNNI", "avx512vnni"),
                                       ("AVX-VNNI", "avxvnni"), ("AMX-INT8", "amx-int8"),
                                       ("VPOPCNTDQ", "avx512vpopcntdq")) if f.get(key)]
-    import platform
-    return f"{model or platform.processor() or platform.machine()} [{' '.join(flags) or 'no AVX2'}]"
+    return f"{cpu_name()} [{' '.join(flags) or 'no AVX2'}]"
