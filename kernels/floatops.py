@@ -11,14 +11,15 @@ Exactness against ORT, by op:
 
   exact (IEEE float32, one rounding per operation, as ORT's Eigen / MLAS element loops):
       Add Sub Mul Div Min Max Neg Abs Reciprocal Sqrt Floor Ceil Round Relu Clip LeakyRelu PRelu
-      HardSigmoid HardSwish (alpha*x + beta, clamped; x * that) Pow with exponent 2 or 3 (ORT
+      HardSigmoid HardSwish (alpha*x + beta, clamped; x * that), Erf (MLAS's polynomial and its
+      own exp, fma for fma: ``ortfloat.erf_mlas``), Pow with exponent 2 or 3 (ORT
       squares / cubes: x*x, x*x*x) or 0.5 (sqrt), comparisons and Where, and data movement
       (Reshape Flatten Transpose Squeeze Unsqueeze Concat Split Slice Gather Pad Expand Identity
       Cast MaxPool, Resize nearest)
   close, not bit-reproduced (ORT uses its own approximations or summation order; the integer after
   Q differs only when the float lands within an ulp of a rounding boundary, and qgraph-run
   --compare-ort reports the share):
-      Exp Log Tanh Sigmoid Erf (MLAS polynomial kernels), Pow with another exponent (powf),
+      Exp Log Tanh Sigmoid (MLAS polynomial kernels), Pow with another exponent (powf),
       ReduceMean ReduceSum ReduceL2 ReduceSumSquare (Eigen's vectorized summation order), Softmax (MLAS), LayerNormalization,
       Resize linear, GlobalAveragePool in float
   ConvTranspose (``quant`` quantizes it, ORT has no s8 kernel and runs DQ -> float -> Q): MLAS's
@@ -26,14 +27,13 @@ Exactness against ORT, by op:
       taps do not overlap (stride >= kernel, the usual 2x2/2 upsampling)
 
   MatMul left in float (a weight ``quant`` could not see as a constant, an excluded node): MLAS's
-      SGEMM order per output (``ortfloat.sgemm_mlas``)
+      SGEMM order per output (``ortfloat.sgemm_mlas``; a single row, M = 1: MLAS's M = 1 kernel,
+      ``ortfloat.sgemm_m1_mlas``)
 
 Anything else between DQ and Q (a float Conv or Gemm that ``quant`` excluded, for one) is a
 ``ModelError`` naming the node and the op.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -89,8 +89,8 @@ def _pow(args, at):
 
 
 def _erf(x):
-    v = np.vectorize(math.erf, otypes=[np.float64])
-    return v(_f(x).astype(np.float64)).astype(F32)
+    from qgraph.kernels import ortfloat
+    return ortfloat.erf(_f(x))
 
 
 def _hardsigmoid(x, alpha, beta):
@@ -203,13 +203,16 @@ def conv_transpose(args, at, name):
     k = cin_g
     rows = cout_g * kh * kw
     kc = ortfloat.sgemm_block_k(k, h * wd)
+    gemm = ortfloat.sgemm_mlas
+    if rows == 1:              # MLAS's M = 1 kernel over the whole K
+        gemm, kc = ortfloat.sgemm_m1_mlas, k
     y = np.zeros((n_b, cout_g * group, oh, ow), F32)
     col = np.empty((rows, h * wd), F32)
     for gi in range(group):
         wt = np.ascontiguousarray(w[gi * cin_g:(gi + 1) * cin_g].reshape(cin_g, rows).T)
         for n in range(n_b):
             xs = np.ascontiguousarray(x[n, gi * cin_g:(gi + 1) * cin_g].reshape(cin_g, h * wd))
-            ortfloat.sgemm_mlas(wt, xs, np.zeros(rows, F32), kc, col)
+            gemm(wt, xs, np.zeros(rows, F32), kc, col)
             _col2im(col.reshape(cout_g, kh, kw, h, wd), y[n, gi * cout_g:(gi + 1) * cout_g], sh, sw, dh, dw,
                     pads[0], pads[1])
     if b is not None:
@@ -217,8 +220,10 @@ def conv_transpose(args, at, name):
     return [y]
 
 
-def matmul(args):
-    """ORT's float MatMul: per matrix of the broadcast batch, MLAS's SGEMM order (``sgemm_mlas``)."""
+def matmul(args, packed: bool = False):
+    """ORT's float MatMul: per matrix of the broadcast batch, MLAS's SGEMM order (``sgemm_mlas``).
+    ``packed``: B is a constant ORT prepacks (``MlasSgemmPackedOperation``: k-blocks of 256, no M = 1
+    kernel); otherwise k-blocks as ``sgemm_block_k`` and a single row through the M = 1 kernel."""
     from qgraph.kernels import ortfloat
     a, b = _f(args[0]), _f(args[1])
     a2 = a[None, :] if a.ndim == 1 else a
@@ -229,9 +234,14 @@ def matmul(args):
     b_b = np.broadcast_to(b2, batch + (k, n))
     out = np.empty(batch + (m, n), F32)
     kc = ortfloat.sgemm_block_k(k, n)
+    gemm = ortfloat.sgemm_mlas
+    if packed and b2.ndim == 2:
+        kc = ortfloat.SGEMM_PACKED_STRIDE_K
+    elif m == 1:               # MLAS's M = 1 kernel, over the whole K (no k-blocks outside a Conv)
+        gemm, kc = ortfloat.sgemm_m1_mlas, k
     zeros = np.zeros(m, F32)
     for idx in np.ndindex(*batch):
-        ortfloat.sgemm_mlas(np.ascontiguousarray(a_b[idx]), np.ascontiguousarray(b_b[idx]), zeros, kc, out[idx])
+        gemm(np.ascontiguousarray(a_b[idx]), np.ascontiguousarray(b_b[idx]), zeros, kc, out[idx])
     if a.ndim == 1:
         out = out[..., 0, :]
     if b.ndim == 1:
@@ -289,7 +299,7 @@ def float_op(step, args, mode):
     if op == "ConvTranspose":
         return conv_transpose(args, at, step.name)
     if op == "MatMul":
-        return matmul(args)
+        return matmul(args, bool(step.attrs.get("b_packed", False)))
     if op == "Concat":
         return [np.concatenate([np.asarray(a) for a in args], axis=int(at.get("axis", 0)))]
     if op == "Clip":

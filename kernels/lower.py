@@ -175,8 +175,10 @@ class _Lowering:
             return ""
         prod = ir.producer(t)
         if is_dq(prod) and ir.const(prod.inputs[0]) is not None:
+            values, scale = ir.const(prod.inputs[0]), ir.const(prod.inputs[1])
+            if np.squeeze(values).ndim > 1 or (scale is not None and scale.size not in (1, values.size)):
+                _fail(node, f"bias '{t.name}' is not one value per output channel (shape {list(values.shape)})")
             self.done.add(id(prod))
-            scale = ir.const(prod.inputs[1])
             if scale is not None:
                 self.bias_float = (ir.const(prod.inputs[0]).astype(np.float32).reshape(-1)
                                    * scale.astype(np.float32).reshape(-1)).astype(np.float32)
@@ -184,6 +186,8 @@ class _Lowering:
         b = ir.const(t)
         if b is None:
             _fail(node, "bias is neither a constant nor a dequantized constant")
+        if np.squeeze(b).ndim > 1:
+            _fail(node, f"bias '{t.name}' is not one value per output channel (shape {list(b.shape)})")
         self.bias_float = b.astype(np.float32).reshape(-1)
         s = (self.prog.consts[sx_name].reshape(()).astype(np.float32)
              * self.prog.consts[sw_name].astype(np.float32).reshape(-1))
@@ -362,8 +366,12 @@ class _Lowering:
             c = ir.const(t) if t is not None and t.name else None
             if c is not None:
                 self.prog.consts.setdefault(t.name, np.asarray(c))
+        extra = {}
+        if node.op == "MatMul" and len(node.inputs) > 1:     # ORT prepacks a constant B (its own k-blocks)
+            extra["b_packed"] = _foldable(node.inputs[1])
         self.emit("Float", node, [self.name_of(t) for t in node.inputs], [o.name for o in node.outputs],
-                  op=node.op, attrs=dict(node.attrs), opset=int(self.g.opset or 13), n_out=len(node.outputs))
+                  op=node.op, attrs=dict(node.attrs), opset=int(self.g.opset or 13), n_out=len(node.outputs),
+                  **extra)
 
     @staticmethod
     def from_dq(t) -> bool:
@@ -414,6 +422,17 @@ class _Lowering:
 X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
 
+def _foldable(t, depth: int = 0) -> bool:
+    """Whether ORT sees tensor ``t`` as a constant once its constant folding ran: an initializer, or
+    the output of ops (not DequantizeLinear, which it does not fold) whose inputs all are."""
+    if t is None or ir.const(t) is not None:
+        return True
+    p = ir.producer(t)
+    if p is None or is_dq(p) or depth > 16 or p.op in ("Shape", "Size"):
+        return False
+    return all(_foldable(i, depth + 1) for i in p.inputs if i is not None and i.name)
+
+
 def _edges(g, t) -> int:
     """Consumer edges of ``t`` once ORT's EnsureUniqueDQForNodeUnit has given every reader of a
     DequantizeLinear its own copy (a graph output counts as one more)."""
@@ -440,8 +459,10 @@ def _ort_type(g, q) -> str:
 
 
 def _input_type(g, t) -> str | None:
-    """Storage type of the integer tensor behind DequantizeLinear output ``t`` as ORT runs it (an int8
-    constant is rewritten to uint8 as well: the transformer's "lone DQ" case)."""
+    """Storage type of the integer tensor behind DequantizeLinear output ``t`` as ORT runs it. An int8
+    constant keeps int8: ORT 1.32's transformer leaves a lone DQ of a constant as it is (seen in its
+    optimized graphs: MiniLM's GELU constants 1 and 0.5, stored as 127, stay int8, so the Add / Mul
+    that reads them next to a uint8 activation runs in float)."""
     dq = ir.producer(t) if t is not None else None
     if dq is None or dq.op != "DequantizeLinear":
         return None
@@ -451,7 +472,7 @@ def _input_type(g, t) -> str | None:
         return _ort_type(g, q)
     zp = const_at(dq, 2)
     kind = np.asarray(zp).dtype.name if zp is not None else "uint8"
-    return "uint8" if kind == "int8" and ir.const(src) is not None else kind
+    return kind
 
 
 def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:

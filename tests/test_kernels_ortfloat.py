@@ -34,7 +34,7 @@ def _session(model):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _residual_block(rng, cin, cmid, hw, k=1, pad=0, residual=True):
+def _residual_block(rng, cin, cmid, hw, k=1, pad=0, residual=True, group=1):
     #   x ─Q─DQ─Conv a (k x k)─Q─DQ─┬─Conv b (1x1)─Q─DQ─┐
     #                               └──────────────────Add─Q─DQ─ y
     # the tensor after Conv a has two readers: ORT keeps Conv a, Conv b and the Add in float.
@@ -47,7 +47,7 @@ def _residual_block(rng, cin, cmid, hw, k=1, pad=0, residual=True):
         nodes.append(helper.make_node("DequantizeLinear", [f"q_{tag}", f"s_{tag}", f"z_{tag}"], [f"d_{tag}"]))
         return f"d_{tag}"
 
-    def conv(x, cout, cin_, tag, kk, pp, s_x):
+    def conv(x, cout, cin_, tag, kk, pp, s_x, grp=1):
         w = rng.integers(-127, 128, (cout, cin_, kk, kk)).astype(np.int8)
         sw = rng.uniform(0.002, 0.02, cout).astype(np.float32)
         consts[f"w_{tag}"], consts[f"ws_{tag}"], consts[f"wz_{tag}"] = w, sw, np.zeros(cout, np.int8)
@@ -56,11 +56,11 @@ def _residual_block(rng, cin, cmid, hw, k=1, pad=0, residual=True):
         consts[f"bz_{tag}"] = np.zeros(cout, np.int32)
         nodes.append(helper.make_node("DequantizeLinear", [f"w_{tag}", f"ws_{tag}", f"wz_{tag}"], [f"wd_{tag}"], axis=0))
         nodes.append(helper.make_node("DequantizeLinear", [f"b_{tag}", f"bs_{tag}", f"bz_{tag}"], [f"bd_{tag}"], axis=0))
-        nodes.append(helper.make_node("Conv", [x, f"wd_{tag}", f"bd_{tag}"], [f"y_{tag}"], pads=[pp] * 4))
+        nodes.append(helper.make_node("Conv", [x, f"wd_{tag}", f"bd_{tag}"], [f"y_{tag}"], pads=[pp] * 4, group=grp))
         return f"y_{tag}"
 
     x = qdq("x", 0.05, 3, "in")
-    r = qdq(conv(x, cmid, cin, "a", k, pad, 0.05), 0.09, -7, "r")
+    r = qdq(conv(x, cmid, cin // group, "a", k, pad, 0.05, group), 0.09, -7, "r")
     b = qdq(conv(r, cmid, cmid, "b", 1, 0, 0.09), 0.08, 5, "b")
     if residual:
         nodes.append(helper.make_node("Add", [r, b], ["s"]))
@@ -77,16 +77,19 @@ def _residual_block(rng, cin, cmid, hw, k=1, pad=0, residual=True):
 
 
 @x86
-@pytest.mark.parametrize("cin,cmid,hw,k,pad", [
-    (24, 40, 8, 1, 0),        # K < 128: one block
-    (300, 64, 7, 1, 0),       # K = 300 > N = 49: MLAS doubles the k-block to 256
-    (200, 96, 4, 1, 0),       # N = 16: k-block 1024
-    (160, 48, 12, 1, 0),      # K > N = 144: k-block 128, two blocks
-    (16, 32, 9, 3, 1),        # 3x3 with padding: im2col order (c, i, j)
+@pytest.mark.parametrize("cin,cmid,hw,k,pad,group", [
+    (24, 40, 8, 1, 0, 1),     # K < 128: one block
+    (300, 64, 7, 1, 0, 1),    # K = 300 > N = 49: MLAS doubles the k-block to 256
+    (200, 96, 4, 1, 0, 1),    # N = 16: k-block 1024
+    (160, 48, 12, 1, 0, 1),   # K > N = 144: k-block 128, two blocks
+    (16, 32, 9, 3, 1, 1),     # 3x3 with padding: im2col order (c, i, j)
+    (48, 48, 11, 5, 2, 48),   # depthwise 5x5: one filter per group, MLAS's M = 1 SGEMM kernel (no FMA)
+    (32, 32, 6, 3, 1, 32),    # depthwise 3x3, K = 9: groups of four products, then one
+    (64, 32, 5, 3, 1, 32),    # two input channels per group, one output: M = 1, K = 18
 ])
-def test_float_units_match_ort_bit_for_bit(cin, cmid, hw, k, pad):
+def test_float_units_match_ort_bit_for_bit(cin, cmid, hw, k, pad, group):
     rng = np.random.default_rng(cin * 7 + hw)
-    model = _residual_block(rng, cin, cmid, hw, k, pad)
+    model = _residual_block(rng, cin, cmid, hw, k, pad, group=group)
     g = ir.load(model)
     g.toposort()
     assert {n.name for n in ort_float_units(g, "x86")} == ort_float_nodes(model) == {"Conv_4", "Conv_9", "Add_12"}
@@ -200,6 +203,9 @@ def test_tiled_float_conv_equals_the_plain_mlas_loops(seed):
     one_d = seed == 7
     g = 2 if seed == 5 else 1
     cin, cout = g * int(rng.integers(1, 200)), g * int(rng.integers(1, 40))
+    if seed == 6:                                       # depthwise: MLAS's M = 1 kernel
+        g = int(rng.integers(2, 9))
+        cin, cout = g, g
     k = 1 if seed < 3 else int(rng.integers(1, 4))
     n_b, h, w = int(rng.integers(1, 4)), int(rng.integers(1, 12)), int(rng.integers(1, 12))
     attrs = {"group": g, "strides": [int(rng.integers(1, 3))] * (1 if one_d else 2),

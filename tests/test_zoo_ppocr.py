@@ -10,9 +10,8 @@ Asserted, per model:
   on ppocr_rec, the noisiest (7e-5), a fold that scales one weight tensor by 1 + 1e-3 still fails;
 - the MACs are known once the calibration inputs give the dynamic dims;
 - ``fold,quant`` lowers and ``qgraph-run`` (float mode) agrees with ORT on >= 99.9% of the output
-  elements. The max LSB is printed and bounded by 8, not 1: ORT runs the 5x5 depthwise Convs these
-  models have as float units whose MLAS order ``ortfloat`` does not reproduce for every pixel
-  (isolated: 99.9997% exact, 1 LSB), and those 1-LSB steps compound through the later layers.
+  elements, within 1 LSB (the acceptance bound; measured on this AMD EPYC VNNI CPU: 100% / 0 LSB on
+  all three, the rec's 5x5 depthwise float units in MLAS's M = 1 SGEMM order).
 """
 from __future__ import annotations
 
@@ -81,4 +80,4 @@ def test_fold_quant_runs_in_qgraph_run_like_ort(zoo, tmp_path):
     for out, f in figures.items():
         print(f"{name} {out}: {100 * f['exact']:.4f}% bit-exact of {f['elements']}, max {f['max_lsb']} LSB")
         assert f["exact"] >= 0.999, f
-        assert f["max_lsb"] <= 8, f
+        assert f["max_lsb"] <= 1, f

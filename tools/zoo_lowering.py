@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Every README quantization pipeline on every zoo model, through qgraph-run, against ONNX Runtime.
+
+    python tools/zoo_lowering.py [--models all|NAME,...] [--pipelines KEY,...] [--calib 16] [--images 2]
+                                 [--json out.json]
+
+Per (model, pipeline): the model is optimized with the pipeline (calibrated on the first ``--calib``
+samples of the zoo's calibration split), lowered by ``qgraph.kernels.lower`` and run in ``float``
+mode on the first ``--images`` evaluation samples; each output is compared with ONNX Runtime (one
+thread) on the same inputs. A cell is ``100% / 0`` (share of output elements bit-exact, max
+difference in LSB of the output's scale), or the one-line reason it could not be run: the pass that
+failed, or the node and op ``lower`` cannot lower. Weight-only and float-only pipelines (no
+QuantizeLinear written: float activations) are ``n/a``: qgraph-run is an integer runtime.
+
+The pipelines are the README's: the DFQ table (``tools/dfq_table.py``), the W8A8 rows of the
+ImageNet table and each model's recorded pipelines in ``models/manifest.toml``. Few samples are
+enough: the point is coverage and bit-exactness, not accuracy (``tools/dfq_table.py`` and
+``pytest -m zoo`` measure that). Prints a markdown table (the README's) and the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import cpu_model  # noqa: E402
+from dfq_table import PIPELINES as DFQ_PIPELINES  # noqa: E402
+
+#: README pipelines outside the DFQ table (ImageNet W8A8 table, runtime table, MiniLM row)
+EXTRA = ("fold,quant", "fold,quant:granularity=tensor", "fold,quant:act_dtype=int8", "fold,equalize,quant,biascorr")
+
+
+def pipelines_for(entry: dict) -> list[str]:
+    """The README's quantizing pipelines plus the ones the manifest records for this model, in order."""
+    out: list[str] = []
+    for p in [pipe for _, _, pipe in DFQ_PIPELINES] + list(EXTRA) + list(entry.get("pipelines", {})):
+        if any(step.split(":")[0] == "quant" for step in p.split(",")) and p not in out:
+            out.append(p)
+    return out
+
+
+def run_cell(path: Path, pipeline: str, calib, feeds: dict) -> dict:
+    """One (model, pipeline): optimize, lower, run against ORT. Errors become the cell's reason."""
+    import onnx
+
+    import qgraph
+    from qgraph.errors import QGraphError
+    from qgraph.kernels import diff, lower
+    t0 = time.perf_counter()
+    if "weight_only=true" in pipeline:      # quant writes DQ on the weights only: float activations
+        return {"status": "n/a", "error": "weight-only: no QuantizeLinear written (float activations), "
+                                          "nothing for qgraph-run"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "q.onnx"
+        try:
+            qgraph.optimize(path, pipeline, calib=calib, output=out, progress=False)
+        except QGraphError as e:
+            return {"status": "optimize failed", "error": str(e).splitlines()[0]}
+        model = onnx.load(out)
+    if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        return {"status": "n/a", "error": "no QuantizeLinear written (float activations): nothing for qgraph-run"}
+    try:
+        prog = lower(model)
+    except QGraphError as e:
+        return {"status": "not lowered", "error": str(e).splitlines()[0]}
+    floats = sum(1 for s in prog.steps if s.op == "Float")
+    figs, _, _ = diff.against_ort(model, feeds, "float", prog)
+    exact = min(f.get("exact", 0.0) for f in figs.values())
+    max_lsb = max(f.get("max_lsb", -1) for f in figs.values())
+    return {"status": "ok", "exact": exact, "max_lsb": max_lsb, "float_steps": floats,
+            "outputs": {k: {kk: v[kk] for kk in ("elements", "exact", "max_lsb") if kk in v} for k, v in figs.items()},
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def cell_text(c: dict) -> str:
+    if c["status"] == "ok":
+        return f"{100 * c['exact']:.3f}% / {c['max_lsb']}".replace("100.000%", "100%")
+    return c["status"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="all", help="all, or comma-separated zoo model names (built ones only)")
+    ap.add_argument("--pipelines", help="comma-separated indices into each model's pipeline list, or ';'-separated "
+                                        "pipelines (default: all of the README's)")
+    ap.add_argument("--calib", type=int, default=16, help="calibration samples (first of the calibration split)")
+    ap.add_argument("--images", type=int, default=2, help="evaluation samples run through both runtimes")
+    ap.add_argument("--json", help="write every cell here")
+    args = ap.parse_args(argv)
+
+    from zoo_data import DataMissing, zoo_split
+    from zoo_manifest import model_entry, model_path, resolve_names
+    names = resolve_names(args.models.split(",") if args.models != "all" else "all")
+    results: dict = {"cpu": cpu_model(), "calib": args.calib, "images": args.images, "models": {}}
+    for name in names:
+        path = model_path(name)
+        if not path.exists():
+            print(f"{name}: not built ({path}), skipped", file=sys.stderr)
+            continue
+        try:
+            calib, evaluation = zoo_split(name)
+        except DataMissing as e:
+            print(f"{name}: {e}, skipped", file=sys.stderr)
+            continue
+        calib = calib.subset(range(min(args.calib, len(calib))))
+        feeds = next(iter(evaluation.batches(args.images)))
+        pipes = pipelines_for(model_entry(name))
+        if args.pipelines:
+            pipes = args.pipelines.split(";") if ";" in args.pipelines or ":" in args.pipelines else \
+                [pipes[int(i)] for i in args.pipelines.split(",")]
+        cells = results["models"][name] = {}
+        for p in pipes:
+            cells[p] = run_cell(path, p, calib, feeds)
+            c = cells[p]
+            print(f"{name:22s} {p:80s} {cell_text(c):14s} {c.get('error', '')}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    _print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    bad = [(m, p) for m, cs in results["models"].items() for p, c in cs.items()
+           if c["status"] not in ("ok", "n/a") or (c["status"] == "ok" and c["max_lsb"] > 0)]
+    return 1 if bad else 0
+
+
+def _print_table(results: dict) -> None:
+    pipes: list[str] = []
+    for cs in results["models"].values():
+        pipes += [p for p in cs if p not in pipes]
+    print(f"\nqgraph-run float mode vs ONNX Runtime (one thread), % of output elements bit-exact / max LSB; "
+          f"{results['calib']} calibration samples, {results['images']} evaluation samples; {results['cpu']}\n")
+    print("| pipeline | " + " | ".join(results["models"]) + " |")
+    print("|---|" + "---|" * len(results["models"]))
+    for p in pipes:
+        row = [cell_text(cs[p]) if p in cs else "" for cs in results["models"].values()]
+        print(f"| `{p}` | " + " | ".join(row) + " |")
+    errors = {c["error"] for cs in results["models"].values() for c in cs.values()
+              if c["status"] not in ("ok", "n/a")}
+    for e in sorted(errors):
+        print(f"- {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
