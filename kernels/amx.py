@@ -47,6 +47,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from qgraph.kernels.cpu import compile_features
 from qgraph.kernels.requant import column_terms
 
 TM = 32         # rows of C per block (two 16-row tiles)
@@ -63,8 +64,7 @@ def _request_amx() -> bool:
     if os.environ.get("QGRAPH_NO_AMX"):
         return False
     try:
-        import llvmlite.binding as ll
-        feats = ll.get_host_cpu_features()
+        feats = compile_features()      # what Numba compiles for (the host unless NUMBA_CPU_FEATURES)
         if not (feats.get("amx-tile") and feats.get("amx-int8")):
             return False
         libc = ctypes.CDLL(None, use_errno=True)

@@ -13,8 +13,10 @@ the true result fits int32, so arithmetic mod 2^32 is exact, and the loops stay 
 Either operand can be the one packed once: matmul packs the constant B (weights), convolution packs
 the constant A (weights, ``C[Cout, pixels] = W @ im2col``) and builds B panels per call.
 
-Micro-kernels, chosen at import: AMX tiles (``amx``, when the CPU has AMX-INT8 and Linux grants the
-tile state; ``QGRAPH_NO_AMX=1`` turns it off), else AVX-512 VNNI (``vnni``), else plain Numba. The
+Micro-kernels, chosen at import (``KERNEL``, by ``qgraph.kernels.cpu.gemm_kernel``; ``QGRAPH_GEMM=amx|vnni|avx2|plain``
+forces one): AMX tiles (``amx``, when the CPU has AMX-INT8 and Linux grants the tile state;
+``QGRAPH_NO_AMX=1`` turns it off), else AVX-512 VNNI (``vnni``), else AVX2 (``avx2``: int16 ``vpmaddwd``
+on the same panels, A widened to int16 once), else plain Numba. The
 AMX kernels read the same B panels, but A row-major and unshifted (``tdpbssd`` for int8 A,
 ``tdpbusd`` for uint8 A, so oa = 0): ``qgemm`` reads the caller's A in place, and ``pack_a`` keeps an
 extra row-major copy of A (``Packed.amx_rows``) for the conv path.
@@ -26,11 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from qgraph.kernels import amx, vnni
+from qgraph.kernels import cpu
+from qgraph.kernels import amx, avx2, vnni
 from qgraph.kernels.requant import column_terms
 from qgraph.kernels.vnni import MR, NR
 
 assert NR == amx.TN, "the AMX kernels read gemm's B panels as they are"
+
+KERNEL = cpu.gemm_kernel(amx_granted=amx.HAS_AMX)       # amx | vnni | avx2 | plain
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Packed:
     amx_tail: np.ndarray | None = None   # B: ``amx.b_tail`` of data (made on first use); A: the A tail
     amx_rows: np.ndarray | None = None   # A: the unshifted row-major copy of ``amx.pack_a_rows``
     amx_sums: np.ndarray | None = None   # A: its row sums (offset 0)
+    avx2_a: np.ndarray | None = None     # A: the panels widened to int16 (``avx2.widen_a``), AVX2 kernel only
 
 
 def k4_of(k: int) -> int:
@@ -86,8 +92,10 @@ def pack_a(a: np.ndarray) -> Packed:
     sums = np.zeros(m, np.int64)
     _pack(a.view(np.uint8), k4, MR, np.uint8(0x80 if oa else 0), out, sums)
     pa = Packed(out, m, k, k4, sums, oa)
-    if amx.HAS_AMX and m > 0 and k > 0:
+    if KERNEL == "amx" and m > 0 and k > 0:
         pa.amx_rows, pa.amx_tail, pa.amx_sums = amx.pack_a_rows(a)
+    elif KERNEL == "avx2":
+        pa.avx2_a = avx2.widen_a(out)
     return pa
 
 
@@ -233,6 +241,22 @@ def conv_gemm_generic(a, b, k4, cols, nb, pix, k, rowsum, oa, za, colsum, ob, zb
 
 
 @njit(cache=True)
+def conv_gemm_avx2(a16, b, k4, cols, nb, pix, k, rowsum, oa, za, colsum, ob, zb, bias, scale, mult, shift, zp,
+                   qmin, qmax, fixed, o0, out3):
+    """``conv_gemm_vnni`` with the AVX2 micro-kernel (A: the int16 panels of ``avx2.widen_a``)."""
+    mp = a16.shape[0] // (k4 * 4)
+    scratch = np.empty(mp * nb, np.int32)
+    ncols = -(-cols // NR) * NR
+    for c0 in range(0, ncols, nb):
+        w = min(nb, ncols - c0)
+        raw = scratch[:mp * w].reshape(mp, w)
+        raw[:] = 0
+        avx2.gemm_u8s8_avx2(a16, b[c0 * k4 * 4:], raw, k4)
+        _requant_block(raw, c0, min(w, cols - c0), pix, k, rowsum, oa, za, colsum, ob, zb, bias, scale, mult,
+                       shift, zp, qmin, qmax, fixed, o0, out3)
+
+
+@njit(cache=True)
 def conv_gemm_amx(a_rows, a_tail, b, k4, cols, nb, pix, k, rowsum, za, colsum, ob, zb, bias, scale, mult, shift, zp,
                   qmin, qmax, fixed, o0, out3):
     """``conv_gemm_vnni`` with the AMX tiles: A from ``amx.pack_a_rows`` (unshifted, oa = 0), so the
@@ -255,13 +279,17 @@ def conv_gemm_requant(pa: Packed, za, pb: Packed, zb, pix: int, rq: tuple, o0: i
         raise ValueError(f"qgemm: A has K={pa.k}, B has K={pb.k}")
     za = np.asarray(za, np.int64).reshape(-1)
     zb = np.asarray(zb, np.int64).reshape(-1)
-    if pa.amx_rows is not None and amx.HAS_AMX:
+    if pa.amx_rows is not None and KERNEL == "amx":
         mp = -(-pa.rows // amx.TM) * amx.TM
         conv_gemm_amx(pa.amx_rows, pa.amx_tail, pb.data, pa.k4, pb.rows, _block_cols(mp), pix, pa.k, pa.amx_sums,
                       za, pb.sums, pb.offset, zb, *rq, o0, out3)
         return
     mp = -(-pa.rows // MR) * MR
-    fn = conv_gemm_vnni if vnni.HAS_VNNI else conv_gemm_generic
+    if KERNEL == "avx2":
+        conv_gemm_avx2(pa.avx2_a if pa.avx2_a is not None else avx2.widen_a(pa.data), pb.data, pa.k4, pb.rows,
+                       _block_cols(mp), pix, pa.k, pa.sums, pa.offset, za, pb.sums, pb.offset, zb, *rq, o0, out3)
+        return
+    fn = conv_gemm_vnni if KERNEL in ("vnni", "amx") else conv_gemm_generic
     fn(pa.data, pb.data, pa.k4, pb.rows, _block_cols(mp), pix, pa.k, pa.sums, pa.offset, za, pb.sums, pb.offset,
        zb, *rq, o0, out3)
 
@@ -272,13 +300,16 @@ def qgemm_packed(pa: Packed, za, pb: Packed, zb, out: np.ndarray | None = None):
     requantized product is ``conv_gemm_requant``.)"""
     if pa.k != pb.k:
         raise ValueError(f"qgemm: A has K={pa.k}, B has K={pb.k}")
-    if pa.amx_rows is not None and amx.HAS_AMX and pb.rows > 0:
+    if pa.amx_rows is not None and KERNEL == "amx" and pb.rows > 0:
         raw = amx.aligned_empty((-(-pa.rows // amx.TM) * amx.TM, -(-pb.rows // NR) * NR), np.int32)
         amx.gemm_amx_raw(pa.amx_rows, pa.amx_tail, pb.data, raw, raw.shape[1], pa.k4)
         rowsum, oa = pa.amx_sums, 0
     else:
         raw = np.zeros((-(-pa.rows // MR) * MR, -(-pb.rows // NR) * NR), np.int32)
-        (vnni.gemm_u8s8_vnni if vnni.HAS_VNNI else gemm_u8s8_generic)(pa.data, pb.data, raw, pa.k4)
+        if KERNEL == "avx2":
+            avx2.gemm_u8s8_avx2(pa.avx2_a if pa.avx2_a is not None else avx2.widen_a(pa.data), pb.data, raw, pa.k4)
+        else:
+            (vnni.gemm_u8s8_vnni if KERNEL in ("vnni", "amx") else gemm_u8s8_generic)(pa.data, pb.data, raw, pa.k4)
         rowsum, oa = pa.sums, pa.offset
     za = np.asarray(za, np.int64).reshape(-1)
     zb = np.asarray(zb, np.int64).reshape(-1)
@@ -293,11 +324,11 @@ _NO_TAIL = np.zeros(0, np.int8)
 
 def qgemm(a: np.ndarray, za, pb: Packed, zb) -> np.ndarray:
     """sum_k (A[m,k] - za) * (B[k,n] - zb) in int32, B packed once (``pack_b``). With AMX, A is
-    read in place by the tile kernel (``amx.qgemm_amx``); with VNNI it is packed block by block inside
-    ``vnni.qgemm_vnni``, which applies the zero points as it writes the result; otherwise it is
-    packed per call (``pack_a``)."""
+    read in place by the tile kernel (``amx.qgemm_amx``), with AVX2 too (``avx2.qgemm_avx2``,
+    widened in registers); with VNNI it is packed block by block inside ``vnni.qgemm_vnni``; these
+    apply the zero points as they write the result. Otherwise A is packed per call (``pack_a``)."""
     a = np.asarray(a)
-    if amx.HAS_AMX and a.ndim == 2 and a.dtype in (np.int8, np.uint8) and a.shape[0] > 0 and a.shape[1] == pb.k > 0:
+    if KERNEL == "amx" and a.ndim == 2 and a.dtype in (np.int8, np.uint8) and a.shape[0] > 0 and a.shape[1] == pb.k > 0:
         if pb.amx_tail is None:
             tail = amx.b_tail(pb.data, pb.k4)
             pb.amx_tail = _NO_TAIL if tail is None else tail
@@ -306,7 +337,15 @@ def qgemm(a: np.ndarray, za, pb: Packed, zb) -> np.ndarray:
             amx.qgemm_amx(np.ascontiguousarray(a), np.asarray(za, np.int64).reshape(-1), pb.data, pb.amx_tail,
                           pb.k4, pb.sums, pb.offset, np.asarray(zb, np.int64).reshape(-1), out)
         return out
-    if vnni.HAS_VNNI and a.ndim == 2 and a.dtype in (np.int8, np.uint8) and a.shape[1] == pb.k:
+    if KERNEL == "avx2" and a.ndim == 2 and a.dtype in (np.int8, np.uint8) and a.shape[1] == pb.k > 0:
+        if a.shape[1] > 1 and a.strides[1] != 1 or a.strides[0] < a.shape[1]:      # rows read in place
+            a = np.ascontiguousarray(a)
+        out = np.empty((a.shape[0], pb.rows), np.int32)
+        if out.size:
+            avx2.qgemm_avx2(a.view(np.uint8), a.dtype == np.int8, np.asarray(za, np.int64).reshape(-1), pb.data,
+                            pb.k4, pb.sums, pb.offset, np.asarray(zb, np.int64).reshape(-1), out)
+        return out
+    if KERNEL in ("vnni", "amx") and a.ndim == 2 and a.dtype in (np.int8, np.uint8) and a.shape[1] == pb.k:
         if a.shape[1] > 1 and a.strides[1] != 1:
             a = np.ascontiguousarray(a)
         out = np.empty((a.shape[0], pb.rows), np.int32)

@@ -219,6 +219,19 @@ class _Lowering:
             return "bitserial"
         return "auto" if encoding_of(w).bits <= AUTO_WEIGHT_BITS else "int8"
 
+    def ort_types(self, node) -> dict:
+        """The storage types ORT's x86 CPU provider gives the activations of a fused Conv / MatMul /
+        Gemm (int8 ones it rewrote are uint8 there): ``ort_act`` for input A, ``ort_b`` for a MatMul's
+        B when it is an activation. The runtime reproduces ORT's u8 x s8 arithmetic by them."""
+        import platform as _pf
+        if _pf.machine().lower() not in X86:
+            return {}
+        out = {"ort_act": _input_type(self.g, node.inputs[0])}
+        dq = ir.producer(node.inputs[1])
+        if dq is not None and dq.op == "DequantizeLinear" and ir.const(dq.inputs[0]) is None:
+            out["ort_b"] = _input_type(self.g, node.inputs[1])
+        return {k: v for k, v in out.items() if v is not None}
+
     def emit(self, step_op, node, inputs, outputs, **attrs):
         self.prog.steps.append(Step(step_op, node.name, list(inputs), list(outputs), attrs))
 
@@ -244,12 +257,12 @@ class _Lowering:
             b = self.bias(node, input_at(node, 2), sx, sw)
             extra = {"ort_float": {"bias": self.bias_float}} if id(node) in self.float_units else {}
             self.emit("QLinearConv", node, [x, sx, zx, w, sw, zw, sy, zy, b], [y], **at, clamp=clamp,
-                      kernel=self.kernel_for(w), **extra)
+                      kernel=self.kernel_for(w), **extra, **self.ort_types(node))
         elif op == "MatMul":
             a, sa, za, _ = self.dq_parts(dqs[0], node, "input A")
             b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")
             self.emit("QLinearMatMul", node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp,
-                      kernel=self.kernel_for(b))
+                      kernel=self.kernel_for(b), **self.ort_types(node))
         elif op == "Gemm":
             if float(at.get("alpha", 1.0)) != 1.0 or float(at.get("beta", 1.0)) != 1.0:
                 _fail(node, "Gemm with alpha or beta != 1")
@@ -258,7 +271,7 @@ class _Lowering:
             c = self.bias(node, input_at(node, 2), sa, sb)
             self.emit("QGemm", node, [a, sa, za, b, sb, zb, c, sy, zy], [y],
                       transA=int(at.get("transA", 0)), transB=int(at.get("transB", 0)), clamp=clamp,
-                      kernel=self.kernel_for(b))
+                      kernel=self.kernel_for(b), **self.ort_types(node))
         elif op in ("Add", "Mul"):
             a, sa, za, _ = self.dq_parts(dqs[0], node, "input A")
             b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from qgraph.kernels import cpu
 from qgraph.errors import ModelError
-from qgraph.kernels import bitconv, bitplanes, bitserial, ortfloat
+from qgraph.kernels import bitconv, bitplanes, bitserial, ortfloat, ortsat
 from qgraph.kernels.conv import pack_conv, conv_int
 from qgraph.kernels.gemm import pack_b, qgemm
 from qgraph.kernels.requant import output_scale, quantize_linear, requantize_into
-from qgraph.ops import INT_RANGES, conv_geometry, dequantize_array, fixed_multiplier
+from qgraph.ops import INT_RANGES, can_saturate, conv_geometry, dequantize_array, fixed_multiplier
 
 
 def int_dtype_name(a: np.ndarray) -> str:
@@ -46,6 +47,18 @@ def _cached(step, key: str, src: np.ndarray, build):
     return val
 
 
+def _ort_saturates(step, mode, act_dtype, w, op: str, group: int = 1) -> bool:
+    """``float`` mode reproduces ORT: on a CPU whose u8 x s8 kernels add pairs in int16
+    (``cpu.ort_path``), a step ORT runs as u8 activations x int8 weights whose weights have a pair
+    that can leave int16 is computed as ORT does (``ortsat``). ``ort_act``: the type ORT stores the
+    activation of a lowered QDQ group as (``lower``); a QOperator step's own dtype otherwise."""
+    if mode != "float" or not cpu.ort_path().saturates or np.asarray(w).dtype != np.int8:
+        return False
+    if step.attrs.get("ort_act", np.dtype(act_dtype).name) != "uint8" or step.attrs.get("ort_b", "int8") != "int8":
+        return False
+    return _cached(step, f"sat:{op}", w, lambda: can_saturate(w, op, group=group))
+
+
 def _bounds(step, zy) -> tuple[int, int]:
     qmin, qmax = INT_RANGES[int_dtype_name(zy)]
     lo, hi = step.attrs.get("clamp", (qmin, qmax))   # Relu/Clip folded into the output clamp
@@ -76,8 +89,11 @@ def _bitserial_input(step, x, zx, bits, k: int, padded: bool):
     return None
 
 
-def _conv_acc(step, x, zx, w, zw):
+def _conv_acc(step, x, zx, w, zw, mode="fixed"):
     geo = conv_geometry(step.attrs, w.shape, x.shape[2:])
+    if _ort_saturates(step, mode, x.dtype, w, "Conv", geo.group):
+        acc = ortsat.conv_acc(x if x.ndim == 4 else x[:, :, None, :], zx, w, _zp(zw), geo)
+        return acc if x.ndim == 4 else np.ascontiguousarray(acc[:, :, 0, :])
     bits = _cached(step, "bits", w, lambda: bitconv.pack_conv(w, geo.group)) \
         if step.attrs.get("kernel", "int8") != "int8" else None
     enc = _bitserial_input(step, x, zx, bits, int(np.prod(w.shape[1:])), any(geo.pads))
@@ -93,7 +109,7 @@ def _conv_plan(step, args, mode, x):
     """What a QLinearConv step derives from its constant inputs (packed weights, geometry, output
     scales, bounds), built once per step, mode and input shape: the inputs after x are the Program's
     constants, so the same array objects mean nothing changed."""
-    key = (mode, x.shape[1:], x.dtype.str)
+    key = (mode, x.shape[1:], x.dtype.str, cpu.ort_path().name)
     hit = step.cache.get("plan")
     if hit is not None and hit[0] == key and len(hit[1]) == len(args) - 1 \
             and all(a is b for a, b in zip(hit[1], args[1:])):
@@ -105,6 +121,11 @@ def _conv_plan(step, args, mode, x):
         w_f = ortfloat.dequantize_weights(w, sw, _zp(zw))
         plan = ("float", w_f, _f32(sx), _scalar(zx), step.attrs["ort_float"].get("bias"), _f32(sy), _scalar(zy),
                 qmin, qmax, np.asarray(zy).dtype)
+    elif _ort_saturates(step, mode, x.dtype, w, "Conv", int(step.attrs.get("group", 1))):   # int16 pair sums
+        geo = conv_geometry(step.attrs, w.shape, x.shape[2:])
+        b = np.zeros(w.shape[0], np.int32) if bias is None else np.asarray(bias, np.int32).reshape(-1)
+        plan = ("sat", geo, w, _scalar(zx), _zp(zw), b, output_scale(sx, sw, sy), _scalar(zy), qmin, qmax,
+                np.asarray(zy).dtype)
     else:
         geo = conv_geometry(step.attrs, w.shape, x.shape[2:])
         kernel = step.attrs.get("kernel", "int8")
@@ -127,6 +148,12 @@ def qlinear_conv(step, args, mode):
     if plan[0] == "float":
         _, w_f, sx, zx, bias_f, sy, zy, qmin, qmax, dtype = plan
         return [ortfloat.conv_unit(step, x, sx, zx, w_f, bias_f, sy, zy, qmin, qmax, dtype)]
+    if plan[0] == "sat":
+        _, geo, w, zx, zw, b, scale, zy, qmin, qmax, dtype = plan
+        acc = ortsat.conv_acc(x if x.ndim == 4 else x[:, :, None, :], zx, w, zw, geo)
+        acc3 = acc.reshape(acc.shape[0], acc.shape[1], -1) + b.reshape(1, -1, 1)
+        out = requantize_into(acc3, scale, zy, qmin, qmax, "float", dtype).reshape(acc.shape)
+        return [out if x.ndim == 4 else np.ascontiguousarray(out[:, :, 0, :])]
     _, geo, pc, zx, zw, rq, dtype, bits, k = plan
     enc = _bitserial_input(step, x, zx, bits, k, any(geo.pads))
     if enc is not None:     # the same int32 accumulators, the same requantization arithmetic
@@ -140,15 +167,17 @@ def conv_integer(step, args, mode):
     x, w = args[0], args[1]
     zx = args[2] if len(args) > 2 else None
     zw = args[3] if len(args) > 3 else None
-    return [_conv_acc(step, x, _scalar(zx), w, zw)]
+    return [_conv_acc(step, x, _scalar(zx), w, zw, mode)]
 
 
 # ----------------------------------------------------------------------------- matmul
 
-def _matmul_acc(step, a, za, b, zb):
+def _matmul_acc(step, a, za, b, zb, mode="fixed"):
     """Batched (A - za) @ (B - zb) -> int32, numpy broadcasting over leading axes."""
     za = _zp(za)
     zb = _zp(zb)
+    if b.ndim == 2 and za.size == 1 and _ort_saturates(step, mode, a.dtype, b, "MatMul"):
+        return ortsat.matmul_acc(a.reshape(-1, a.shape[-1]), za, b, zb).reshape(*a.shape[:-1], b.shape[-1])
     if b.ndim == 2:
         if za.size > 1 and a.ndim > 2:
             raise ModelError(f"{step.name}: per-row a_zero_point with batched A is not supported")
@@ -172,7 +201,7 @@ def _matmul_acc(step, a, za, b, zb):
 
 def qlinear_matmul(step, args, mode):
     a, sa, za, b, sb, zb, sy, zy = args
-    acc = _matmul_acc(step, a, za, b, zb)
+    acc = _matmul_acc(step, a, za, b, zb, mode)
     n = acc.shape[-1]
     out = _requant_out(step, acc.reshape(-1, n, 1), sa, sb, sy, zy, mode)
     return [out.reshape(acc.shape)]
@@ -182,7 +211,7 @@ def matmul_integer(step, args, mode):
     a, b = args[0], args[1]
     za = args[2] if len(args) > 2 else None
     zb = args[3] if len(args) > 3 else None
-    return [_matmul_acc(step, a, za, b, zb)]
+    return [_matmul_acc(step, a, za, b, zb, mode)]
 
 
 def qgemm_op(step, args, mode):
@@ -199,7 +228,7 @@ def qgemm_op(step, args, mode):
         a = a.T
     if step.attrs.get("transB", 0):
         b = _cached(step, "bT", b, lambda: np.ascontiguousarray(b.T))
-    acc = _matmul_acc(step, np.ascontiguousarray(a), za, b, zb)
+    acc = _matmul_acc(step, np.ascontiguousarray(a), za, b, zb, mode)
     if c is not None:
         acc = acc + np.asarray(c, np.int32)
     zy = np.zeros((), np.asarray(za).dtype) if zy is None else zy

@@ -29,7 +29,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from qgraph.kernels import cpu
+from qgraph.kernels.cpu import compile_features
 from qgraph.kernels.requant import column_terms
 from qgraph.kernels.tiles import broadcast, tile_loop
 
@@ -42,7 +42,10 @@ NC = 4 * NR     # columns of C per block of ``qgemm_vnni``: its int32 block [MC,
 
 
 def _host_has_vnni() -> bool:
-    return not os.environ.get("QGRAPH_NO_VNNI") and cpu.has("avx512vnni", "avx512bw")
+    if os.environ.get("QGRAPH_NO_VNNI"):
+        return False
+    feats = compile_features()          # what Numba compiles for (the host unless NUMBA_CPU_FEATURES)
+    return bool(feats.get("avx512vnni")) and bool(feats.get("avx512bw"))
 
 
 HAS_VNNI = _host_has_vnni()

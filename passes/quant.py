@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from onnx import TensorProto
 
-from qgraph import ir
+from qgraph import ir, ops
 from qgraph.calibrate import DEFAULT_BINS, SENTINEL, cached_collect, stream
 from qgraph.reductions import Reductions, side_by_side
 from qgraph.errors import ModelError
@@ -87,6 +87,9 @@ class QuantOptions:
                                                 "name|op|regex: key@8 or key@16")
     rounding: str = option("nearest", "weight rounding: nearest, or gptq (each layer's output error on the "
                            "calibration data, column by column; needs --calib)", choices=("nearest", "gptq"))
+    target: str = option("any", "CPUs the model must compute the same integers on: any (no two adjacent weights "
+                         "ORT's AVX2 / AVX-512BW kernels add in int16 can leave it, see docs/cpu.md) or vnni "
+                         "(VNNI / AMX / non-x86 only: weights as rounded)", choices=("any", "vnni"))
     absorb_relu: bool = option(True, "remove Relu/Clip after a quantized op into its output range")
     batch_size: int = option(4, "calibration batch size (memory grows with it: every tensor ORT holds at once, "
                              "times the batch)", range=(1, 4096))
@@ -175,6 +178,8 @@ class Quantize(Pass):
                                                   before[name], w_qp[name])
         record = self._rewrite(g, plan, act_qp, w_qp, w_int)
         notes = self._notes(plan, act_qp, w_qp, record)
+        if record["pair_fit"]:
+            notes["pair_fit"] = record["pair_fit"]
         if widened:
             notes["bias_fit"] = widened
         notes.update(rounding_notes)
@@ -264,9 +269,10 @@ class Quantize(Pass):
             return grid_qparams(wp.tensor.values, grid=o.weight_grid, bits=o.bits, axis=wp.axis, method=method,
                                 storage=storage_for(grid_levels(o.weight_grid, o.bits), o.storage4))
         storage = "int4" if wp.bits <= 4 and o.storage4 == "int4" else "int8"
-        return weight_qparams(wp.tensor.values, bits=wp.bits, storage=storage,
-                              symmetric=o.weight_scheme == "sym" or not self._weight_of_layer(wp),
-                              axis=wp.axis, method=method)
+        qp = weight_qparams(wp.tensor.values, bits=wp.bits, storage=storage,
+                            symmetric=o.weight_scheme == "sym" or not self._weight_of_layer(wp),
+                            axis=wp.axis, method=method)
+        return _pair_scale(wp, qp) if o.target == "any" else qp
 
     @staticmethod
     def _weight_of_layer(wp) -> bool:
@@ -309,11 +315,15 @@ class Quantize(Pass):
     # -- rewriting -------------------------------------------------------------------------
 
     def _rewrite(self, g: ir.Graph, plan: Plan, act_qp: dict, w_qp: dict, w_int: dict | None = None) -> dict:
-        weights, layers, dq_of, q_of = {}, {}, {}, {}
+        weights, layers, dq_of, q_of, pair_fit = {}, {}, {}, {}, {}
         w_dq: dict[str, ir.Variable] = {}
         for name, wp in plan.weights.items():
             qp = w_qp[name]
             q = w_int[name] if w_int and name in w_int else weight_integers(wp.tensor.values, qp)
+            if self.opts.target == "any":
+                q, fitted = _fit_pairs(wp, qp, q)
+                if fitted:
+                    pair_fit[name] = fitted
             _, out = dq_constant(g, q, qp, name)
             w_dq[name] = out
             for node in wp.readers:
@@ -346,7 +356,8 @@ class Quantize(Pass):
                 entry = layers.setdefault(node.name, {})
                 entry["op"] = node.op
                 entry["weight"] = next((w for w, wp in plan.weights.items() if node in wp.readers), None)
-        return {"weights": weights, "layers": layers, "dq_of": dq_of, "q_of": q_of}
+        fit = {"pairs": sum(pair_fit.values()), "weights": len(pair_fit)} if pair_fit else {}
+        return {"weights": weights, "layers": layers, "dq_of": dq_of, "q_of": q_of, "pair_fit": fit}
 
     @staticmethod
     def _absorbable(relu, qp: QParams) -> bool:
@@ -415,6 +426,77 @@ class Quantize(Pass):
             for n in names:
                 acc[n] += [float(values[o]) for o in layout[n]]
         return {n: {"own_db": _db(a[0], a[1]), "model_db": _db(a[0], a[2])} for n, a in acc.items()}
+
+
+PAIR_STEPS = np.linspace(1.0, 2.0, 21)     # scale multipliers tried by ``_pair_scale`` (2: 7-bit codes, all fit)
+
+
+def _pair_reader(wp, shape):
+    """The Conv / Gemm / MatMul that reads ``wp`` as its weight through int16 pair sums on AVX2, or None."""
+    for node in wp.readers:
+        if node.op in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1 and node.inputs[1] is wp.tensor \
+                and ops.pairs_in_int16(node.op, shape, int(node.attrs.get("group", 1))):
+            return node
+    return None
+
+
+def _pair_scale(wp, qp: QParams) -> QParams:
+    """``target=any``, symmetric 8-bit weights: each channel's scale (the tensor's, per tensor) times the
+    m in [1, 2] that gives the least squared weight error once the adjacent pairs that still leave int16
+    are fitted (``ops.fit_pair_rows``). m = 1 keeps the 8-bit steps and moves only the offending pairs,
+    which costs a channel with few of them little; a channel with many large same-sign neighbours
+    widens instead, at worst to 7-bit steps (m = 2: |q| <= 64, every pair fits)."""
+    if qp.storage != "int8" or qp.qmax < ops.PAIR_LIMIT // 2 or not np.all(np.asarray(qp.zero_point) == 0):
+        return qp
+    w = np.asarray(wp.tensor.values, np.float64)
+    node = _pair_reader(wp, w.shape)
+    if node is None or not w.size:
+        return qp
+    trans_b = int(node.attrs.get("transB", 0))
+    rows = ops.ort_k_rows(w, node.op, trans_b)
+    scale = np.asarray(qp.scale, np.float64).reshape(-1)
+    channel = np.arange(rows.shape[0]) % scale.size if qp.per_channel else np.zeros(rows.shape[0], np.int64)
+    t = rows / np.where(scale > 0, scale, 1.0)[channel][:, None]
+    if ops.pair_excess(np.clip(np.rint(t), qp.qmin, qp.qmax)).max(initial=-1) <= 0:
+        return qp
+    err = np.empty((len(PAIR_STEPS), rows.shape[0]))
+    for i, m in enumerate(PAIR_STEPS):
+        q, _ = ops.fit_pair_rows(np.clip(np.rint(t / m), qp.qmin, qp.qmax), t / m, min(qp.qmax, -qp.qmin))
+        err[i] = np.sum((t - m * q) ** 2, axis=1)
+    if qp.per_channel:
+        per = np.zeros((len(PAIR_STEPS), scale.size))
+        np.add.at(per.T, channel, err.T)
+        mult = PAIR_STEPS[np.argmin(per, axis=0)]
+    else:
+        mult = PAIR_STEPS[np.argmin(err.sum(axis=1))]
+    new = (scale * mult).astype(np.float32).reshape(np.shape(qp.scale))
+    return replace(qp, scale=new, meta={**qp.meta, "pair_scale": float(np.mean(mult))})
+
+
+def _fit_pairs(wp, qp: QParams, q: np.ndarray) -> tuple[np.ndarray, int]:
+    """``target=any``: the int8 weights of a Conv / Gemm / MatMul with no adjacent pair (in the K order
+    of the layer that reads them) whose same-sign magnitudes sum past ``ops.PAIR_LIMIT``, so ORT's
+    vpmaddubsw kernels (AVX2, AVX-512BW) cannot saturate on them: each offending pair moves to the
+    nearest integer point of the limit (``ops.fit_pairs``). Returns (codes, pairs moved).
+    Asymmetric weights (a zero point != 0, ``weight_scheme=asym``) are left as rounded: a code at the
+    zero point is an exact 0.0 (sparsify's zeros) that a pair move would shift (docs/cpu.md)."""
+    if qp.storage != "int8" or not q.size or np.abs(q).max() * 2 <= ops.PAIR_LIMIT \
+            or np.any(np.asarray(qp.zero_point) != 0):
+        return q, 0
+    moved = 0
+    for node in wp.readers:
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or node.inputs[1] is not wp.tensor \
+                or not ops.pairs_in_int16(node.op, q.shape, int(node.attrs.get("group", 1))):
+            continue
+        s, z = (np.asarray(v, np.float64) for v in (qp.scale, qp.zero_point))
+        if qp.axis is not None and s.ndim == 1:
+            shape = [1] * q.ndim
+            shape[qp.axis] = -1
+            s, z = s.reshape(shape), z.reshape(shape)
+        target = np.asarray(wp.tensor.values, np.float64) / s + z
+        q, n = ops.fit_pairs(q, target, node.op, int(node.attrs.get("transB", 0)), qp.qmin, qp.qmax)
+        moved += n
+    return q, moved
 
 
 def _requantize_changed(w: np.ndarray, q: np.ndarray, old_scale, qp: QParams) -> np.ndarray:

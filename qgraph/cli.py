@@ -250,7 +250,8 @@ def build_run_parser() -> argparse.ArgumentParser:
                    help="dot products of Conv/MatMul/Gemm with constant weights: int8, bitserial (AND/XNOR-"
                         "popcount over bit planes, every such layer), or auto (bit-serial for weights of <= 4 "
                         "bits when weight x activation planes are few enough; default). All give the same integers")
-    p.add_argument("--compare-ort", action="store_true", help="diff every output against ONNX Runtime")
+    p.add_argument("--compare-ort", action="store_true", help="diff every output against ONNX Runtime; names the int8 kernel path ORT takes on this CPU "
+                   "(QGRAPH_ORT_PATH=avx2 reproduces an AVX2 CPU)")
     p.add_argument("--per-layer", action="store_true",
                    help="diff every quantized tensor against ORT, chained and isolated (on ORT's inputs)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples of each input")
@@ -328,10 +329,15 @@ def _run_main(args) -> int:
     report["dot_products"] = {s.name: s.cache["ran"] for s in prog.steps if "ran" in s.cache}
     worst = 0
     if args.compare_ort:
+        from qgraph.kernels import cpu, ortsat
         with _ort_refusals():
             figures, _, _ = diff.against_ort(model, feeds, args.mode, prog)
         report["outputs"] = figures
         worst = max((f.get("max_lsb", 10**9) for f in figures.values()), default=0)
+        path = cpu.ort_path()
+        report["ort_path"] = {"name": path.name, "description": path.describe(), "saturates": path.saturates,
+                              "layers_that_can_saturate": ortsat.saturating_steps(prog),
+                              "layers": ortsat.int16_pair_steps(prog)}
     else:
         report["outputs"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in ours.items()}
     if args.per_layer:
@@ -349,9 +355,22 @@ def _run_main(args) -> int:
     if args.compare_ort and worst > args.max_lsb:
         over = [n for n, f in report["outputs"].items() if f.get("max_lsb", 10**9) > args.max_lsb]
         print(f"{RUN_PROG}: {len(over)} of {len(report['outputs'])} outputs differ from ONNX Runtime by more than "
-              f"--max-lsb {args.max_lsb} (worst {worst} LSB: {', '.join(over[:3])})", file=sys.stderr)
+              f"--max-lsb {args.max_lsb} (worst {worst} LSB: {', '.join(over[:3])}): {_why_differs(args)}",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def _why_differs(args) -> str:
+    """The likely reason ``--compare-ort`` found a difference, for the one line it prints."""
+    from qgraph.kernels import cpu
+    here, named = cpu.host_ort_path(), cpu.ort_path()
+    if named != here:
+        return (f"QGRAPH_ORT_PATH={named.name} reproduces ORT on another CPU class ({named.describe()}); "
+                f"ORT ran {here.describe()} here")
+    if args.mode == "fixed":
+        return "fixed mode requantizes with integer multipliers, ORT in float32 (--mode float matches ORT)"
+    return "float mode is meant to equal ORT bit for bit here; --per-layer shows the first layer that diverges"
 
 
 class _ort_refusals:
@@ -385,6 +404,18 @@ def _print_run(report: dict, args) -> None:
         ran[how] = ran.get(how, 0) + 1
     if ran:
         print(f"  dot products (--kernel {args.kernel}): " + ", ".join(f"{k}: {v}" for k, v in sorted(ran.items())))
+    if "ort_path" in report:
+        p = report["ort_path"]
+        n_sat, n = len(p["layers_that_can_saturate"]), p["layers"]
+        if not n_sat:
+            sat = f"no weight pair of its {n} u8s8 layers can leave int16 (exact on every CPU class)"
+        elif p["saturates"]:
+            sat = (f"{n_sat} of its {n} u8s8 layers have weight pairs that saturate int16 here; {args.mode} mode "
+                   + ("computes them as ORT does" if args.mode == "float" else "computes them exactly"))
+        else:
+            sat = (f"{n_sat} of its {n} u8s8 layers have weight pairs that would saturate on AVX2 / AVX-512BW CPUs "
+                   f"(quant:target=any avoids it)")
+        print(f"  ORT path: {p['description']}; {sat}")
     for name, f in report["outputs"].items():
         if "exact" in f:
             print(f"  {name}: {f['exact'] * 100:.3f}% bit-exact of {f['elements']}, max {f['max_lsb']} LSB, "

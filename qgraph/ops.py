@@ -652,3 +652,103 @@ def ort_session(model, *, threads: int = 0, optimize: bool | str = True, lean: b
         raise
     except Exception as exc:
         raise OrtLoadError(f"ONNX Runtime cannot load the model: {ir.first_line(exc)}") from None
+
+
+# ----------------------------------------------------------------------------- ORT's u8 x s8 pair sums
+#
+# On x86 CPUs without VNNI (AVX2, AVX-512BW) ONNX Runtime's u8 x s8 GEMMs (every 8-bit QDQ Conv /
+# Gemm / MatMul, s8s8 included: it stores int8 activations as uint8) multiply with vpmaddubsw, which
+# adds the two products of each pair of adjacent k (k = 2j, 2j+1 in the GEMM's K order) in int16 with
+# saturation: acc += sat16(a[2j] * w[2j] + a[2j+1] * w[2j+1]). K order: a MatMul's / Gemm's K; a
+# convolution's im2col k = (i*KW + j)*Cin_g + c. A u8 activation is anything in 0..255, so a pair can
+# saturate exactly when its weights have one sign and |w0| + |w1| > PAIR_LIMIT (255 * 128 = 32640 fits
+# int16; 255 * 129 does not). Weights with no such pair compute the same integers on every CPU class.
+# Which class ORT runs on is ``qgraph.kernels.cpu.ort_path`` (the runtime's business).
+
+PAIR_LIMIT = 128          # same-sign |w0| + |w1| of an adjacent pair that 255 * (.) keeps inside int16
+
+
+def ort_k_rows(w: np.ndarray, op: str, trans_b: int = 0) -> np.ndarray:
+    """The weights of a Conv (``[Cout, Cin_g, KH, KW]``, any rank >= 3), Gemm or MatMul (``[K, N]``,
+    ``[N, K]`` for Gemm transB=1) as rows [N, K] in ORT's K order (a view or a copy)."""
+    w = np.asarray(w)
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        return np.moveaxis(w, 1, -1).reshape(w.shape[0], -1)          # k = (taps..., c)
+    if op in ("Gemm", "QGemm") and trans_b:
+        return w.reshape(w.shape[0], -1)
+    return np.swapaxes(w, -1, -2).reshape(-1, w.shape[-2])             # [..., K, N] -> [... * N, K]
+
+
+def pair_excess(rows: np.ndarray) -> np.ndarray:
+    """Per row of integer weights in ORT's K order: the largest same-sign |w0| + |w1| over adjacent
+    pairs (k = 2j, 2j+1), minus ``PAIR_LIMIT``; > 0 where an AVX2 / AVX-512BW CPU can saturate."""
+    r = np.asarray(rows, np.int32)
+    if r.shape[1] % 2:
+        r = np.concatenate([r, np.zeros((r.shape[0], 1), np.int32)], axis=1)
+    a, b = r[:, 0::2], r[:, 1::2]
+    pos = np.maximum(a, 0) + np.maximum(b, 0)
+    neg = np.maximum(-a, 0) + np.maximum(-b, 0)
+    worst = np.maximum(pos, neg).max(axis=1, initial=0)
+    return worst - PAIR_LIMIT
+
+
+def pairs_in_int16(op: str, w_shape, group: int = 1) -> bool:
+    """Whether MLAS runs this layer through a kernel with int16 pair sums on such CPUs: every u8 x s8
+    GEMM and convolution except a depthwise one (one input and one output channel per group: its
+    kernel widens to int32 first, exact on every class; a channel multiplier > 1 goes through GEMM)."""
+    if op in ("Conv", "ConvInteger", "QLinearConv") and group > 1 and w_shape[1] == 1 and w_shape[0] == group:
+        return False
+    return True
+
+
+def can_saturate(w: np.ndarray, op: str, trans_b: int = 0, group: int = 1) -> bool:
+    """Whether u8 activations times these int8 weights can leave int16 in some pair sum."""
+    if not pairs_in_int16(op, np.shape(w), group):
+        return False
+    return bool(np.any(pair_excess(ort_k_rows(w, op, trans_b)) > 0))
+
+
+def fit_pair_rows(rows: np.ndarray, target: np.ndarray, limit: int = 127) -> tuple[np.ndarray, int]:
+    """Integer rows [N, K] (ORT's K order) with every same-sign adjacent pair whose magnitudes sum past
+    ``PAIR_LIMIT`` moved onto that limit, at the integer point of |q0| + |q1| = limit closest to the
+    pair's unrounded values ``target`` (same shape): the least squared change that makes the pair exact
+    on every CPU class. ``limit``: the largest magnitude a code may take. Returns (rows, pairs moved)."""
+    rows = np.asarray(rows, np.int64)
+    n, k = rows.shape
+    tgt = np.asarray(target, np.float64)
+    if k % 2:
+        rows = np.concatenate([rows, np.zeros((n, 1), np.int64)], axis=1)
+        tgt = np.concatenate([tgt, np.zeros((n, 1))], axis=1)
+    a, b = rows[:, 0::2], rows[:, 1::2]
+    bad = (a * b >= 0) & (np.abs(a) + np.abs(b) > PAIR_LIMIT)
+    if not bad.any():
+        return rows[:, :k], 0
+    sign = np.where(a + b >= 0, 1, -1)
+    # on |a| + |b| = L with a, b of one sign: a = sign*x, b = sign*(L - x), x nearest the targets' projection
+    x = np.rint((np.abs(tgt[:, 0::2]) - np.abs(tgt[:, 1::2]) + PAIR_LIMIT) / 2)
+    x = np.clip(x, PAIR_LIMIT - limit, limit)
+    out = rows.copy()
+    out[:, 0::2] = np.where(bad, sign * x, a)
+    out[:, 1::2] = np.where(bad, sign * (PAIR_LIMIT - x), b)
+    return out[:, :k], int(bad.sum())
+
+
+def fit_pairs(q: np.ndarray, target: np.ndarray, op: str, trans_b: int = 0, qmin: int = -128,
+              qmax: int = 127) -> tuple[np.ndarray, int]:
+    """``fit_pair_rows`` on a weight tensor as the layer ``op`` reads it (``ort_k_rows``); ``q`` int8
+    codes, ``target`` = w / s + z of the same shape. Returns (codes, pairs moved)."""
+    q = np.asarray(q)
+    rows, moved = fit_pair_rows(ort_k_rows(q, op, trans_b), ort_k_rows(np.asarray(target, np.float64), op, trans_b),
+                                min(qmax, -qmin))
+    if not moved:
+        return q, 0
+    return _from_k_rows(rows.astype(q.dtype), q.shape, op, trans_b), moved
+
+
+def _from_k_rows(rows: np.ndarray, shape, op: str, trans_b: int) -> np.ndarray:
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        moved = (shape[0],) + tuple(shape[2:]) + (shape[1],)
+        return np.ascontiguousarray(np.moveaxis(rows.reshape(moved), -1, 1))
+    if op in ("Gemm", "QGemm") and trans_b:
+        return np.ascontiguousarray(rows.reshape(shape))
+    return np.ascontiguousarray(np.swapaxes(rows.reshape(tuple(shape[:-2]) + (shape[-1], shape[-2])), -1, -2))

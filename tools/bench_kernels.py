@@ -1,6 +1,7 @@
 """Benchmark qgraph's integer kernels against ONNX Runtime in one run, one thread each.
 
     python tools/bench_kernels.py [--quick] [--batches 1,8] [--model QDQ.onnx --inputs x.npz] [--json out.json]
+                                  [--isa native|avx2]
 
 Sections (every figure is a ratio against ORT measured in the same process, same shapes):
   gemm   int8 GEMM C[M,N] = A[M,K] B[K,N] (256^3, 512^3, 1024^3 and im2col shapes of MobileNetV2
@@ -12,7 +13,14 @@ Sections (every figure is a ratio against ORT measured in the same process, same
          on evaluation images of the zoo; digits_cnn (ORT's quantize_static, after fold) when the zoo
          is absent; or --model with --inputs. Ours and ORT alternate, best of each.
   jit    start-up of the runtime in a fresh process: cold (empty Numba cache) and warm (cache filled)
-Best of N repetitions after a warm-up; GOP/s counts 2*M*N*K.
+Best of N repetitions after a warm-up; GOP/s counts 2*M*N*K. The header names the CPU, its int8 ISA
+(AVX2, AVX-512BW, AVX-512 VNNI, AVX-VNNI, AMX-INT8, VPOPCNTDQ), our GEMM kernel and the path ORT's
+u8s8 kernels take (``qgraph.kernels.cpu``).
+
+``--isa avx2`` reruns the benchmark with our kernels compiled for Haswell (NUMBA_CPU_NAME /
+NUMBA_CPU_FEATURES: AVX2 + FMA, no AVX-512), so the AVX2 kernel's own GOP/s are what an AVX2 CPU of
+this clock would run. ONNX Runtime picks its kernels by cpuid and cannot be held to AVX2 the same way:
+its figures stay those of this CPU's own path, which the header names.
 """
 from __future__ import annotations
 
@@ -91,7 +99,8 @@ def bench_gemm(quick: bool) -> list[dict]:
         row["ratio_s8s8"] = row["ours_s8s8_gops"] / row["ort_s8s8_gops"]
         row["ratio_vs_ort_u8s8"] = row["ours_s8s8_gops"] / row["ort_u8s8_gops"]
         rows.append(row)
-        print(f"  gemm {name:<20} ours s8s8 {row['ours_s8s8_gops']:7.1f} GOP/s | ORT s8s8 {row['ort_s8s8_gops']:7.1f} "
+        print(f"  gemm {name:<20} ours s8s8 {row['ours_s8s8_gops']:7.1f} GOP/s (u8s8 {row['ours_u8s8_gops']:6.1f}) | "
+              f"ORT s8s8 {row['ort_s8s8_gops']:7.1f} "
               f"(x{row['ratio_s8s8']:.2f}) | ORT u8s8 {row['ort_u8s8_gops']:7.1f} (x{row['ratio_vs_ort_u8s8']:.2f})",
               flush=True)
     return rows
@@ -215,15 +224,29 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8", help="batch sizes of the zoo models in the model section")
     ap.add_argument("--inputs", help=".npz inputs for --model")
     ap.add_argument("--json", help="write all figures here")
+    ap.add_argument("--isa", choices=("native", "avx2"), default="native",
+                    help="avx2: compile our kernels for Haswell (AVX2 + FMA, no AVX-512) in a fresh process")
     args = ap.parse_args(argv)
+    if args.isa == "avx2" and os.environ.get("NUMBA_CPU_NAME") != "haswell":
+        from qgraph.kernels.cpu import HASWELL_FEATURES
+        env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL_FEATURES}
+        env.pop("QGRAPH_GEMM", None)
+        return subprocess.call([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env=env)
     import numba
     import onnxruntime
-    from qgraph.kernels import amx, vnni
-    head = {"cpu": cpu_model(), "flags": cpu_flags(), "vnni_kernel": vnni.HAS_VNNI, "amx_kernel": amx.HAS_AMX,
+    from qgraph.kernels import cpu
+    from qgraph.kernels import gemm
+    head = {"cpu": cpu_model(), "flags": cpu_flags(), "gemm_kernel": gemm.KERNEL,
+            "compiled_for": os.environ.get("NUMBA_CPU_NAME", "host"), "ort_path": cpu.host_ort_path().describe(),
             "threads": 1, "onnxruntime": onnxruntime.__version__, "numba": numba.__version__}
-    print(f"CPU: {head['cpu']}  flags: {' '.join(head['flags'])}  our VNNI kernel: {head['vnni_kernel']}  "
-          f"our AMX kernel: {head['amx_kernel']}  threads: 1  onnxruntime {head['onnxruntime']}  "
+    print(f"CPU: {cpu.describe_host()}  flags: {' '.join(head['flags'])}\n"
+          f"our int8 GEMM kernel: {head['gemm_kernel']} (compiled for {head['compiled_for']})  "
+          f"ORT's int8 path here: {head['ort_path']}  threads: 1  onnxruntime {head['onnxruntime']}  "
           f"numba {head['numba']}", flush=True)
+    if head["compiled_for"] != "host":
+        print(f"  note: ours runs {head['compiled_for']} code; ORT cannot be restricted the same way and runs its "
+              f"{cpu.host_ort_path().isa} path: the ratios below are not those of a {head['compiled_for']} CPU",
+              flush=True)
     result = {"host": head}
     sections = args.sections.split(",")
     with tempfile.TemporaryDirectory() as tmp:
