@@ -36,8 +36,8 @@ class HuffmanOptions:
     codec: str = option("auto", "compression of tensors that are not symbol-coded, and of the graph: auto "
                         "(zstd), zstd, zlib, none", choices=("auto", "zstd", "zlib", "none"))
     min_bytes: int = option(256, "initializers smaller than this stay inside the graph section", range=(0, 1 << 40))
-    max_alphabet: int = option(container.symbols.MAX_ALPHABET, "most distinct values a symbol-coded tensor "
-                               "may have", range=(2, container.symbols.MAX_ALPHABET))
+    max_alphabet: int = option(container.MAX_ALPHABET, "most distinct values a symbol-coded tensor "
+                               "may have", range=(2, container.MAX_ALPHABET))
 
     def pack_options(self) -> container.PackOptions:
         return container.PackOptions(min_bytes=self.min_bytes, codec=self.codec, gap_bits=self.gap_bits,

@@ -38,17 +38,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from numba import njit
 
 from qgraph import ir
 from qgraph.errors import ModelError
-from qgraph.kmeans import INITS, kmeans_1d
 from qgraph.ops import LAYER_OPS, Skip, const_at, input_at, layer_weight
 from qgraph.pipeline import Context, Pass, PassResult, not_quantized, option
 from qgraph.passes.quant_placement import Matcher
 from qgraph.rounding import Unsupported, collect_hessians, gptq_codebook, layer_matrix
 
 CONV_OPS = ("Conv", "ConvTranspose")
+#: k-means initializations (``qgraph.kmeans.INITS``; that module, and numba with it, is imported only
+#: when the pass runs: importing qgraph must not map numba's LLVM)
+INITS = ("linear", "density", "random")
 #: above this many multiply-adds (Σ_rows K²), the refit's normal equations use diag(C) only
 FULL_REFIT_BUDGET = 4e9
 #: layers reading more input features than this are not refit (their K x K statistics would take
@@ -201,6 +202,7 @@ class ShareWeights(Pass):
         w = np.asarray(lay.tensor.values)
         nz = w != 0
         values = w[nz]
+        from qgraph.kmeans import kmeans_1d
         km = kmeans_1d(values.astype(np.float32, copy=False) if w.dtype != np.float64 else values,
                        1 << lay.bits, init=self.opts.init, max_iter=self.opts.iterations,
                        rng=ctx.rng(zlib.crc32(lay.tensor.name.encode())))
@@ -343,48 +345,6 @@ class Refit:
     diagonal: bool            # the normal equations used diag(C) only (layer too large)
 
 
-@njit(cache=True, nogil=True)
-def _normal_equations(labels, w, cov, k):
-    """M = Σ_n P_nᵀ C P_n and r = Σ_n P_nᵀ C w_n over rows n of every group (labels -1: fixed zeros)."""
-    m = np.zeros((k, k), np.float64)
-    r = np.zeros(k, np.float64)
-    groups, rows, kk = labels.shape
-    for g in range(groups):
-        c = cov[g]
-        for n in range(rows):
-            lab = labels[g, n]
-            wn = w[g, n]
-            for i in range(kk):
-                j = lab[i]
-                if j < 0:
-                    continue
-                acc = 0.0
-                for i2 in range(kk):
-                    cv = c[i, i2]
-                    l2 = lab[i2]
-                    if l2 >= 0:
-                        m[j, l2] += cv
-                    acc += cv * wn[i2]
-                r[j] += acc
-    return m, r
-
-
-@njit(cache=True, nogil=True)
-def _normal_equations_diagonal(labels, w, cov, k):
-    m = np.zeros((k, k), np.float64)
-    r = np.zeros(k, np.float64)
-    groups, rows, kk = labels.shape
-    for g in range(groups):
-        for n in range(rows):
-            for i in range(kk):
-                j = labels[g, n, i]
-                if j >= 0:
-                    d = cov[g, i, i]
-                    m[j, j] += d
-                    r[j] += d * w[g, n, i]
-    return m, r
-
-
 def _output_error(w: np.ndarray, labels: np.ndarray, c: np.ndarray, cov: np.ndarray) -> float:
     wq = np.where(labels >= 0, c[np.maximum(labels, 0)], 0.0)
     d = wq - w
@@ -409,7 +369,8 @@ def refit_centroids(node, w: np.ndarray, labels: np.ndarray, codebook: np.ndarra
     k = codebook.size
     g, rows, kk = m_w.shape
     diagonal = g * rows * kk * kk > FULL_REFIT_BUDGET
-    m, r = (_normal_equations_diagonal if diagonal else _normal_equations)(m_l, m_w, cov, k)
+    from qgraph.kmeans import normal_equations, normal_equations_diagonal
+    m, r = (normal_equations_diagonal if diagonal else normal_equations)(m_l, m_w, cov, k)
     dead = np.diag(m) <= 1e-12 * max(float(np.trace(m)), 1e-300)
     m[dead, :] = 0.0
     m[:, dead] = 0.0

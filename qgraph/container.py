@@ -26,12 +26,21 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
-from qgraph import ir, symbols
+from qgraph import ir
 from qgraph.errors import ModelError
+
+if TYPE_CHECKING:
+    from qgraph import symbols
+
+#: the most distinct values a symbol-coded tensor may have (``qgraph.symbols.MAX_ALPHABET``). The
+#: symbol coder (and numba with it) is imported only when a tensor is coded or decoded: importing
+#: qgraph must not map numba's LLVM
+MAX_ALPHABET = 4096
 
 MAGIC = b"\x89QGZ\r\n\x1a\n"
 VERSION = (1, 0)
@@ -120,7 +129,7 @@ class PackOptions:
     min_bytes: int = 256         # initializers at least this large get their own section
     codec: str = "auto"          # raw-data compression: auto (zstd when installed, else zlib) | zstd | zlib | none
     level: int = 0               # 0: the codec's default (zstd 9, zlib 6)
-    max_alphabet: int = symbols.MAX_ALPHABET
+    max_alphabet: int = MAX_ALPHABET
     gap_bits: int = 0            # 0: choose per tensor
     layout: str = "auto"         # symbol layout: auto | dense | sparse
     symbols: bool = True         # try the symbol coding at all
@@ -188,6 +197,7 @@ def _raw_of(t: onnx.TensorProto) -> bytes:
 def pack(model: onnx.ModelProto, options: PackOptions | None = None) -> Packed:
     """The ``.qgz`` bytes of ``model`` (not modified; its large initializers are set aside only while
     the graph section is serialized)."""
+    from qgraph import symbols
     o = options or PackOptions()
     comps = _compressors(o)
     sections: list[tuple[int, int, str, bytes, int]] = []    # kind, codec byte, name, stored, raw length
@@ -377,6 +387,7 @@ def directory(data: bytes | memoryview, where: str = "<bytes>", *, limit: int | 
 
 def _section_bytes(buf: memoryview, s: Section, where: str, elem_bits_: int | None = None,
                    n: int | None = None) -> bytes | np.ndarray:
+    from qgraph import symbols
     what = f"section '{s.name}'" if s.name else "graph section"
     stored = buf[s.offset:s.offset + s.stored]
     if zlib.crc32(stored) != s.crc:
@@ -422,6 +433,7 @@ def _section_bytes(buf: memoryview, s: Section, where: str, elem_bits_: int | No
 
 def read_bytes(data: bytes, where: str = "<bytes>", *, limit: int | None = None) -> onnx.ModelProto:
     """The model stored in ``.qgz`` bytes, exactly as it was packed."""
+    from qgraph import symbols
     buf = memoryview(data)
     secs = directory(buf, where, limit=limit)
     graph_raw = _section_bytes(buf, secs[0], where)

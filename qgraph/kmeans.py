@@ -358,3 +358,48 @@ def lloyd_reference(x: np.ndarray, c: np.ndarray, max_iter: int) -> tuple[np.nda
                 c[j] = x[m].sum() / m.sum()
         c = np.sort(c)
     return c, it
+
+
+# ----------------------------------------------------------------------------- centroid refit (passes/share.py)
+
+@njit(cache=True, nogil=True)
+def normal_equations(labels, w, cov, k):
+    """M = Σ_n P_nᵀ C P_n and r = Σ_n P_nᵀ C w_n over rows n of every group (labels -1: fixed zeros)."""
+    m = np.zeros((k, k), np.float64)
+    r = np.zeros(k, np.float64)
+    groups, rows, kk = labels.shape
+    for g in range(groups):
+        c = cov[g]
+        for n in range(rows):
+            lab = labels[g, n]
+            wn = w[g, n]
+            for i in range(kk):
+                j = lab[i]
+                if j < 0:
+                    continue
+                acc = 0.0
+                for i2 in range(kk):
+                    cv = c[i, i2]
+                    l2 = lab[i2]
+                    if l2 >= 0:
+                        m[j, l2] += cv
+                    acc += cv * wn[i2]
+                r[j] += acc
+    return m, r
+
+
+@njit(cache=True, nogil=True)
+def normal_equations_diagonal(labels, w, cov, k):
+    """``normal_equations`` with C's diagonal only (layers too large for the full one)."""
+    m = np.zeros((k, k), np.float64)
+    r = np.zeros(k, np.float64)
+    groups, rows, kk = labels.shape
+    for g in range(groups):
+        for n in range(rows):
+            for i in range(kk):
+                j = labels[g, n, i]
+                if j >= 0:
+                    d = cov[g, i, i]
+                    m[j, j] += d
+                    r[j] += d * w[g, n, i]
+    return m, r

@@ -314,3 +314,8 @@ def test_seeded_mutation_fuzz_never_crashes():
     assert not failures, (f"{len(failures)} mutants crashed; reproduce with "
                           f"python -c 'import test_container as t; ...mutate(..., np.random.default_rng(SEED))': "
                           + "; ".join(failures[:5]))
+
+
+def test_container_names_the_alphabet_limit_the_symbol_coder_has():
+    from qgraph import symbols
+    assert container.MAX_ALPHABET == symbols.MAX_ALPHABET

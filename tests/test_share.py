@@ -15,7 +15,8 @@ from onnx import helper
 from builders import init, make_model, rel_err, run_ort
 from qgraph import ir, kmeans
 from qgraph.errors import ModelError, PassError
-from qgraph.passes.share import ShareWeights, _normal_equations
+from qgraph.kmeans import normal_equations as _normal_equations
+from qgraph.passes.share import INITS, ShareWeights
 from qgraph.pipeline import Context, PassManager
 from qgraph.rounding import layer_matrix
 
@@ -327,3 +328,7 @@ def test_share_refuses_a_quantized_model(rng):
     g = ir.load(fc(rng))
     with pytest.raises(PassError, match="before 'quant'"):
         PassManager([Quantize(weight_only=True, sqnr=False), ShareWeights(refit="false")]).run(g, Context())
+
+
+def test_share_names_the_initializations_kmeans_has():
+    assert INITS == kmeans.INITS
