@@ -175,8 +175,10 @@ class _Lowering:
             return ""
         prod = ir.producer(t)
         if is_dq(prod) and ir.const(prod.inputs[0]) is not None:
+            values, scale = ir.const(prod.inputs[0]), ir.const(prod.inputs[1])
+            if np.squeeze(values).ndim > 1 or (scale is not None and scale.size not in (1, values.size)):
+                _fail(node, f"bias '{t.name}' is not one value per output channel (shape {list(values.shape)})")
             self.done.add(id(prod))
-            scale = ir.const(prod.inputs[1])
             if scale is not None:
                 self.bias_float = (ir.const(prod.inputs[0]).astype(np.float32).reshape(-1)
                                    * scale.astype(np.float32).reshape(-1)).astype(np.float32)
@@ -184,6 +186,8 @@ class _Lowering:
         b = ir.const(t)
         if b is None:
             _fail(node, "bias is neither a constant nor a dequantized constant")
+        if np.squeeze(b).ndim > 1:
+            _fail(node, f"bias '{t.name}' is not one value per output channel (shape {list(b.shape)})")
         self.bias_float = b.astype(np.float32).reshape(-1)
         s = (self.prog.consts[sx_name].reshape(()).astype(np.float32)
              * self.prog.consts[sw_name].astype(np.float32).reshape(-1))

@@ -14,7 +14,9 @@ from qgraph.passes.biascorr import BiasCorrection  # noqa: E402
 from qgraph.passes.cleanup import Cleanup  # noqa: E402
 from qgraph.passes.equalize import EqualizeCrossLayer  # noqa: E402
 from qgraph.passes.fold import FoldBatchNorm  # noqa: E402
+from qgraph.passes.prune import Prune  # noqa: E402
 from qgraph.passes.quant import Quantize  # noqa: E402
+from qgraph.passes.sparsify import Sparsify  # noqa: E402
 from qgraph.pipeline import Pass, parse_pipeline  # noqa: E402
 
 PASSES = {cls.name: cls for cls in (
@@ -23,6 +25,8 @@ PASSES = {cls.name: cls for cls in (
     EqualizeCrossLayer,
     Quantize,
     BiasCorrection,
+    Prune,
+    Sparsify,
 )}
 
 
@@ -37,7 +41,14 @@ def lookup(name: str) -> type[Pass]:
 
 def build_passes(spec: str | Sequence[str | Pass]) -> list[Pass]:
     """Pass objects from a ``-p`` string, a list of such strings, or Pass instances."""
-    items: list[str | Pass] = [spec] if isinstance(spec, str) else list(spec)
+    if isinstance(spec, (str, Pass)):
+        items: list[str | Pass] = [spec]
+    else:
+        try:
+            items = list(spec)
+        except TypeError:
+            raise OptionError(f"passes must be a string such as 'fold,cleanup' or a list of passes, "
+                              f"got {type(spec).__name__}") from None
     out: list[Pass] = []
     for item in items:
         if isinstance(item, Pass):
@@ -53,4 +64,4 @@ def build_passes(spec: str | Sequence[str | Pass]) -> list[Pass]:
 
 
 __all__ = ["PASSES", "lookup", "build_passes", "FoldBatchNorm", "Cleanup", "EqualizeCrossLayer", "Quantize",
-           "BiasCorrection"]
+           "BiasCorrection", "Prune", "Sparsify"]

@@ -1,4 +1,4 @@
-"""Static figures of a model: parameters, bytes, MACs per node, op counts.
+"""Static figures of a model: parameters, bytes, MACs per node, op counts; the channel view.
 
 MACs are counted per sample (batch dimension taken as 1) from shapes that ONNX shape inference
 gives. Symbolic (or negative, as some exporters write ``-1``) dimensions are taken from
@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from qgraph import ir
+from qgraph.channels import channel_graph, dependency_groups  # noqa: F401  (the channel view, for pruning)
 from qgraph.ops import (LAYER_OPS, QOPERATOR_DOT_OPS, Skip, const_at, in_channels, layer_weight, out_channels,
                         pads_with_zero)
 

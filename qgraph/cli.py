@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints usage + message)
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def version() -> str:
+    """The installed distribution's version (package metadata), else the source tree's."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+        return dist_version("qgraph")
+    except (ImportError, PackageNotFoundError):  # pragma: no cover - running from a bare checkout
+        from qgraph import __version__
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the output path")
     p.add_argument("--list-passes", action="store_true", help="list the passes with a one-line summary")
     p.add_argument("--explain", metavar="PASS", help="show a pass's description and options with defaults")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     return p
 
 
@@ -77,7 +89,8 @@ def explain(name: str) -> str:
     doc = textwrap.dedent(cls.__doc__ or cls.summary).strip()
     lines = [f"{cls.name}: {cls.summary}", "", doc, ""]
     if cls.requires:
-        lines.append("requires: " + "; ".join(f"{r.name} ({r.hint})" if r.hint else r.name for r in cls.requires))
+        lines.append("requires: " + "; ".join(f"{r.name} ({r.hint_for(cls.name)})" if r.hint_for(cls.name) else r.name
+                                              for r in cls.requires))
     lines.append(f"preserves function: {'yes, verify tolerance ' + format(cls.tolerance, 'g') if cls.preserves_function else 'no (lossy)'}")
     rows = describe_options(cls)
     if rows:
@@ -103,9 +116,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _guarded(prog: str, args, body) -> int:
-    """Run ``body(args)`` with the exit codes and one-line errors both command lines share."""
+    """Run ``body(args)`` with the exit codes and one-line errors both command lines share.
+
+    Library warnings (numpy's RuntimeWarnings on odd values, deprecations) are not for users: what
+    matters is checked and said by qgraph itself; ``--debug`` shows them.
+    """
     try:
-        return body(args)
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.simplefilter("ignore")
+            return body(args)
     except (ModelError, OptionError) as exc:
         return _fail(prog, args, exc, 2)
     except QGraphError as exc:           # PassError and other failures on valid input
@@ -168,9 +188,10 @@ def build_run_parser() -> argparse.ArgumentParser:
                    help="diff every quantized tensor against ORT, chained and isolated (on ORT's inputs)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples of each input")
     p.add_argument("--max-lsb", type=int, default=1, help="--compare-ort fails (exit 1) above this (default 1)")
-    p.add_argument("--output", help="write our outputs to this .npz")
+    p.add_argument("--output", help="write our outputs to this .npz (also when --compare-ort then exits 1)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     return p
 
 
@@ -180,12 +201,38 @@ def run_main(argv: list[str] | None = None) -> int:
     return _guarded(RUN_PROG, args, _run_main)
 
 
-def _load_inputs(path: str, limit: int | None) -> dict[str, np.ndarray]:
-    try:
-        data = np.load(path)
-    except Exception as exc:
-        raise ModelError(f"cannot read inputs {path}: {exc}") from None
-    return {k: (data[k][:limit] if limit else data[k]) for k in data.files}
+def _load_inputs(model, path: str, limit: int | None) -> dict[str, np.ndarray]:
+    """The feeds for ``model``'s inputs from an .npz (or a folder of .npy/.npz), checked against the
+    model's declared inputs (names, dtypes, every fixed dim) and for NaN/infinity; ModelError otherwise."""
+    from qgraph.data import conform, open_samples
+    if limit is not None and limit < 1:
+        raise OptionError(f"--limit must be >= 1, got {limit}")
+    inits = {t.name for t in model.graph.initializer}
+    declared = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        try:
+            dtype = onnx_dtype(tt.elem_type)
+        except Exception:
+            dtype = None
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim] \
+            if tt.HasField("shape") else None
+        declared[vi.name] = (dtype, dims)
+    samples = open_samples(path, list(declared), limit=limit)
+    samples = conform(samples, declared)
+    feeds = next(samples.batches(len(samples)))
+    for name, (_, dims) in declared.items():
+        if dims and dims[0] and len(feeds[name]) != dims[0]:
+            raise ModelError(f"input '{name}': the model's batch axis is fixed at {dims[0]} but {path} has "
+                             f"{len(feeds[name])} samples (use --limit {dims[0]})")
+    return feeds
+
+
+def onnx_dtype(elem_type: int):
+    import onnx
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 
 def _histogram(h: dict) -> str:
@@ -198,21 +245,30 @@ def _run_main(args) -> int:
     from qgraph.kernels.lower import lower
     from qgraph.kernels.runtime import run
 
+    if args.output:
+        from qgraph.modelfile import check_writable
+        for other in (args.model, args.inputs):
+            if ir.same_file(Path(args.output), Path(other)):
+                raise ModelError(f"refusing to write --output over {other}")
+        check_writable(args.output, "--output")
     model = ir.read_model(args.model)
+    ir.check_strict(model, args.model)
     prog = lower(model)
-    feeds = _load_inputs(args.inputs, args.limit)
+    feeds = _load_inputs(model, args.inputs, args.limit)
     feeds = {k: v for k, v in feeds.items() if k in prog.inputs}
     report: dict = {"model": args.model, "mode": args.mode, "steps": prog.summary()}
     ours = run(prog, feeds, args.mode)
     worst = 0
     if args.compare_ort:
-        figures, _, _ = diff.against_ort(model, feeds, args.mode, prog)
+        with _ort_refusals():
+            figures, _, _ = diff.against_ort(model, feeds, args.mode, prog)
         report["outputs"] = figures
         worst = max((f.get("max_lsb", 10**9) for f in figures.values()), default=0)
     else:
         report["outputs"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in ours.items()}
     if args.per_layer:
-        rows = diff.per_layer(model, feeds, args.mode, prog)
+        with _ort_refusals():
+            rows = diff.per_layer(model, feeds, args.mode, prog)
         report["layers"] = rows
         first = next((r for r in rows if r.get("max_lsb", 1) > 0), None)
         report["first_divergence"] = first["output"] if first else None
@@ -228,6 +284,22 @@ def _run_main(args) -> int:
               f"--max-lsb {args.max_lsb} (worst {worst} LSB: {', '.join(over[:3])})", file=sys.stderr)
         return 1
     return 0
+
+
+class _ort_refusals:
+    """ONNX Runtime refusing to load or run the user's model (an attribute that contradicts the
+    weights) is bad input: a one-line ModelError, not an internal error or a failure."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        from qgraph import ir
+        if exc is not None and type(exc).__module__.startswith("onnxruntime"):
+            raise ModelError(f"ONNX Runtime cannot run the model: {ir.first_line(exc)}") from None
+        if isinstance(exc, QGraphError) and not isinstance(exc, (ModelError, OptionError)):
+            raise ModelError(str(exc)) from None    # ops.ort_session: ORT cannot load the model
+        return False
 
 
 def _npz_bytes(arrays: dict) -> bytes:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import csv
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -29,6 +31,8 @@ import numpy as np
 
 from qgraph.errors import ModelError
 
+#: What reading a broken .npz / .npy raises (a bad zip, a bad member, a pickle refused, a short file).
+READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 LABELS_KEY = "labels"
 
@@ -158,12 +162,13 @@ class Samples:
 
     def __init__(self, input_names: Sequence[str], count: int, fetch: Fetch, *,
                  labels: np.ndarray | None = None, index: np.ndarray | None = None,
-                 description: str = ""):
+                 description: str = "", preprocessed: bool = False):
         self.input_names = list(input_names)
         self._fetch = fetch
         self._index = np.arange(count, dtype=np.int64) if index is None else np.asarray(index, np.int64)
         self._labels = None if labels is None else np.asarray(labels)
         self.description = description or f"{count} samples"
+        self.preprocessed = preprocessed   # values made by a preset (their dtype is ours to choose)
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -180,7 +185,23 @@ class Samples:
         if batch_size < 1:
             raise ModelError(f"batch_size must be >= 1, got {batch_size}")
         for start in range(0, len(self._index), batch_size):
-            yield self._fetch(self._index[start:start + batch_size])
+            batch = self._fetch(self._index[start:start + batch_size])
+            self._check_finite(batch, start)
+            yield batch
+
+    def _check_finite(self, batch: dict[str, np.ndarray], start: int) -> None:
+        """NaN or infinity in an input is bad data: it would set every range it reaches to NaN."""
+        for name, x in batch.items():
+            x = np.asarray(x)
+            if x.dtype.kind not in "fc" or x.size == 0:
+                continue
+            ok = np.isfinite(x.reshape(len(x), -1) if x.ndim else x.reshape(1, -1)).all(axis=1)
+            if not ok.all():
+                i = start + int(np.argmin(ok))
+                k = int(ok.size - ok.sum())
+                more = f", and {k - 1} more of the {ok.size} in its batch" if k > 1 else ""
+                raise ModelError(f"{self.description}: input '{name}' has NaN or infinite values "
+                                 f"(sample {i}{more})")
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self.batches()
@@ -201,7 +222,7 @@ class Samples:
             if pos.size and (pos.min() < -len(self) or pos.max() >= len(self)):
                 raise ModelError(f"subset index out of range for {len(self)} samples")
         return Samples(self.input_names, 0, self._fetch, labels=self._labels,
-                       index=self._index[pos], description=self.description)
+                       index=self._index[pos], description=self.description, preprocessed=self.preprocessed)
 
     def renamed(self, input_names: Sequence[str]) -> Samples:
         """The same samples fed under other input names (same count, same order)."""
@@ -211,7 +232,16 @@ class Samples:
         mapping = dict(zip(self.input_names, input_names))
         fetch = self._fetch
         return Samples(input_names, 0, lambda idx: {mapping[k]: v for k, v in fetch(idx).items()},
-                       labels=self._labels, index=self._index, description=self.description)
+                       labels=self._labels, index=self._index, description=self.description,
+                       preprocessed=self.preprocessed)
+
+    def cast(self, dtypes: Mapping[str, np.dtype]) -> Samples:
+        """The same samples with inputs converted to ``dtypes`` (name -> dtype)."""
+        fetch = self._fetch
+        return Samples(self.input_names, 0,
+                       lambda idx: {k: (v.astype(dtypes[k]) if k in dtypes else v) for k, v in fetch(idx).items()},
+                       labels=self._labels, index=self._index, description=self.description,
+                       preprocessed=self.preprocessed)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -264,6 +294,28 @@ def check_shapes(samples: Samples, input_shapes: Mapping[str, Sequence]) -> None
                              f"but the model expects {shown[1:]} (after the batch axis)")
 
 
+def conform(samples: Samples, inputs: Mapping[str, tuple[Any, Sequence]]) -> Samples:
+    """Check samples against the model's inputs {name: (dtype or None, dims)} on the first sample,
+    before any pass runs: ModelError naming the input when its shape or dtype differs. Values a
+    preset made are converted to a float input's dtype (the preset's float32 is our choice, not
+    the user's); arrays the user gave must match."""
+    first = next(samples.subset([0]).batches(1))
+    check_shapes(samples, {n: dims for n, (_, dims) in inputs.items() if dims is not None})
+    casts = {}
+    for name, (dtype, _) in inputs.items():
+        if name not in first or dtype is None:
+            continue
+        want, got = np.dtype(dtype), np.asarray(first[name]).dtype
+        if want == got:
+            continue
+        if samples.preprocessed and want.kind == "f" and got.kind == "f":
+            casts[name] = want
+            continue
+        raise ModelError(f"input '{name}': data is {got} but the model expects {want} "
+                         f"({samples.description}; convert it, e.g. a.astype(np.{want.name}))")
+    return samples.cast(casts) if casts else samples
+
+
 def _match_samples(s: Samples, names: list[str]) -> Samples:
     if s.input_names == names:
         return s
@@ -281,8 +333,11 @@ def _from_path(path: Path, names: list[str], preset: Preset | None) -> Samples:
         if path.suffix == ".npz":
             try:
                 arrays = np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise ModelError(f"cannot read {path}: {e}") from None
+            except READ_ERRORS as e:
+                raise _unreadable(path, e) from None
+            if not hasattr(arrays, "files"):
+                raise ModelError(f"{path.name} is a single .npy array saved under an .npz name; use np.savez "
+                                 "with the input names as keys")
             return _from_arrays(arrays, names, preset, path.name)
         if path.suffix == ".npy":
             raise ModelError(f"{path.name}: a single .npy is not a sample set; use a folder of .npy "
@@ -321,14 +376,19 @@ def _from_arrays(arrays: Mapping[str, np.ndarray], names: list[str], preset: Pre
 
     def array(key: str) -> np.ndarray:
         if key not in cache:
-            a = np.asarray(arrays[key])
+            try:
+                a = np.asarray(arrays[key])
+            except READ_ERRORS as e:  # pickled object arrays, broken zip members
+                raise _unreadable(f"{where} ['{key}']", e) from None
+            if a.dtype.kind in "OV" or a.dtype.hasobject:
+                raise ModelError(f"{where}: '{key}' is not a numeric array (dtype {a.dtype})")
             if a.ndim == 0:
                 raise ModelError(f"{where}: '{key}' is a scalar, expected a leading sample axis")
             cache[key] = a
         return cache[key]
 
     counts = {n: len(array(k)) for n, k in chosen.items()}
-    labels = np.asarray(arrays[LABELS_KEY]) if LABELS_KEY in keys else None
+    labels = array(LABELS_KEY) if LABELS_KEY in keys else None
     if labels is not None:
         counts[LABELS_KEY] = len(labels)
     if len(set(counts.values())) > 1:
@@ -342,7 +402,15 @@ def _from_arrays(arrays: Mapping[str, np.ndarray], names: list[str], preset: Pre
             out[name] = preset.normalize(x) if preset is not None else x
         return out
 
-    return Samples(names, n, fetch, labels=labels, description=where)
+    return Samples(names, n, fetch, labels=labels, description=where, preprocessed=preset is not None)
+
+
+def _unreadable(where, e: BaseException) -> ModelError:
+    text = str(e)
+    if "pickle" in text.lower():
+        return ModelError(f"{where} holds pickled Python objects; qgraph never unpickles data "
+                          "(save plain numeric arrays with np.savez)")
+    return ModelError(f"cannot read {where}: {text.splitlines()[0] if text else type(e).__name__}")
 
 
 def _from_sample_files(folder: Path, files: list[Path], names: list[str], preset: Preset | None) -> Samples:
@@ -362,8 +430,8 @@ def _from_sample_files(folder: Path, files: list[Path], names: list[str], preset
                 if len(names) == 1 and len(keys) == 1:
                     return {names[0]: z[keys[0]]}
                 raise ModelError(f"{f.name}: keys {keys} do not match the model inputs {names}")
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot read {f}: {e}") from None
+        except READ_ERRORS as e:
+            raise _unreadable(f, e) from None
 
     def fetch(idx: np.ndarray) -> dict[str, np.ndarray]:
         samples = [load(files[i]) for i in idx]
@@ -378,7 +446,7 @@ def _from_sample_files(folder: Path, files: list[Path], names: list[str], preset
             out[n] = preset.normalize(x) if preset is not None else x
         return out
 
-    return Samples(names, len(files), fetch, description=str(folder))
+    return Samples(names, len(files), fetch, description=str(folder), preprocessed=preset is not None)
 
 
 def _from_images(folder: Path, files: list[Path], names: list[str], preset: Preset | None) -> Samples:
@@ -392,7 +460,7 @@ def _from_images(folder: Path, files: list[Path], names: list[str], preset: Pres
         return {names[0]: np.stack([preset.image(files[i]) for i in idx])}
 
     return Samples(names, len(files), fetch, labels=labels,
-                   description=f"{folder} (preset {preset.name})")
+                   description=f"{folder} (preset {preset.name})", preprocessed=not preset.identity)
 
 
 def _read_labels(folder: Path, files: list[Path]) -> np.ndarray | None:

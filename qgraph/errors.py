@@ -1,4 +1,5 @@
-"""One exception family. The CLI maps ModelError/OptionError to exit 2 and PassError to exit 1."""
+"""One exception family. The CLI maps ModelError/OptionError to exit 2 and PassError to exit 1
+(a PassInputError, a pass stopped by bad input, is both a PassError and a ModelError: exit 2)."""
 from __future__ import annotations
 
 
@@ -23,3 +24,9 @@ class PassError(QGraphError):
         self.reason = reason
         before = ", ".join(self.done) if self.done else "none"
         super().__init__(f"pass '{pass_name}' failed (after: {before}): {reason}")
+
+
+class PassInputError(PassError, ModelError):
+    """A pass stopped on bad input (calibration data with NaN, a model it cannot handle): it names
+    the pass like a PassError and is a ModelError, so ``except ModelError`` catches it and the CLI
+    exits 2. The ModelError the pass raised is its ``__cause__``."""

@@ -16,7 +16,7 @@ import onnx
 
 from qgraph import ir
 from qgraph.analysis import model_stats
-from qgraph.errors import OptionError, QGraphError
+from qgraph.errors import ModelError, OptionError, QGraphError
 from qgraph.ops import ort_session
 from qgraph.pipeline import Context, Instrument, Pass, PassResult
 
@@ -41,7 +41,12 @@ class Report(Instrument):
         self.input_shapes = calibration_shapes(ctx)
         if self.input_shapes:
             self.meta["mac_input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
-        self.rows = [self._row("input", 0, model, seconds=0.0, notes={})]
+        notes = {}
+        kept = ir.meta_of(g).get("kept_constants")
+        if kept:  # ConstantOfShape results over the expansion limit stay nodes (ir.materialize_constants)
+            notes["constants_not_expanded"] = len(kept)
+            notes["details"] = {"constants_not_expanded": {k: f"{v / 2**20:,.0f} MB" for k, v in kept.items()}}
+        self.rows = [self._row("input", 0, model, seconds=0.0, notes=notes)]
 
     def after(self, index: int, p: Pass, g, model, result: PassResult, seconds: float, ctx: Context) -> None:
         row = self._row(p.label(), index, model, seconds, result.notes)
@@ -74,8 +79,12 @@ class Report(Instrument):
     def to_dict(self) -> dict:
         return {"qgraph_report": 1, **self.meta, "passes": self.rows}
 
+    def to_json(self) -> bytes:
+        """The report as standard JSON: a NaN or infinite figure is written as null."""
+        return (json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False) + "\n").encode()
+
     def save(self, path: str | os.PathLike) -> None:
-        ir.atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        ir.atomic_write_bytes(path, self.to_json())
 
     def format(self) -> str:
         if not self.rows:
@@ -162,6 +171,17 @@ def _notes(notes: dict) -> str:
     return "; ".join(parts) or "-"
 
 
+def _finite(x: Any) -> Any:
+    """``x`` with every NaN / infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -182,21 +202,42 @@ class VerifyError(QGraphError):
     pass
 
 
+#: seeded_inputs refuses to draw more than this many bytes of random inputs (give --calib instead).
+MAX_SEEDED_BYTES = 1 << 30
+
+
 def seeded_inputs(model: onnx.ModelProto, seed: int, batch: int = 2) -> dict[str, np.ndarray]:
     """Random inputs for every graph input: normal floats, small ints (token-id-like), masks of ones.
 
-    Symbolic dimensions become ``batch`` for the first axis and 8 elsewhere.
+    Symbolic dimensions become ``batch`` for the first axis and 8 elsewhere. Inputs declared larger
+    than ``MAX_SEEDED_BYTES`` in all are refused (ModelError) before anything is drawn.
     """
     rng = np.random.default_rng(seed)
     inits = {t.name for t in model.graph.initializer}
     feeds = {}
+    plan = []
+    total = 0
     for vi in model.graph.input:
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or tt.elem_type == onnx.TensorProto.UNDEFINED:
+            raise ModelError(f"input '{vi.name}' is not a typed tensor: --verify cannot draw inputs for it; "
+                             "give --calib")
         dims = [d.dim_value if d.HasField("dim_value") else (batch if i == 0 else 8)
                 for i, d in enumerate(tt.shape.dim)]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        except Exception:
+            raise ModelError(f"input '{vi.name}' has data type {tt.elem_type}, for which --verify cannot "
+                             "draw inputs; give --calib") from None
+        total += int(np.prod(dims, dtype=np.float64)) * np.dtype(dtype).itemsize
+        plan.append((vi, dims, dtype))
+    if total > MAX_SEEDED_BYTES:
+        shapes = ", ".join(f"{vi.name} {dims}" for vi, dims, _ in plan)
+        raise ModelError(f"the model's inputs ({shapes}) would take {total / 2**30:,.1f} GiB of random data "
+                         "for --verify; give --calib with smaller samples")
+    for vi, dims, dtype in plan:
         lname = vi.name.lower()
         if np.issubdtype(dtype, np.floating):
             feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
@@ -259,11 +300,32 @@ class Verify(Instrument):
         self.reference: dict[str, np.ndarray] = {}
         self.noise: dict[str, dict[str, float]] = {}
         self.history: list[tuple[str, dict]] = []
+        self.source = ""
 
     def start(self, g, model, ctx: Context) -> None:
+        # Whatever stops the original model from running is the input's problem, not a pass's
         self.feeds = self._inputs(model, ctx)
-        self.reference = self._run(model)
-        self.noise = self._noise(model) if self.noise_factor > 0 else {}
+        source = g if ir.is_light(model) else model
+        try:
+            self.reference = self._run(source)
+        except VerifyError as exc:
+            hint = ""
+            if self.source.startswith("seeded") and _symbolic_inputs(model):
+                hint = (f" (inputs {', '.join(_symbolic_inputs(model))} have symbolic dims, drawn as 2 for the "
+                        "batch and 8 elsewhere: give --calib with real inputs)")
+            raise ModelError(f"--verify cannot run the original model{hint}: {exc}") from None
+        except QGraphError as exc:
+            raise ModelError(f"--verify: {exc}") from None
+        for name, ref in self.reference.items():
+            bad = _nonfinite(ref)
+            if bad:
+                raise ModelError(f"--verify: the original model's output '{name}' has {bad} NaN/infinite "
+                                 f"value(s) on the verify inputs ({self.source}); nothing can be checked "
+                                 "against it: give --calib with inputs it computes numbers on")
+        try:
+            self.noise = self._noise(source) if self.noise_factor > 0 else {}
+        except QGraphError as exc:
+            raise ModelError(f"--verify cannot measure the original model's float noise: {exc}") from None
         if self.report is not None and self.noise:
             self.report.attach_noise(self.noise, self.noise_factor)
 
@@ -271,10 +333,12 @@ class Verify(Instrument):
         if ctx.calib is not None:
             batch = next(iter(ctx.calib.batches(self.max_samples)), None)
             if batch:
+                self.source = "the first calibration samples"
                 return batch
+        self.source = f"seeded N(0,1) inputs, seed {ctx.seed}"
         return seeded_inputs(model, ctx.seed)
 
-    def _run(self, model: onnx.ModelProto, optimize: bool | str = True) -> dict[str, np.ndarray]:
+    def _run(self, model: onnx.ModelProto | ir.Graph, optimize: bool | str = True) -> dict[str, np.ndarray]:
         sess = ort_session(model, optimize=optimize)
         names = [o.name for o in sess.get_outputs()]
         wanted = {i.name for i in sess.get_inputs()}
@@ -287,7 +351,7 @@ class Verify(Instrument):
             raise VerifyError(f"ONNX Runtime failed to run the model: {ir.first_line(exc)}") from None
         return dict(zip(names, outs))
 
-    def _noise(self, model: onnx.ModelProto) -> dict[str, dict[str, float]]:
+    def _noise(self, model: onnx.ModelProto | ir.Graph) -> dict[str, dict[str, float]]:
         """Per output, the largest max_abs / max_rel difference of the ``NOISE_LEVELS`` runs of the
         original model from the reference run."""
         noise = {name: {"max_abs": 0.0, "max_rel": 0.0} for name in self.reference}
@@ -302,12 +366,17 @@ class Verify(Instrument):
                 for name in self.reference}
 
     def after(self, index, p, g, model, result, seconds, ctx) -> None:
-        got = self._run(model)
+        got = self._run(g if ir.is_light(model) else model)
         missing = set(self.reference) - set(got)
         if missing:
             raise VerifyError(f"outputs disappeared: {', '.join(sorted(missing))}")
+        for name, value in got.items():   # NaN compares false with any tolerance: never a pass
+            bad = _nonfinite(value) if name in self.reference else 0
+            if bad:
+                raise VerifyError(f"output '{name}' has {bad} NaN/infinite value(s) after this pass "
+                                  f"(the original's are finite)")
         diffs = output_diffs(self.reference, got)
-        tol = self.tolerance if self.tolerance is not None else p.tolerance
+        tol = self.tolerance if self.tolerance is not None else max(p.tolerance, half_precision_floor(self.reference))
         bounds = self.bounds(tol)
         self.history.append((p.label(), diffs))
         if self.report is not None:
@@ -324,6 +393,35 @@ class Verify(Instrument):
                                   f"(max abs {worst['max_abs']:.3g})")
 
 
+def _symbolic_inputs(model: onnx.ModelProto) -> list[str]:
+    inits = {t.name for t in model.graph.initializer}
+    return [vi.name for vi in model.graph.input if vi.name not in inits
+            and any(not d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)]
+
+
+def _nonfinite(a: np.ndarray) -> int:
+    a = np.asarray(a)
+    if a.dtype.kind not in "fc":
+        return 0
+    return int(a.size - np.count_nonzero(np.isfinite(a)))
+
+
+#: A function-preserving pass on a model computing in half precision is held to at least this many
+#: units of the output type's rounding (eps), not to a float32 tolerance: every layer rounds its
+#: output to float16, so re-rounded weights move the outputs by a few eps, growing with depth
+#: (fold on float16 versions of the digits CNN: 1.6 eps, EfficientNet-Lite0: 3.7, MobileNetV2: 7.7,
+#: on seeded N(0,1) inputs; a wrong channel moves them by ~1/eps). Deeper float16 networks need more
+#: (a randomly weighted ResNet-50: 74 eps): give --tolerance.
+HALF_PRECISION_EPS = 16
+
+
+def half_precision_floor(outputs: dict[str, np.ndarray]) -> float:
+    """The least relative tolerance outputs of this precision allow: 16 eps of float16/bfloat16, else 0."""
+    eps = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
+    return max([HALF_PRECISION_EPS * eps.get(np.asarray(v).dtype.name, 0.0) for v in outputs.values()],
+               default=0.0)
+
+
 # ----------------------------------------------------------------------------- Dump
 
 class Dump(Instrument):
@@ -333,8 +431,11 @@ class Dump(Instrument):
         self.dir = Path(directory)
 
     def start(self, g, model, ctx) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        ir.save(model, self.dir / "00_input.onnx")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ModelError(f"cannot create the dump folder {self.dir}: {exc.strerror or exc}") from None
+        ir.save(g if ir.is_light(model) else model, self.dir / "00_input.onnx")
 
     def after(self, index, p, g, model, result, seconds, ctx) -> None:
-        ir.save(model, self.dir / f"{index:02d}_{p.name}.onnx")
+        ir.save(g if ir.is_light(model) else model, self.dir / f"{index:02d}_{p.name}.onnx")

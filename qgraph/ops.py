@@ -595,22 +595,34 @@ class Skip(Exception):
 
 # ----------------------------------------------------------------------------- ONNX Runtime
 
-def ort_session(model, *, threads: int = 0, optimize: bool | str = True):
-    """One ONNX Runtime CPU session for a ModelProto. A model over protobuf's 2 GB limit goes
-    through a temporary folder that is removed as soon as the session holds its weights.
+class OrtLoadError(QGraphError):
+    """ONNX Runtime refused to load a model (``ort_session``)."""
+
+
+def ort_session(model, *, threads: int = 0, optimize: bool | str = True, lean: bool = False):
+    """One ONNX Runtime CPU session for a ModelProto or an ``ir.Graph``. A model over protobuf's 2 GB
+    limit goes through a temporary folder (a graph's weights streamed into it, never copied into a
+    ModelProto) that is removed as soon as the session holds its weights.
     ``optimize=False`` turns ONNX Runtime's graph optimizations (and so its QDQ fusions) off; a
-    string names the level (``"ORT_ENABLE_BASIC"``, ...)."""
+    string names the level (``"ORT_ENABLE_BASIC"``, ...). ``lean=True`` trades speed for memory,
+    for short runs: no memory arena, and no CPU-specific layout (NCHWc: reordered weight copies and
+    buffers); the QDQ fusions stay."""
     import onnxruntime as ort
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4   # fatal only: ORT logs a failing run to stderr; the error we raise says it in one line
     if threads:
         so.intra_op_num_threads = threads
+    if lean:
+        so.enable_cpu_mem_arena = False
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if isinstance(optimize, str):
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimize)
     elif not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         if not ir.is_large(model):
+            if isinstance(model, ir.Graph):
+                model = ir.to_model(model)
             return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         tmp = tempfile.mkdtemp(prefix="qgraph-ort-")
         try:
@@ -619,5 +631,7 @@ def ort_session(model, *, threads: int = 0, optimize: bool | str = True):
             return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    except QGraphError:
+        raise
     except Exception as exc:
-        raise QGraphError(f"ONNX Runtime cannot load the model: {ir.first_line(exc)}") from None
+        raise OrtLoadError(f"ONNX Runtime cannot load the model: {ir.first_line(exc)}") from None

@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 
 from qgraph import ir
-from qgraph.errors import OptionError, PassError, QGraphError
-from qgraph.ops import QParams
+from qgraph.errors import ModelError, OptionError, PassError, PassInputError, QGraphError
+from qgraph.ops import OrtLoadError, QParams, ort_session
 
 
 # ----------------------------------------------------------------------------- results and context
@@ -73,6 +73,8 @@ class Context:
     Facts one pass leaves for a later one, each typed:
     bn_stats  -- per layer output name, the statistics of the BatchNorm ``fold`` folded into it
     quant     -- what ``quant`` recorded (None until it ran)
+    sparsity  -- per layer node name, the fraction of its weights ``sparsify`` set to zero: later
+                 passes keep those zeros exact
     """
     calib: Any = None
     seed: int = 0
@@ -82,6 +84,7 @@ class Context:
     plots: str | None = None
     bn_stats: dict[str, BNStats] = field(default_factory=dict)
     quant: QuantRecord | None = None
+    sparsity: dict[str, float] = field(default_factory=dict)
 
     def rng(self, salt: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, salt])
@@ -91,13 +94,27 @@ class Context:
 
 @dataclass(frozen=True)
 class Requirement:
-    """A property the graph must have before a pass runs, checked on the graph itself."""
+    """A property the graph must have before a pass runs, checked on the graph itself.
+
+    ``hint`` says what to do about it: a string, or a function of the requiring pass's name (so
+    that a hint naming a pass never tells that pass to run before itself). ``provider`` is the
+    pass that establishes the property: when it already ran, the hint says so instead (with the
+    reasons it gave for what it left: ``'fold' ran but left them (skipped: weight_shared=2)``)."""
     name: str
     check: Callable[[ir.Graph], str | None]  # None when satisfied, else what is wrong
-    hint: str = ""
+    hint: str | Callable[[str], str] = ""
+    provider: str = ""
 
     def __call__(self, g: ir.Graph) -> str | None:
         return self.check(g)
+
+    def hint_for(self, pass_name: str, ran: Sequence[tuple[Pass, PassResult]] = ()) -> str:
+        earlier = [r for p, r in ran if p.name == self.provider] if self.provider else []
+        if earlier:
+            skipped = {k: v for r in earlier for k, v in (r.notes.get("skipped") or {}).items()}
+            why = f" (skipped: {', '.join(f'{k}={v}' for k, v in skipped.items())})" if skipped else ""
+            return f"'{self.provider}' ran before this pass but left them{why}"
+        return self.hint(pass_name) if callable(self.hint) else self.hint
 
 
 def _no_op(op: str) -> Callable[[ir.Graph], str | None]:
@@ -108,12 +125,13 @@ def _no_op(op: str) -> Callable[[ir.Graph], str | None]:
 
 
 no_batchnorm = Requirement("no BatchNormalization left", _no_op("BatchNormalization"),
-                           hint="put 'fold' before this pass")
+                           hint="put 'fold' before this pass", provider="fold")
 not_quantized = Requirement("no QuantizeLinear/DequantizeLinear yet",
                             lambda g: (None if not any(n.op in ("QuantizeLinear", "DequantizeLinear")
                                                        for n in g.nodes)
                                        else "the model is already quantized"),
-                            hint="run this pass before 'quant'")
+                            hint=lambda p: ("quant runs once, on a float model" if p == "quant"
+                                            else f"run '{p}' before 'quant'"))
 quantized = Requirement("QuantizeLinear/DequantizeLinear present",
                         lambda g: (None if any(n.op == "DequantizeLinear" for n in g.nodes)
                                    else "the model has no DequantizeLinear nodes"),
@@ -290,6 +308,9 @@ class Pass:
     requires: ClassVar[tuple[Requirement, ...]] = ()
     preserves_function: ClassVar[bool] = True
     tolerance: ClassVar[float] = 1e-4
+    #: whether the pass rewrites inside If/Loop/Scan bodies; one that does not leaves them as they
+    #: are and the manager notes how many it left (``untouched_subgraphs``)
+    handles_subgraphs: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -305,12 +326,13 @@ class Pass:
     def run(self, g: ir.Graph, ctx: Context) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError(f"pass {self.name} has no run()")
 
-    def unmet(self, g: ir.Graph) -> str | None:
-        """The first unmet precondition as a message, or None."""
+    def unmet(self, g: ir.Graph, ran: Sequence[tuple[Pass, PassResult]] = ()) -> str | None:
+        """The first unmet precondition as a message, or None; ``ran``: the passes run before this one."""
         for req in self.requires:
             problem = req(g)
             if problem:
-                hint = f"; {req.hint}" if req.hint else ""
+                text = req.hint_for(self.name, ran)
+                hint = f"; {text}" if text else ""
                 return f"requires {req.name}: {problem}{hint}"
         return None
 
@@ -399,15 +421,24 @@ class PassManager:
         self.model: onnx.ModelProto | None = None  # the graph as last exported (after the last pass)
 
     def run(self, g: ir.Graph, ctx: Context | None = None) -> ir.Graph:
+        """Run the passes over ``g`` in place. ``self.model`` is the graph as exported after the last
+        pass; for a model over ``ir.EXTERNAL_DATA_THRESHOLD`` it is light (``ir.is_light``: weights
+        stay in the graph, never copied into a ModelProto), and instruments use the graph for what
+        needs the weights.
+
+        A pass that raises ModelError (bad calibration data, a model it cannot handle) fails with a
+        PassInputError, which is a ModelError too; anything else becomes a PassError.
+        """
         ctx = ctx or Context()
-        model = ir.to_model(g)
+        model = _export(g)
         if ctx.original is None:
             ctx.original = model
         for inst in self.instruments:
             inst.start(g, model, ctx)
         done: list[str] = []
+        ran: list[tuple[Pass, PassResult]] = []
         for index, p in enumerate(self.passes, start=1):
-            problem = p.unmet(g)
+            problem = p.unmet(g, ran)
             if problem:
                 raise PassError(p.name, done, problem)
             t0 = time.perf_counter()
@@ -415,27 +446,57 @@ class PassManager:
                 result = p.run(g, ctx)
                 if not isinstance(result, PassResult):
                     raise TypeError(f"run() returned {type(result).__name__}, not PassResult")
+                if not p.handles_subgraphs:
+                    untouched = len(list(g.subgraphs()))
+                    if untouched:
+                        result.notes["untouched_subgraphs"] = untouched
                 g.cleanup().toposort()
-                model = ir.to_model(g)
+                model = _export(g)
                 _check(model)
             except PassError:
                 raise
+            except ModelError as exc:
+                raise PassInputError(p.name, done, str(exc)) from exc
+            except OrtLoadError as exc:
+                if _runtime_refuses(ctx.original):
+                    raise PassInputError(p.name, done, f"{exc} (and it refuses the input model too)") from exc
+                raise PassError(p.name, done, str(exc)) from exc
             except QGraphError as exc:
                 raise PassError(p.name, done, str(exc)) from exc
             except Exception as exc:
                 raise PassError(p.name, done, f"{type(exc).__name__}: {ir.first_line(exc)}") from exc
             seconds = time.perf_counter() - t0
             self.results.append((p, result))
+            ran.append((p, result))
             for inst in self.instruments:
                 try:
                     inst.after(index, p, g, model, result, seconds, ctx)
                 except PassError:
                     raise
+                except ModelError as exc:
+                    raise PassInputError(p.name, done, str(exc)) from exc
                 except QGraphError as exc:
                     raise PassError(p.name, done, str(exc)) from exc
             done.append(p.name)
         self.model = model
         return g
+
+
+def _runtime_refuses(original: onnx.ModelProto | None) -> bool:
+    """Whether ONNX Runtime refuses to load the input model itself: then a pass that needed ORT (to
+    calibrate, to measure) failed because of its input, not of what it or an earlier pass did."""
+    if original is None or ir.is_light(original):
+        return False
+    try:
+        ort_session(original)
+    except OrtLoadError:
+        return True
+    return False
+
+
+def _export(g: ir.Graph) -> onnx.ModelProto:
+    """The graph as a ModelProto; light (weights left in the graph) when it is over 2 GB."""
+    return ir.to_model(g, light=ir.is_large(g))
 
 
 def _check(model: onnx.ModelProto) -> None:

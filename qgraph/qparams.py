@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from numba import njit
+from qgraph.jit import njit
 
 from qgraph.ops import QParams, is_signed
 
@@ -178,7 +178,7 @@ def entropy_range(stats: "TensorStats", *, bits: int = 8) -> tuple[float, float]
     return max(float(stats.min), -t), min(float(stats.max), t)
 
 
-@njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _kl_threshold(hist, levels):
     """Bin count i (levels <= i <= len(hist)) minimizing KL(P_i || Q_i), as TensorRT's calibrator
     (in the MXNet/TVM reference form): P = hist[:i] with the tail folded into bin i-1; Q = hist[:i]
@@ -220,7 +220,7 @@ def _kl_threshold(hist, levels):
     return best_i
 
 
-@njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _smoothed_kl(p, q, eps):
     """KL(p || q) between histograms of counts: zero bins get eps, taken evenly from the non-zero
     ones (on counts, as MXNet's ``_smooth_distribution``), then both are normalized."""

@@ -88,11 +88,15 @@ def row_scales(qp, node, w_shape, m_shape) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- statistics
 
 class Hessians:
-    """Streaming H = Σ x xᵀ of each layer's input features, [G, K, K] per layer (float64)."""
+    """Streaming H = Σ x xᵀ of each layer's input features, [G, K, K] per layer (float64).
 
-    def __init__(self, layers: dict):
+    With ``bias=True`` every x gets a trailing 1 (H is [G, K+1, K+1]: its last row holds Σ x and the
+    count), for fits where a bias absorbs the mean."""
+
+    def __init__(self, layers: dict, bias: bool = False):
         # layers: name -> (node, input tensor name, weight shape, input shape)
         self.layers = layers
+        self.bias = bias
         self.h: dict[str, np.ndarray] = {}
         self.count: dict[str, int] = {}
         self.geo = {}     # per Conv, from the first batch's shape (SAME padding depends on it)
@@ -104,11 +108,15 @@ class Hessians:
                 self.geo[name] = _conv_geometry(node, self.layers[name][2], x.shape)
             for img in x.astype(np.float32, copy=False):
                 p = _conv_patches(img, self.geo[name])
+                if self.bias:
+                    p = np.concatenate([p, np.ones((p.shape[0], 1, p.shape[2]), np.float32)], axis=1)
                 self._add(name, p @ p.transpose(0, 2, 1), p.shape[2])
             return
         if node.op == "Gemm" and node.attrs.get("transA", 0):
             x = x.T
         rows = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
+        if self.bias:
+            rows = np.concatenate([rows, np.ones((rows.shape[0], 1), np.float32)], axis=1)
         self._add(name, (rows.T @ rows)[None], rows.shape[0])
 
     def _add(self, name: str, h: np.ndarray, n: int) -> None:
@@ -120,14 +128,15 @@ class Hessians:
             self.count[name] = n
 
 
-def collect_hessians(model, layers: dict, samples, *, batch_size: int = 16, progress: bool = False) -> Hessians:
+def collect_hessians(model, layers: dict, samples, *, batch_size: int = 16, progress: bool = False,
+                     bias: bool = False, desc: str = "gptq: input statistics") -> Hessians:
     """One ORT session over ``samples``; every layer's H accumulated batch by batch (nothing kept)."""
-    acc = Hessians(layers)
+    acc = Hessians(layers, bias=bias)
     by_input: dict[str, list[str]] = {}
     for name, (_, x_name, _, _) in layers.items():
         by_input.setdefault(x_name, []).append(name)
     for values in stream(model, list(by_input), samples, batch_size=batch_size, progress=progress,
-                         desc="gptq: input statistics"):
+                         desc=desc):
         for x_name, v in values.items():
             for name in by_input[x_name]:
                 acc.update(name, v)
@@ -137,8 +146,11 @@ def collect_hessians(model, layers: dict, samples, *, batch_size: int = 16, prog
 # ----------------------------------------------------------------------------- rounding
 
 def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int, *,
-         damp: float = DAMP, block: int = BLOCK, act_order: bool = True) -> np.ndarray:
-    """Integer weights [G, R, K] for w [G, R, K] given H [G, K, K] and per-row scale/zero [G, R]."""
+         damp: float = DAMP, block: int = BLOCK, act_order: bool = True, pinned: np.ndarray | None = None
+         ) -> np.ndarray:
+    """Integer weights [G, R, K] for w [G, R, K] given H [G, K, K] and per-row scale/zero [G, R].
+    ``pinned`` [G, R, K] marks weights that must stay exactly zero (a sparse layer's zeros): they take
+    the zero point, and their error moves to the other weights like any rounding error."""
     w = np.array(w, dtype=np.float64)
     h = np.array(h, dtype=np.float64)
     g, r, k = w.shape
@@ -151,6 +163,8 @@ def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin
     else:
         perm = np.broadcast_to(idx, (g, k)).copy()
     w = np.take_along_axis(w, perm[:, None, :], axis=2)
+    if pinned is not None:
+        pinned = np.take_along_axis(np.asarray(pinned, bool), perm[:, None, :], axis=2)
     h = np.take_along_axis(np.take_along_axis(h, perm[:, :, None], axis=1), perm[:, None, :], axis=2)
     h[:, idx, idx] += damp * h[:, idx, idx].mean(axis=1, keepdims=True)
     u = _upper_cholesky_of_inverse(h)
@@ -165,6 +179,8 @@ def gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin
         for i in range(i2 - i1):
             col = w1[:, :, i:i + 1]
             qc = np.clip(np.rint(col / s) + z, qmin, qmax)
+            if pinned is not None:
+                qc = np.where(pinned[:, :, i1 + i:i1 + i + 1], z, qc)
             q[:, :, i1 + i] = qc[:, :, 0]
             e = (col - (qc - z) * s) / u1[:, i, i][:, None, None]
             w1[:, :, i:] -= e * u1[:, i, i:][:, None, :]
@@ -200,9 +216,10 @@ def output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
     return float(np.einsum("grk,gkl,grl->", d, h, d))
 
 
-def round_layers(float_model, targets: dict, samples, *, batch_size: int = 16, progress: bool = False
-                 ) -> tuple[dict, dict, dict, dict]:
-    """GPTQ integer weights for ``targets`` (weight name -> (node, weight array, qparams)).
+def round_layers(float_model, targets: dict, samples, *, batch_size: int = 16, progress: bool = False,
+                 pin_zeros: frozenset = frozenset()) -> tuple[dict, dict, dict, dict]:
+    """GPTQ integer weights for ``targets`` (weight name -> (node, weight array, qparams)); the exact
+    zeros of the weights named in ``pin_zeros`` (sparse layers) stay zero.
 
     Returns, by weight name: the integers, (nearest error, gptq error) of the layer's output, the
     chosen scales (per row, or one), and {weight name: reason} for layers left to nearest rounding."""
@@ -224,7 +241,7 @@ def round_layers(float_model, targets: dict, samples, *, batch_size: int = 16, p
     for wname in layers:
         h = hs.h[wname] / max(hs.count[wname], 1)
         ints[wname], errors[wname], scales[wname] = _round_one(layers[wname][0], targets[wname][1],
-                                                               targets[wname][2], h)
+                                                               targets[wname][2], h, wname in pin_zeros)
     return ints, errors, scales, kept
 
 
@@ -242,12 +259,13 @@ def _row_errors(m, wq, h) -> np.ndarray:
     return np.einsum("grk,gkl,grl->gr", d, h, d)
 
 
-def _round_one(node, w, qp, h):
+def _round_one(node, w, qp, h, pin_zeros: bool = False):
     """GPTQ integers of one layer, each row's scale chosen among ``CLIP_RATIOS`` of the given one
     to minimize that row's output error (one scale for all rows when ``qp`` is per tensor).
     Never worse than nearest rounding at the given scale. Returns (integers, (nearest error, gptq
     error), the scale per row as QParams.scale wants it)."""
     m, back = layer_matrix(node, np.asarray(w, np.float64))
+    pinned = (m == 0) if pin_zeros else None
     s0, z = row_scales(qp, node, w.shape, m.shape)
     s0 = np.where(s0 > 0, s0, 1.0)
     zz = z[:, :, None]
@@ -265,7 +283,7 @@ def _round_one(node, w, qp, h):
     ratios = CLIP_RATIOS if qp.bits < 8 else CLIP_RATIOS[-1:]
     for a in ratios:
         s = s0 * a
-        q = gptq(m, h, s, z, qp.qmin, qp.qmax) if small else nearest(s)
+        q = gptq(m, h, s, z, qp.qmin, qp.qmax, pinned=pinned) if small else nearest(s)
         err = _row_errors(m, deq(q, s), h)
         if not qp.per_channel:
             err = np.full_like(err, err.sum())
@@ -274,7 +292,7 @@ def _round_one(node, w, qp, h):
         best_s = np.where(better, s, best_s)
         if small:
             best_q = q if best_q is None else np.where(better[:, :, None], q, best_q)
-    q = best_q if small else gptq(m, h, best_s, z, qp.qmin, qp.qmax)
+    q = best_q if small else gptq(m, h, best_s, z, qp.qmin, qp.qmax, pinned=pinned)
     near = nearest(s0)
     e_near, e_gptq = output_error(m, deq(near, s0), h), output_error(m, deq(q, best_s), h)
     if e_gptq > e_near:   # damping can lose on a tiny layer: never do worse than nearest

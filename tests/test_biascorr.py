@@ -198,3 +198,119 @@ def test_w8a8_layer_is_matched_on_its_quantizer_range(rng):
     np.testing.assert_allclose(lo, np.maximum(qlo, 0.0))
     np.testing.assert_allclose(hi, qhi)
     assert np.all(np.isfinite(hi)) and np.all(hi > 0)
+
+
+def branchy(rng):
+    #   x ─Conv a─ ha ─Relu─ ra ─┬─Conv b─ hb ─Relu─ rb ─Conv c─ hc ─┐
+    #                            │                                    ├─Add─ s ─Conv d─ y
+    #                            └─Conv e─ he ───────────────────────┘
+    #   waves: a | b, e | c | d — e's output crosses two waves to the Add (a cached skip)
+    def conv(name, cin, cout):
+        return [init(f"w{name}", (rng.normal(size=(cout, cin, 1, 1)) / np.sqrt(cin)).astype(np.float32)),
+                init(f"b{name}", rng.normal(0.2, 0.3, size=(cout,)).astype(np.float32))]
+    inits = conv("a", 3, 6) + conv("b", 6, 5) + conv("c", 5, 4) + conv("e", 6, 4) + conv("d", 4, 3)
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["ha"], name="a"),
+             helper.make_node("Relu", ["ha"], ["ra"], name="relu_a"),
+             helper.make_node("Conv", ["ra", "wb", "bb"], ["hb"], name="b"),
+             helper.make_node("Relu", ["hb"], ["rb"], name="relu_b"),
+             helper.make_node("Conv", ["rb", "wc", "bc"], ["hc"], name="c"),
+             helper.make_node("Conv", ["ra", "we", "be"], ["he"], name="e"),
+             helper.make_node("Add", ["hc", "he"], ["s"], name="add"),
+             helper.make_node("Conv", ["s", "wd", "bd"], ["y"], name="d")]
+    return make_model(nodes, [("x", ["N", 3, 5, 5])], [("y", ["N", 3, 5, 5])], inits)
+
+
+def whole_model_biascorr(g, ctx, target):
+    """The definition, run the slow way: for each wave, the whole corrected QDQ model up to the wave's
+    outputs, its per-channel means in float64 (what biascorr computed before it replayed segments)."""
+    from qgraph.passes import biascorr as bc
+    from qgraph.ops import MATRIX_LAYER_OPS
+    layers = find_groups(g, MATRIX_LAYER_OPS)
+    names = {grp.node.outputs[0].name: bc._float_name(g, grp) for grp in layers}
+    bounds = {n: b for grp in layers if target == "activation" and (b := bc._output_bounds(g, grp)) is not None
+              for n in [grp.node.outputs[0].name]}
+    x = np.concatenate([b["x"] for b in ctx.calib.batches(1000)])
+
+    def means(model, wanted, rename):
+        m = onnx.ModelProto.FromString(model.SerializeToString())
+        for n in wanted:
+            m.graph.output.append(helper.make_tensor_value_info(rename(n), onnx.TensorProto.FLOAT, None))
+        from builders import run_ort
+        values = run_ort(m, {"x": x})[-len(wanted):]
+        out = {}
+        for n, v in zip(wanted, values):
+            flat = np.moveaxis(v.astype(np.float64), 1, 0).reshape(v.shape[1], -1)
+            st = {"mean": flat.mean(axis=1)}
+            if n in bounds:
+                lo, hi = (b[:, None] for b in bounds[n])
+                st["act"] = np.clip(flat, lo, hi).mean(axis=1)
+                st["active"] = ((flat > lo) & (flat < hi)).mean(axis=1)
+            out[n] = st
+        return out
+    fl = means(ctx.quant.float_model, list(names), names.get)
+    for wave in bc._waves(g, layers):
+        wanted = [grp.node.outputs[0].name for grp in wave]
+        qt = means(ir.to_model(g), wanted, lambda n: n)
+        for grp in wave:
+            bc._add_to_bias(g, grp, bc._shift(fl[grp.node.outputs[0].name], qt[grp.node.outputs[0].name]))
+
+
+def int_biases(g) -> dict[str, np.ndarray]:
+    return {grp.node.name: ir.const(grp.b_dq.inputs[0]) for grp in find_groups(g, ("Conv",))}
+
+
+@pytest.mark.parametrize("target, cache_mb", [("activation", 512.0), ("output", 512.0), ("activation", 0.0)])
+def test_replayed_segments_equal_the_whole_model_definition(rng, target, cache_mb):
+    # W6A8: each layer's correction from the corrected QDQ model's own input; replaying segments from
+    # cached cuts must give the same int32 biases as running the whole model once per wave. Tolerance
+    # 1 LSB of the int32 bias: the means are float32 sums per image and channel in ORT here, float64
+    # sums over everything in the reference; a shift within 1e-6 of a rounding boundary may round apart.
+    model = branchy(rng)
+    data = samples(rng, 40)
+    g_ref, ctx_ref = quantized(model, data, bits=6)
+    g_new, ctx_new = quantized(model, data, bits=6)
+    whole_model_biascorr(g_ref, ctx_ref, target)
+    manager = PassManager(build_passes(f"biascorr:target={target},batch_size=16,cache_mb={cache_mb}"))
+    manager.run(g_new, ctx_new)
+    notes = manager.results[0][1].notes
+    assert notes["corrected"] == 5 and notes["runs"] == 4                # waves a | b, e | c | d
+    if cache_mb == 0:
+        assert notes["spilled_mb"] > 0 and notes["cached_mb"] == 0       # every cut went to files
+    ref, new = int_biases(g_ref), int_biases(g_new)
+    before = int_biases(quantized(model, data, bits=6)[0])
+    assert any(np.any(ref[k] != before[k]) for k in ref)                 # the correction did something
+    for k in ref:
+        assert np.max(np.abs(ref[k].astype(np.int64) - new[k])) <= 1, k
+
+
+def test_cuts_hold_the_integer_skip_until_the_add_reads_it(rng):
+    from qgraph.passes.biascorr import _cuts, _waves
+    from qgraph.ops import MATRIX_LAYER_OPS
+    g, _ = quantized(branchy(rng), samples(rng, 8), bits=8)
+    waves = _waves(g, find_groups(g, MATRIX_LAYER_OPS))
+    assert [[grp.node.name for grp in w] for w in waves] == [["a"], ["b", "e"], ["c"], ["d"]]
+    cuts = _cuts(g, waves)
+    dtypes = {t.name: t for t in g.tensors().values()}
+    producers = [[ir.producer(dtypes[n]).op if ir.producer(dtypes[n]) else "input" for n in cut] for cut in cuts]
+    # run 0 leaves the quantized input for run 1 (which recomputes a), run 1 leaves a's quantized
+    # output, run 2 keeps e's quantized output (read by the Add after c) next to b's, run 3 is last
+    assert producers[0] == ["QuantizeLinear"] and producers[-1] == []
+    assert all(op == "QuantizeLinear" for cut in producers for op in cut)
+    he_q = next(n.outputs[0].name for n in g.nodes if n.op == "QuantizeLinear" and n.inputs[0].name == "he")
+    assert he_q in cuts[2] and he_q not in cuts[1] and he_q not in cuts[3]
+
+
+def test_model_without_correctable_layers_is_left_alone(rng):
+    #   x ─MatMul(w)─ y      a MatMul has no bias input: skipped with its reason, nothing to replay
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [("x", ["N", 4])],
+                       [("y", ["N", 3])], [init("w", w)])
+    from qgraph.data import open_samples
+    data = open_samples({"x": rng.normal(size=(8, 4)).astype(np.float32)}, ["x"])
+    g = ir.load(model)
+    manager = PassManager(build_passes("quant,biascorr"))
+    manager.run(g, Context(calib=data, progress=False))
+    notes = manager.results[-1][1].notes
+    assert notes["corrected"] == 0 and notes["runs"] == 0
+    assert notes["skipped"] == {"matmul_has_no_bias_input": 1}
+    assert not manager.results[-1][1].modified

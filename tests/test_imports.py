@@ -13,12 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"qgraph": "qgraph", "passes": "qgraph.passes", "kernels": "qgraph.kernels"}
 
 #: What each part of the package may import of qgraph: (allowed prefixes, refused prefixes).
-#: The foundation, bottom up: errors < ir < ops.
+#: The foundation, bottom up: errors < ir < ops (ir reads and writes files through qgraph.modelfile,
+#: which stays below it and is not part of the vocabulary kernels use).
 FOUNDATION = ("qgraph.errors", "qgraph.ir", "qgraph.ops")
 FRONT_ENDS = ("qgraph.cli", "qgraph.api")
 RULES = {
     "qgraph.errors": ((), ()),
-    "qgraph.ir": (("qgraph.errors",), ()),
+    "qgraph.modelfile": (("qgraph.errors",), ()),
+    "qgraph.ir": (("qgraph.errors", "qgraph.modelfile"), ()),
     "qgraph.ops": (("qgraph.errors", "qgraph.ir"), ()),
     # kernels: the runtime stands on the shared vocabulary only, never on passes or the pipeline
     "qgraph.kernels": (FOUNDATION + ("qgraph.kernels",), ()),

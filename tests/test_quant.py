@@ -412,6 +412,33 @@ def test_sqnr_report_lists_every_quantized_tensor(rng):
     assert set(notes["details"]["weights"]) == {"w"}
 
 
+@pytest.mark.parametrize("sqnr_batch", [1, 5])
+def test_sqnr_in_the_graph_equals_numpy_on_both_models(rng, sqnr_batch):
+    #   x ─Conv─ c ─Relu─ r ─Sigmoid─ y      the float model and the QDQ model run side by side in one
+    #   session and the sums of squares are reduced in the graph: check them against numpy on the two
+    #   models' own outputs (float32 sums in ORT, float64 here: 0.01 dB is the reported precision),
+    #   whatever the SQNR pass's batch (sums over batches, a ragged last one included)
+    model = conv_model(rng, [helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Sigmoid", ["r"], ["y"])])
+    q, notes, calib = quantize(model, rng, f"quant:sqnr_samples=0,sqnr_batch={sqnr_batch}")
+    acts = notes["details"]["activations"]
+    x = calib["x"]
+    fl = run_ort(with_outputs_(model, ["r"]), {"x": x})[-1].astype(np.float64)
+    qnode = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in ("r", "c"))
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    s, z = float(inits[qnode.input[1]]), float(inits[qnode.input[2]])
+    qv = run_ort(with_outputs_(q, [qnode.output[0]]), {"x": x})[-1].astype(np.float64)
+    own = (np.clip(np.rint(fl / s) + z, -128, 127) - z) * s - fl
+    mod = (qv - z) * s - fl
+    db = lambda noise: 10 * np.log10(np.sum(fl * fl) / np.sum(noise * noise))   # noqa: E731
+    assert acts["r"]["own_db"] == pytest.approx(db(own), abs=0.011)
+    assert acts["r"]["model_db"] == pytest.approx(db(mod), abs=0.011)
+
+
+def with_outputs_(model, names):
+    from qgraph.calibrate import with_outputs
+    return with_outputs(model, names)
+
+
 def test_state_records_qparams_for_later_passes(rng):
     model = conv_model(rng, [helper.make_node("Relu", ["c"], ["y"])])
     g = ir.load(model)

@@ -31,9 +31,15 @@ PIPELINES = [
      "fold,equalize,quant:granularity=tensor,biascorr"),
     ("w8a8_tensor_eq_gptq_bc", "W8A8 per-tensor: + equalize + gptq rounding, mse ranges + biascorr",
      "fold,equalize,quant:granularity=tensor,rounding=gptq,act_method=mse,biascorr"),
+    ("w8a8_tensor_eq_bc_output", "W8A8 per-tensor: + equalize + biascorr on raw output means",
+     "fold,equalize,quant:granularity=tensor,biascorr:target=output"),
+    ("w8a8_tensor_eq_bc_analytic", "W8A8 per-tensor: + equalize + analytic biascorr (no data)",
+     "fold,equalize,quant:granularity=tensor,biascorr:mode=analytic"),
     ("w8a8_channel_naive", "W8A8 per-channel: fold,quant", "fold,quant:granularity=channel"),
     ("w8a8_channel_eq_bc", "W8A8 per-channel: + equalize + biascorr",
      "fold,equalize,quant:granularity=channel,biascorr"),
+    ("w8a8_channel_eq_bc_analytic", "W8A8 per-channel: + equalize + analytic biascorr (no data)",
+     "fold,equalize,quant:granularity=channel,biascorr:mode=analytic"),
     ("w8a8_channel_eq_gptq_bc", "W8A8 per-channel: + equalize + gptq rounding, mse ranges + biascorr",
      "fold,equalize,quant:granularity=channel,rounding=gptq,act_method=mse,biascorr"),
     ("w8a8_channel_eq_gptq_bc_output", "W8A8 per-channel: + equalize + gptq rounding, mse ranges + biascorr "
@@ -45,6 +51,8 @@ PIPELINES = [
      "fold,equalize,quant:bits=6,granularity=tensor,weight_only=true"),
     ("w6_tensor_eq_bc", "W6 weight-only per-tensor: + equalize + biascorr",
      "fold,equalize,quant:bits=6,granularity=tensor,weight_only=true,biascorr"),
+    ("w6_tensor_eq_bc_analytic", "W6 weight-only per-tensor: + equalize + analytic biascorr (no data)",
+     "fold,equalize,quant:bits=6,granularity=tensor,weight_only=true,biascorr:mode=analytic"),
     ("w6_tensor_eq_gptq_bc", "W6 weight-only per-tensor: + equalize + gptq rounding + biascorr",
      "fold,equalize,quant:bits=6,granularity=tensor,weight_only=true,rounding=gptq,biascorr"),
     ("w4_channel_naive", "W4 weight-only per-channel: fold,quant", "fold,quant:bits=4,weight_only=true"),
@@ -56,6 +64,8 @@ PIPELINES = [
      "fold,equalize,quant:bits=4,weight_only=true,rounding=gptq"),
     ("w4_channel_eq_gptq_bc", "W4 weight-only per-channel: + equalize + gptq rounding + biascorr",
      "fold,equalize,quant:bits=4,weight_only=true,rounding=gptq,biascorr"),
+    ("w4_channel_eq_gptq_bc_output", "W4 weight-only per-channel: + equalize + gptq rounding + biascorr on "
+     "raw output means", "fold,equalize,quant:bits=4,weight_only=true,rounding=gptq,biascorr:target=output"),
 ]
 
 
