@@ -629,6 +629,40 @@ def test_initializer_shared_by_two_convs_is_not_half_rewritten(rng):
     assert rel_err(run_ort(model, {"x": x})[0], run_ort(out, {"x": x})[0]) <= 1e-5
 
 
+def test_prune_couples_two_convs_sharing_a_weight(rng):
+    #   x ─Conv(w)─Relu─ a ─Conv(v)─ d1 ─┐
+    #   x ─Conv(w)─Relu─ b ─Conv(v)─ d2 ─┴─Add─ y     w shared: its channels go from both readers
+    # together (one initializer, both convs read it), each reader of a/b loses the same inputs.
+    # Without reconstruction the result equals the original with those channels of w zeroed
+    # (Relu(0) = 0 reaches nothing): 1e-5 for float32 summation order.
+    w = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
+    v = rng.normal(size=(4, 8, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1"), helper.make_node("Relu", ["c1"], ["a"]),
+             helper.make_node("Conv", ["x", "w"], ["c2"], name="conv2"), helper.make_node("Relu", ["c2"], ["b"]),
+             helper.make_node("Conv", ["a", "v"], ["d1"], name="conv3"),
+             helper.make_node("Conv", ["b", "v"], ["d2"], name="conv4"),
+             helper.make_node("Add", ["d1", "d2"], ["y"], name="add")]
+    model = make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 4, 6, 6])], [init("w", w), init("v", v)])
+    out, rep = qgraph.optimize(model, "prune:ratio=0.5,criterion=l1,min_channels=1,round_to=1,reconstruct=false",
+                               progress=False)
+    assert rep.rows[1]["notes"]["groups"]["pruned"] == 1
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    convs = {n.name: n for n in out.graph.node if n.op_type == "Conv"}
+    assert convs["conv1"].input[1] == convs["conv2"].input[1]
+    kept_w = inits[convs["conv1"].input[1]]
+    assert kept_w.shape == (4, 3, 3, 3)
+    kept = [next(i for i in range(8) if np.array_equal(w[i], row)) for row in kept_w]
+    for name in ("conv3", "conv4"):
+        assert np.array_equal(inits[convs[name].input[1]], v[:, kept])
+    zeroed = onnx.ModelProto()
+    zeroed.CopyFrom(model)
+    wz = np.zeros_like(w)
+    wz[kept] = w[kept]
+    zeroed.graph.initializer[0].CopyFrom(numpy_helper.from_array(wz, "w"))
+    x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    assert rel_err(run_ort(zeroed, {"x": x})[0], run_ort(out, {"x": x})[0]) <= 1e-5
+
+
 def test_dynamic_shapes_everywhere_fold_with_data(sandbox, capsys, rng):
     #   x[N, C, H, W] ─Conv─BN─ y[N, 4, h, w]: every dim symbolic; with data, verify runs on it
     model = make_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn_node("c", "y")],
