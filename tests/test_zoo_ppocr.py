@@ -1,9 +1,11 @@
 """Third-party graphs (``pytest -m zoo``): the PP-OCR models of the rapidocr-onnxruntime wheel, as
 paddle2onnx wrote them (opset 11/12, Constant nodes, -1 and symbolic dims, HardSwish as
 Mul/Add/Clip/Div, ConvTranspose, nearest Resize, a LayerNorm written as ReduceMean/Sub/Pow/Sqrt/Div,
-attention MatMuls). Built by ``python tools/zoo.py build ppocr_det ppocr_rec ppocr_cls``; inputs are
-the zoo's ImageNet images under each model's preset (there is no OCR-labelled data). Skipped, saying
-why, when a model or the data is absent.
+attention MatMuls), and EfficientNet-Lite0 as ``torch.onnx.export`` writes it with its defaults
+(``efficientnet_lite0_raw``: BN fused by the exporter, constant-folded, no onnxsim). Built by
+``python tools/zoo.py build ppocr_det ppocr_rec ppocr_cls efficientnet_lite0_raw``; inputs are the
+zoo's ImageNet images under each model's preset (there is no OCR-labelled data). Skipped, saying why,
+when a model or the data is absent.
 
 Asserted, per model:
 - ``fold,cleanup --verify`` passes (each pass within max(tolerance, 4 x the model's own float noise));
@@ -27,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 pytestmark = pytest.mark.zoo
 
-MODELS = ("ppocr_det", "ppocr_rec", "ppocr_cls")
+MODELS = ("ppocr_det", "ppocr_rec", "ppocr_cls", "efficientnet_lite0_raw")
 CALIB, EVAL = 32, 8
 
 

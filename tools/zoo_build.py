@@ -113,17 +113,19 @@ def _build_key(name: str, entry: dict, kind: str, src: str) -> str:
 # ----------------------------------------------------------------------------- PyTorch recipes
 
 def export(model, example: tuple, path: Path, input_names: list[str], output_names: list[str],
-           dynamic_axes: dict | None = None, metadata: dict | None = None) -> onnx.ModelProto:
-    """Export with BatchNormalization preserved (see the module docstring); returns the model."""
+           dynamic_axes: dict | None = None, metadata: dict | None = None, raw: bool = False) -> onnx.ModelProto:
+    """Export with BatchNormalization preserved (see the module docstring); returns the model.
+    ``raw``: ``torch.onnx.export``'s own defaults instead (constant folding, eval-mode BN fusion), as
+    a user would export (a recipe's ``EXPORT = "raw"``)."""
     import torch
     dyn = dynamic_axes or {n: {0: "N"} for n in list(input_names) + list(output_names)}
     tmp = path.with_name(f".{path.name}.export")
+    keep_bn = {} if raw else {"training": torch.onnx.TrainingMode.PRESERVE, "do_constant_folding": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), example, str(tmp), input_names=list(input_names),
                           output_names=list(output_names), dynamic_axes=dyn, opset_version=OPSET,
-                          dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-                          do_constant_folding=False)
+                          dynamo=False, **keep_bn)
     m = onnx.load(str(tmp))
     tmp.unlink()
     for k, v in (metadata or {}).items():
@@ -147,10 +149,12 @@ def _build_recipe(name: str, entry: dict, src: str, out: Path, log) -> dict:
     model = recipe.load()
     example = recipe.example_inputs()
     ins, outs = list(recipe.INPUT_NAMES), list(recipe.OUTPUT_NAMES)
-    log(f"{name}: exporting (opset {OPSET}, BatchNormalization preserved)")
+    raw = getattr(recipe, "EXPORT", "") == "raw"
+    how = "torch.onnx.export defaults" if raw else "BatchNormalization preserved"
+    log(f"{name}: exporting (opset {OPSET}, {how})")
     m = export(model, example, out, ins, outs, getattr(recipe, "DYNAMIC_AXES", None),
                {"qgraph.zoo.name": name, "qgraph.zoo.source": entry["source"],
-                "qgraph.zoo.torch": torch.__version__})
+                "qgraph.zoo.torch": torch.__version__}, raw=raw)
     counts = op_counts(m)
     sess = session(out)
     feed = {n: t.numpy() for n, t in zip(ins, example)}

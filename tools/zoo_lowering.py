@@ -3,6 +3,7 @@
 
     python tools/zoo_lowering.py [--models all|NAME,...] [--pipelines KEY,...] [--calib 16] [--images 2]
                                  [--json out.json]
+    python tools/zoo_lowering.py --table a.json,b.json     (the table of earlier runs, merged)
 
 Per (model, pipeline): the model is optimized with the pipeline (calibrated on the first ``--calib``
 samples of the zoo's calibration split), lowered by ``qgraph.kernels.lower`` and run in ``float``
@@ -93,7 +94,15 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", type=int, default=16, help="calibration samples (first of the calibration split)")
     ap.add_argument("--images", type=int, default=2, help="evaluation samples run through both runtimes")
     ap.add_argument("--json", help="write every cell here")
+    ap.add_argument("--table", metavar="JSON,...", help="print the table of earlier --json runs (merged), run nothing")
     args = ap.parse_args(argv)
+    if args.table:
+        runs = [json.loads(Path(f).read_text()) for f in args.table.split(",")]
+        merged = {**runs[0], "models": {}, "calib": " or ".join(sorted({str(r["calib"]) for r in runs}))}
+        for r in runs:
+            merged["models"].update(r["models"])
+        _print_table(merged)
+        return 0
 
     from zoo_data import DataMissing, zoo_split
     from zoo_manifest import model_entry, model_path, resolve_names
