@@ -75,7 +75,7 @@ def test_standard_pipeline_within_tolerance(name, pipeline, built):
             pytest.fail(msg)
         pytest.skip(msg)       # a newly landed pipeline: its issue records it
     r = run_pipeline(name, pipeline)
-    problems = compare(r, recorded)
+    problems = compare(r, recorded, MANIFEST["models"][name].get("metric", "top1"))
     assert not problems, f"{name} / {pipeline}: " + "; ".join(problems)
     # every zoo model's BNs fold: into the layer before, or (DenseNet's Concat -> BN -> Relu -> Conv)
     # forward into the layer after

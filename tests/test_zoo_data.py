@@ -46,3 +46,17 @@ def test_structure_only_models_get_seeded_random_inputs_of_the_manifest_shapes()
     assert (len(calib), len(evaluation)) == (8, 4)
     x = next(evaluation.batches(1))
     assert {k: v.shape for k, v in x.items()} == {"data_0": (1, 3, 224, 224)}
+
+
+def test_compare_knows_which_way_a_metric_regresses():
+    """top-1 regresses when it drops; the structure models' max |y - y_FP32| when it rises (a smaller
+    output difference after a change is an improvement, not a failure)."""
+    from zoo_eval import compare
+    rec = {"metric": 0.32, "size_bytes": 100, "tolerance": {"metric": 0.005, "size_rel": 0.01}}
+
+    def run(metric):
+        return {"metric": metric, "size_bytes": 100, "max_output_diff": 0.0}
+    assert compare(run(0.31), rec, "max_output_diff") == []
+    assert compare(run(0.33), rec, "max_output_diff")
+    assert compare(run(0.31), rec, "top1")
+    assert compare(run(0.33), rec, "top1") == []

@@ -213,12 +213,20 @@ def run_pipeline(name: str, pipeline: str, *, progress: bool = False) -> dict:
     return res
 
 
-def compare(measured: dict, recorded: dict) -> list[str]:
-    """Regressions of ``measured`` against a recorded pipeline entry and its tolerance."""
+#: Metrics where smaller is better (the structure-only models' max |y - y_FP32|).
+LOWER_IS_BETTER = frozenset({"max_output_diff"})
+
+
+def compare(measured: dict, recorded: dict, metric: str = "top1") -> list[str]:
+    """Regressions of ``measured`` against a recorded pipeline entry and its tolerance; ``metric``
+    names the model's metric (a regression is a drop, or a rise for ``LOWER_IS_BETTER`` ones)."""
     tol = recorded.get("tolerance", {})
     bad = []
     if "metric" in recorded and "metric" in tol:
-        if measured["metric"] < recorded["metric"] - tol["metric"] - 1e-12:
+        if metric in LOWER_IS_BETTER:
+            if measured["metric"] > recorded["metric"] + tol["metric"] + 1e-12:
+                bad.append(f"{metric} {measured['metric']:.6g} > recorded {recorded['metric']:.6g} + {tol['metric']}")
+        elif measured["metric"] < recorded["metric"] - tol["metric"] - 1e-12:
             bad.append(f"metric {measured['metric']:.6g} < recorded {recorded['metric']:.6g} - {tol['metric']}")
     if "max_output_diff" in tol and measured["max_output_diff"] > tol["max_output_diff"]:
         bad.append(f"max output diff {measured['max_output_diff']:.3g} > tolerance {tol['max_output_diff']:.3g}")
