@@ -43,7 +43,9 @@ def qdq_model(name: str, rebuild: bool = False) -> Path:
     from zoo_data import zoo_split
     from zoo_manifest import model_path, zoo_cache
     out = zoo_cache() / "runtime" / f"{name}.s8s8.onnx"
-    if out.exists() and not rebuild:
+    stamp = out.with_suffix(".key")
+    key = _build_key(name)
+    if out.exists() and not rebuild and stamp.exists() and stamp.read_text() == key:
         return out
     src = model_path(name)
     if not src.exists():
@@ -51,7 +53,31 @@ def qdq_model(name: str, rebuild: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     calib, _ = zoo_split(name)
     qgraph.optimize(src, PIPELINE, calib=calib, output=out, progress=False)
+    stamp.write_text(key)
     return out
+
+
+def _build_key(name: str) -> str:
+    """What a cached QDQ model depends on: the pipeline, the source model's bytes on disk (size and
+    mtime) and qgraph's own code (every .py of the installed package), so a change to quant's
+    defaults rebuilds it instead of testing a model the current code would not write."""
+    import hashlib
+    import qgraph
+    from zoo_manifest import model_path
+    h = hashlib.sha256(f"{PIPELINE}|".encode())
+    src = model_path(name)
+    if src.exists():
+        st = src.stat()
+        h.update(f"{st.st_size}|{st.st_mtime_ns}|".encode())
+    roots = [Path(p) for p in qgraph.__path__]
+    for sub in ("passes", "kernels"):
+        mod = __import__(f"qgraph.{sub}", fromlist=["__path__"])
+        roots += [Path(p) for p in mod.__path__]
+    for root in roots:
+        for f in sorted(root.glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def _merge(hist: dict, more: dict) -> None:
