@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
+from bench_common import cpu_model  # noqa: E402
 
 SECTIONS = ("calib", "biascorr", "gptq", "methods")
 BIASCORR_PIPELINE = "fold,equalize,quant:granularity=tensor,biascorr"
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     from zoo_manifest import model_path
     tmp = tempfile.mkdtemp(prefix="bench-quant-")
     small, large = args.rss
-    cpu = _cpu()
+    cpu = cpu_model()
     print(f"# {cpu}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}", flush=True)
     rows: list[dict] = []
     ratios: dict = {}
@@ -333,16 +333,6 @@ def _ratio(a: dict | None, b: dict | None, key: str) -> float | None:
     if not a or not b or key not in a or key not in b or not b[key]:
         return None
     return round(a[key] / b[key], 3)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _nncf(create: bool) -> Path | None:

@@ -41,6 +41,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bench_common import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("digits_cnn.onnx", "lenet5.onnx", "lenet_300_100.onnx")
 PIPELINES = ("fold", "fold,cleanup", "cleanup", "fold,equalize", "fold,cleanup,equalize",
@@ -394,16 +396,6 @@ def check(case: Case, code: int | None, err: str, before: str, systmp: Path) -> 
     if hashlib.sha256(case.model.read_bytes()).hexdigest() != before:
         problems.append("input model changed")
     return problems
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fuzz(seed: int, count: int, *, case_seconds: float = 30.0, budget: float | None = None,
