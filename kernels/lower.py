@@ -261,8 +261,9 @@ class _Lowering:
         elif op == "MatMul":
             a, sa, za, _ = self.dq_parts(dqs[0], node, "input A")
             b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")
+            extra = {"ort_float": {}} if id(node) in self.float_units else {}
             self.emit("QLinearMatMul", node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp,
-                      kernel=self.kernel_for(b), **self.ort_types(node))
+                      kernel=self.kernel_for(b), **extra, **self.ort_types(node))
         elif op == "Gemm":
             if float(at.get("alpha", 1.0)) != 1.0 or float(at.get("beta", 1.0)) != 1.0:
                 _fail(node, "Gemm with alpha or beta != 1")

@@ -17,6 +17,10 @@ arithmetic in ORT's order:
               (``SgemmKernelM1Avx``, no FMA): per k-block, groups of four products
               t = ((p0 + p1) + p2) + p3 (each product and sum rounded), C = t + C; a remainder of two
               (p0 + p1) + C, of one p0 + C; then + bias (``sgemm_m1_mlas``)
+    MatMul    MlasGemm (ORT's MatMul<float>; B is DQ's output, not an initializer, so never prepacked):
+              A [..., M, K] x B [K, N] flattened to M = prod(A's leading dims), batched MatMuls one
+              (M, K) x (K, N) product per broadcast batch. M > 1: the SGEMM order above with
+              N = B's columns; M = 1: the M = 1 kernel over all of K in one block (``matmul_unit``)
     Add / Mul a_f + b_f (a_f * b_f) in float32
     Q         rne(y / sy) + zy, saturated (Relu/Clip before Q are the step's output clamp:
               Q is monotone, so clamping codes equals clipping floats first)
@@ -32,6 +36,7 @@ from llvmlite import ir as llir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from qgraph.errors import ModelError
 from qgraph.kernels import sgemm
 from qgraph.ops import conv_geometry
 
@@ -390,6 +395,91 @@ def conv_unit_reference(attrs, x, sx, zx, w_f, bias_f, sy, zy, lo, hi, out_dtype
     _quantize_rows(y, np.float32(sy), np.int32(zy), np.int32(lo), np.int32(hi), out)
     out = out.reshape(n_b, cout, oh, ow)
     return out[:, :, 0, :] if one_d else out
+
+
+def pack_b(b_f: np.ndarray) -> np.ndarray:
+    """b_f [K, N] float32 -> flat ``sgemm`` B panels [N/NR][K][NR] (columns padded with zeros)."""
+    k, n = b_f.shape
+    npad = -(-n // sgemm.NR) * sgemm.NR
+    colp = np.zeros((k, npad), np.float32)
+    colp[:, :n] = b_f
+    return np.ascontiguousarray(colp.reshape(k, npad // sgemm.NR, sgemm.NR).transpose(1, 0, 2)).reshape(-1)
+
+
+def dequantize_columns(b, sb, zb) -> np.ndarray:
+    """ORT DequantizeLinear of a MatMul's B [..., K, N], per tensor or per column (axis -1), float32."""
+    d = (np.asarray(b).astype(np.int32) - np.asarray(zb, np.int32).reshape(-1)).astype(np.float32)
+    return d * np.asarray(sb, np.float32).reshape(-1)
+
+
+def _sgemm_2d(a_f: np.ndarray, b_f: np.ndarray, b_panels=None) -> np.ndarray:
+    """(M, K) x (K, N) float32 in MlasGemm's order (module docstring), as ORT's MatMul<float> calls it."""
+    m, k = a_f.shape
+    n = b_f.shape[1]
+    if m == 1:                          # MlasGemm's M = 1 special case: SgemmKernelM1 over all of K
+        y = np.empty((1, n), np.float32)
+        sgemm_m1_mlas(np.ascontiguousarray(a_f), np.ascontiguousarray(b_f), np.zeros(1, np.float32), max(k, 1), y)
+        return y
+    b_panels = pack_b(b_f) if b_panels is None else b_panels
+    npad = b_panels.size // max(k, 1) if k else -(-n // sgemm.NR) * sgemm.NR
+    a_p = sgemm.pack_a(a_f)
+    c = np.zeros((a_p.size // k if k else -(-m // sgemm.MR) * sgemm.MR, npad), np.float32)
+    if k:
+        sgemm.sgemm_panels(a_p, b_panels, k, sgemm_block_k(k, n), c, npad)
+    return c[:m, :n]
+
+
+def matmul_unit(step, a, sa, za, b, sb, zb, sy, zy, lo, hi, out_dtype) -> np.ndarray:
+    """DQ(a) x DQ(b) -> float MatMul (MLAS order) -> Q: what ORT computes for a MatMul it leaves
+    unfused. ``a`` [..., M, K] int8/uint8 with one zero point; ``b`` [..., K, N], its scale / zero
+    point per tensor or per column. Constant B is dequantized and packed once per step."""
+    if np.asarray(za).size != 1 or np.asarray(sa).size != 1:
+        raise ModelError(f"{step.name}: a float MatMul unit with a per-row scale or zero point of A is not supported")
+    a_f = (a.astype(np.int32) - np.int32(_one(za))).astype(np.float32) * np.float32(_one(sa))
+    hit = step.cache.get("matmul_b")
+    if hit is not None and hit[0] is b:
+        b_f, panels = hit[1], hit[2]
+    else:
+        b_f = dequantize_columns(b, sb, zb)
+        panels = pack_b(b_f) if b_f.ndim == 2 else None
+        step.cache["matmul_b"] = (b, b_f, panels)
+    if b_f.ndim == 2:
+        y = _sgemm_2d(a_f.reshape(-1, a_f.shape[-1]), b_f, panels).reshape(*a.shape[:-1], b_f.shape[-1])
+    else:                               # MlasGemmBatch: one product per broadcast batch
+        if a_f.ndim == 1 or b_f.ndim == 1:
+            raise ModelError(f"{step.name}: a float MatMul unit with a 1-D operand is not supported")
+        batch = np.broadcast_shapes(a_f.shape[:-2], b_f.shape[:-2])
+        a_b = np.broadcast_to(a_f, batch + a_f.shape[-2:])
+        b_b = np.broadcast_to(b_f, batch + b_f.shape[-2:])
+        y = np.empty(batch + (a_f.shape[-2], b_f.shape[-1]), np.float32)
+        for idx in np.ndindex(*batch):
+            y[idx] = _sgemm_2d(np.ascontiguousarray(a_b[idx]), np.ascontiguousarray(b_b[idx]))
+    out = np.empty(y.shape, out_dtype)
+    _quantize_rows(np.ascontiguousarray(y), np.float32(sy), np.int32(zy), np.int32(lo), np.int32(hi), out)
+    return out
+
+
+def matmul_unit_reference(a, sa, za, b, sb, zb, sy, zy, lo, hi, out_dtype) -> np.ndarray:
+    """The plain loops ``matmul_unit`` must equal exactly (2-D B): ``sgemm_mlas`` (or
+    ``sgemm_m1_mlas`` for M = 1) on the dequantized operands, then ``_quantize_rows``. For tests."""
+    a_f = ((a.astype(np.int32) - np.int32(za)).astype(np.float32) * np.float32(sa)).reshape(-1, a.shape[-1])
+    b_f = dequantize_columns(b, sb, zb)
+    m, k = a_f.shape
+    n = b_f.shape[1]
+    y = np.empty((m, n), np.float32)
+    if m == 1:
+        sgemm_m1_mlas(a_f, b_f, np.zeros(1, np.float32), max(k, 1), y)
+    else:
+        # sgemm_mlas computes w [M', K] x cols [K, N']: rows of A against B's columns
+        sgemm_mlas(np.ascontiguousarray(a_f), np.ascontiguousarray(b_f), np.zeros(m, np.float32),
+                   sgemm_block_k(k, n), y)
+    out = np.empty(y.shape, out_dtype)
+    _quantize_rows(y, np.float32(sy), np.int32(zy), np.int32(lo), np.int32(hi), out)
+    return out.reshape(*a.shape[:-1], n)
+
+
+def _one(v):
+    return np.asarray(v).reshape(-1)[0]
 
 
 def binary_unit(op: str, a, sa, za, b, sb, zb, sy, zy, lo, hi, out_dtype) -> np.ndarray:

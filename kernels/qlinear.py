@@ -201,6 +201,9 @@ def _matmul_acc(step, a, za, b, zb, mode="fixed"):
 
 def qlinear_matmul(step, args, mode):
     a, sa, za, b, sb, zb, sy, zy = args
+    if mode == "float" and "ort_float" in step.attrs:        # a unit ORT leaves DQ -> MatMul -> Q
+        qmin, qmax = _bounds(step, zy)
+        return [ortfloat.matmul_unit(step, a, sa, za, b, sb, zb, sy, _scalar(zy), qmin, qmax, np.asarray(zy).dtype)]
     acc = _matmul_acc(step, a, za, b, zb, mode)
     n = acc.shape[-1]
     out = _requant_out(step, acc.reshape(-1, n, 1), sa, sb, sy, zy, mode)

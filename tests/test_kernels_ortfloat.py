@@ -99,6 +99,72 @@ def test_float_units_match_ort_bit_for_bit(cin, cmid, hw, k, pad, group):
     np.testing.assert_array_equal(ours, ref)
 
 
+def _shared_input_matmuls(rng, b, s, k, n, per_column=True):
+    #   x ─Q─DQ─┬─MatMul (W1 [K, N])─Q─DQ─ y1
+    #           └─MatMul (W2 [K, N])─Q─DQ─ y2
+    # the int8 tensor x has two readers: ORT keeps it int8 and both MatMuls in float (MlasGemm)
+    consts, nodes = {}, []
+    consts["s_in"], consts["z_in"] = np.float32(0.05), np.int8(3)
+    nodes.append(helper.make_node("QuantizeLinear", ["x", "s_in", "z_in"], ["q_in"]))
+    nodes.append(helper.make_node("DequantizeLinear", ["q_in", "s_in", "z_in"], ["d_in"]))
+    for i in (1, 2):
+        consts[f"w{i}"] = rng.integers(-127, 128, (k, n)).astype(np.int8)
+        consts[f"ws{i}"] = rng.uniform(0.002, 0.02, n if per_column else ()).astype(np.float32)
+        consts[f"wz{i}"] = np.zeros(n if per_column else (), np.int8)
+        nodes.append(helper.make_node("DequantizeLinear", [f"w{i}", f"ws{i}", f"wz{i}"], [f"wd{i}"], axis=1))
+        nodes.append(helper.make_node("MatMul", ["d_in", f"wd{i}"], [f"m{i}"]))
+        consts[f"s{i}"], consts[f"z{i}"] = np.float32(0.004 * np.sqrt(k)), np.int8(-5 * i)
+        nodes.append(helper.make_node("QuantizeLinear", [f"m{i}", f"s{i}", f"z{i}"], [f"q{i}"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"y{i}"]))
+    for i, node in enumerate(nodes):
+        node.name = f"{node.op_type}_{i}"
+    graph = helper.make_graph(nodes, "matmuls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [b, s, k])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [b, s, n]) for i in (1, 2)],
+                              [numpy_helper.from_array(np.asarray(v), name) for name, v in consts.items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    return m
+
+
+@x86
+@pytest.mark.parametrize("b,s,k,n,per_column", [
+    (2, 5, 24, 40, True),     # K < 128: one block
+    (2, 20, 600, 40, True),   # N = 40 < K: k-block 256, three blocks
+    (3, 7, 300, 200, False),  # N > K: k-block 128, three blocks; per-tensor weights
+    (1, 40, 120, 6625, True), # a recognizer's head shape: many columns
+    (1, 1, 300, 37, True),    # M = 1: MlasGemm's SgemmKernelM1 over all of K (no k-blocks, no FMA)
+])
+def test_float_matmul_units_match_ort_bit_for_bit(b, s, k, n, per_column):
+    # The PP-OCRv4 recognizer's attention-block MatMuls read an int8 tensor that a residual Add reads
+    # too: ORT runs them in float; in integers they differ from ORT by 1 LSB on ties (issue 19)
+    rng = np.random.default_rng(k + n)
+    model = _shared_input_matmuls(rng, b, s, k, n, per_column)
+    g = ir.load(model)
+    g.toposort()
+    assert {n_.name for n_ in ort_float_units(g, "x86")} == ort_float_nodes(model) == {"MatMul_3", "MatMul_7"}
+    x = rng.standard_normal((b, s, k)).astype(np.float32) * 3
+    ref = _session(model).run(None, {"x": x})
+    ours = run(lower(model), {"x": x})
+    for i, r in zip((1, 2), ref):                   # tolerance 0: ORT's float32 ops in ORT's order
+        np.testing.assert_array_equal(ours[f"y{i}"], r, err_msg=f"y{i}")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tiled_float_matmul_equals_the_plain_mlas_loops(seed):
+    from qgraph.kernels.lower import Step
+    from qgraph.kernels.ortfloat import matmul_unit, matmul_unit_reference
+    rng = np.random.default_rng(seed)
+    m = 1 if seed == 3 else int(rng.integers(2, 50))
+    k, n = int(rng.integers(1, 700)), int(rng.integers(1, 90))
+    a = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    w = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    sw = rng.uniform(0.001, 0.01, n).astype(np.float32)
+    args = (a, np.float32(0.03), np.int8(2), w, sw, np.zeros(n, np.int8), np.float32(0.02 * np.sqrt(k)), -3,
+            -128, 127, np.int8)
+    np.testing.assert_array_equal(matmul_unit(Step("QLinearMatMul", "mm", [], [], {}), *args),
+                                  matmul_unit_reference(*args), err_msg=f"seed {seed}")
+
+
 @x86
 def test_no_float_units_when_every_tensor_has_one_reader():
     rng = np.random.default_rng(4)
