@@ -3,9 +3,12 @@
 MACs are counted per sample (batch dimension taken as 1) from shapes that ONNX shape inference
 gives. Symbolic (or negative, as some exporters write ``-1``) dimensions are taken from
 ``input_shapes`` when given (the calibration inputs' shapes), propagated through the graph by shape
-inference with data propagation; otherwise, and wherever a dimension stays unknown, the node's MACs
-are unknown: it is listed in ``ModelStats.unknown_macs`` and the total is ``None`` (printed ``?``),
-never a product of placeholder dims nor a silent 0.
+inference with data propagation and the folding of small int64 shape subgraphs (``_SHAPE_OPS``).
+When a dot-product node's shapes are still unknown and a calibration ``sample`` is given, one ONNX
+Runtime run on that sample (batch 1) reads the shapes of those nodes' tensors (a Pad whose amounts an
+op outside the folder computes, a data-dependent shape). Otherwise, and wherever a dimension stays
+unknown, the node's MACs are unknown: it is listed in ``ModelStats.unknown_macs`` and the total is
+``None`` (printed ``?``), never a product of placeholder dims nor a silent 0.
 """
 from __future__ import annotations
 
@@ -36,15 +39,21 @@ class ModelStats:
     unknown_macs: list[str] = field(default_factory=list)
 
 
-def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = None) -> ModelStats:
+def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = None,
+                sample: dict[str, np.ndarray] | None = None) -> ModelStats:
     """Figures of ``model``; ``input_shapes`` (input name -> concrete shape, e.g. of a calibration
-    batch) resolves symbolic input dimensions, the leading one counted as 1 (MACs per sample)."""
+    batch) resolves symbolic input dimensions, the leading one counted as 1 (MACs per sample).
+    ``sample`` (input name -> array, one calibration sample): what static inference leaves unknown
+    is read from one ONNX Runtime run on it (``ort_shapes``)."""
     shapes = _shapes(model, input_shapes)
     inits = {t.name: t for t in model.graph.initializer}
+    dots = [n for n in model.graph.node if n.op_type in _DOT_OPS]
+    if sample and any(node_macs(n, shapes, inits) is None for n in dots):
+        wanted = [t for n in dots if node_macs(n, shapes, inits) is None
+                  for t in list(n.input) + list(n.output[:1]) if t and t not in inits]
+        shapes.update(ort_shapes(model, sample, wanted))
     macs, unknown = 0, []
-    for node in model.graph.node:
-        if node.op_type not in _DOT_OPS:
-            continue
+    for node in dots:
         m = node_macs(node, shapes, inits)
         if m is None:
             unknown.append(node.name or node.op_type)
@@ -58,6 +67,35 @@ def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = 
         ops=Counter(n.op_type for n in model.graph.node),
         unknown_macs=unknown,
     )
+
+
+def ort_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray], names: list[str]) -> dict[str, tuple]:
+    """Shapes of the tensors ``names`` in one ONNX Runtime run of ``model`` (graph optimizations off,
+    so every intermediate tensor exists) on ``sample``'s first item along the leading axis (one
+    sample: MACs per sample). The names are exposed as extra graph outputs for the run and removed
+    again. {} when ORT cannot load or run the model: those MACs stay unknown."""
+    from qgraph.ops import ort_session
+    g = model.graph
+    want = list(dict.fromkeys(names))
+    have = {o.name for o in g.output} | {i.name for i in g.input}
+    extra = [n for n in want if n not in have]
+    inputs = {i.name for i in g.input} - {t.name for t in g.initializer}
+    feeds = {k: np.asarray(v)[:1] for k, v in sample.items() if k in inputs}
+    if not want or set(feeds) != inputs:
+        return {}
+    n_out = len(g.output)
+    g.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sess = ort_session(model, threads=1, optimize=False, lean=True)
+            values = sess.run(want, feeds)
+    except Exception:     # ORT refuses the model or the sample: the MACs stay unknown, never guessed
+        return {}
+    finally:
+        del g.output[n_out:]
+    return {n: tuple(int(d) for d in np.shape(v)) for n, v in zip(want, values)}
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -98,10 +136,11 @@ def _shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple] | None = None
 #: Rounds of (fold shape arithmetic, infer again): each round resolves what the previous one exposed.
 _SHAPE_ROUNDS = 8
 #: Ops evaluated on small int64 shape tensors when every input is known (the exporters' dynamic
-#: Reshape targets: Shape -> Cast -> Slice -> Concat -> Reshape).
+#: Reshape targets: Shape -> Cast -> Slice -> Concat -> Reshape; torch's static-padding Pad amounts:
+#: ConstantOfShape -> Concat -> Reshape -> Slice -> Transpose -> Reshape -> Cast).
 _SHAPE_OPS = frozenset({"Shape", "Cast", "Slice", "Concat", "Gather", "Unsqueeze", "Squeeze", "Add", "Sub",
                         "Mul", "Div", "Floor", "Ceil", "Identity", "Range", "ReduceProd", "Max", "Min",
-                        "Equal", "Where", "Expand", "ConstantOfShape"})
+                        "Equal", "Where", "Expand", "ConstantOfShape", "Reshape", "Transpose"})
 
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -27,18 +27,21 @@ class Report(Instrument):
     """Per pass: model bytes, parameters, MACs, node count by op type, wall time and the pass's notes.
 
     MACs are per sample. Symbolic input dimensions (other than the batch) are taken from the first
-    calibration sample when the context has calibration data (``meta["mac_input_shapes"]``); a
-    model whose dot-product shapes stay unknown shows ``?`` (``null`` in the JSON, with the nodes
-    under ``unknown_macs``).
+    calibration sample when the context has calibration data (``meta["mac_input_shapes"]``), and
+    shapes static inference cannot derive even then are read from one ONNX Runtime run on that
+    sample (``analysis.ort_shapes``); a model whose dot-product shapes stay unknown shows ``?``
+    (``null`` in the JSON, with the nodes under ``unknown_macs``).
     """
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
         self.meta: dict[str, Any] = {}
         self.input_shapes: dict[str, tuple] = {}
+        self.sample: dict[str, np.ndarray] = {}
 
     def start(self, g, model, ctx) -> None:
-        self.input_shapes = calibration_shapes(ctx)
+        self.sample = calibration_sample(ctx)
+        self.input_shapes = {k: tuple(np.shape(v)) for k, v in self.sample.items()}
         if self.input_shapes:
             self.meta["mac_input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
         notes = {}
@@ -54,7 +57,7 @@ class Report(Instrument):
         self.rows.append(row)
 
     def _row(self, name: str, index: int, model: onnx.ModelProto, seconds: float, notes: dict) -> dict:
-        s = model_stats(model, self.input_shapes)
+        s = model_stats(model, self.input_shapes, self.sample)
         row = {"pass": name, "index": index, "bytes": s.bytes, "params": s.params, "macs": s.macs,
                "nodes": s.nodes, "ops": dict(sorted(s.ops.items())), "seconds": round(seconds, 4),
                "notes": _jsonable(notes)}
@@ -133,12 +136,16 @@ class Report(Instrument):
         return "\n".join(out)
 
 
-def calibration_shapes(ctx: Context) -> dict[str, tuple]:
-    """Input name -> shape of the first calibration sample (empty without calibration data)."""
+def calibration_sample(ctx: Context) -> dict[str, np.ndarray]:
+    """Input name -> the first calibration sample (a batch of one; empty without calibration data)."""
     if ctx.calib is None:
         return {}
-    first = next(iter(ctx.calib.batches(1)), None)
-    return {k: tuple(np.shape(v)) for k, v in (first or {}).items()}
+    return dict(next(iter(ctx.calib.batches(1)), None) or {})
+
+
+def calibration_shapes(ctx: Context) -> dict[str, tuple]:
+    """Input name -> shape of the first calibration sample (empty without calibration data)."""
+    return {k: tuple(np.shape(v)) for k, v in calibration_sample(ctx).items()}
 
 
 def _si(n: int) -> str:

@@ -84,3 +84,64 @@ def test_report_takes_shapes_from_calibration_and_prints_question_mark_without(t
     header, _, first = rep.format().splitlines()[:3]
     col = header.split().index("MACs")
     assert first.split()[col] == "?"
+
+
+def _torch_static_padding_stem(n="N"):
+    #   torch.onnx.export of EfficientNet's Conv2dStaticSamePadding: the Pad amounts are a constant
+    #   computed by ConstantOfShape -> Concat -> Reshape -> Slice -> Transpose -> Reshape -> Cast
+    pads_hw = np.array([0, 1, 0, 1], np.int64)          # (left, right, top, bottom) as F.pad takes them
+    nodes = [helper.make_node("ConstantOfShape", ["four"], ["zeros"], value=helper.make_tensor("v", 7, [1], [0])),
+             helper.make_node("Concat", ["hw", "zeros"], ["cat"], axis=0),
+             helper.make_node("Reshape", ["cat", "rs1"], ["r1"]),
+             helper.make_node("Slice", ["r1", "start", "end", "axis0", "step"], ["rev"]),
+             helper.make_node("Transpose", ["rev"], ["tr"], perm=[1, 0]),
+             helper.make_node("Reshape", ["tr", "rs2"], ["r2"]),
+             helper.make_node("Cast", ["r2"], ["pads"], to=onnx.TensorProto.INT64),
+             helper.make_node("Pad", ["x", "pads"], ["xp"]),
+             helper.make_node("Conv", ["xp", "w"], ["y"], name="stem", strides=[2, 2])]
+    inits = [init("four", np.array([4], np.int64)), init("hw", pads_hw), init("rs1", np.array([-1, 2], np.int64)),
+             init("start", np.array([-1], np.int64)), init("end", np.array([-(2**63)], np.int64)),
+             init("axis0", np.array([0], np.int64)), init("step", np.array([-1], np.int64)),
+             init("rs2", np.array([-1], np.int64)), init("w", np.zeros((8, 3, 3, 3), np.float32))]
+    return make_model(nodes, [("x", [n, 3, 16, 16])], [("y", [n, 8, 8, 8])], inits)
+
+
+def test_constant_pad_amounts_of_a_torch_export_are_folded():
+    # efficientnet_lite0_raw's stem: MACs were '?' (Reshape and Transpose were not folded); the Pad
+    # amounts are constants, so they are known with or without calibration inputs
+    m = _torch_static_padding_stem()
+    ref = onnx.reference.ReferenceEvaluator(m).run(None, {"x": np.zeros((1, 3, 16, 16), np.float32)})[0]
+    assert ref.shape == (1, 8, 8, 8)
+    assert model_stats(m).macs == 8 * 8 * 8 * 3 * 3 * 3
+
+
+def _pad_from_an_unfolded_op():
+    #   x[N, 3, H, W] ─Shape─Slice[2:3]─Cast(float)─Sqrt─Cast(int64)─ p ; pads = [0, 0, p, p, 0, 0, p, p]
+    #   x ──Pad(pads)──Conv 3x3 (8 filters)── y
+    # Sqrt is outside the static shape folder: only a run on a real input gives the Pad's output shape
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Slice", ["s", "two", "three"], ["h"]),
+             helper.make_node("Cast", ["h"], ["hf"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Sqrt", ["hf"], ["rf"]),
+             helper.make_node("Cast", ["rf"], ["p"], to=onnx.TensorProto.INT64),
+             helper.make_node("Concat", ["zz", "p", "p", "zz", "p", "p"], ["pads"], axis=0),
+             helper.make_node("Pad", ["x", "pads"], ["xp"]),
+             helper.make_node("Conv", ["xp", "w"], ["y"], name="conv")]
+    inits = [init("two", np.array([2], np.int64)), init("three", np.array([3], np.int64)),
+             init("zz", np.zeros(2, np.int64)), init("w", np.zeros((8, 3, 3, 3), np.float32))]
+    return make_model(nodes, [("x", ["N", 3, "H", "W"])], [("y", ["N", 8, None, None])], inits)
+
+
+def test_shapes_static_inference_cannot_derive_come_from_one_ort_run_on_the_calibration_sample():
+    m = _pad_from_an_unfolded_op()
+    x = np.zeros((4, 3, 16, 16), np.float32)             # p = sqrt(16) = 4: 24 x 24 padded, 22 x 22 out
+    macs = 22 * 22 * 8 * 3 * 3 * 3
+    assert model_stats(m).macs is None
+    assert model_stats(m, {"x": x.shape}).macs is None    # the shapes alone do not get through Sqrt
+    s = model_stats(m, {"x": x.shape}, {"x": x})
+    assert s.macs == macs and not s.unknown_macs
+    assert [o.name for o in m.graph.output] == ["y"]      # the extra outputs of the run are gone again
+    _, rep = qgraph.optimize(m, "fold", calib={"x": x}, progress=False)
+    assert [r["macs"] for r in rep.rows] == [macs, macs]
+    _, rep = qgraph.optimize(m, "fold", progress=False)
+    assert [r["macs"] for r in rep.rows] == [None, None]
