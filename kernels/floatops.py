@@ -12,7 +12,9 @@ Exactness against ORT, by op:
   exact (IEEE float32, one rounding per operation, as ORT's Eigen / MLAS element loops):
       Add Sub Mul Div Min Max Neg Abs Reciprocal Sqrt Floor Ceil Round Relu Clip LeakyRelu PRelu
       HardSigmoid HardSwish (alpha*x + beta, clamped; x * that), Erf (MLAS's polynomial and its
-      own exp, fma for fma: ``ortfloat.erf_mlas``), Pow with exponent 2 or 3 (ORT
+      own exp, fma for fma: ``ortfloat.erf_mlas``), ReduceSum ReduceMean ReduceSumSquare ReduceL2
+      (ORT's summation order per axis layout: Eigen's SSE 4-lane redux, MLAS's M = 1 SGEMM,
+      element-wise row adds or its sequential loop: ``ortreduce``), Pow with exponent 2 or 3 (ORT
       squares / cubes: x*x, x*x*x) or 0.5 (sqrt), comparisons and Where, and data movement
       (Reshape Flatten Transpose Squeeze Unsqueeze Concat Split Slice Gather Pad Expand Identity
       Cast MaxPool, Resize nearest)
@@ -20,7 +22,7 @@ Exactness against ORT, by op:
   Q differs only when the float lands within an ulp of a rounding boundary, and qgraph-run
   --compare-ort reports the share):
       Exp Log Tanh Sigmoid (MLAS polynomial kernels), Pow with another exponent (powf),
-      ReduceMean ReduceSum ReduceL2 ReduceSumSquare (Eigen's vectorized summation order), Softmax (MLAS), LayerNormalization,
+      Softmax (MLAS), LayerNormalization,
       Resize linear, GlobalAveragePool in float
   ConvTranspose (``quant`` quantizes it, ORT has no s8 kernel and runs DQ -> float -> Q): MLAS's
       SGEMM order per output, then col2im and the bias as ORT's CPU kernel; exact where the kernel
@@ -38,6 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from qgraph.errors import ModelError
+from qgraph.kernels import ortreduce
 from qgraph.kernels.movement import resize_shape, source_coords
 
 F32 = np.float32
@@ -327,14 +330,9 @@ def float_op(step, args, mode):
     if op == "Cast":
         import onnx
         return [np.asarray(args[0]).astype(onnx.helper.tensor_dtype_to_np_dtype(int(at["to"])))]
-    if op == "ReduceMean":
-        return _reduce(_mean, args, at)
-    if op == "ReduceSum":
-        return _reduce(lambda x, a, k: np.sum(x, axis=a, keepdims=k, dtype=F32), args, at)
-    if op == "ReduceL2":
-        return _reduce(lambda x, a, k: np.sqrt(np.sum(x * x, axis=a, keepdims=k, dtype=F32)), args, at)
-    if op == "ReduceSumSquare":
-        return _reduce(lambda x, a, k: np.sum(x * x, axis=a, keepdims=k, dtype=F32), args, at)
+    if op in ortreduce.OPS:     # ReduceSum / Mean / SumSquare / L2 in ORT's summation order
+        return [ortreduce.reduce(op, _f(args[0]), _axes(args, at), bool(at.get("keepdims", 1)),
+                                 bool(int(at.get("noop_with_empty_axes", 0))))]
     if op in ("ReduceMax", "ReduceMin"):
         fn = np.max if op == "ReduceMax" else np.min
         return _reduce(lambda x, a, k: fn(x, axis=a, keepdims=k), args, at)
