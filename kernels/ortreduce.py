@@ -42,9 +42,6 @@ from numba import njit
 from qgraph.kernels.ortfloat import sgemm_m1_mlas
 
 F32 = np.float32
-#: Eigen's float packet on ORT's x86-64 build (SSE Packet4f) and the alignment it looks for (bytes)
-EIGEN_PACKET = 4
-EIGEN_ALIGN = 16
 
 OPS = ("ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL2")
 
