@@ -208,3 +208,46 @@ def test_unknown_op_is_named_in_one_line():
     m = qdq_model(body, [2, 5])
     with pytest.raises(ModelError, match=r"^cannot lower node hm \(Hardmax\): [^\n]*$"):
         lower(m)
+
+
+def _ort_layernorm(x, scale, bias, axis, eps):
+    """ORT's float32 LayerNormalization of x (one thread), straight, no Q/DQ around it."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+    nodes = [helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=axis, epsilon=eps)]
+    g = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))],
+                          [init("s", scale), init("b", bias)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("shape,axis,min_share", [
+    ((64, 384), -1, 1.0),      # all-MiniLM-L6-v2's hidden size: ORT's order reproduced exactly
+    ((2, 16, 768), -1, 1.0),   # a multiple of 8 over rows of a 3-D tensor
+    ((4, 6, 8, 8), 1, 1.0),    # several trailing axes normalized together (n = 384)
+    ((200, 387), -1, 1.0),     # 8-lane body and a 3-element scalar tail
+    ((300, 5), -1, 1.0),       # under 8: ORT's scalar Welford path
+    ((300, 100), -1, 0.95),    # a 4-element tail MLAS sums with narrower vectors: not reproduced
+])
+def test_layernorm_float_matches_ort_bit_for_bit(shape, axis, min_share):
+    """floatops' LayerNormalization against ORT 1.32's float32 kernel, element for element. Rows with
+    mixed means and spreads (the variance's cancellation matters); the one not-exact case holds a
+    floor on the share and an ulp-sized difference at most, so a regression of the order shows."""
+    from qgraph.kernels.floatops import _layernorm
+    rng = np.random.default_rng(SEED)
+    n_axes = shape[axis:] if axis != -1 else shape[-1:]
+    lead = shape[:axis] if axis != -1 else shape[:-1]
+    x = (rng.standard_normal(shape) * rng.uniform(0.1, 5, (*lead, *[1] * len(n_axes)))
+         + rng.uniform(-2, 2, (*lead, *[1] * len(n_axes)))).astype(np.float32)
+    scale = rng.uniform(0.5, 1.5, n_axes).astype(np.float32)
+    bias = (rng.standard_normal(n_axes) * 0.1).astype(np.float32)
+    want = _ort_layernorm(x, scale, bias, axis, 1e-12)
+    got = _layernorm([x, scale, bias], {"axis": axis, "epsilon": 1e-12})[0]
+    equal = (got == want).mean()
+    # an ulp of InvStdDev moves y by |y| * 2^-23 at most (+ one rounding): |y| < 20 here
+    worst = float(np.abs(got.astype(np.float64) - want).max())
+    assert equal >= min_share and worst <= (0.0 if min_share == 1.0 else 20 * 2.0 ** -22), \
+        f"{shape} axis {axis}: {equal:.2%} bit-exact, max abs diff {worst:.3g} (seed {SEED})"
