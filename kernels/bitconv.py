@@ -145,7 +145,8 @@ def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, 
     k = kh * kw * pc.cin_g
     words = max(1, -(-k // WORD))
     per = max(1, min(n_b, 4096 // max(pixels, 1)))           # several small images per GEMM
-    cols = _scratch(pc, "cols", (per * pixels * words * WORD + WORD,), x.dtype)
+    direct = kh == 1 and kw == 1 and sh == 1 and sw == 1 and g == 1 and hp == oh and wp == ow   # ``_conv_chunks``
+    cols = _scratch(pc, "cols", (WORD if direct else per * pixels * words * WORD + WORD,), x.dtype)
     bpanels = _scratch(pc, "bpanels", (-(-per * pixels // NR) * NR * enc.bits * words,), np.uint64)
     acc = _scratch(pc, "acc", (pc.cout // g, per * pixels), np.int32)
     qa, qb, coef, xor = pair_table(pc.enc, enc)
@@ -184,6 +185,9 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
     rowt = np.empty((3, mp), np.int64)
     per_w = zw.shape[0] > 1
     per_s = scale.shape[0] > 1
+    # a 1x1 convolution with stride 1, no padding and one group reads each pixel's channels as they lie
+    # in the NHWC copy: those rows are its im2col rows, packed in place (no copy, K = C)
+    direct = kh == 1 and kw == 1 and sh == 1 and sw == 1 and groups == 1 and hp == oh and wp == ow
     for n0 in range(0, n_b, per):
         n1 = min(n_b, n0 + per)
         np_ = (n1 - n0) * pixels
@@ -191,10 +195,16 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
         colt = np.empty((2, npad), np.int64)
         bsums = np.empty(np_, np.int64)
         for gi in range(groups):
-            _im2col(xf, hp, wp, c_all, n0, n1, gi * cin_g, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, fill64, rb, cols)
             last = (np_ // NR) * NR * planes * words           # the last panel's unused lanes stay 0
             bpanels[last:npad * planes * words] = 0
-            _pack(cols[:np_ * rb].reshape(np_, rb), np_, rb, NR, planes, add, shift_b, coefs, fill, bpanels, bsums)
+            if direct:
+                rows = xf[n0 * pixels * c_all:n1 * pixels * c_all].reshape((np_, c_all))
+                _pack(rows, np_, k, NR, planes, add, shift_b, coefs, fill, bpanels, bsums)
+            else:
+                _im2col(xf, hp, wp, c_all, n0, n1, gi * cin_g, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, fill64, rb,
+                        cols)
+                _pack(cols[:np_ * rb].reshape((np_, rb)), np_, rb, NR, planes, add, shift_b, coefs, fill, bpanels,
+                      bsums)
             zw_g = zw[gi * cout_g:(gi + 1) * cout_g] if per_w else zw
             _fill_terms(wsums[gi], zw_g, w_offset, k, bsums, np.full(1, zx, np.int64), offset, xor, rowt, colt)
             a = acc[:, :np_]
