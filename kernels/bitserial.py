@@ -122,7 +122,13 @@ def _make_tile(op: str):
                 totals.append(t)
             qa = builder.load(builder.gep(pa_p, [i]))
             qb = builder.load(builder.gep(pb_p, [i]))
-            cf = broadcast(builder, builder.load(builder.gep(cf_p, [i])), vt)
+            # the pair's weight is +-2^e (a product of two planes' weights): s * w = ((s << e) ^ m) - m with
+            # m = 0 or -1 (its sign), shifts and logic instead of a 64-bit vector multiply per accumulator
+            cf_s = builder.load(builder.gep(cf_p, [i]))
+            cttz = builder.module.globals.get("llvm.cttz.i64") or ir.Function(
+                builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]), "llvm.cttz.i64")
+            e_v = broadcast(builder, builder.call(cttz, [cf_s, ir.Constant(ir.IntType(1), 0)]), vt)
+            m_v = broadcast(builder, builder.ashr(cf_s, ir.Constant(i64, 63)), vt)
             ap = builder.gep(a_p, [builder.mul(qa, a_ps_v)])
             bp = builder.gep(b_p, [builder.mul(qb, b_ps_v)])
 
@@ -140,7 +146,7 @@ def _make_tile(op: str):
 
             _, _, _, sums = tile_loop(builder, kw_v, rows=MR, vecs=NV, vec_type=vt, load_a=load_a, load_b=load_b,
                                       mac=mac)
-            new = [builder.add(t, builder.mul(s, cf)) for t, s in zip(totals, sums)]
+            new = [builder.add(builder.sub(t, m_v), builder.xor(builder.shl(s, e_v), m_v)) for t, s in zip(totals, sums)]
             after = builder.block
             i_next = builder.add(i, ir.Constant(i64, 1))
             i.add_incoming(i_next, after)
@@ -159,17 +165,19 @@ def _make_tile(op: str):
                                                     ir.Constant(i64, r))])
                 return broadcast(builder, builder.load(q), vt)
 
-            gamma = [col_vec(0, v) for v in range(NV)]
-            delta = [col_vec(1, v) for v in range(NV)]
+            # the terms in wrapping int32 (the result is int32 mod 2^32 anyway): 8-lane 32-bit multiplies
             v32 = ir.VectorType(i32, LANES)
+            gamma = [builder.trunc(col_vec(0, v), v32) for v in range(NV)]
+            delta = [builder.trunc(col_vec(1, v), v32) for v in range(NV)]
             for r in range(MR):
-                alpha, beta, eps = row_val(0, r), row_val(1, r), row_val(2, r)
+                alpha, beta, eps = (builder.trunc(row_val(w, r), v32) for w in range(3))
                 row = builder.gep(c_p, [builder.mul(ir.Constant(i64, r), ldc_v)])
                 for v in range(NV):
-                    val = builder.add(new[r * NV + v], builder.add(builder.mul(gamma[v], alpha),
-                                                                   builder.add(builder.mul(delta[v], beta), eps)))
+                    val = builder.add(builder.trunc(new[r * NV + v], v32),
+                                      builder.add(builder.mul(gamma[v], alpha), builder.add(builder.mul(delta[v], beta),
+                                                                                            eps)))
                     q = builder.bitcast(builder.gep(row, [ir.Constant(i64, LANES * v)]), v32.as_pointer())
-                    builder.store(builder.trunc(val, v32), q, align=4)
+                    builder.store(val, q, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
