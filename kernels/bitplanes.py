@@ -104,32 +104,25 @@ def input_encoding(x: np.ndarray, zx: int, padded: bool) -> Encoding:
 
 
 @njit(cache=True)
-def _min_max(v):
-    """(min, max) of an int8/uint8 vector, kept in its byte type (written as selects: ``min()`` of
-    two int8 promotes to int64 in Numba and the loop would not vectorize on bytes)."""
+def _min_max_zero(v):
+    """(min, max, whether some value is 0) of an int8/uint8 vector in one pass, min and max kept in
+    its byte type (written as selects: ``min()`` of two int8 promotes to int64 in Numba and the loop
+    would not vectorize on bytes)."""
     lo = v[0]
     hi = v[0]
+    z = False
     for i in range(v.shape[0]):
         x = v[i]
         lo = x if x < lo else lo
         hi = x if x > hi else hi
-    return lo, hi
-
-
-@njit(cache=True)
-def _has_zero(v):
-    z = False
-    for i in range(v.shape[0]):
-        z |= v[i] == 0
-    return z
+        z |= x == 0
+    return lo, hi, z
 
 
 def _value_range(v):
-    """(min, max, whether some value is 0) of an int8/uint8 vector; the zeros are looked for only
-    when the values lie in [-1, 1] (the one range where they decide the encoding: +-1 or not)."""
-    lo, hi = _min_max(v)
-    lo, hi = int(lo), int(hi)
-    return lo, hi, bool(lo == -1 and hi == 1 and _has_zero(v))
+    """(min, max, whether some value is 0) of an int8/uint8 vector (the zeros decide +-1 or not)."""
+    lo, hi, z = _min_max_zero(v)
+    return int(lo), int(hi), bool(z)
 
 
 # ----------------------------------------------------------------------------- packing
