@@ -21,7 +21,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from qgraph.kernels.bitplanes import WORD, Encoding, _pack, encoding_of, input_encoding
+from qgraph.kernels.bitplanes import WORD, Encoding, _pack, _plane_word, encoding_of, input_encoding, popcount64
 from qgraph.kernels.bitserial import MR, NR, BitPacked, _fill_terms, _gemm_into, pack, pair_table
 from qgraph.kernels.requant import requant_run
 
@@ -194,6 +194,68 @@ def _to_nhwc(x, xp, n_b, c, runs, run, src_step, dst_step, dst0):
                     xp[d_base + p * c + ch] = x[s_base + ch * hw + p]
 
 
+@njit(cache=True)
+def _transpose64(a):
+    """a: 64 uint64 words as a 64 x 64 bit matrix (word i, bit j, least significant first) -> its
+    transpose in place: bit j of word i goes to bit i of word j. Six rounds of block swaps, halves,
+    then quarters ... (Hacker's Delight §7-3), each swap t = ((a[k] >> s) ^ a[k+s]) & m."""
+    s = 32
+    m = np.uint64(0x00000000FFFFFFFF)
+    while s:
+        su = np.uint64(s)
+        for k in range(64):
+            if k & s == 0:
+                t = ((a[k] >> su) ^ a[k + s]) & m
+                a[k + s] ^= t
+                a[k] ^= t << su
+        s >>= 1
+        m ^= m << np.uint64(s)
+
+
+@njit(cache=True)
+def _pack_pointwise(x, n0, n1, c, hw, tile, planes, add, shift, coefs, out, sums):
+    """The B panels of a 1x1, stride-1, unpadded convolution straight from the NCHW input (flat
+    bytes of images n0..n1-1): pixel rows, K = C in channel order, as ``bitplanes._pack`` lays them
+    out ([pixels / tile][planes][ceil(C / 64)][tile]) with their plane sums. Per block of 64 pixels
+    and 64 channels, one plane word per channel over the 64 pixels (``_plane_word``, a row of x read
+    in place) makes a 64 x 64 bit matrix whose transpose (``_transpose64``) is one word per pixel over
+    the 64 channels: no NHWC copy. Channels past C are 0 words (the padding's planes are 0)."""
+    words = -(-c // WORD)
+    ptile = planes * words * tile
+    a = np.zeros(WORD, np.uint64)
+    tail = np.empty(WORD, np.uint8)
+    size = x.shape[0]
+    cnt = np.zeros(WORD, np.int64)
+    for n in range(n0, n1):
+        for pb in range(0, hw, WORD):
+            npx = min(WORD, hw - pb)
+            cnt[:] = 0
+            for p in range(planes):
+                m = np.uint8(1 << (p + shift))
+                for cw in range(words):
+                    for i in range(WORD):
+                        ch = cw * WORD + i
+                        if ch >= c:
+                            a[i] = 0
+                            continue
+                        off = (n * c + ch) * hw + pb
+                        if off + WORD <= size:
+                            a[i] = _plane_word(x, off, add, m)
+                        else:                           # the last bytes of x: no reading past them
+                            tail[:] = 0
+                            for j in range(npx):
+                                tail[j] = x[off + j]
+                            a[i] = _plane_word(tail, 0, add, m)
+                    _transpose64(a)
+                    for j in range(npx):
+                        q = (n - n0) * hw + pb + j
+                        t = q // tile
+                        out[t * ptile + (p * words + cw) * tile + q - t * tile] = a[j]
+                        cnt[j] += popcount64(a[j]) * coefs[p]
+            for j in range(npx):
+                sums[(n - n0) * hw + pb + j] = cnt[j]
+
+
 def _scratch(pc: "BitConv", key: str, shape, dtype) -> np.ndarray:
     """A buffer kept with the layer between calls (fresh large arrays cost page faults each time)."""
     buf = pc.cache.get(key)
@@ -224,21 +286,26 @@ def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, 
         enc = input_encoding(x, zx, any(geo.pads))
     hp = max(h + pt, (oh - 1) * sh + (kh - 1) * dh + 1)
     wp = max(w + pl, (ow - 1) * sw + (kw - 1) * dw + 1)
-    n_xp = n_b * hp * wp * c_in
-    xf = _scratch(pc, "xp", (n_xp + WORD,), x.dtype)           # + slack for 64-byte moves
-    xp = xf[:n_xp].reshape(n_b, hp, wp, c_in)
-    if hp != h or wp != w:
-        xp[...] = np.array(zx).astype(x.dtype)
-    if hp == h and wp == w:                 # nothing padded: each image is one run of h*w pixels
-        _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, 1, h * w, 0, 0, 0)
-    else:                                   # row by row, into the padded frame
-        _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, h, w, w, wp, pt * wp + pl)
+    # 1x1, stride 1, unpadded, one group: the input's pixels are the im2col rows, packed from NCHW as
+    # they are (``_pack_pointwise``); every other convolution goes through an NHWC copy and im2col
+    pointwise = (kh, kw, sh, sw) == (1, 1, 1, 1) and g == 1 and not any(geo.pads)
+    if pointwise:
+        xf = x.reshape(-1)
+    else:
+        n_xp = n_b * hp * wp * c_in
+        xf = _scratch(pc, "xp", (n_xp + WORD,), x.dtype)           # + slack for 64-byte moves
+        xp = xf[:n_xp].reshape(n_b, hp, wp, c_in)
+        if hp != h or wp != w:
+            xp[...] = np.array(zx).astype(x.dtype)
+        if hp == h and wp == w:                 # nothing padded: each image is one run of h*w pixels
+            _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, 1, h * w, 0, 0, 0)
+        else:                                   # row by row, into the padded frame
+            _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, h, w, w, wp, pt * wp + pl)
     pixels = oh * ow
     k = kh * kw * pc.cin_g
     words = max(1, -(-k // WORD))
     per = max(1, min(n_b, 4096 // max(pixels, 1)))           # several small images per GEMM
-    direct = kh == 1 and kw == 1 and sh == 1 and sw == 1 and g == 1 and hp == oh and wp == ow   # ``_conv_chunks``
-    cols = _scratch(pc, "cols", (WORD if direct else per * pixels * words * WORD + WORD,), x.dtype)
+    cols = _scratch(pc, "cols", (WORD if pointwise else per * pixels * words * WORD + WORD,), x.dtype)
     bpanels = _scratch(pc, "bpanels", (-(-per * pixels // NR) * NR * enc.bits * words,), np.uint64)
     acc = _scratch(pc, "acc", (pc.cout // g, per * pixels), np.int32)
     qa, qb, coef, xor = pair_table(pc.enc, enc)
@@ -257,16 +324,17 @@ def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, 
                  np.asarray(zw, np.int64).reshape(-1), int(zx), qa, qb, coef, xor, acc, raw,
                  np.asarray(bias, np.int32).reshape(-1), np.asarray(scale, np.float32).reshape(-1),
                  np.asarray(mult, np.int64).reshape(-1), np.asarray(shift, np.int64).reshape(-1), int(zp), int(qmin),
-                 int(qmax), bool(fixed), out)
+                 int(qmax), bool(fixed), pointwise, out)
     return out.reshape(n_b, pc.cout, oh, ow)
 
 
 @njit(cache=True)
 def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words, planes, add,
                  shift_b, coefs, fill, offset, cols, bpanels, wpanels, wsums, w_planes, w_offset, zw, zx, qa, qb, coef,
-                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, out):
+                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, pointwise, out):
     """The whole convolution, chunk of images by chunk, group by group: im2col (``_im2col``), the
-    pixels' planes (``bitplanes._pack``), the tile GEMM finished with its zero-point terms
+    pixels' planes (``bitplanes._pack``; ``pointwise``: both at once from the NCHW input,
+    ``_pack_pointwise``), the tile GEMM finished with its zero-point terms
     (``_gemm_into``), then ``requant_run`` per output channel (or, ``raw``, the int32 accumulators)."""
     groups = wpanels.shape[0]
     cout_g = wsums.shape[1]
@@ -277,9 +345,6 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
     rowt = np.empty((3, mp), np.int64)
     per_w = zw.shape[0] > 1
     per_s = scale.shape[0] > 1
-    # a 1x1 convolution with stride 1, no padding and one group reads each pixel's channels as they lie
-    # in the NHWC copy: those rows are its im2col rows, packed in place (no copy, K = C)
-    direct = kh == 1 and kw == 1 and sh == 1 and sw == 1 and groups == 1 and hp == oh and wp == ow
     for n0 in range(0, n_b, per):
         n1 = min(n_b, n0 + per)
         np_ = (n1 - n0) * pixels
@@ -289,9 +354,8 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
         for gi in range(groups):
             last = (np_ // NR) * NR * planes * words           # the last panel's unused lanes stay 0
             bpanels[last:npad * planes * words] = 0
-            if direct:
-                rows = xf[n0 * pixels * c_all:n1 * pixels * c_all].reshape((np_, c_all))
-                _pack(rows, np_, k, NR, planes, add, shift_b, coefs, fill, bpanels, bsums)
+            if pointwise:               # xf is the NCHW input
+                _pack_pointwise(xf, n0, n1, c_all, pixels, NR, planes, add, shift_b, coefs, bpanels, bsums)
             else:
                 _im2col(xf, hp, wp, c_all, n0, n1, gi * cin_g, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, fill64, rb,
                         cols)

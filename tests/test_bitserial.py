@@ -178,12 +178,13 @@ def test_fuzz_conv_equals_the_int8_kernel(block):
 
 @pytest.mark.parametrize("cin", [1, 63, 64, 65, 130, 192])
 @pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 0, 2, 1)])
-def test_pointwise_conv_packs_pixels_in_place(rng, cin, pads):
-    # a 1x1 stride-1 single-group conv packs its NHWC pixel rows in place (no im2col copy): whole words,
-    # a last word that reads into the next pixel's bytes (masked off), and the last pixel's tail copied
+def test_pointwise_conv_equals_the_int8_kernel(rng, cin, pads):
+    # a 1x1 stride-1 single-group conv: unpadded, its planes come straight from NCHW through 64x64 bit
+    # transposes (whole and partial blocks of 64 channels and 64 pixels, the input's last bytes copied);
+    # padded, through the NHWC copy and im2col
     for wb, ab, pm1 in [(1, 1, True), (2, 2, False), (1, 8, False), (4, 3, False)]:
         w = _operand(rng, (5, cin, 1, 1), wb, True, pm1)
-        x = _operand(rng, (2, cin, 3, 4), ab, pm1 or ab == 8, pm1)
+        x = _operand(rng, (2, cin, 9, 8), ab, pm1 or ab == 8, pm1)           # 72 pixels: a block and a part
         zx = -1 if pm1 else 0
         geo = ConvGeometry((1, 1), (1, 1), (1, 1), pads, 1)
         rq = (rng.integers(-300, 300, 5).astype(np.int32), rng.uniform(0.001, 0.05, 5).astype(np.float32),
@@ -257,3 +258,11 @@ def test_scalar_popcount_is_the_popcnt_instruction():
     asm = count.inspect_asm(count.signatures[0])
     if cpu.has("popcnt"):
         assert re.search(r"\bpopcnt[q]?\b", asm), "the CPU has popcnt but the kernel does not use it"
+
+
+def test_bit_matrix_transpose_is_the_transpose(rng):
+    a = rng.integers(0, 1 << 62, 64, dtype=np.uint64) * np.uint64(4) + rng.integers(0, 4, 64).astype(np.uint64)
+    bits = (a[:, None] >> np.arange(64, dtype=np.uint64)[None, :]) & np.uint64(1)
+    b = a.copy()
+    bitconv._transpose64(b)
+    assert np.array_equal((b[:, None] >> np.arange(64, dtype=np.uint64)[None, :]) & np.uint64(1), bits.T)
