@@ -108,6 +108,13 @@ def _make_tile(op: str):
             n_rows = builder.extract_value(arrs[5].shape, 1)
             n_cols = builder.extract_value(arrs[6].shape, 1)
 
+            # Pairs come sorted by |weight| = 2^e, largest first (``pair_table``), and are summed Horner-wise in
+            # the accumulators themselves: before pair i they are shifted left by e_(i-1) - e_i, its K loop then
+            # adds (or, weight < 0, subtracts) its popcounts, and after the last pair they are shifted by its e.
+            # One shift per accumulator and pair, no multiply: T = sum_i +-2^(e_i) S_i exactly (int64 lanes).
+            cttz = builder.module.globals.get("llvm.cttz.i64") or ir.Function(
+                builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]), "llvm.cttz.i64")
+            e_first = builder.call(cttz, [builder.load(cf_p), ir.Constant(ir.IntType(1), 0)])
             entry = builder.block
             pair_block = builder.append_basic_block("pair")
             exit_block = builder.append_basic_block("pairs_done")
@@ -115,6 +122,8 @@ def _make_tile(op: str):
             builder.position_at_end(pair_block)
             i = builder.phi(i64)
             i.add_incoming(ir.Constant(i64, 0), entry)
+            e_prev = builder.phi(i64)
+            e_prev.add_incoming(e_first, entry)
             totals = []
             for _ in range(MR * NV):
                 t = builder.phi(vt)
@@ -122,13 +131,10 @@ def _make_tile(op: str):
                 totals.append(t)
             qa = builder.load(builder.gep(pa_p, [i]))
             qb = builder.load(builder.gep(pb_p, [i]))
-            # the pair's weight is +-2^e (a product of two planes' weights): s * w = ((s << e) ^ m) - m with
-            # m = 0 or -1 (its sign), shifts and logic instead of a 64-bit vector multiply per accumulator
             cf_s = builder.load(builder.gep(cf_p, [i]))
-            cttz = builder.module.globals.get("llvm.cttz.i64") or ir.Function(
-                builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]), "llvm.cttz.i64")
-            e_v = broadcast(builder, builder.call(cttz, [cf_s, ir.Constant(ir.IntType(1), 0)]), vt)
-            m_v = broadcast(builder, builder.ashr(cf_s, ir.Constant(i64, 63)), vt)
+            e_i = builder.call(cttz, [cf_s, ir.Constant(ir.IntType(1), 0)])
+            d_v = broadcast(builder, builder.sub(e_prev, e_i), vt)
+            init = [builder.shl(t, d_v) for t in totals]
             ap = builder.gep(a_p, [builder.mul(qa, a_ps_v)])
             bp = builder.gep(b_p, [builder.mul(qb, b_ps_v)])
 
@@ -140,20 +146,39 @@ def _make_tile(op: str):
                 q = builder.gep(bp, [builder.add(builder.mul(k, ir.Constant(i64, NR)), ir.Constant(i64, LANES * v))])
                 return builder.load(builder.bitcast(q, vt.as_pointer()), align=8)
 
-            def mac(acc, x, y):
-                both = builder.and_(x, y) if op == "and" else builder.xor(x, y)
-                return builder.add(acc, builder.call(ctpop, [both]))
+            def mac_with(add):
+                def mac(acc, x, y):
+                    count = builder.call(ctpop, [builder.and_(x, y) if op == "and" else builder.xor(x, y)])
+                    return builder.add(acc, count) if add else builder.sub(acc, count)
+                return mac
 
-            _, _, _, sums = tile_loop(builder, kw_v, rows=MR, vecs=NV, vec_type=vt, load_a=load_a, load_b=load_b,
-                                      mac=mac)
-            new = [builder.add(builder.sub(t, m_v), builder.xor(builder.shl(s, e_v), m_v)) for t, s in zip(totals, sums)]
-            after = builder.block
+            add_block = builder.append_basic_block("pair_add")
+            sub_block = builder.append_basic_block("pair_sub")
+            join_block = builder.append_basic_block("pair_join")
+            builder.cbranch(builder.icmp_signed("<", cf_s, ir.Constant(i64, 0)), sub_block, add_block)
+            ends = []
+            for block, add in ((add_block, True), (sub_block, False)):
+                builder.position_at_end(block)
+                _, _, _, sums = tile_loop(builder, kw_v, rows=MR, vecs=NV, vec_type=vt, load_a=load_a,
+                                          load_b=load_b, mac=mac_with(add), init=init)
+                ends.append((builder.block, sums))
+                builder.branch(join_block)
+            builder.position_at_end(join_block)
+            new = []
+            for j in range(MR * NV):
+                p = builder.phi(vt)
+                for block, sums in ends:
+                    p.add_incoming(sums[j], block)
+                new.append(p)
             i_next = builder.add(i, ir.Constant(i64, 1))
-            i.add_incoming(i_next, after)
+            i.add_incoming(i_next, join_block)
+            e_prev.add_incoming(e_i, join_block)
             for t, n in zip(totals, new):
-                t.add_incoming(n, after)
+                t.add_incoming(n, join_block)
             builder.cbranch(builder.icmp_signed("<", i_next, np_v), pair_block, exit_block)
             builder.position_at_end(exit_block)
+            e_last = broadcast(builder, e_i, vt)
+            new = [builder.shl(t, e_last) for t in new]
 
             def col_vec(which, v):
                 q = builder.gep(col_p, [builder.add(builder.add(builder.mul(ir.Constant(i64, which), n_cols), c0_v),
@@ -215,13 +240,16 @@ def pack(a: np.ndarray, tile: int, enc: Encoding | None = None) -> BitPacked:
 
 @lru_cache(maxsize=256)
 def pair_table(a: Encoding, b: Encoding) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """(plane of A, plane of B, weight) per plane pair, and whether the XOR form applies."""
+    """(plane of A, plane of B, weight) per plane pair, and whether the XOR form applies. The pairs
+    come sorted by |weight| (a power of two), largest first: the tile sums them Horner-wise."""
     if a.kind == "pm1" and b.kind == "pm1":
         return np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([-2], np.int64), True
     ca, cb = a.coefs, b.coefs
     qa, qb = np.meshgrid(np.arange(a.bits), np.arange(b.bits), indexing="ij")
-    return qa.reshape(-1).astype(np.int64), qb.reshape(-1).astype(np.int64), \
-        (ca[qa] * cb[qb]).reshape(-1).astype(np.int64), False
+    qa, qb = qa.reshape(-1).astype(np.int64), qb.reshape(-1).astype(np.int64)
+    coef = (ca[qa] * cb[qb]).astype(np.int64)
+    order = np.argsort(-np.abs(coef), kind="stable")     # largest |weight| first: the tile sums Horner-wise
+    return qa[order], qb[order], coef[order], False
 
 
 # ----------------------------------------------------------------------------- GEMM

@@ -181,12 +181,38 @@ def bench_conv(quick: bool, reps: int) -> list[dict]:
     return rows
 
 
+def markdown(result: dict) -> str:
+    """The README's table: one row per shape, each width's ratios (the targets' columns first)."""
+    rows = result.get("gemm", []) + result.get("conv", [])
+    shapes: dict = {}
+    for r in rows:
+        name = ("GEMM " + r["shape"] + f" ({r['M']}×{r['K']}×{r['N']})") if "shape" in r else "conv " + r["layer"]
+        shapes.setdefault(name, {})[r["widths"]] = r
+    lines = ["| shape (M×K×N, or conv layer) | W1A1 (XNOR) ÷ ORT u8s8 / ÷ ours int8 | W2A2 ÷ ours int8 / ÷ ORT | "
+             "W4A4 ÷ ours | W1A8 ÷ ours | W2A8 ÷ ours |", "|---|---|---|---|---|---|"]
+    for name, by in shapes.items():
+        def cell(w, first, second=None):
+            r = by.get(w)
+            if r is None:
+                return "–"
+            text = f"{r[first]:.2f}"
+            target = next((f for tw, k, f in TARGETS if tw == w and k == first), None)
+            if target is not None and r[first] >= target:
+                text = f"**{text}**"
+            return text + (f" / {r[second]:.2f}" if second else "")
+        lines.append(f"| {name} | {cell('W1A1 (xnor)', 'vs_ort', 'vs_ours_int8')} | "
+                     f"{cell('W2A2', 'vs_ours_int8', 'vs_ort')} | {cell('W4A4', 'vs_ours_int8')} | "
+                     f"{cell('W1A8', 'vs_ours_int8')} | {cell('W2A8', 'vs_ours_int8')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     ap.add_argument("--sections", default="gemm,conv")
     ap.add_argument("--reps", type=int, default=7, help="timed runs of each contender (best counts)")
     ap.add_argument("--json", help="write all figures here")
+    ap.add_argument("--markdown", help="write the table of ratios here (bold: a target met)")
     args = ap.parse_args(argv)
     import numba
     import onnxruntime
@@ -215,6 +241,8 @@ def main(argv=None) -> int:
     print(f"  {met} of {len(result['acceptance'])} met", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(result) + "\n")
     return 0
 
 
