@@ -203,8 +203,8 @@ def _transpose64(a):
     m = np.uint64(0x00000000FFFFFFFF)
     while s:
         su = np.uint64(s)
-        for k in range(64):
-            if k & s == 0:
+        for blk in range(0, 64, 2 * s):         # the words k with k & s == 0, as runs (the wide rounds vectorize)
+            for k in range(blk, blk + s):
                 t = ((a[k] >> su) ^ a[k + s]) & m
                 a[k + s] ^= t
                 a[k] ^= t << su
