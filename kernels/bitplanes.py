@@ -165,44 +165,49 @@ def popcount64(typingctx, x):
 def _pack(src, rows, k, tile, planes, add, shift, coefs, fill, out, sums):
     """src: [rows, >= k] bytes of the stored integers (rows at any stride, bytes contiguous) -> out
     [ceil(rows / tile)][planes][words][tile] uint64 (rows past ``rows`` are 0) and sums[r] =
-    sum_k (v - offset) = sum_p c_p popcount(plane p). Every word is one 64-byte load in place; a
-    row's last, partial word is masked to its k % 64 low bits (the bits of values past K are 0: the
-    padding of ``fill``), reading past the row into the next rows' bytes. Only where such a read
-    would run past the last row's K (the end of what ``src`` is known to hold) is the tail copied
-    into a 64-byte buffer padded with ``fill`` first."""
+    sum_k (v - offset) = sum_p c_p popcount(plane p). The output is written in order (tile by tile,
+    plane, word, then the tile's rows), every word one 64-byte load in place; a row's last, partial
+    word is masked to its k % 64 low bits (the bits of values past K are 0: the padding of ``fill``),
+    reading past the row into the next rows' bytes. Only where such a read would run past the last
+    row's K (the end of what ``src`` is known to hold) is the tail copied into a 64-byte buffer
+    padded with ``fill`` first."""
     words = -(-k // WORD)
     full = k // WORD
     rem = k - full * WORD
     low = (np.uint64(1) << np.uint64(rem)) - np.uint64(1) if rem else np.uint64(0)
     rb = src.strides[0]
     end = (rows - 1) * rb + k                      # bytes of src known to exist
-    ptile = planes * words * tile
     tail = np.empty(WORD, np.uint8)
-    for r in range(rows):
-        t = r // tile
-        lane = r - t * tile
-        base0 = t * ptile + lane
-        s = np.int64(0)
+    cnt = np.zeros(tile, np.int64)
+    o = 0
+    for t in range(-(-rows // tile)):
+        r0 = t * tile
+        nr = min(tile, rows - r0)
+        cnt[:] = 0
         for p in range(planes):
             m = np.uint8(1 << (p + shift))
-            base = base0 + p * words * tile
-            cnt = np.int64(0)
-            for w in range(full):
-                word = _plane_word(src, r * rb + w * WORD, add, m)
-                out[base + w * tile] = word
-                cnt += popcount64(word)
-            if rem:
-                if r * rb + full * WORD + WORD <= end:
-                    word = _plane_word(src, r * rb + full * WORD, add, m) & low
-                else:
-                    tail[:] = fill
-                    for j in range(rem):
-                        tail[j] = src[r, full * WORD + j]
-                    word = _plane_word(tail, 0, add, m)
-                out[base + full * tile] = word
-                cnt += popcount64(word)
-            s += cnt * coefs[p]
-        sums[r] = s
+            c = coefs[p]
+            for w in range(words):
+                for lane in range(tile):
+                    if lane >= nr:
+                        out[o] = 0
+                        o += 1
+                        continue
+                    off = (r0 + lane) * rb + w * WORD
+                    if w < full:
+                        word = _plane_word(src, off, add, m)
+                    elif off + WORD <= end:
+                        word = _plane_word(src, off, add, m) & low
+                    else:
+                        tail[:] = fill
+                        for j in range(rem):
+                            tail[j] = src[r0 + lane, full * WORD + j]
+                        word = _plane_word(tail, 0, add, m)
+                    out[o] = word
+                    o += 1
+                    cnt[lane] += popcount64(word) * c
+        for lane in range(nr):
+            sums[r0 + lane] = cnt[lane]
 
 
 def pack_panels(src: np.ndarray, enc: Encoding, tile: int, rows: int | None = None,
@@ -214,7 +219,7 @@ def pack_panels(src: np.ndarray, enc: Encoding, tile: int, rows: int | None = No
     k = src.shape[1] if k is None else k
     words = max(1, -(-k // WORD))
     tiles = -(-rows // tile)
-    out = np.zeros(tiles * enc.bits * words * tile, np.uint64)
+    out = (np.empty if rows and k else np.zeros)(tiles * enc.bits * words * tile, np.uint64)   # _pack writes all
     sums = np.zeros(rows, np.int64)
     if src.shape[1] > 1 and src.strides[1] != src.itemsize:
         src = np.ascontiguousarray(src)

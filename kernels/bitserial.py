@@ -367,11 +367,12 @@ def _matmul_into(a, planes, add, shift, coefs, fill, offset, za, bpanels, b_word
     zero-point terms (``_fill_terms``) and the tiles (``_gemm_into``)."""
     m, k = a.shape
     n = out.shape[1]
-    apanels = np.zeros(-(-m // MR) * planes * words * MR, np.uint64)
     asums = np.empty(m, np.int64)
     if k:
+        apanels = np.empty(-(-m // MR) * planes * words * MR, np.uint64)      # _pack writes every word
         _pack(a, m, k, MR, planes, add, shift, coefs, fill, apanels, asums)
     else:
+        apanels = np.zeros(-(-m // MR) * planes * words * MR, np.uint64)
         asums[:] = 0
     rowt = np.empty((3, -(-m // MR) * MR), np.int64)
     colt = np.empty((2, -(-n // NR) * NR), np.int64)
