@@ -266,3 +266,16 @@ def test_bit_matrix_transpose_is_the_transpose(rng):
     b = a.copy()
     bitconv._transpose64(b)
     assert np.array_equal((b[:, None] >> np.arange(64, dtype=np.uint64)[None, :]) & np.uint64(1), bits.T)
+
+
+@pytest.mark.parametrize("c,hw,bits", [(144, 70, 2), (5, 3, 3), (130, 129, 1), (64, 64, 4)])
+def test_planes_from_nchw_equal_the_packed_rows(rng, c, hw, bits):
+    # _pack_pointwise (bit transposes from NCHW) lays out the same panels and sums as packing NHWC rows
+    x = _operand(rng, (2, c, hw), bits, True)
+    enc = bitplanes.input_encoding(x, 0, False)
+    ref, ref_sums = bitplanes.pack_panels(np.ascontiguousarray(x.transpose(0, 2, 1)).reshape(2 * hw, c), enc,
+                                          bitserial.NR)
+    out, sums = np.zeros_like(ref), np.empty(2 * hw, np.int64)
+    bitconv._pack_pointwise(x.reshape(-1).view(np.uint8), 0, 2, c, hw, bitserial.NR, enc.bits, np.uint8(enc.add & 0xFF),
+                            enc.shift, enc.coefs, out, sums)
+    assert np.array_equal(out, ref) and np.array_equal(sums, ref_sums)
