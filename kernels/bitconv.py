@@ -21,12 +21,12 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from qgraph.kernels.bitplanes import WORD, Encoding, _pack, _plane_word, encoding_of, input_encoding, popcount64
+from qgraph.kernels.bitplanes import WORD, Encoding, _pack, encoding_of, input_encoding
 from qgraph.kernels.bitserial import MR, NR, BitPacked, _fill_terms, _gemm_into, pack, pair_table
 from qgraph.kernels.requant import requant_run
 
 #: how ``_conv_chunks`` gets the pixels' planes
-IM2COL, ROWS_IN_PLACE, PLANES_FROM_NCHW = 0, 1, 2
+IM2COL, ROWS_IN_PLACE = 0, 1
 
 
 @dataclass
@@ -198,68 +198,6 @@ def _to_nhwc(x, xp, n_b, c, runs, run, src_step, dst_step, dst0):
                     xp[d_base + p * c + ch] = x[s_base + ch * hw + p]
 
 
-@njit(cache=True)
-def _transpose64(a):
-    """a: 64 uint64 words as a 64 x 64 bit matrix (word i, bit j, least significant first) -> its
-    transpose in place: bit j of word i goes to bit i of word j. Six rounds of block swaps, halves,
-    then quarters ... (Hacker's Delight §7-3), each swap t = ((a[k] >> s) ^ a[k+s]) & m."""
-    s = 32
-    m = np.uint64(0x00000000FFFFFFFF)
-    while s:
-        su = np.uint64(s)
-        for blk in range(0, 64, 2 * s):         # the words k with k & s == 0, as runs (the wide rounds vectorize)
-            for k in range(blk, blk + s):
-                t = ((a[k] >> su) ^ a[k + s]) & m
-                a[k + s] ^= t
-                a[k] ^= t << su
-        s >>= 1
-        m ^= m << np.uint64(s)
-
-
-@njit(cache=True)
-def _pack_pointwise(x, n0, n1, c, hw, tile, planes, add, shift, coefs, out, sums):
-    """The B panels of a 1x1, stride-1, unpadded convolution straight from the NCHW input (flat
-    bytes of images n0..n1-1): pixel rows, K = C in channel order, as ``bitplanes._pack`` lays them
-    out ([pixels / tile][planes][ceil(C / 64)][tile]) with their plane sums. Per block of 64 pixels
-    and 64 channels, one plane word per channel over the 64 pixels (``_plane_word``, a row of x read
-    in place) makes a 64 x 64 bit matrix whose transpose (``_transpose64``) is one word per pixel over
-    the 64 channels: no NHWC copy. Channels past C are 0 words (the padding's planes are 0)."""
-    words = -(-c // WORD)
-    ptile = planes * words * tile
-    a = np.zeros(WORD, np.uint64)
-    tail = np.empty(WORD, np.uint8)
-    size = x.shape[0]
-    cnt = np.zeros(WORD, np.int64)
-    for n in range(n0, n1):
-        for pb in range(0, hw, WORD):
-            npx = min(WORD, hw - pb)
-            cnt[:] = 0
-            for p in range(planes):
-                m = np.uint8(1 << (p + shift))
-                for cw in range(words):
-                    for i in range(WORD):
-                        ch = cw * WORD + i
-                        if ch >= c:
-                            a[i] = 0
-                            continue
-                        off = (n * c + ch) * hw + pb
-                        if off + WORD <= size:
-                            a[i] = _plane_word(x, off, add, m)
-                        else:                           # the last bytes of x: no reading past them
-                            tail[:] = 0
-                            for j in range(npx):
-                                tail[j] = x[off + j]
-                            a[i] = _plane_word(tail, 0, add, m)
-                    _transpose64(a)
-                    for j in range(npx):
-                        q = (n - n0) * hw + pb + j
-                        t = q // tile
-                        out[t * ptile + (p * words + cw) * tile + q - t * tile] = a[j]
-                        cnt[j] += popcount64(a[j]) * coefs[p]
-            for j in range(npx):
-                sums[(n - n0) * hw + pb + j] = cnt[j]
-
-
 def _scratch(pc: "BitConv", key: str, shape, dtype) -> np.ndarray:
     """A buffer kept with the layer between calls (fresh large arrays cost page faults each time)."""
     buf = pc.cache.get(key)
@@ -290,25 +228,21 @@ def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, 
         enc = input_encoding(x, zx, any(geo.pads))
     hp = max(h + pt, (oh - 1) * sh + (kh - 1) * dh + 1)
     wp = max(w + pl, (ow - 1) * sw + (kw - 1) * dw + 1)
-    # 1x1, stride 1, unpadded, one group: the input's pixels are the im2col rows. One plane (+-1, or 1-bit
-    # values) is packed from NCHW as it is (``_pack_pointwise``: a bit transpose per plane); with more
-    # planes one byte transpose to NHWC serves them all and its pixel rows are packed in place (measured
-    # on MobileNetV2's 144x56x56: bit transposes 0.8x the time at one plane, 1.6x at two). Every other
-    # convolution goes through the NHWC copy and im2col.
+    # 1x1, stride 1, unpadded, one group: the NHWC copy's pixel rows are the im2col rows, packed in place
+    # (``ROWS_IN_PLACE``); every other convolution builds im2col rows. (Measured and dropped: planes taken
+    # straight from NCHW by 64x64 bit transposes, one per 64 pixels x 64 channels x plane, took 0.95-1.2x
+    # the time of this copy and packing at one plane, 1.5-1.8x at two, on MobileNetV2's pointwise shapes.)
     pointwise = (kh, kw, sh, sw) == (1, 1, 1, 1) and g == 1 and not any(geo.pads)
-    mode = (PLANES_FROM_NCHW if enc.bits == 1 else ROWS_IN_PLACE) if pointwise else IM2COL
-    if mode == PLANES_FROM_NCHW:
-        xf = x.reshape(-1)
-    else:
-        n_xp = n_b * hp * wp * c_in
-        xf = _scratch(pc, "xp", (n_xp + WORD,), x.dtype)           # + slack for 64-byte moves
-        xp = xf[:n_xp].reshape(n_b, hp, wp, c_in)
-        if hp != h or wp != w:
-            xp[...] = np.array(zx).astype(x.dtype)
-        if hp == h and wp == w:                 # nothing padded: each image is one run of h*w pixels
-            _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, 1, h * w, 0, 0, 0)
-        else:                                   # row by row, into the padded frame
-            _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, h, w, w, wp, pt * wp + pl)
+    mode = ROWS_IN_PLACE if pointwise else IM2COL
+    n_xp = n_b * hp * wp * c_in
+    xf = _scratch(pc, "xp", (n_xp + WORD,), x.dtype)           # + slack for 64-byte moves
+    xp = xf[:n_xp].reshape(n_b, hp, wp, c_in)
+    if hp != h or wp != w:
+        xp[...] = np.array(zx).astype(x.dtype)
+    if hp == h and wp == w:                 # nothing padded: each image is one run of h*w pixels
+        _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, 1, h * w, 0, 0, 0)
+    else:                                   # row by row, into the padded frame
+        _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, h, w, w, wp, pt * wp + pl)
     pixels = oh * ow
     k = kh * kw * pc.cin_g
     words = max(1, -(-k // WORD))
@@ -342,8 +276,7 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
                  xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, out):
     """The whole convolution, chunk of images by chunk, group by group: the pixels' rows and their
     planes (``mode``: ``IM2COL`` im2col rows (``_im2col``) then ``bitplanes._pack``; ``ROWS_IN_PLACE``
-    a 1x1 conv's NHWC rows packed as they lie; ``PLANES_FROM_NCHW`` both at once from the NCHW input,
-    ``_pack_pointwise``), the tile GEMM finished with its zero-point terms (``_gemm_into``), then
+    a 1x1 conv's NHWC rows packed as they lie), the tile GEMM finished with its zero-point terms (``_gemm_into``), then
     ``requant_run`` per output channel (or, ``raw``, the int32 accumulators)."""
     groups = wpanels.shape[0]
     cout_g = wsums.shape[1]
@@ -363,9 +296,7 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
         for gi in range(groups):
             last = (np_ // NR) * NR * planes * words           # the last panel's unused lanes stay 0
             bpanels[last:npad * planes * words] = 0
-            if mode == PLANES_FROM_NCHW:        # xf is the NCHW input
-                _pack_pointwise(xf, n0, n1, c_all, pixels, NR, planes, add, shift_b, coefs, bpanels, bsums)
-            elif mode == ROWS_IN_PLACE:         # xf is the NHWC copy: its pixel rows are the im2col rows
+            if mode == ROWS_IN_PLACE:           # the NHWC copy's pixel rows are the im2col rows
                 rows = xf[n0 * pixels * c_all:n1 * pixels * c_all].reshape((np_, c_all))
                 _pack(rows, np_, k, NR, planes, add, shift_b, coefs, fill, bpanels, bsums)
             else:

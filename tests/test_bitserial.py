@@ -179,12 +179,12 @@ def test_fuzz_conv_equals_the_int8_kernel(block):
 @pytest.mark.parametrize("cin", [1, 63, 64, 65, 130, 192])
 @pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 0, 2, 1)])
 def test_pointwise_conv_equals_the_int8_kernel(rng, cin, pads):
-    # a 1x1 stride-1 single-group conv: unpadded, its planes come straight from NCHW through 64x64 bit
-    # transposes (whole and partial blocks of 64 channels and 64 pixels, the input's last bytes copied);
-    # padded, through the NHWC copy and im2col
+    # a 1x1 stride-1 single-group conv: unpadded, its NHWC pixel rows are packed in place (whole words,
+    # a last word read into the next pixel's bytes and masked, the last pixel's tail copied); padded,
+    # through im2col. 72 pixels: the NHWC copy's 8x8 byte blocks and their edges
     for wb, ab, pm1 in [(1, 1, True), (2, 2, False), (1, 8, False), (4, 3, False)]:
         w = _operand(rng, (5, cin, 1, 1), wb, True, pm1)
-        x = _operand(rng, (2, cin, 9, 8), ab, pm1 or ab == 8, pm1)           # 72 pixels: a block and a part
+        x = _operand(rng, (2, cin, 9, 8), ab, pm1 or ab == 8, pm1)
         zx = -1 if pm1 else 0
         geo = ConvGeometry((1, 1), (1, 1), (1, 1), pads, 1)
         rq = (rng.integers(-300, 300, 5).astype(np.int32), rng.uniform(0.001, 0.05, 5).astype(np.float32),
@@ -258,24 +258,3 @@ def test_scalar_popcount_is_the_popcnt_instruction():
     asm = count.inspect_asm(count.signatures[0])
     if cpu.has("popcnt"):
         assert re.search(r"\bpopcnt[q]?\b", asm), "the CPU has popcnt but the kernel does not use it"
-
-
-def test_bit_matrix_transpose_is_the_transpose(rng):
-    a = rng.integers(0, 1 << 62, 64, dtype=np.uint64) * np.uint64(4) + rng.integers(0, 4, 64).astype(np.uint64)
-    bits = (a[:, None] >> np.arange(64, dtype=np.uint64)[None, :]) & np.uint64(1)
-    b = a.copy()
-    bitconv._transpose64(b)
-    assert np.array_equal((b[:, None] >> np.arange(64, dtype=np.uint64)[None, :]) & np.uint64(1), bits.T)
-
-
-@pytest.mark.parametrize("c,hw,bits", [(144, 70, 2), (5, 3, 3), (130, 129, 1), (64, 64, 4)])
-def test_planes_from_nchw_equal_the_packed_rows(rng, c, hw, bits):
-    # _pack_pointwise (bit transposes from NCHW) lays out the same panels and sums as packing NHWC rows
-    x = _operand(rng, (2, c, hw), bits, True)
-    enc = bitplanes.input_encoding(x, 0, False)
-    ref, ref_sums = bitplanes.pack_panels(np.ascontiguousarray(x.transpose(0, 2, 1)).reshape(2 * hw, c), enc,
-                                          bitserial.NR)
-    out, sums = np.zeros_like(ref), np.empty(2 * hw, np.int64)
-    bitconv._pack_pointwise(x.reshape(-1).view(np.uint8), 0, 2, c, hw, bitserial.NR, enc.bits, np.uint8(enc.add & 0xFF),
-                            enc.shift, enc.coefs, out, sums)
-    assert np.array_equal(out, ref) and np.array_equal(sums, ref_sums)
