@@ -335,8 +335,9 @@ def _zoo(name: str):
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("pipeline", ZOO_LOW_BIT + ZOO_LOW_BIT_GPTQ)
-@pytest.mark.parametrize("name", ["lenet5", "lenet_300_100", "digits_cnn"])
+@pytest.mark.parametrize("name,pipeline",
+                         [(n, p) for n in ("lenet5", "lenet_300_100", "digits_cnn") for p in ZOO_LOW_BIT + ZOO_LOW_BIT_GPTQ]
+                         + [("mobilenet_v2", "fold,quant:bits=4,rounding=gptq")])   # MobileNetV2's headline cell
 def test_zoo_low_bit_accuracy_is_the_recorded_one(name, pipeline):
     zoo_manifest, _, _, _ = _zoo(name)
     from zoo_eval import compare, run_pipeline
