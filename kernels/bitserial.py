@@ -50,8 +50,8 @@ NR = LANES * NV
 AUTO_WEIGHT_BITS = 4
 #: ... and runs one bit-serially when weight planes x activation planes is at most this: each plane
 #: pair costs an AND, a popcount and an add per 64 x 8 products, and on AVX-512 VPOPCNTDQ (Zen 4,
-#: ``tools/bench_bitserial.py``) 4 pairs (2 x 2 bits) match the int8 VNNI kernel, 8 (1 x 8) run at
-#: about half its speed. Without VPOPCNTDQ the vector popcount is a byte-table sequence (several
+#: ``tools/bench_bitserial.py``) 4 pairs (2 x 2 bits) match or beat the int8 VNNI kernel, 8 (1 x 8) run at
+#: 0.6-1.0x its speed. Without VPOPCNTDQ the vector popcount is a byte-table sequence (several
 #: instructions), so only the 1-pair forms (1-bit weights and activations) are taken there.
 #: (Not measured: with AMX-INT8 the int8 tiles are several times VNNI's speed, so there too only 1 pair.)
 AUTO_MAX_PAIRS = 4 if cpu.has("avx512vpopcntdq") and not cpu.has("amx-int8") else 1
