@@ -95,8 +95,8 @@ def input_encoding(x: np.ndarray, zx: int, padded: bool) -> Encoding:
     signed = x.dtype == np.int8
     if x.size == 0:
         return encoding_of(np.array([zx], x.dtype))
-    lo, hi, zeros = _value_range(x.reshape(-1))
-    zero_free = signed and lo == -1 and hi == 1 and zeros == 0
+    lo, hi, has_zero = _value_range(x.reshape(-1))
+    zero_free = signed and lo == -1 and hi == 1 and not has_zero
     if padded:
         lo, hi = min(lo, int(zx)), max(hi, int(zx))
         zero_free = zero_free and int(zx) != 0
@@ -104,17 +104,25 @@ def input_encoding(x: np.ndarray, zx: int, padded: bool) -> Encoding:
 
 
 @njit(cache=True)
-def _value_range(v):
-    """(min, max, number of zeros) of an int8/uint8 vector, in one vectorizable pass."""
-    lo = np.int32(v[0])
-    hi = lo
-    zeros = np.int64(0)
+def _min_max_zero(v):
+    """(min, max, whether some value is 0) of an int8/uint8 vector in one pass, min and max kept in
+    its byte type (written as selects: ``min()`` of two int8 promotes to int64 in Numba and the loop
+    would not vectorize on bytes)."""
+    lo = v[0]
+    hi = v[0]
+    z = False
     for i in range(v.shape[0]):
-        t = np.int32(v[i])
-        lo = min(lo, t)
-        hi = max(hi, t)
-        zeros += t == 0
-    return lo, hi, zeros
+        x = v[i]
+        lo = x if x < lo else lo
+        hi = x if x > hi else hi
+        z |= x == 0
+    return lo, hi, z
+
+
+def _value_range(v):
+    """(min, max, whether some value is 0) of an int8/uint8 vector (the zeros decide +-1 or not)."""
+    lo, hi, z = _min_max_zero(v)
+    return int(lo), int(hi), bool(z)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -157,35 +165,49 @@ def popcount64(typingctx, x):
 def _pack(src, rows, k, tile, planes, add, shift, coefs, fill, out, sums):
     """src: [rows, >= k] bytes of the stored integers (rows at any stride, bytes contiguous) -> out
     [ceil(rows / tile)][planes][words][tile] uint64 (rows past ``rows`` are 0) and sums[r] =
-    sum_k (v - offset) = sum_p c_p popcount(plane p). Whole words are read in place; a row's last,
-    partial word from a 64-byte copy padded with ``fill`` (whose planes are 0)."""
+    sum_k (v - offset) = sum_p c_p popcount(plane p). The output is written in order (tile by tile,
+    plane, word, then the tile's rows), every word one 64-byte load in place; a row's last, partial
+    word is masked to its k % 64 low bits (the bits of values past K are 0: the padding of ``fill``),
+    reading past the row into the next rows' bytes. Only where such a read would run past the last
+    row's K (the end of what ``src`` is known to hold) is the tail copied into a 64-byte buffer
+    padded with ``fill`` first."""
     words = -(-k // WORD)
     full = k // WORD
+    rem = k - full * WORD
+    low = (np.uint64(1) << np.uint64(rem)) - np.uint64(1) if rem else np.uint64(0)
     rb = src.strides[0]
-    ptile = planes * words * tile
+    end = (rows - 1) * rb + k                      # bytes of src known to exist
     tail = np.empty(WORD, np.uint8)
-    for r in range(rows):
-        t = r // tile
-        lane = r - t * tile
-        if full < words:
-            tail[:] = fill
-            for j in range(k - full * WORD):
-                tail[j] = src[r, full * WORD + j]
-        s = np.int64(0)
+    cnt = np.zeros(tile, np.int64)
+    o = 0
+    for t in range(-(-rows // tile)):
+        r0 = t * tile
+        nr = min(tile, rows - r0)
+        cnt[:] = 0
         for p in range(planes):
             m = np.uint8(1 << (p + shift))
-            base = t * ptile + p * words * tile + lane
-            cnt = np.int64(0)
-            for w in range(full):
-                word = _plane_word(src, r * rb + w * WORD, add, m)
-                out[base + w * tile] = word
-                cnt += popcount64(word)
-            if full < words:
-                word = _plane_word(tail, 0, add, m)
-                out[base + full * tile] = word
-                cnt += popcount64(word)
-            s += cnt * coefs[p]
-        sums[r] = s
+            c = coefs[p]
+            for w in range(words):
+                for lane in range(tile):
+                    if lane >= nr:
+                        out[o] = 0
+                        o += 1
+                        continue
+                    off = (r0 + lane) * rb + w * WORD
+                    if w < full:
+                        word = _plane_word(src, off, add, m)
+                    elif off + WORD <= end:
+                        word = _plane_word(src, off, add, m) & low
+                    else:
+                        tail[:] = fill
+                        for j in range(rem):
+                            tail[j] = src[r0 + lane, full * WORD + j]
+                        word = _plane_word(tail, 0, add, m)
+                    out[o] = word
+                    o += 1
+                    cnt[lane] += popcount64(word) * c
+        for lane in range(nr):
+            sums[r0 + lane] = cnt[lane]
 
 
 def pack_panels(src: np.ndarray, enc: Encoding, tile: int, rows: int | None = None,
@@ -197,7 +219,7 @@ def pack_panels(src: np.ndarray, enc: Encoding, tile: int, rows: int | None = No
     k = src.shape[1] if k is None else k
     words = max(1, -(-k // WORD))
     tiles = -(-rows // tile)
-    out = np.zeros(tiles * enc.bits * words * tile, np.uint64)
+    out = (np.empty if rows and k else np.zeros)(tiles * enc.bits * words * tile, np.uint64)   # _pack writes all
     sums = np.zeros(rows, np.int64)
     if src.shape[1] > 1 and src.strides[1] != src.itemsize:
         src = np.ascontiguousarray(src)

@@ -38,7 +38,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from qgraph.kernels import cpu
-from qgraph.kernels.bitplanes import WORD, Encoding, encoding_of, input_encoding, pack_panels, planes_reference
+from qgraph.kernels.bitplanes import WORD, Encoding, _pack, encoding_of, input_encoding, pack_panels, planes_reference
 from qgraph.kernels.tiles import broadcast, tile_loop
 
 MR = 6          # rows of the broadcast operand per tile
@@ -50,8 +50,8 @@ NR = LANES * NV
 AUTO_WEIGHT_BITS = 4
 #: ... and runs one bit-serially when weight planes x activation planes is at most this: each plane
 #: pair costs an AND, a popcount and an add per 64 x 8 products, and on AVX-512 VPOPCNTDQ (Zen 4,
-#: ``tools/bench_bitserial.py``) 4 pairs (2 x 2 bits) match the int8 VNNI kernel, 8 (1 x 8) run at
-#: about half its speed. Without VPOPCNTDQ the vector popcount is a byte-table sequence (several
+#: ``tools/bench_bitserial.py``) 4 pairs (2 x 2 bits) match or beat the int8 VNNI kernel, 8 (1 x 8) run at
+#: 0.6-1.0x its speed. Without VPOPCNTDQ the vector popcount is a byte-table sequence (several
 #: instructions), so only the 1-pair forms (1-bit weights and activations) are taken there.
 #: (Not measured: with AMX-INT8 the int8 tiles are several times VNNI's speed, so there too only 1 pair.)
 AUTO_MAX_PAIRS = 4 if cpu.has("avx512vpopcntdq") and not cpu.has("amx-int8") else 1
@@ -108,6 +108,13 @@ def _make_tile(op: str):
             n_rows = builder.extract_value(arrs[5].shape, 1)
             n_cols = builder.extract_value(arrs[6].shape, 1)
 
+            # Pairs come sorted by |weight| = 2^e, largest first (``pair_table``), and are summed Horner-wise in
+            # the accumulators themselves: before pair i they are shifted left by e_(i-1) - e_i, its K loop then
+            # adds (or, weight < 0, subtracts) its popcounts, and after the last pair they are shifted by its e.
+            # One shift per accumulator and pair, no multiply: T = sum_i +-2^(e_i) S_i exactly (int64 lanes).
+            cttz = builder.module.globals.get("llvm.cttz.i64") or ir.Function(
+                builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]), "llvm.cttz.i64")
+            e_first = builder.call(cttz, [builder.load(cf_p), ir.Constant(ir.IntType(1), 0)])
             entry = builder.block
             pair_block = builder.append_basic_block("pair")
             exit_block = builder.append_basic_block("pairs_done")
@@ -115,6 +122,8 @@ def _make_tile(op: str):
             builder.position_at_end(pair_block)
             i = builder.phi(i64)
             i.add_incoming(ir.Constant(i64, 0), entry)
+            e_prev = builder.phi(i64)
+            e_prev.add_incoming(e_first, entry)
             totals = []
             for _ in range(MR * NV):
                 t = builder.phi(vt)
@@ -122,7 +131,10 @@ def _make_tile(op: str):
                 totals.append(t)
             qa = builder.load(builder.gep(pa_p, [i]))
             qb = builder.load(builder.gep(pb_p, [i]))
-            cf = broadcast(builder, builder.load(builder.gep(cf_p, [i])), vt)
+            cf_s = builder.load(builder.gep(cf_p, [i]))
+            e_i = builder.call(cttz, [cf_s, ir.Constant(ir.IntType(1), 0)])
+            d_v = broadcast(builder, builder.sub(e_prev, e_i), vt)
+            init = [builder.shl(t, d_v) for t in totals]
             ap = builder.gep(a_p, [builder.mul(qa, a_ps_v)])
             bp = builder.gep(b_p, [builder.mul(qb, b_ps_v)])
 
@@ -134,20 +146,39 @@ def _make_tile(op: str):
                 q = builder.gep(bp, [builder.add(builder.mul(k, ir.Constant(i64, NR)), ir.Constant(i64, LANES * v))])
                 return builder.load(builder.bitcast(q, vt.as_pointer()), align=8)
 
-            def mac(acc, x, y):
-                both = builder.and_(x, y) if op == "and" else builder.xor(x, y)
-                return builder.add(acc, builder.call(ctpop, [both]))
+            def mac_with(add):
+                def mac(acc, x, y):
+                    count = builder.call(ctpop, [builder.and_(x, y) if op == "and" else builder.xor(x, y)])
+                    return builder.add(acc, count) if add else builder.sub(acc, count)
+                return mac
 
-            _, _, _, sums = tile_loop(builder, kw_v, rows=MR, vecs=NV, vec_type=vt, load_a=load_a, load_b=load_b,
-                                      mac=mac)
-            new = [builder.add(t, builder.mul(s, cf)) for t, s in zip(totals, sums)]
-            after = builder.block
+            add_block = builder.append_basic_block("pair_add")
+            sub_block = builder.append_basic_block("pair_sub")
+            join_block = builder.append_basic_block("pair_join")
+            builder.cbranch(builder.icmp_signed("<", cf_s, ir.Constant(i64, 0)), sub_block, add_block)
+            ends = []
+            for block, add in ((add_block, True), (sub_block, False)):
+                builder.position_at_end(block)
+                _, _, _, sums = tile_loop(builder, kw_v, rows=MR, vecs=NV, vec_type=vt, load_a=load_a,
+                                          load_b=load_b, mac=mac_with(add), init=init)
+                ends.append((builder.block, sums))
+                builder.branch(join_block)
+            builder.position_at_end(join_block)
+            new = []
+            for j in range(MR * NV):
+                p = builder.phi(vt)
+                for block, sums in ends:
+                    p.add_incoming(sums[j], block)
+                new.append(p)
             i_next = builder.add(i, ir.Constant(i64, 1))
-            i.add_incoming(i_next, after)
+            i.add_incoming(i_next, join_block)
+            e_prev.add_incoming(e_i, join_block)
             for t, n in zip(totals, new):
-                t.add_incoming(n, after)
+                t.add_incoming(n, join_block)
             builder.cbranch(builder.icmp_signed("<", i_next, np_v), pair_block, exit_block)
             builder.position_at_end(exit_block)
+            e_last = broadcast(builder, e_i, vt)
+            new = [builder.shl(t, e_last) for t in new]
 
             def col_vec(which, v):
                 q = builder.gep(col_p, [builder.add(builder.add(builder.mul(ir.Constant(i64, which), n_cols), c0_v),
@@ -159,17 +190,19 @@ def _make_tile(op: str):
                                                     ir.Constant(i64, r))])
                 return broadcast(builder, builder.load(q), vt)
 
-            gamma = [col_vec(0, v) for v in range(NV)]
-            delta = [col_vec(1, v) for v in range(NV)]
+            # the terms in wrapping int32 (the result is int32 mod 2^32 anyway): 8-lane 32-bit multiplies
             v32 = ir.VectorType(i32, LANES)
+            gamma = [builder.trunc(col_vec(0, v), v32) for v in range(NV)]
+            delta = [builder.trunc(col_vec(1, v), v32) for v in range(NV)]
             for r in range(MR):
-                alpha, beta, eps = row_val(0, r), row_val(1, r), row_val(2, r)
+                alpha, beta, eps = (builder.trunc(row_val(w, r), v32) for w in range(3))
                 row = builder.gep(c_p, [builder.mul(ir.Constant(i64, r), ldc_v)])
                 for v in range(NV):
-                    val = builder.add(new[r * NV + v], builder.add(builder.mul(gamma[v], alpha),
-                                                                   builder.add(builder.mul(delta[v], beta), eps)))
+                    val = builder.add(builder.trunc(new[r * NV + v], v32),
+                                      builder.add(builder.mul(gamma[v], alpha), builder.add(builder.mul(delta[v], beta),
+                                                                                            eps)))
                     q = builder.bitcast(builder.gep(row, [ir.Constant(i64, LANES * v)]), v32.as_pointer())
-                    builder.store(builder.trunc(val, v32), q, align=4)
+                    builder.store(val, q, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -207,13 +240,16 @@ def pack(a: np.ndarray, tile: int, enc: Encoding | None = None) -> BitPacked:
 
 @lru_cache(maxsize=256)
 def pair_table(a: Encoding, b: Encoding) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """(plane of A, plane of B, weight) per plane pair, and whether the XOR form applies."""
+    """(plane of A, plane of B, weight) per plane pair, and whether the XOR form applies. The pairs
+    come sorted by |weight| (a power of two), largest first: the tile sums them Horner-wise."""
     if a.kind == "pm1" and b.kind == "pm1":
         return np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([-2], np.int64), True
     ca, cb = a.coefs, b.coefs
     qa, qb = np.meshgrid(np.arange(a.bits), np.arange(b.bits), indexing="ij")
-    return qa.reshape(-1).astype(np.int64), qb.reshape(-1).astype(np.int64), \
-        (ca[qa] * cb[qb]).reshape(-1).astype(np.int64), False
+    qa, qb = qa.reshape(-1).astype(np.int64), qb.reshape(-1).astype(np.int64)
+    coef = (ca[qa] * cb[qb]).astype(np.int64)
+    order = np.argsort(-np.abs(coef), kind="stable")     # largest |weight| first: the tile sums Horner-wise
+    return qa[order], qb[order], coef[order], False
 
 
 # ----------------------------------------------------------------------------- GEMM
@@ -296,10 +332,52 @@ def gemm(pa: BitPacked, za, pb: BitPacked, zb, out: np.ndarray | None = None) ->
     return out
 
 
-def matmul(a: np.ndarray, za, pb: BitPacked, zb) -> np.ndarray:
+def matmul(a: np.ndarray, za, pb: BitPacked, zb, enc: Encoding | None = None) -> np.ndarray:
     """(A - za) @ (B - zb) in int32 with B's columns packed once (``pack(b.T, NR)``); A [M, K]
-    int8/uint8 is packed per call with the encoding its values need."""
-    return gemm(pack(a, MR), za, pb, zb)
+    int8/uint8 is packed per call with the encoding its values need (``enc`` when the caller has it).
+    One compiled call packs A, makes the zero-point terms and runs the tiles (``_matmul_into``): the
+    same steps as ``gemm(pack(a, MR), ...)`` without their Python glue, which on a 256^3 product is
+    a tenth of the time."""
+    a = np.asarray(a)
+    if a.ndim != 2 or a.dtype not in (np.int8, np.uint8):
+        raise ValueError(f"bit-serial matmul wants a 2-D int8/uint8 A, got {a.dtype} {a.shape}")
+    m, k = a.shape
+    if k != pb.k or pb.tile != NR:
+        raise ValueError(f"bit-serial matmul: A has K = {k}, B was packed with K = {pb.k} (tile {pb.tile})")
+    enc = input_encoding(a, 0, False) if enc is None else enc
+    out = np.empty((m, pb.rows), np.int32)
+    if out.size:
+        if a.shape[1] > 1 and a.strides[1] != 1:
+            a = np.ascontiguousarray(a)
+        qa, qb, coef, xor = pair_table(enc, pb.enc)
+        _matmul_into(a.view(np.uint8), enc.bits, np.uint8(enc.add & 0xFF), enc.shift, enc.coefs, np.uint8(enc.fill & 0xFF),
+                     enc.offset, _zp64(za), pb.panels, pb.enc.bits * pb.words * NR, pb.sums, _zp64(zb), pb.enc.offset,
+                     qa, qb, coef, xor, pb.words, out)
+    return out
+
+
+def _zp64(z) -> np.ndarray:
+    return np.asarray(z, np.int64).reshape(-1)
+
+
+@njit(cache=True)
+def _matmul_into(a, planes, add, shift, coefs, fill, offset, za, bpanels, b_words, bsums, zb, b_offset, qa, qb, coef,
+                 xor, words, out):
+    """``gemm(pack(a, MR), za, pb, zb, out)`` in one call: A's panels (``bitplanes._pack``), the
+    zero-point terms (``_fill_terms``) and the tiles (``_gemm_into``)."""
+    m, k = a.shape
+    n = out.shape[1]
+    asums = np.empty(m, np.int64)
+    if k:
+        apanels = np.empty(-(-m // MR) * planes * words * MR, np.uint64)      # _pack writes every word
+        _pack(a, m, k, MR, planes, add, shift, coefs, fill, apanels, asums)
+    else:
+        apanels = np.zeros(-(-m // MR) * planes * words * MR, np.uint64)
+        asums[:] = 0
+    rowt = np.empty((3, -(-m // MR) * MR), np.int64)
+    colt = np.empty((2, -(-n // NR) * NR), np.int64)
+    _fill_terms(asums, za, offset, k, bsums, zb, b_offset, xor, rowt, colt)
+    _gemm_into(apanels, planes * words * MR, bpanels, b_words, qa, qb, coef, xor, words, rowt, colt, out)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -186,7 +186,7 @@ def _matmul_acc(step, a, za, b, zb, mode="fixed"):
             if step.attrs.get("kernel", "int8") != "int8" else None
         enc = _bitserial_input(step, a2, za, bits, b.shape[0], False)
         if enc is not None:
-            acc = bitserial.gemm(bitserial.pack(a2, bitserial.MR, enc), za, bits, zb)
+            acc = bitserial.matmul(a2, za, bits, zb, enc)
             return acc.reshape(*a.shape[:-1], b.shape[-1])
         pb = _cached(step, "b", b, lambda: pack_b(b))
         return qgemm(a2, za, pb, zb).reshape(*a.shape[:-1], b.shape[-1])

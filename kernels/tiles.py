@@ -17,12 +17,14 @@ from __future__ import annotations
 from llvmlite import ir
 
 
-def tile_loop(builder, count, *, rows: int, vecs: int, vec_type, load_a, load_b, mac, guard: bool = False):
+def tile_loop(builder, count, *, rows: int, vecs: int, vec_type, load_a, load_b, mac, guard: bool = False,
+              init=None):
     """Emit the k loop; returns (entry block, loop block, done block, accumulators after the loop).
 
     ``count`` is the i64 trip count. With ``guard`` the loop is skipped when ``count <= 0`` and the
-    accumulators are then zero (phi nodes in the done block); without it ``count >= 1`` is assumed.
-    The builder is left positioned at the start of the done block."""
+    accumulators are then their start values (phi nodes in the done block); without it ``count >= 1``
+    is assumed. The accumulators start at zero, or at ``init`` (``rows * vecs`` values computed before
+    the call). The builder is left positioned at the start of the done block."""
     i64 = ir.IntType(64)
     zero = ir.Constant(vec_type, None)
     entry = builder.block
@@ -35,10 +37,11 @@ def tile_loop(builder, count, *, rows: int, vecs: int, vec_type, load_a, load_b,
     builder.position_at_end(loop)
     k = builder.phi(i64)
     k.add_incoming(ir.Constant(i64, 0), entry)
+    start = [zero] * (rows * vecs) if init is None else list(init)
     acc = []
-    for _ in range(rows * vecs):
+    for j in range(rows * vecs):
         p = builder.phi(vec_type)
-        p.add_incoming(zero, entry)
+        p.add_incoming(start[j], entry)
         acc.append(p)
     b = [load_b(k, v) for v in range(vecs)]
     new = []
@@ -55,9 +58,9 @@ def tile_loop(builder, count, *, rows: int, vecs: int, vec_type, load_a, load_b,
     if not guard:
         return entry, loop, done, new
     sums = []
-    for n in new:
+    for j, n in enumerate(new):
         p = builder.phi(vec_type)
-        p.add_incoming(zero, entry)
+        p.add_incoming(start[j], entry)
         p.add_incoming(n, loop)
         sums.append(p)
     return entry, loop, done, sums

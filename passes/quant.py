@@ -37,7 +37,8 @@ from qgraph.errors import ModelError
 from qgraph.pipeline import Context, Pass, PassResult, QuantRecord, no_batchnorm, not_quantized, option
 from qgraph.ops import INT32, LAYER_OPS, MATRIX_LAYER_OPS, QParams, bias_qparams, clip_bounds, dequantize, quantize
 from qgraph.qdq import dq_constant, insert_qdq
-from qgraph.grids import GRIDS, POT_BITS, grid_levels, grid_qparams, storage_for, weight_integers
+from qgraph.grids import (GRIDS, POT_BITS, grid_levels, grid_qparams, refuse_sparse_binary, storage_for,
+                          weight_integers)
 from qgraph.qparams import ACT_METHODS, WEIGHT_METHODS, act_range, make_qparams, sqnr_db, weight_qparams
 from qgraph.rounding import round_layers
 from qgraph.passes.quant_placement import Matcher, Plan, make_plan
@@ -159,13 +160,16 @@ class Quantize(Pass):
             raise ModelError((
                 f"activation quantization needs calibration data ({len(plan.acts)} tensors to calibrate): "
                 f"give --calib (CLI) or calib= (API), or use quant:weight_only=true"))
+        listed = Matcher(list(o.precision), [n.name for n in g.nodes if n.op in LAYER_OPS])
+        refuse_sparse_binary(o.weight_grid, {n.name: ctx.sparsity[n.name] for wp in plan.weights.values()
+                                             if not any(listed.any(r) for r in wp.readers)
+                                             for n in wp.readers if n.name in ctx.sparsity})
         float_model = ir.to_model(g)
         stats = {}
         if plan.acts:
             bins = 0 if o.act_method == "minmax" else o.bins    # minmax needs no histogram
             observe = [n for n in plan.acts if n not in plan.derived and n not in plan.fixed]
             stats = cached_collect(ctx, float_model, observe, bins=bins, batch_size=o.batch_size)
-        listed = Matcher(list(o.precision), [n.name for n in g.nodes if n.op in LAYER_OPS])
         w_qp = {name: self._decide_weight(wp, gridded=not any(listed.any(r) for r in wp.readers))
                 for name, wp in plan.weights.items()}
         act_qp = self._decide_activations(plan, stats, w_qp)

@@ -17,7 +17,7 @@ does in one pass instead of OBS's one weight at a time.
 
 The zeros are exact and later passes keep them: ``quant`` maps 0 to the zero point (symmetric or
 asymmetric grids alike), and its ``rounding=gptq`` pins the zeros of the layers recorded in
-``ctx.sparsity``.
+``ctx.sparsity``; ``weight_grid=binary`` (no zero level) refuses those layers by name.
 """
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qgraph.errors import OptionError
 from qgraph.ops import QParams, nearest_level, quantize, storage_np_dtype
 
 GRIDS = ("uniform", "binary", "ternary", "pot")
@@ -128,6 +129,24 @@ def weight_integers(w: np.ndarray, qp: QParams) -> np.ndarray:
         q = np.sign(rows) * (np.abs(rows) > ternary_threshold(rows)[:, None])
         return _back(q, np.shape(w), qp.axis).astype(np.int64)
     return quantize(w, qp)
+
+
+def refuse_sparse_binary(grid: str, sparse: dict[str, float]) -> None:
+    """Binary weights have no zero level (q ∈ {−1, +1}), so a layer ``sparsify`` left with exact zeros
+    cannot be binary: nearest rounding would turn its zeros into +α (the sparsity gone, silently) and
+    GPTQ's pinned zeros would write the code 0 (a ternary layer, silently). ``sparse``: layer name ->
+    fraction of zeros, for the layers that would take ``grid``. Raises ``OptionError`` naming them
+    and the ways out; ternary and power-of-two grids hold 0 and keep the zeros exact."""
+    sparse = {k: v for k, v in sparse.items() if v > 0}
+    if grid != "binary" or not sparse:
+        return
+    names = sorted(sparse)
+    shown = ", ".join(f"{n} ({sparse[n]:.0%} zeros)" for n in names[:5]) + (f" and {len(names) - 5} more"
+                                                                           if len(names) > 5 else "")
+    raise OptionError(f"quant:weight_grid=binary has no zero level (±α only), so it cannot keep the zeros sparsify "
+                      f"left in {len(names)} layer(s): {shown}; use weight_grid=ternary (0, ±α), keep those layers "
+                      f"off the grid with precision={names[0]}@4 (uniform), or leave them dense with "
+                      f"sparsify:exclude={names[0]}")
 
 
 def storage_for(levels: np.ndarray, storage4: str) -> str:

@@ -176,6 +176,25 @@ def test_fuzz_conv_equals_the_int8_kernel(block):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("cin", [1, 63, 64, 65, 130, 192])
+@pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 0, 2, 1)])
+def test_pointwise_conv_equals_the_int8_kernel(rng, cin, pads):
+    # a 1x1 stride-1 single-group conv: unpadded, its NHWC pixel rows are packed in place (whole words,
+    # a last word read into the next pixel's bytes and masked, the last pixel's tail copied); padded,
+    # through im2col. 72 pixels: the NHWC copy's 8x8 byte blocks and their edges
+    for wb, ab, pm1 in [(1, 1, True), (2, 2, False), (1, 8, False), (4, 3, False)]:
+        w = _operand(rng, (5, cin, 1, 1), wb, True, pm1)
+        x = _operand(rng, (2, cin, 9, 8), ab, pm1 or ab == 8, pm1)
+        zx = -1 if pm1 else 0
+        geo = ConvGeometry((1, 1), (1, 1), (1, 1), pads, 1)
+        rq = (rng.integers(-300, 300, 5).astype(np.int32), rng.uniform(0.001, 0.05, 5).astype(np.float32),
+              np.zeros(5, np.int64), np.ones(5, np.int64), 3, -128, 127, False)
+        bits = bitconv.pack_conv(w, 1)
+        assert np.array_equal(bitconv.conv(x, zx, bits, 0, geo), conv_reference(x, zx, w, 0, geo)), (wb, ab)
+        assert np.array_equal(bitconv.conv(x, zx, bits, 0, geo, rq=rq, out_dtype=np.int8),
+                              conv_int(x, zx, pack_conv(w, 1), 0, geo, rq=rq, out_dtype=np.int8)), (wb, ab)
+
+
 def test_conv_padding_reads_the_zero_point_in_the_encoding():
     # +-1 activations with zero point 0 and padding: the padded 0s are values too (2 planes, not XOR)
     x = np.array([[[[1, -1], [-1, 1]]]], np.int8)

@@ -15,7 +15,7 @@ from onnx import helper
 
 import qgraph
 from builders import DIGITS, DIGITS_SAMPLE, init, make_model, rel_err, run_ort
-from qgraph.errors import OptionError
+from qgraph.errors import OptionError, QGraphError
 from qgraph.grids import pot_levels, weight_integers, grid_qparams
 from qgraph.ops import QParams, find_groups, nearest_level, quantize
 from qgraph import ir
@@ -206,6 +206,53 @@ def test_biascorr_after_binary_weights_moves_the_output_mean_back(rng):
     assert shift[1] < 0.5 * shift[0]
 
 
+# ----------------------------------------------------------------------------- sparsify, then a grid
+
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_sparse_layer_cannot_be_binary(rng, rounding):
+    #   x ─Conv(w)─Relu─Conv(w2)─ y      sparsify zeroes 60 % of both weights; binary has no 0 to keep them
+    #   (nearest would make them +α, gptq the code 0: a ternary layer), so quant refuses and names the layers
+    model, _, _ = conv_relu_model(rng)
+    with pytest.raises(QGraphError, match=r"weight_grid=binary has no zero level.*2 layer\(s\): conv \(60% zeros\), "
+                                          r"conv2 \(58% zeros\); use weight_grid=ternary"):
+        _quantize(model, f"sparsify:sparsity=0.6,scope=layer,reconstruct=false,"
+                         f"quant:weight_grid=binary,rounding={rounding}", rng)
+
+
+def _sparse_zeros(model, spec: str) -> dict[str, np.ndarray]:
+    """Per Conv, where ``spec`` (a sparsify pass alone) leaves its weight exactly 0."""
+    sparse, _ = qgraph.optimize(model, spec, progress=False)
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in sparse.graph.initializer}
+    return {n.name: w[n.input[1]] == 0 for n in sparse.graph.node if n.op_type == "Conv"}
+
+
+def test_sparse_layer_kept_off_the_binary_grid_by_precision(rng):
+    #   x ─Conv(w: sparse, precision=conv@4: uniform)─Relu─Conv(w2: dense, binary)─ y
+    model, _, _ = conv_relu_model(rng)
+    sparsify = "sparsify:sparsity=0.6,scope=layer,reconstruct=false,exclude=conv2"
+    zeros = _sparse_zeros(model, sparsify)
+    q, _, _ = _quantize(model, f"{sparsify},quant:weight_grid=binary,precision=conv@4", rng)
+    ints = {grp.node.name: grp.weight_int.astype(np.int64) for grp in find_groups(ir.load(q))}
+    assert zeros["conv"].mean() > 0.5 and not zeros["conv2"].any()
+    assert set(np.unique(ints["conv2"])) == {-1, 1}                     # dense: binary
+    assert np.all(ints["conv"][zeros["conv"]] == 0)                     # sparse, uniform 4-bit: zeros kept
+    assert ints["conv"].min() < -1 and ints["conv"].max() > 1
+
+
+@pytest.mark.parametrize("grid", ["ternary", "pot,bits=3"])
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_sparse_zeros_stay_exact_on_grids_with_zero(rng, grid, rounding):
+    #   ternary and power-of-two grids hold 0: sparsify's zeros are the code 0 (nearest, and gptq's pinned zeros)
+    model, _, _ = conv_relu_model(rng)
+    sparsify = "sparsify:sparsity=0.6,scope=layer,reconstruct=false"
+    zeros = _sparse_zeros(model, sparsify)
+    q, _, _ = _quantize(model, f"{sparsify},quant:weight_grid={grid},rounding={rounding}", rng)
+    groups = find_groups(ir.load(q))
+    assert len(groups) == 2
+    for grp in groups:
+        assert np.all(grp.weight_int[zeros[grp.node.name]] == 0), grp.node.name
+
+
 # ----------------------------------------------------------------------------- end to end on the digits CNN
 
 DIGITS_LOW_BIT = {
@@ -288,8 +335,9 @@ def _zoo(name: str):
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("pipeline", ZOO_LOW_BIT + ZOO_LOW_BIT_GPTQ)
-@pytest.mark.parametrize("name", ["lenet5", "lenet_300_100", "digits_cnn"])
+@pytest.mark.parametrize("name,pipeline",
+                         [(n, p) for n in ("lenet5", "lenet_300_100", "digits_cnn") for p in ZOO_LOW_BIT + ZOO_LOW_BIT_GPTQ]
+                         + [("mobilenet_v2", "fold,quant:bits=4,rounding=gptq")])   # MobileNetV2's headline cell
 def test_zoo_low_bit_accuracy_is_the_recorded_one(name, pipeline):
     zoo_manifest, _, _, _ = _zoo(name)
     from zoo_eval import compare, run_pipeline
