@@ -215,20 +215,34 @@ class TensorStats:
 
 # ----------------------------------------------------------------------------- running ORT
 
-def fingerprint(model: onnx.ModelProto) -> str:
-    """A key for "the same graph state": the hash of the serialized model."""
+def fingerprint(model) -> str:
+    """A key for "the same graph state": the hash of the serialized model (a ModelProto, or a model
+    kept in a file: ``qgraph.pipeline.SpilledModel``, hashed from the file)."""
+    if not isinstance(model, onnx.ModelProto):
+        return model.fingerprint()
     return hashlib.sha1(model.SerializeToString(deterministic=True)).hexdigest()
 
 
-def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the (float) tensors ``names`` (``model`` itself when it
-    outputs them all already: a copy of the weights is memory too)."""
+def _fresh(model) -> tuple[onnx.ModelProto, bool]:
+    """(a ModelProto of ``model``, whether the caller may change it): a model kept in a file
+    (anything with ``load()``) is read afresh, so nothing else holds it."""
+    if isinstance(model, onnx.ModelProto):
+        return model, False
+    return model.load(), True
+
+
+def with_outputs(model: onnx.ModelProto, names: Iterable[str], *, copy: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` (``copy=False``: ``model`` itself) that also outputs the (float) tensors
+    ``names`` (``model`` itself when it outputs them all already: a copy of the weights is memory too)."""
     names = list(names)
     have = {o.name for o in model.graph.output}
     if all(n in have for n in names):
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    else:
+        out = model
     types = {vi.name: vi.type.tensor_type.elem_type for vi in out.graph.value_info}
     for name in names:
         if name in have:
@@ -251,15 +265,23 @@ def batch_size_for(model: onnx.ModelProto, wanted: int) -> int:
     return wanted
 
 
-def stream(model: onnx.ModelProto, names: list[str], samples, *, batch_size: int = 16,
-           progress: bool = False, desc: str = "calibrate", threads: int = 0, lean: bool = False
-           ) -> Iterator[dict[str, np.ndarray]]:
+def stream(model, names: list[str], samples, *, batch_size: int = 16,
+           progress: bool = False, desc: str = "calibrate", threads: int = 0, lean: bool = False,
+           own: bool = False, arena: bool = True) -> Iterator[dict[str, np.ndarray]]:
     """Run one ORT session over ``samples`` in batches; yield {name: value} for ``names`` per batch.
-    The model is not referenced once the session holds it (a caller passing the only reference
-    frees it); ``lean``: see ``ort_session``."""
+    ``model``: a ModelProto, or a model kept in a file (``qgraph.pipeline.SpilledModel``: read
+    here, its outputs added in place). ``own=True``: the caller hands the ModelProto over (it gets
+    the extra outputs in place, no copy). The model is serialized and dropped before the session is
+    made, so a caller passing the only reference holds no ModelProto while ORT builds and runs the
+    session; ``lean``, ``arena``: see ``ort_session``."""
+    from qgraph import ir
     from qgraph.ops import ort_session
-    sess = ort_session(with_outputs(model, names), threads=threads, lean=lean)
+    model, fresh = _fresh(model)
     bs = batch_size_for(model, batch_size)
+    model = with_outputs(model, names, copy=not (own or fresh))
+    if not ir.is_large(model):
+        model = model.SerializeToString()
+    sess = ort_session(model, threads=threads, lean=lean, arena=arena)
     del model
     inputs = [i.name for i in sess.get_inputs()]
     bar = progress_bar(len(samples), desc) if progress else None
@@ -288,6 +310,29 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):   # not glibc: nothing to do
         pass
+
+
+#: glibc's M_MMAP_THRESHOLD (mallopt parameter number) and the threshold ``malloc_policy`` sets.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 128 * 1024
+
+
+def malloc_policy() -> bool:
+    """Keep glibc's allocator from holding freed model copies: blocks of ``MMAP_THRESHOLD`` bytes or
+    more always come from mmap and go back to the system when freed. glibc starts there too, but
+    raises the threshold to the size of each large block freed (up to 32 MB), after which weights,
+    serialized models and activations come from the heap, whose freed space stays resident and
+    fragments (EfficientNet-Lite0 ``fold,quant``: 30-60 MB of peak). Setting it turns that
+    adjustment off, as ``MALLOC_MMAP_THRESHOLD_`` in the environment does (which, when set, is left
+    alone). Process-wide; ``qgraph.optimize`` (and so the CLI) calls it. False when not glibc."""
+    import ctypes
+    import os
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):   # not glibc
+        return False
 
 
 def run_session(sess, names: list[str], feed: dict) -> list[np.ndarray]:
@@ -397,8 +442,10 @@ def collect(model: onnx.ModelProto, names: Iterable[str], samples, *, bins: int 
     exposed = [n for n in names if n not in set(reduced)]
     layout: dict = {}
     source = model
+    model, fresh = _fresh(model)
     if reduced:
-        model, layout = with_extremes(model, reduced)
+        model, layout = with_extremes(model, reduced, copy=not fresh)
+        fresh = True
     wanted = exposed + [o for outs in layout.values() for o in outs]
     suspect: set[str] = set()
 
@@ -413,7 +460,10 @@ def collect(model: onnx.ModelProto, names: Iterable[str], samples, *, bins: int 
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgraph-calib") as pool:
         pending = None
-        for values in stream(model, wanted, samples, batch_size=batch_size, progress=progress, threads=threads):
+        batches = stream(model, wanted, samples, batch_size=batch_size, progress=progress, threads=threads,
+                         own=fresh, arena=False)
+        del model       # the stream holds the only reference, and drops it once its session is made
+        for values in batches:
             if pending is not None:
                 pending.result()
             pending = pool.submit(fold, values)
@@ -431,7 +481,7 @@ def collect(model: onnx.ModelProto, names: Iterable[str], samples, *, bins: int 
     return stats
 
 
-def cached_collect(ctx, model: onnx.ModelProto, names: Iterable[str], **kw) -> dict[str, TensorStats]:
+def cached_collect(ctx, model, names: Iterable[str], **kw) -> dict[str, TensorStats]:
     """``collect`` through ``ctx.stats``: tensors already observed on this graph state and this data
     are not observed again."""
     bins = kw.get("bins", DEFAULT_BINS)
