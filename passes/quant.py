@@ -31,7 +31,7 @@ import numpy as np
 from onnx import TensorProto
 
 from qgraph import ir, ops
-from qgraph.calibrate import DEFAULT_BINS, SENTINEL, cached_collect, stream
+from qgraph.calibrate import DEFAULT_BINS, SENTINEL, cached_collect, session_heap, stream
 from qgraph.reductions import Reductions, side_by_side
 from qgraph.errors import ModelError
 from qgraph.pipeline import (Context, FloatWeights, Pass, PassResult, QuantRecord, SpilledModel, no_batchnorm,
@@ -167,7 +167,8 @@ class Quantize(Pass):
         if plan.acts:
             bins = 0 if o.act_method == "minmax" else o.bins    # minmax needs no histogram
             observe = [n for n in plan.acts if n not in plan.derived and n not in plan.fixed]
-            stats = cached_collect(ctx, float_model, observe, bins=bins, batch_size=o.batch_size)
+            with session_heap():    # the calibration model is built and run under the session policy
+                stats = cached_collect(ctx, float_model, observe, bins=bins, batch_size=o.batch_size)
         listed = Matcher(list(o.precision), [n.name for n in g.nodes if n.op in LAYER_OPS])
         w_qp = {name: self._decide_weight(wp, gridded=not any(listed.any(r) for r in wp.readers))
                 for name, wp in plan.weights.items()}
@@ -193,7 +194,8 @@ class Quantize(Pass):
         del plan, w_int, record["weights"]
         if o.sqnr and ctx.calib is not None and (act_qp or w_qp):
             try:
-                details = self._sqnr(float_model, g, act_qp, record, ctx)
+                with session_heap():
+                    details = self._sqnr(float_model, g, act_qp, record, ctx)
                 notes.update(_summarize_sqnr(details, weight_db, o.worst))
             except ValueError as exc:      # a graph the side-by-side model cannot hold
                 notes["sqnr_skipped"] = str(exc)

@@ -79,8 +79,6 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
     if writes_qgz and not any(p.name == "huffman" for p in pipeline):
         raise OptionError(f"{output}: a .qgz output is packed by the huffman pass; end the pipeline with "
                           f"',huffman' (or write .onnx)")
-    from qgraph.calibrate import malloc_policy
-    malloc_policy()     # freed model copies go back to the system (see docs/quant.md#memory)
     g = ir.load(model, progress=progress)
     samples = None
     if calib is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -281,8 +282,15 @@ def stream(model, names: list[str], samples, *, batch_size: int = 16,
     model = with_outputs(model, names, copy=not (own or fresh))
     if not ir.is_large(model):
         model = model.SerializeToString()
-    sess = ort_session(model, threads=threads, lean=lean, arena=arena)
+    heap = session_heap()       # while the session lives (see there)
+    heap.__enter__()
+    try:
+        sess = ort_session(model, threads=threads, lean=lean, arena=arena)
+    except BaseException:
+        heap.__exit__(None, None, None)
+        raise
     del model
+    release_memory()
     inputs = [i.name for i in sess.get_inputs()]
     bar = progress_bar(len(samples), desc) if progress else None
     try:
@@ -298,7 +306,7 @@ def stream(model, names: list[str], samples, *, batch_size: int = 16,
         if bar is not None:
             bar.close()
         del sess
-        release_memory()
+        heap.__exit__(None, None, None)
 
 
 def release_memory() -> None:
@@ -312,27 +320,52 @@ def release_memory() -> None:
         pass
 
 
-#: glibc's M_MMAP_THRESHOLD (mallopt parameter number) and the threshold ``malloc_policy`` sets.
+#: glibc's M_MMAP_THRESHOLD (mallopt parameter number); the threshold while an ORT session runs, and
+#: the one between sessions (glibc's own upper bound for its dynamic threshold).
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 128 * 1024
+SESSION_MMAP_THRESHOLD = 128 * 1024
+HEAP_MMAP_THRESHOLD = 32 * 1024 * 1024
 
 
-def malloc_policy() -> bool:
-    """Keep glibc's allocator from holding freed model copies: blocks of ``MMAP_THRESHOLD`` bytes or
-    more always come from mmap and go back to the system when freed. glibc starts there too, but
-    raises the threshold to the size of each large block freed (up to 32 MB), after which weights,
-    serialized models and activations come from the heap, whose freed space stays resident and
-    fragments (EfficientNet-Lite0 ``fold,quant``: 30-60 MB of peak). Setting it turns that
-    adjustment off, as ``MALLOC_MMAP_THRESHOLD_`` in the environment does (which, when set, is left
-    alone). Process-wide; ``qgraph.optimize`` (and so the CLI) calls it. False when not glibc."""
+def mmap_threshold(nbytes: int) -> bool:
+    """Set glibc's mmap threshold: blocks of ``nbytes`` or more come from mmap and go back to the
+    system when freed; smaller ones from the heap, whose freed space stays resident. glibc starts at
+    128 KiB and raises it to the size of each large block freed (up to 32 MB); once set, it stays
+    where it is put. Left alone when ``MALLOC_MMAP_THRESHOLD_`` is in the environment (the user
+    chose). False when not glibc or left alone."""
     import ctypes
     import os
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
     except (OSError, AttributeError):   # not glibc
         return False
+
+
+_session_depth = 0
+
+
+@contextmanager
+def session_heap():
+    """The allocator policy for building and running ORT sessions (reentrant): blocks of 128 KiB or
+    more (ORT's weights and activations without its arena, serialized models, our batches) are
+    mapped and unmapped on their own, so freeing them gives the memory back. With glibc's raised
+    threshold they would come from the heap and leave it fragmented (EfficientNet-Lite0 ``fold,quant``:
+    ~40-70 MB of peak). Outside, the threshold is glibc's 32 MB bound: small numpy temporaries
+    (quant's pair fitting: 4x slower when each is a fresh mapping) stay on the heap."""
+    global _session_depth
+    _session_depth += 1
+    try:
+        if _session_depth == 1:
+            release_memory()
+            mmap_threshold(SESSION_MMAP_THRESHOLD)
+        yield
+    finally:
+        _session_depth -= 1
+        if _session_depth == 0:
+            mmap_threshold(HEAP_MMAP_THRESHOLD)
+            release_memory()
 
 
 def run_session(sess, names: list[str], feed: dict) -> list[np.ndarray]:

@@ -201,16 +201,16 @@ def test_reductions_feed_one_sink_and_come_last_tensor_first(rng):
     assert [n.op_type for n in leaves] == ["Concat"] and ops_[-1] == "Concat"
 
 
-def test_malloc_policy_fixes_the_mmap_threshold_unless_the_environment_does(monkeypatch):
+def test_mmap_threshold_is_set_unless_the_environment_chose(monkeypatch):
     import ctypes
-    from qgraph.calibrate import malloc_policy
+    from qgraph.calibrate import HEAP_MMAP_THRESHOLD, mmap_threshold
     try:
         ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         pytest.skip("not glibc")
-    assert malloc_policy() is True
+    assert mmap_threshold(HEAP_MMAP_THRESHOLD) is True
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert malloc_policy() is False
+    assert mmap_threshold(HEAP_MMAP_THRESHOLD) is False
 
 
 def test_ort_session_from_bytes_or_a_file_runs_the_same(tmp_path, rng):
