@@ -130,7 +130,8 @@ class BiasCorrection(Pass):
             # what the next layer reads, clipped the same way on both sides (the activation chain and
             # the quantizer's range of the QDQ model): the two means differ only by quantization error
             bounds = {grp.node.outputs[0].name: b for grp in layers if (b := _output_bounds(g, grp)) is not None}
-        by_float = channel_means(qstate.float_model, list(float_names.values()), samples,
+        float_model = qstate.float_model      # one read of the model quant recorded, for this pass
+        by_float = channel_means(float_model, list(float_names.values()), samples,
                                  bounds={float_names[q]: b for q, b in bounds.items()}, batch_size=bs,
                                  progress=ctx.progress, desc="biascorr: float means")
         float_stats = {q: by_float[f] for q, f in float_names.items()}
@@ -145,7 +146,7 @@ class BiasCorrection(Pass):
                 new = [t for t in cut if t not in given]
                 sums = ChannelSums(wanted, {n: bounds[n] for n in wanted if n in bounds})
                 seg = ir.segment(g, wanted + new, given)
-                for values in replay(seg, samples, cache, keep=new, batch_size=bs, source=qstate.float_model):
+                for values in replay(seg, samples, cache, keep=new, batch_size=bs, source=float_model):
                     sums.update(values)
                 quant_stats = sums.result()
                 for grp in wave:

@@ -31,10 +31,11 @@ import numpy as np
 from onnx import TensorProto
 
 from qgraph import ir, ops
-from qgraph.calibrate import DEFAULT_BINS, SENTINEL, cached_collect, stream
+from qgraph.calibrate import DEFAULT_BINS, SENTINEL, cached_collect, session_heap, stream
 from qgraph.reductions import Reductions, side_by_side
 from qgraph.errors import ModelError
-from qgraph.pipeline import Context, Pass, PassResult, QuantRecord, no_batchnorm, not_quantized, option
+from qgraph.pipeline import (Context, FloatWeights, Pass, PassResult, QuantRecord, SpilledModel, no_batchnorm,
+                             not_quantized, option)
 from qgraph.ops import INT32, LAYER_OPS, MATRIX_LAYER_OPS, QParams, bias_qparams, clip_bounds, dequantize, quantize
 from qgraph.qdq import dq_constant, insert_qdq
 from qgraph.grids import (GRIDS, POT_BITS, grid_levels, grid_qparams, refuse_sparse_binary, storage_for,
@@ -164,12 +165,15 @@ class Quantize(Pass):
         refuse_sparse_binary(o.weight_grid, {n.name: ctx.sparsity[n.name] for wp in plan.weights.values()
                                              if not any(listed.any(r) for r in wp.readers)
                                              for n in wp.readers if n.name in ctx.sparsity})
-        float_model = ir.to_model(g)
+        # the float model in a temporary file, not in memory: calibration, GPTQ and the SQNR pass each
+        # read it into the model they run, and later passes (biascorr) read it from there
+        float_model = SpilledModel(g, "float")
         stats = {}
         if plan.acts:
             bins = 0 if o.act_method == "minmax" else o.bins    # minmax needs no histogram
             observe = [n for n in plan.acts if n not in plan.derived and n not in plan.fixed]
-            stats = cached_collect(ctx, float_model, observe, bins=bins, batch_size=o.batch_size)
+            with session_heap():    # the calibration model is built and run under the session policy
+                stats = cached_collect(ctx, float_model, observe, bins=bins, batch_size=o.batch_size)
         w_qp = {name: self._decide_weight(wp, gridded=not any(listed.any(r) for r in wp.readers))
                 for name, wp in plan.weights.items()}
         act_qp = self._decide_activations(plan, stats, w_qp)
@@ -187,15 +191,21 @@ class Quantize(Pass):
         if widened:
             notes["bias_fit"] = widened
         notes.update(rounding_notes)
+        modified = bool(plan.nodes)
+        float_weights = FloatWeights(float_model, {e["dq_output"]: name for name, e in record["weights"].items()})
+        weight_db = _weight_sqnr(record) if o.sqnr else {}
+        # the float weights (19 MB on EfficientNet-Lite0) are in the spilled model: not held from here on
+        del plan, w_int, record["weights"]
         if o.sqnr and ctx.calib is not None and (act_qp or w_qp):
             try:
-                details = self._sqnr(float_model, ir.to_model(g), act_qp, record, ctx)
-                notes.update(_summarize_sqnr(details, w_qp, record, o.worst))
+                with session_heap():
+                    details = self._sqnr(float_model, g, act_qp, record, ctx)
+                notes.update(_summarize_sqnr(details, weight_db, o.worst))
             except ValueError as exc:      # a graph the side-by-side model cannot hold
                 notes["sqnr_skipped"] = str(exc)
-        ctx.quant = QuantRecord(options=self.label(), float_model=float_model, activations=act_qp,
-                                float_weights={e["dq_output"]: e["float"] for e in record["weights"].values()})
-        return PassResult(modified=bool(plan.nodes), notes=notes)
+        ctx.quant = QuantRecord(options=self.label(), float_source=float_model, activations=act_qp,
+                                float_weights=float_weights)
+        return PassResult(modified=modified, notes=notes)
 
     # -- decisions -------------------------------------------------------------------------
 
@@ -300,7 +310,7 @@ class Quantize(Pass):
                 continue
             targets[name] = (node, wp.tensor.values, w_qp[name])
         pin = frozenset(n for n, (node, _, _) in targets.items() if node.name in ctx.sparsity)   # sparsify's zeros
-        ints, errors, scales, unsupported = round_layers(float_model, targets, ctx.calib, batch_size=self.opts.batch_size,
+        ints, errors, scales, unsupported = round_layers(float_model.load(), targets, ctx.calib, batch_size=self.opts.batch_size,
                                                  progress=getattr(ctx, "progress", False), pin_zeros=pin)
         kept.update(unsupported)
         for name, scale in scales.items():
@@ -393,18 +403,19 @@ class Quantize(Pass):
             notes["bias_clipped"] = clipped
         return notes
 
-    def _sqnr(self, float_model, quant_model, act_qp: dict, record: dict, ctx: Context) -> dict:
+    def _sqnr(self, float_model: SpilledModel, g: ir.Graph, act_qp: dict, record: dict, ctx: Context) -> dict:
         """Per activation: own = x vs fake_quant(x); model = the float model's x vs the QDQ model's
         DQ(x). Both models run side by side in one ORT session and the three sums of squares are
         reduced in the graph (``qgraph.calibrate.Reductions``), so the pass holds about one inference
         of each model, not every tensor of both (EfficientNet-Lite0: 0.3 GB less at batch 1). The
-        QDQ half keeps ORT's fusions: only its Q outputs (integers) are read."""
+        QDQ half keeps ORT's fusions: only its Q outputs (integers) are read. Neither model is held
+        apart from the side-by-side one (read from the spilled file and exported from ``g`` just for it)."""
         names = [n for n in act_qp if n in record["q_of"]]
         samples = ctx.calib
         if self.opts.sqnr_samples and len(samples) > self.opts.sqnr_samples:
             samples = samples.subset(range(self.opts.sqnr_samples))
-        inputs = {i.name for i in float_model.graph.input}
-        r = Reductions(side_by_side({"f": float_model, "q": quant_model}), copy=False)
+        inputs = {t.name for t in g.inputs}
+        r = Reductions(side_by_side({"f": float_model.load(), "q": ir.to_model(g)}), copy=False)
         limit, zero = r.const(np.float32(SENTINEL), "sentinel"), r.const(np.float32(0.0), "zero")
         layout = {}
         for n in names:
@@ -426,7 +437,7 @@ class Quantize(Pass):
         # a few samples: memory over speed (batch sqnr_batch, no arena, no NCHWc copies; QDQ fusions as in
         # deployment)
         for values in stream(r.finish(), outputs, samples, batch_size=self.opts.sqnr_batch,
-                             progress=ctx.progress, desc="sqnr", lean=True):
+                             progress=ctx.progress, desc="sqnr", lean=True, own=True):
             for n in names:
                 acc[n] += [float(values[o]) for o in layout[n]]
         return {n: {"own_db": _db(a[0], a[1]), "model_db": _db(a[0], a[2])} for n, a in acc.items()}
@@ -597,12 +608,17 @@ def _name_nodes(g: ir.Graph) -> None:
         seen.add(node.name)
 
 
-def _summarize_sqnr(act: dict, w_qp: dict, record: dict, worst: int) -> dict:
+def _weight_sqnr(record: dict) -> dict[str, float | None]:
+    """Each quantized weight's SQNR (float vs dequantized integers), in dB."""
     weights = {}
     for name, entry in record["weights"].items():
         w = entry["float"].astype(np.float32)
         d = dequantize(entry["int"], entry["qparams"]) - w
         weights[name] = _db(float(np.vdot(w, w)), float(np.vdot(d, d)))
+    return weights
+
+
+def _summarize_sqnr(act: dict, weights: dict, worst: int) -> dict:
     ranked = sorted(((n, v) for n, v in act.items() if v["model_db"] is not None), key=lambda kv: kv[1]["model_db"])
     out: dict = {}
     if ranked:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -215,20 +216,34 @@ class TensorStats:
 
 # ----------------------------------------------------------------------------- running ORT
 
-def fingerprint(model: onnx.ModelProto) -> str:
-    """A key for "the same graph state": the hash of the serialized model."""
+def fingerprint(model) -> str:
+    """A key for "the same graph state": the hash of the serialized model (a ModelProto, or a model
+    kept in a file: ``qgraph.pipeline.SpilledModel``, hashed from the file)."""
+    if not isinstance(model, onnx.ModelProto):
+        return model.fingerprint()
     return hashlib.sha1(model.SerializeToString(deterministic=True)).hexdigest()
 
 
-def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the (float) tensors ``names`` (``model`` itself when it
-    outputs them all already: a copy of the weights is memory too)."""
+def _fresh(model) -> tuple[onnx.ModelProto, bool]:
+    """(a ModelProto of ``model``, whether the caller may change it): a model kept in a file
+    (anything with ``load()``) is read afresh, so nothing else holds it."""
+    if isinstance(model, onnx.ModelProto):
+        return model, False
+    return model.load(), True
+
+
+def with_outputs(model: onnx.ModelProto, names: Iterable[str], *, copy: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` (``copy=False``: ``model`` itself) that also outputs the (float) tensors
+    ``names`` (``model`` itself when it outputs them all already: a copy of the weights is memory too)."""
     names = list(names)
     have = {o.name for o in model.graph.output}
     if all(n in have for n in names):
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    else:
+        out = model
     types = {vi.name: vi.type.tensor_type.elem_type for vi in out.graph.value_info}
     for name in names:
         if name in have:
@@ -251,16 +266,31 @@ def batch_size_for(model: onnx.ModelProto, wanted: int) -> int:
     return wanted
 
 
-def stream(model: onnx.ModelProto, names: list[str], samples, *, batch_size: int = 16,
-           progress: bool = False, desc: str = "calibrate", threads: int = 0, lean: bool = False
-           ) -> Iterator[dict[str, np.ndarray]]:
+def stream(model, names: list[str], samples, *, batch_size: int = 16,
+           progress: bool = False, desc: str = "calibrate", threads: int = 0, lean: bool = False,
+           own: bool = False, arena: bool = True) -> Iterator[dict[str, np.ndarray]]:
     """Run one ORT session over ``samples`` in batches; yield {name: value} for ``names`` per batch.
-    The model is not referenced once the session holds it (a caller passing the only reference
-    frees it); ``lean``: see ``ort_session``."""
+    ``model``: a ModelProto, or a model kept in a file (``qgraph.pipeline.SpilledModel``: read
+    here, its outputs added in place). ``own=True``: the caller hands the ModelProto over (it gets
+    the extra outputs in place, no copy). The model is serialized and dropped before the session is
+    made, so a caller passing the only reference holds no ModelProto while ORT builds and runs the
+    session; ``lean``, ``arena``: see ``ort_session``."""
+    from qgraph import ir
     from qgraph.ops import ort_session
-    sess = ort_session(with_outputs(model, names), threads=threads, lean=lean)
+    model, fresh = _fresh(model)
     bs = batch_size_for(model, batch_size)
+    model = with_outputs(model, names, copy=not (own or fresh))
+    if not ir.is_large(model):
+        model = model.SerializeToString()
+    heap = session_heap()       # while the session lives (see there)
+    heap.__enter__()
+    try:
+        sess = ort_session(model, threads=threads, lean=lean, arena=arena)
+    except BaseException:
+        heap.__exit__(None, None, None)
+        raise
     del model
+    release_memory()
     inputs = [i.name for i in sess.get_inputs()]
     bar = progress_bar(len(samples), desc) if progress else None
     try:
@@ -276,7 +306,7 @@ def stream(model: onnx.ModelProto, names: list[str], samples, *, batch_size: int
         if bar is not None:
             bar.close()
         del sess
-        release_memory()
+        heap.__exit__(None, None, None)
 
 
 def release_memory() -> None:
@@ -288,6 +318,54 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):   # not glibc: nothing to do
         pass
+
+
+#: glibc's M_MMAP_THRESHOLD (mallopt parameter number); the threshold while an ORT session runs, and
+#: the one between sessions (glibc's own upper bound for its dynamic threshold).
+_M_MMAP_THRESHOLD = -3
+SESSION_MMAP_THRESHOLD = 128 * 1024
+HEAP_MMAP_THRESHOLD = 32 * 1024 * 1024
+
+
+def mmap_threshold(nbytes: int) -> bool:
+    """Set glibc's mmap threshold: blocks of ``nbytes`` or more come from mmap and go back to the
+    system when freed; smaller ones from the heap, whose freed space stays resident. glibc starts at
+    128 KiB and raises it to the size of each large block freed (up to 32 MB); once set, it stays
+    where it is put. Left alone when ``MALLOC_MMAP_THRESHOLD_`` is in the environment (the user
+    chose). False when not glibc or left alone."""
+    import ctypes
+    import os
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+    except (OSError, AttributeError):   # not glibc
+        return False
+
+
+_session_depth = 0
+
+
+@contextmanager
+def session_heap():
+    """The allocator policy for building and running ORT sessions (reentrant): blocks of 128 KiB or
+    more (ORT's weights and activations without its arena, serialized models, our batches) are
+    mapped and unmapped on their own, so freeing them gives the memory back. With glibc's raised
+    threshold they would come from the heap and leave it fragmented (EfficientNet-Lite0 ``fold,quant``:
+    ~40-70 MB of peak). Outside, the threshold is glibc's 32 MB bound: small numpy temporaries
+    (quant's pair fitting: 4x slower when each is a fresh mapping) stay on the heap."""
+    global _session_depth
+    _session_depth += 1
+    try:
+        if _session_depth == 1:
+            release_memory()
+            mmap_threshold(SESSION_MMAP_THRESHOLD)
+        yield
+    finally:
+        _session_depth -= 1
+        if _session_depth == 0:
+            mmap_threshold(HEAP_MMAP_THRESHOLD)
+            release_memory()
 
 
 def run_session(sess, names: list[str], feed: dict) -> list[np.ndarray]:
@@ -397,8 +475,10 @@ def collect(model: onnx.ModelProto, names: Iterable[str], samples, *, bins: int 
     exposed = [n for n in names if n not in set(reduced)]
     layout: dict = {}
     source = model
+    model, fresh = _fresh(model)
     if reduced:
-        model, layout = with_extremes(model, reduced)
+        model, layout = with_extremes(model, reduced, copy=not fresh)
+        fresh = True
     wanted = exposed + [o for outs in layout.values() for o in outs]
     suspect: set[str] = set()
 
@@ -413,7 +493,10 @@ def collect(model: onnx.ModelProto, names: Iterable[str], samples, *, bins: int 
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgraph-calib") as pool:
         pending = None
-        for values in stream(model, wanted, samples, batch_size=batch_size, progress=progress, threads=threads):
+        batches = stream(model, wanted, samples, batch_size=batch_size, progress=progress, threads=threads,
+                         own=fresh, arena=False)
+        del model       # the stream holds the only reference, and drops it once its session is made
+        for values in batches:
             if pending is not None:
                 pending.result()
             pending = pool.submit(fold, values)
@@ -431,7 +514,7 @@ def collect(model: onnx.ModelProto, names: Iterable[str], samples, *, bins: int 
     return stats
 
 
-def cached_collect(ctx, model: onnx.ModelProto, names: Iterable[str], **kw) -> dict[str, TensorStats]:
+def cached_collect(ctx, model, names: Iterable[str], **kw) -> dict[str, TensorStats]:
     """``collect`` through ``ctx.stats``: tensors already observed on this graph state and this data
     are not observed again."""
     bins = kw.get("bins", DEFAULT_BINS)

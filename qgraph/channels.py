@@ -36,14 +36,17 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 
 from qgraph import ir
 from qgraph.channel_rules import Coupling, Rules, is_const
 from qgraph.static import known_shape, refresh_shapes, resolve_static, static_tensors  # noqa: F401
 from qgraph.ops import LAYER_OPS
+
+if TYPE_CHECKING:  # pragma: no cover - networkx is imported where a view is built (17 MB: not for every command)
+    import networkx as nx
 
 # ----------------------------------------------------------------------------- per-tensor facts
 
@@ -78,6 +81,7 @@ def channel_graph(g) -> nx.DiGraph:
         frozen[t.name].append("graph_input")
     for t in g.outputs:
         frozen[t.name].append("graph_output")
+    import networkx as nx
     cg = nx.DiGraph()
     for t in g.tensors().values():
         if not t.name:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import time
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -47,20 +48,86 @@ class BNStats:
         return BNStats(gamma=self.gamma / s, beta=self.beta / s)
 
 
+class SpilledModel:
+    """A model kept in a temporary file rather than in memory: what a pass records for later passes
+    that may never come (``QuantRecord.float_model``). ``load()`` reads a fresh ModelProto each
+    time (the caller owns it, and frees it by dropping it); ``path`` is the file (ONNX Runtime can
+    open it). The folder is removed when this object is garbage-collected, or at interpreter exit.
+    Models over 2 GB are written with their external data beside the file (``ir.save``)."""
+
+    def __init__(self, model: "ir.Graph | onnx.ModelProto", name: str = "model"):
+        import shutil
+        import tempfile
+        import weakref
+        self.folder = tempfile.mkdtemp(prefix=f"qgraph-{name}-")
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        self.path = os.path.join(self.folder, name + ".onnx")
+        ir.save(model, self.path)
+
+    def load(self) -> onnx.ModelProto:
+        return onnx.load(self.path)
+
+    def fingerprint(self) -> str:
+        """A key for "the same graph state" (as ``qgraph.calibrate.fingerprint``), from the file's bytes."""
+        import hashlib
+        h = hashlib.sha1()
+        for path in sorted(p for p in os.listdir(self.folder)):
+            with open(os.path.join(self.folder, path), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()
+
+    def initializers(self, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """The arrays of the initializers ``names`` (one read of the file)."""
+        from onnx import numpy_helper
+        wanted = set(names)
+        return {t.name: numpy_helper.to_array(t) for t in self.load().graph.initializer if t.name in wanted}
+
+
+class FloatWeights(Mapping):
+    """The float value of each quantized weight, by the name of its DequantizeLinear output: read
+    from the spilled float model on first use (biascorr, mixed), not held meanwhile."""
+
+    def __init__(self, model: SpilledModel, names: dict[str, str]):
+        self._model, self._names, self._values = model, dict(names), None
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._names:
+            raise KeyError(key)
+        if self._values is None:
+            self._values = self._model.initializers(self._names.values())
+        return self._values[self._names[key]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 @dataclass
 class QuantRecord:
     """What ``quant`` knows that the quantized graph no longer holds, for later passes (``biascorr``).
 
     options        -- the quant pass as written on the command line
-    float_model    -- the model just before quantization
+    float_source   -- the model just before quantization: a ModelProto, or a ``SpilledModel`` (a
+                      temporary file: what ``quant`` records, so the pipeline does not hold a float
+                      copy of the weights when no later pass reads it)
+    float_model    -- that model as a ModelProto (from a ``SpilledModel``: a fresh read on each access;
+                      keep it in a local while you use it)
     float_weights  -- the float values of each quantized weight, by the name of its DequantizeLinear
-                      output (find the layer's with ``qgraph.ops.find_groups``)
+                      output (find the layer's with ``qgraph.ops.find_groups``); a mapping
     activations    -- the QParams of each quantized activation, by float tensor name
     """
     options: str
-    float_model: onnx.ModelProto
-    float_weights: dict[str, np.ndarray] = field(default_factory=dict)
+    float_source: "onnx.ModelProto | SpilledModel"
+    float_weights: Mapping = field(default_factory=dict)
     activations: dict[str, QParams] = field(default_factory=dict)
+
+    @property
+    def float_model(self) -> onnx.ModelProto:
+        src = self.float_source
+        return src.load() if isinstance(src, SpilledModel) else src
 
 
 @dataclass
@@ -69,7 +136,10 @@ class Context:
 
     calib     -- calibration inputs (a ``qgraph.data.Samples``), or None
     seed      -- seed for everything random (Verify inputs, k-means init, sampling)
-    original  -- the model as loaded, before any pass (for Verify and for passes that compare)
+    original  -- the model as loaded, before any pass (for passes that compare). For a graph loaded
+                 from a file it is light (``ir.is_light``: its structure, dims and sizes, not its
+                 weights, which the file holds: keeping a second copy of every weight for the whole run
+                 was ~20 % of ``fold,quant``'s peak memory on EfficientNet-Lite0)
     stats     -- cached statistics, keyed by whoever computes them (e.g. calibration ranges)
     progress  -- whether long steps show progress bars
     plots     -- a directory where passes that draw (equalize) write PNGs, or None
@@ -442,8 +512,9 @@ class PassManager:
         """
         ctx = ctx or Context()
         model = _export(g)
+        source = ir.meta_of(g).get("source")
         if ctx.original is None:
-            ctx.original = model
+            ctx.original = ir.to_model(g, light=True) if source and not ir.is_light(model) else model
         for inst in self.instruments:
             inst.start(g, model, ctx)
         done: list[str] = []
@@ -469,7 +540,7 @@ class PassManager:
             except ModelError as exc:
                 raise PassInputError(p.name, done, str(exc)) from exc
             except OrtLoadError as exc:
-                if _runtime_refuses(ctx.original):
+                if _runtime_refuses(source if source and ir.is_light(ctx.original) else ctx.original):
                     raise PassInputError(p.name, done, f"{exc} (and it refuses the input model too)") from exc
                 raise PassError(p.name, done, str(exc)) from exc
             except QGraphError as exc:
@@ -489,14 +560,17 @@ class PassManager:
                 except QGraphError as exc:
                     raise PassError(p.name, done, str(exc)) from exc
             done.append(p.name)
+            if index < len(self.passes):
+                model = None    # the next pass works on the graph: no second copy of the weights meanwhile
         self.model = model
         return g
 
 
-def _runtime_refuses(original: onnx.ModelProto | None) -> bool:
-    """Whether ONNX Runtime refuses to load the input model itself: then a pass that needed ORT (to
-    calibrate, to measure) failed because of its input, not of what it or an earlier pass did."""
-    if original is None or ir.is_light(original):
+def _runtime_refuses(original: onnx.ModelProto | str | None) -> bool:
+    """Whether ONNX Runtime refuses to load the input model itself (a ModelProto, or the file it was
+    loaded from): then a pass that needed ORT (to calibrate, to measure) failed because of its input,
+    not of what it or an earlier pass did."""
+    if original is None or (isinstance(original, onnx.ModelProto) and ir.is_light(original)):
         return False
     try:
         ort_session(original)

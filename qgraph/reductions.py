@@ -101,10 +101,12 @@ class Reductions:
         return model
 
 
-def with_extremes(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str, str]]]:
-    """A copy of ``model`` that also outputs, per tensor of ``names``, its min, max and element count
-    (ReduceMin, ReduceMax, Size; ``Reductions`` places them): {name: (min, max, count output)}."""
-    r = Reductions(model)
+def with_extremes(model: onnx.ModelProto, names: list[str], *, copy: bool = True
+                  ) -> tuple[onnx.ModelProto, dict[str, tuple[str, str, str]]]:
+    """A copy of ``model`` (``copy=False``: ``model`` itself, changed) that also outputs, per tensor of
+    ``names``, its min, max and element count (ReduceMin, ReduceMax, Size; ``Reductions`` places
+    them): {name: (min, max, count output)}."""
+    r = Reductions(model, copy=copy)
     layout = {}
     for n in dict.fromkeys(names):
         r.begin(n)

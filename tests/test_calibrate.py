@@ -199,3 +199,25 @@ def test_reductions_feed_one_sink_and_come_last_tensor_first(rng):
     consumed = {i for n in m.graph.node for i in n.input}
     leaves = [n for n in m.graph.node if not any(o in consumed for o in n.output)]
     assert [n.op_type for n in leaves] == ["Concat"] and ops_[-1] == "Concat"
+
+
+def test_mmap_threshold_is_set_unless_the_environment_chose(monkeypatch):
+    import ctypes
+    from qgraph.calibrate import HEAP_MMAP_THRESHOLD, mmap_threshold
+    try:
+        ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        pytest.skip("not glibc")
+    assert mmap_threshold(HEAP_MMAP_THRESHOLD) is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert mmap_threshold(HEAP_MMAP_THRESHOLD) is False
+
+
+def test_ort_session_from_bytes_or_a_file_runs_the_same(tmp_path, rng):
+    from qgraph.ops import ort_session
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", [2, 3])], [("y", [2, 3])])
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    for src in (model, model.SerializeToString(), path, str(path)):
+        np.testing.assert_array_equal(ort_session(src, arena=False).run(None, {"x": x})[0], np.maximum(x, 0))

@@ -128,3 +128,19 @@ def test_precondition_is_checked_on_the_graph_and_says_what_to_do():
 def test_label_shows_non_default_options():
     (p,) = build_passes("fold:affine=false")
     assert p.label() == "fold:affine=false"
+
+
+def test_original_of_a_model_file_is_light_with_the_same_size():
+    """Loaded from a file, ``ctx.original`` keeps the structure and sizes but not the weights (the
+    file has them): the pipeline holds no second copy of every weight for the whole run."""
+    from builders import DIGITS
+    g = ir.load(DIGITS)
+    full = ir.to_model(g)
+    ctx = Context(progress=False)
+    PassManager(build_passes("cleanup")).run(g, ctx)
+    assert ir.is_light(ctx.original)
+    assert ir.model_bytes(ctx.original) == ir.model_bytes(full)
+    assert [n.op_type for n in ctx.original.graph.node] == [n.op_type for n in full.graph.node]
+    ctx = Context(progress=False)
+    PassManager(build_passes("cleanup")).run(ir.load(full), ctx)     # a ModelProto: no file to go back to
+    assert not ir.is_light(ctx.original)

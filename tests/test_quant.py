@@ -453,6 +453,53 @@ def test_state_records_qparams_for_later_passes(rng):
     assert "activations" in ctx.stats    # calibration statistics cached for later passes
 
 
+def test_record_keeps_the_float_model_in_a_file_not_in_memory(rng):
+    """The float model quant records (for biascorr, mixed) is a temporary file: read back it is the
+    graph quant got, bit for bit; float_weights come from it; the file goes with the record."""
+    import gc
+    from qgraph.pipeline import SpilledModel
+    model = conv_model(rng, [helper.make_node("Relu", ["c"], ["y"])])
+    g = ir.load(model)
+    before = {t.name: t.values.copy() for t in g.tensors().values() if isinstance(t, ir.Constant)}
+    ctx = Context(calib=open_samples(calib_for(model, rng), ["x"]), progress=False)
+    Quantize().run(g, ctx)
+    record = ctx.quant
+    assert isinstance(record.float_source, SpilledModel) and os.path.isfile(record.float_source.path)
+    fm = record.float_model
+    assert [n.op_type for n in fm.graph.node] == [n.op_type for n in model.graph.node]
+    inits = {t.name: numpy_helper.to_array(t) for t in fm.graph.initializer}
+    assert all(np.array_equal(inits[k], v) for k, v in before.items())
+    grp = next(grp for grp in find_groups(g) if grp.node.name == "conv")
+    w = record.float_weights[grp.w_dq.outputs[0].name]
+    assert np.array_equal(w, before["w"])
+    assert set(record.float_weights) == {grp.w_dq.outputs[0].name} and len(record.float_weights) == 1
+    with pytest.raises(KeyError):
+        record.float_weights["nope"]
+    folder = record.float_source.folder
+    del ctx, record, fm
+    gc.collect()
+    assert not os.path.exists(folder)
+
+
+def test_calibration_from_a_spilled_model_equals_from_memory(rng):
+    """collect / stream read a SpilledModel afresh and add their reductions in place; from a
+    ModelProto they leave the caller's model untouched. Same statistics either way (exact: the same
+    session, the same data)."""
+    from qgraph.calibrate import collect
+    from qgraph.pipeline import SpilledModel
+    model = conv_model(rng, [helper.make_node("Relu", ["c"], ["y"])])
+    samples = open_samples(calib_for(model, rng), ["x"])
+    kept = model.SerializeToString()
+    for bins in (0, 64):
+        a = collect(model, ["c", "y"], samples, bins=bins, batch_size=3)
+        b = collect(SpilledModel(model), ["c", "y"], samples, bins=bins, batch_size=3)
+        for n in ("c", "y"):
+            assert (a[n].min, a[n].max, a[n].count) == (b[n].min, b[n].max, b[n].count)
+            if bins:
+                assert np.array_equal(a[n].hist, b[n].hist)
+    assert model.SerializeToString() == kept
+
+
 def test_digits_cnn_w8a8_within_0_3_points_of_fp32():
     data = np.load(DIGITS_SAMPLE)
     x, labels = data["input"], data["labels"]
