@@ -161,6 +161,8 @@ def _fold_shape_arithmetic(model: onnx.ModelProto) -> bool:
         dims = vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else None
         if dims is not None and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
             known_shape[vi.name] = [d.dim_value for d in dims]
+    for t in g.initializer:     # a weight's Shape (torch's static padding reads the stem's): its dims
+        known_shape.setdefault(t.name, list(t.dims))
     values = {t.name: numpy_helper.to_array(t) for t in g.initializer if int(np.prod(t.dims)) <= 64}
     for node in g.node:
         value = next((a.t for a in node.attribute if a.name == "value"), None)
