@@ -168,44 +168,48 @@ class Quantize(Pass):
         # the float model in a temporary file, not in memory: calibration, GPTQ and the SQNR pass each
         # read it into the model they run, and later passes (biascorr) read it from there
         float_model = SpilledModel(g, "float")
-        stats = {}
-        if plan.acts:
-            bins = 0 if o.act_method == "minmax" else o.bins    # minmax needs no histogram
-            observe = [n for n in plan.acts if n not in plan.derived and n not in plan.fixed]
-            with session_heap():    # the calibration model is built and run under the session policy
-                stats = cached_collect(ctx, float_model, observe, bins=bins, batch_size=o.batch_size)
-        w_qp = {name: self._decide_weight(wp, gridded=not any(listed.any(r) for r in wp.readers))
-                for name, wp in plan.weights.items()}
-        act_qp = self._decide_activations(plan, stats, w_qp)
-        w_int, rounding_notes = self._round(g, plan, w_qp, float_model, ctx)
-        before = {name: qp.scale for name, qp in w_qp.items()}
-        widened = _fit_biases(plan, act_qp, w_qp)
-        for name in w_int:
-            if w_qp[name].scale is not before[name]:   # widened rows: nearest at their new scale
-                w_int[name] = _requantize_changed(plan.weights[name].tensor.values, w_int[name],
-                                                  before[name], w_qp[name])
-        record = self._rewrite(g, plan, act_qp, w_qp, w_int)
-        notes = self._notes(plan, act_qp, w_qp, record)
-        if record["pair_fit"]:
-            notes["pair_fit"] = record["pair_fit"]
-        if widened:
-            notes["bias_fit"] = widened
-        notes.update(rounding_notes)
-        modified = bool(plan.nodes)
-        float_weights = FloatWeights(float_model, {e["dq_output"]: name for name, e in record["weights"].items()})
-        weight_db = _weight_sqnr(record) if o.sqnr else {}
-        # the float weights (19 MB on EfficientNet-Lite0) are in the spilled model: not held from here on
-        del plan, w_int, record["weights"]
-        if o.sqnr and ctx.calib is not None and (act_qp or w_qp):
-            try:
-                with session_heap():
-                    details = self._sqnr(float_model, g, act_qp, record, ctx)
-                notes.update(_summarize_sqnr(details, weight_db, o.worst))
-            except ValueError as exc:      # a graph the side-by-side model cannot hold
-                notes["sqnr_skipped"] = str(exc)
-        ctx.quant = QuantRecord(options=self.label(), float_source=float_model, activations=act_qp,
-                                float_weights=float_weights)
-        return PassResult(modified=modified, notes=notes)
+        try:
+            stats = {}
+            if plan.acts:
+                bins = 0 if o.act_method == "minmax" else o.bins    # minmax needs no histogram
+                observe = [n for n in plan.acts if n not in plan.derived and n not in plan.fixed]
+                with session_heap():    # the calibration model is built and run under the session policy
+                    stats = cached_collect(ctx, float_model, observe, bins=bins, batch_size=o.batch_size)
+            w_qp = {name: self._decide_weight(wp, gridded=not any(listed.any(r) for r in wp.readers))
+                    for name, wp in plan.weights.items()}
+            act_qp = self._decide_activations(plan, stats, w_qp)
+            w_int, rounding_notes = self._round(g, plan, w_qp, float_model, ctx)
+            before = {name: qp.scale for name, qp in w_qp.items()}
+            widened = _fit_biases(plan, act_qp, w_qp)
+            for name in w_int:
+                if w_qp[name].scale is not before[name]:   # widened rows: nearest at their new scale
+                    w_int[name] = _requantize_changed(plan.weights[name].tensor.values, w_int[name],
+                                                      before[name], w_qp[name])
+            record = self._rewrite(g, plan, act_qp, w_qp, w_int)
+            notes = self._notes(plan, act_qp, w_qp, record)
+            if record["pair_fit"]:
+                notes["pair_fit"] = record["pair_fit"]
+            if widened:
+                notes["bias_fit"] = widened
+            notes.update(rounding_notes)
+            modified = bool(plan.nodes)
+            float_weights = FloatWeights(float_model, {e["dq_output"]: name for name, e in record["weights"].items()})
+            weight_db = _weight_sqnr(record) if o.sqnr else {}
+            # the float weights (19 MB on EfficientNet-Lite0) are in the spilled model: not held from here on
+            del plan, w_int, record["weights"]
+            if o.sqnr and ctx.calib is not None and (act_qp or w_qp):
+                try:
+                    with session_heap():
+                        details = self._sqnr(float_model, g, act_qp, record, ctx)
+                    notes.update(_summarize_sqnr(details, weight_db, o.worst))
+                except ValueError as exc:      # a graph the side-by-side model cannot hold
+                    notes["sqnr_skipped"] = str(exc)
+            ctx.quant = QuantRecord(options=self.label(), float_source=float_model, activations=act_qp,
+                                    float_weights=float_weights)
+            return PassResult(modified=modified, notes=notes)
+        except BaseException:
+            float_model.close()     # a failed pass leaves no temporary file (its traceback keeps this alive)
+            raise
 
     # -- decisions -------------------------------------------------------------------------
 

@@ -98,6 +98,16 @@ def optimize(model: str | os.PathLike | onnx.ModelProto,
         instruments.append(Dump(dump_dir))
     manager = PassManager(pipeline, instruments)
     manager.run(g, ctx)
+    try:
+        return _finish(manager, g, ctx, rep, output, report, writes_qgz, explain_quant, pipeline, source)
+    finally:
+        # the context ends here (the caller gets the model and the report): its temporary files go
+        # now, not whenever the garbage collector breaks its reference cycles
+        ctx.release()
+
+
+def _finish(manager, g, ctx, rep, output, report, writes_qgz, explain_quant, pipeline, source):
+    """Write the output model (or .qgz) and the report together, after a successful run."""
     result = manager.model
     if explain_quant:
         from qgraph.passes.mixed import explain_quant as explain

@@ -67,6 +67,10 @@ class SpilledModel:
     def load(self) -> onnx.ModelProto:
         return onnx.load(self.path)
 
+    def close(self) -> None:
+        """Remove the file now (idempotent): a failed run must leave no temporary folder behind."""
+        self._cleanup()
+
     def fingerprint(self) -> str:
         """A key for "the same graph state" (as ``qgraph.calibrate.fingerprint``), from the file's bytes."""
         import hashlib
@@ -169,6 +173,14 @@ class Context:
 
     def rng(self, salt: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, salt])
+
+    def release(self) -> None:
+        """Remove the temporary files the run's records hold (quant's spilled float model) now,
+        rather than when this context is collected: what a failed run calls, so that nothing is left
+        behind while the exception (and its traceback, which keeps the context alive) is handled."""
+        spilled = self.quant.float_source if self.quant is not None else None
+        if isinstance(spilled, SpilledModel):
+            spilled.close()
 
 
 # ----------------------------------------------------------------------------- preconditions
@@ -511,6 +523,13 @@ class PassManager:
         PassInputError, which is a ModelError too; anything else becomes a PassError.
         """
         ctx = ctx or Context()
+        try:
+            return self._run(g, ctx)
+        except BaseException:
+            ctx.release()       # a failed run leaves no temporary file behind
+            raise
+
+    def _run(self, g: ir.Graph, ctx: Context) -> ir.Graph:
         model = _export(g)
         source = ir.meta_of(g).get("source")
         if ctx.original is None:
