@@ -8,7 +8,8 @@ criteria, on the zoo's ImageNet models; then quantization after pruning.
 
 Every cell is ``qgraph.optimize(model, "fold,prune:ratio=R,criterion=C,reconstruct=B")`` with the
 zoo's calibration split (100 images) as calibration data, evaluated on the evaluation split (400
-images; one image = 0.25 pt). Results are kept in ``$QGRAPH_CACHE/prune_table.json`` as they come,
+images; one image = 0.25 pt), also on each half of it (images 0-199 / 200-399) to show a difference
+holds on both. Results are kept in ``$QGRAPH_CACHE/prune_table.json`` as they come,
 so an interrupted run resumes where it stopped (``--fresh`` starts over). The ``+ quant`` rows run
 ``fold,prune:...,quant`` (W8A8 per-channel, the quant pass's defaults) at ``--quant-ratio``.
 """
@@ -59,11 +60,15 @@ def measure(model: str, pipeline: str) -> dict:
     t0 = time.perf_counter()
     result, report = qgraph.optimize(model_path(model), pipeline, calib=calib, output=out, progress=False)
     seconds = time.perf_counter() - t0
-    r = evaluate(out, model, samples=evaluation, progress=False)
+    half = len(evaluation) // 2             # both halves apart: a setting should hold on each
+    parts = [evaluate(out, model, samples=evaluation.subset(idx), progress=False, reference=False)
+             for idx in (range(half), range(half, len(evaluation)))]
     m0 = report.rows[0]["macs"]
     row = next(x for x in report.rows if x["pass"].startswith("prune")) if "prune" in pipeline else report.rows[-1]
-    return {"top1": r["top1"], "macs_removed": round(1 - row["macs"] / m0, 4) if m0 else 0.0,
-            "seconds": round(seconds, 1), "size_bytes": r["size_bytes"]}
+    return {"top1": (parts[0]["top1"] * parts[0]["n"] + parts[1]["top1"] * parts[1]["n"]) / len(evaluation),
+            "top1_halves": [p["top1"] for p in parts],
+            "macs_removed": round(1 - row["macs"] / m0, 4) if m0 else 0.0,
+            "seconds": round(seconds, 1), "size_bytes": parts[0]["size_bytes"]}
 
 
 def pipelines(args) -> list[tuple[str, str]]:
@@ -97,7 +102,9 @@ def table(res: dict, args) -> str:
                 cells = []
                 for ratio in args.ratios:
                     r = res.get(f"{model}|fold,prune:ratio={ratio},criterion={crit},reconstruct={rec},latency=false")
-                    cells.append("–" if r is None else "fails" if "error" in r else f"{100 * r['top1']:.2f}")
+                    cells.append("–" if r is None else "fails" if "error" in r else f"{100 * r['top1']:.2f}"
+                                 + (" ({:.1f} / {:.1f})".format(*(100 * h for h in r["top1_halves"]))
+                                    if "top1_halves" in r else ""))
                 lines.append(f"| {crit} | {'yes' if rec == 'true' else 'no'} | " + " | ".join(cells) + " |")
         if args.quant_ratio:
             base = (f"{model}|fold,prune:ratio={args.quant_ratio},criterion={args.quant_criterion},"
