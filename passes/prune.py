@@ -27,7 +27,14 @@ group of a grouped convolution; the number of steps is chosen so that the remove
 target (MACs or parameters of the whole model) is ``ratio`` within 1%.
 
 With ``reconstruct=true`` each layer that lost input channels is refit by least squares to the
-original model's output on the calibration data (``qgraph.reconstruct``).
+original model's output on the calibration data (``qgraph.reconstruct``). With ``restore_stats=true``
+every layer downstream of a removal then gets back the per-channel output mean and variance it had
+in the original model, measured layer by layer on the pruned model's own inputs (adaptive
+BatchNorm, Li et al. 2020, folded into the layer's weights and bias).
+
+Channels summed by a residual join (``residual=false``, the default) are not pruned: the skip path
+carries them through every block of a stage with no layer that a refit could correct, while the
+channels inside a block (MobileNetV2's expansion channels) are read by one layer that can be refit.
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ criteria, on the zoo's ImageNet models; then quantization after pruning.
     python tools/prune_table.py                      # mobilenet_v2 and efficientnet_lite0, full grid
     python tools/prune_table.py --models mobilenet_v2 --ratios 0.1 0.2 --criteria taylor_act
     python tools/prune_table.py --table              # print the markdown from the results so far
+    python tools/prune_table.py --models mobilenet_v2 --ratios 0.3 --criteria taylor_act --extra restore_stats=true
 
 Every cell is ``qgraph.optimize(model, "fold,prune:ratio=R,criterion=C,reconstruct=B")`` with the
 zoo's calibration split (100 images) as calibration data, evaluated on the evaluation split (400
@@ -76,7 +77,7 @@ def pipelines(args) -> list[tuple[str, str]]:
     FP32, then ``taylor_act`` with reconstruction and ``l2`` without (Torch-Pruning's magnitude pruner
     with its group mean normalizer, no fine-tuning: the baseline), then prune+quant, then the rest."""
     def cell(model, crit, rec, ratio):
-        return model, f"fold,prune:ratio={ratio},criterion={crit},reconstruct={rec},latency=false"
+        return model, f"fold,prune:ratio={ratio},criterion={crit},reconstruct={rec},latency=false{args.extra}"
     combos = [(c, r) for c in args.criteria for r in ("true", "false")]
     first = [c for c in (("taylor_act", "true"), ("l2", "false")) if c in combos]
     out = [(model, "fold") for model in args.models]
@@ -101,14 +102,15 @@ def table(res: dict, args) -> str:
             for rec in ("false", "true"):
                 cells = []
                 for ratio in args.ratios:
-                    r = res.get(f"{model}|fold,prune:ratio={ratio},criterion={crit},reconstruct={rec},latency=false")
+                    r = res.get(f"{model}|fold,prune:ratio={ratio},criterion={crit},reconstruct={rec},latency=false"
+                                f"{args.extra}")
                     cells.append("–" if r is None else "fails" if "error" in r else f"{100 * r['top1']:.2f}"
                                  + (" ({:.1f} / {:.1f})".format(*(100 * h for h in r["top1_halves"]))
                                     if "top1_halves" in r else ""))
                 lines.append(f"| {crit} | {'yes' if rec == 'true' else 'no'} | " + " | ".join(cells) + " |")
         if args.quant_ratio:
             base = (f"{model}|fold,prune:ratio={args.quant_ratio},criterion={args.quant_criterion},"
-                    "reconstruct=true,latency=false")
+                    f"reconstruct=true,latency=false{args.extra}")
             a, b, c = res.get(base), res.get(base + ",quant"), res.get(f"{model}|fold,quant")
             if a and b and "error" not in a and "error" not in b:
                 lines += ["", f"`fold,prune:ratio={args.quant_ratio},criterion={args.quant_criterion},reconstruct=true` "
@@ -126,9 +128,12 @@ def main(argv=None) -> int:
     ap.add_argument("--criteria", nargs="+", default=list(CRITERIA))
     ap.add_argument("--quant-ratio", type=float, default=0.25, help="ratio of the prune+quant rows (0: none)")
     ap.add_argument("--quant-criterion", default="taylor_act")
+    ap.add_argument("--extra", default="", help="more prune options for every cell, e.g. restore_stats=true "
+                                                "(cells kept apart from the default ones)")
     ap.add_argument("--table", action="store_true", help="only print the table from the results so far")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results")
     args = ap.parse_args(argv)
+    args.extra = f",{args.extra.strip(',')}" if args.extra.strip(",") else ""
     res = {} if args.fresh else load()
     if not args.table:
         for model, pipe in pipelines(args):
