@@ -27,7 +27,14 @@ group of a grouped convolution; the number of steps is chosen so that the remove
 target (MACs or parameters of the whole model) is ``ratio`` within 1%.
 
 With ``reconstruct=true`` each layer that lost input channels is refit by least squares to the
-original model's output on the calibration data (``qgraph.reconstruct``).
+original model's output on the calibration data (``qgraph.reconstruct``). With ``restore_stats=true``
+every layer downstream of a removal then gets back the per-channel output mean and variance it had
+in the original model, measured layer by layer on the pruned model's own inputs (adaptive
+BatchNorm, Li et al. 2020, folded into the layer's weights and bias).
+
+Channels summed by a residual join (``residual=false``, the default) are not pruned: the skip path
+carries them through every block of a stage with no layer that a refit could correct, while the
+channels inside a block (MobileNetV2's expansion channels) are read by one layer that can be refit.
 """
 from __future__ import annotations
 
@@ -69,11 +76,16 @@ class PruneOptions:
                                     "(W[:, c]·E[x_c] on calibration data) to the reading layers' biases")
     refit: str = option("consumers", "which layers reconstruction refits: those that lost input channels, or every "
                                      "layer downstream of a removal", choices=("consumers", "all"))
+    restore_stats: bool = option(False, "after pruning (and reconstruction), give every layer downstream of a removal "
+                                        "the per-channel output mean and variance it has in the original model "
+                                        "(adaptive BatchNorm on the folded graph)")
     ridge: float = option(1e-3, "reconstruction ridge term, relative to the mean of diag(XᵀX)", range=(0.0, 1e6))
     locations: int = option(256, "convolution positions sampled per image for reconstruction (0: all)",
                             range=(0, 1 << 30))
     samples: int = option(0, "calibration samples used by reconstruction and taylor_act (0: all)", range=(0, 1 << 30))
     batch_size: int = option(16, "calibration batch size", range=(1, 1 << 16))
+    residual: bool = option(False, "also prune the channels of residual joins (tensors summed by an Add, as the "
+                                   "bottlenecks of inverted-residual blocks): no layer on the skip path can be refit")
     exclude: tuple[str, ...] = option((), "layers whose channels are left alone: names, op types, first/last, regexes")
     latency: bool = option(True, "measure ORT latency of the pruned model against the original (one thread)")
 
@@ -135,6 +147,15 @@ class Prune(Pass):
             notes["compensated"] = apply_shifts(g, edit, shifts)
         elif o.compensate:
             notes["compensated"] = "no: no calibration data (the removed channels' means are lost)"
+        if o.restore_stats:
+            if samples is None:
+                raise QGraphError("prune:restore_stats=true needs calibration data: give --calib (CLI) or "
+                                  "calib= (API), or set restore_stats=false")
+            from qgraph.reconstruct import restore_statistics
+            fits = self._fits(g, edit, "all", bias_only=True)
+            off = restore_statistics(g, original, fits, samples, batch_size=o.batch_size, progress=ctx.progress)
+            notes["restore_stats"] = {"layers": len(off), "mean_abs_log_scale":
+                                      round(float(np.mean(list(off.values()))), 5) if off else 0.0}
         g.cleanup().toposort()
         after = model_stats(ir.to_model(g))
         what = "macs" if o.target == "macs" else "params"
@@ -166,6 +187,7 @@ class Prune(Pass):
         layers = [n for n in g.nodes if n.op in LAYER_OPS]
         excluded = Matcher(o.exclude, [n.name for n in layers])
         excluded_names = {n.name for n in layers if excluded.any(n)}
+        joined = set() if o.residual else residual_tensors(g)
         eligible = []
         for grp in deps.groups:
             if grp.frozen:
@@ -174,6 +196,8 @@ class Prune(Pass):
                 skipped["no_layer"] += 1
             elif excluded_names & (set(grp.producers) | set(grp.consumers)):
                 skipped["excluded"] += 1
+            elif joined & set(grp.tensors):
+                skipped["residual"] += 1
             elif o.criterion == "bn_gamma" and not cost.bn_of(grp):
                 skipped["no_batchnorm"] += 1
             elif grp.size > 1:
@@ -303,23 +327,30 @@ class Prune(Pass):
 
     # -- reconstruction -------------------------------------------------------------------
 
-    def _reconstruct(self, g, edit, original, samples, ctx: Context) -> dict:
+    def _fits(self, g, edit, which: str, bias_only: bool = False) -> dict[str, Fit]:
+        """The layers that lost input channels (``consumers``) or every layer downstream of a removal
+        (``all``), with their output's name in the original model and the output channels they keep."""
         fits = {}
         changed = set(edit.keep)          # tensors that lost channels, then everything computed from them
         for node in g.nodes:
             downstream = any(t is not None and t.name in changed for t in node.inputs)
-            if downstream and self.opts.refit == "all":
+            if downstream and which == "all":
                 changed.update(o.name for o in node.outputs)
             if node.op not in ("Conv", "Gemm", "MatMul") or ir.const(node.inputs[1]) is None:
                 continue
-            if node.op == "MatMul" and len(node.inputs[1].shape) != 2 or node.op == "Gemm" and node.attrs.get("transA", 0):
+            if node.op == "MatMul" and (bias_only or len(node.inputs[1].shape) != 2) \
+                    or node.op == "Gemm" and node.attrs.get("transA", 0):
                 continue
             depthwise = node.op == "Conv" and int(node.attrs.get("group", 1)) > 1 and node.inputs[1].shape[1] == 1
-            if self.opts.refit == "consumers" and (node.inputs[0].name not in edit.keep or depthwise):
+            if which == "consumers" and (node.inputs[0].name not in edit.keep or depthwise):
                 continue                 # depthwise: its kept channels read exactly what they read before
-            if self.opts.refit == "all" and not downstream:
+            if which == "all" and not downstream:
                 continue
             fits[node.name] = Fit(node, node.outputs[0].name, edit.kept(node.outputs[0]))
+        return fits
+
+    def _reconstruct(self, g, edit, original, samples, ctx: Context) -> dict:
+        fits = self._fits(g, edit, self.opts.refit)
         if not fits:
             return {"layers": 0}
         o = self.opts
@@ -345,6 +376,22 @@ class Prune(Pass):
             rows.append({"group": grp.label(), "channels": f"{grp.size}->{grp.size - len(lost)}",
                          "macs": [int(m0), int(m1)], "params": [int(p0), int(p1)]})
         return rows
+
+
+def residual_tensors(g) -> set[str]:
+    """Tensors summed by a residual join: the inputs and output of an Add / Sum / Sub of two or more
+    computed (non-constant) tensors. Their channels run along the skip path, where no layer can be
+    refit, and are shared by every block of a stage (the bottlenecks of MobileNetV2's inverted
+    residuals); the channels inside the blocks are pruned instead, as AMC (He et al. 2018) does for
+    ResNet's residual blocks."""
+    out = set()
+    for node in g.nodes:
+        if node.op in ("Add", "Sum", "Sub"):
+            computed = [t for t in node.inputs if t is not None and t.name and ir.const(t) is None]
+            if len(computed) >= 2:
+                out.update(t.name for t in computed)
+                out.update(t.name for t in node.outputs)
+    return out
 
 
 @dataclass

@@ -148,7 +148,7 @@ class Sparsify(Pass):
             dead = hd[:, idx, idx] <= 0
             hd[:, idx, idx] += o.damp * np.maximum(hd[:, idx, idx].mean(axis=1, keepdims=True), 1e-12) + dead
             hinv = np.diagonal(np.linalg.inv(hd), axis1=1, axis2=2)        # [G, K]
-            energy = max(float(np.einsum("grk,gkl,grl->", m, h, m)), 1e-30)
+            energy = max(float(np.sum((m @ h) * m)), 1e-30)
             out[node.name] = (m ** 2 / hinv[:, None, :] / energy).reshape(-1)
         return out
 
@@ -218,7 +218,7 @@ def _magnitude(m: np.ndarray, sparsity: float) -> np.ndarray:
 
 def _err(m: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
     d = m - q
-    return float(np.einsum("grk,gkl,grl->", d, h, d))
+    return float(np.sum((d @ h) * d))
 
 
 def _gmean(v: np.ndarray) -> float:

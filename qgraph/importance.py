@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from qgraph import ir
+from qgraph.jit import njit
 from qgraph.ops import LAYER_OPS
 
 #: readers with more inputs than this use the diagonal of H (a dense H of 4096² doubles is 128 MB)
@@ -250,8 +251,13 @@ def _cumulative(delta: np.ndarray) -> np.ndarray:
 
 def _energy(m: np.ndarray, h: np.ndarray) -> float:
     if h.ndim == 3:
-        return float(np.einsum("grk,gkl,grl->", m, h, m))
+        return quadratic(m, h)
     return float(np.einsum("grk,gk->", m * m, h))
+
+
+def quadratic(m: np.ndarray, h: np.ndarray) -> float:
+    """Σ_g tr(M_g H_g M_gᵀ) as a BLAS product (a three-operand einsum loops in C without BLAS)."""
+    return float(np.sum((m @ h) * m))
 
 
 def _diagonal(parts, n: int) -> np.ndarray:
@@ -289,8 +295,14 @@ def _greedy(parts, n: int) -> np.ndarray:
         idx = np.arange(hh.shape[0])
         dead = hh[idx, idx] <= 0
         hh[idx, idx] += DAMP * max(float(hh[idx, idx].mean()), 1e-12) + dead
-        state.append({"w": m[0].copy(), "hinv": np.linalg.inv(hh), "energy": max(_energy(m, h), 1e-30) / weight,
-                      "blocks": blocks, "alive": np.ones(hh.shape[0], bool)})
+        single = all(b.size <= 1 for b in blocks)
+        s = {"w": m[0].copy(), "hinv": np.linalg.inv(hh), "energy": max(_energy(m, h), 1e-30) / weight,
+             "blocks": blocks, "single": single}
+        if single:                        # one input per unit: the compiled rank-one OBS step
+            s["wt"] = np.ascontiguousarray(s.pop("w").T)
+            s["cols"] = np.array([b[0] if b.size else -1 for b in blocks], np.int64)
+            s["colcost"] = _column_costs(s["wt"], s["hinv"])
+        state.append(s)
     fixed = _diagonal([p for p, s in zip(parts, state) if s is None], n) if any(s is None for s in state) \
         else np.zeros(n)
     alive = np.ones(n, bool)
@@ -299,7 +311,12 @@ def _greedy(parts, n: int) -> np.ndarray:
     for _ in range(n):
         cost = fixed.copy()
         for s in state:
-            if s is not None:
+            if s is None:
+                continue
+            if s["single"]:
+                has = (s["cols"] >= 0) & alive
+                cost[has] += s["colcost"][s["cols"][has]] / s["energy"]
+            else:
                 cost += _removal_costs(s, alive) / s["energy"]
         cost[~alive] = np.inf
         u = int(np.argmin(cost))
@@ -307,7 +324,11 @@ def _greedy(parts, n: int) -> np.ndarray:
         order.append(u)
         alive[u] = False
         for s in state:
-            if s is not None and s["blocks"][u].size:
+            if s is None or not s["blocks"][u].size:
+                continue
+            if s["single"]:
+                obs_remove_column(s["wt"], s["hinv"], int(s["cols"][u]), s["colcost"])
+            else:
                 _remove(s, s["blocks"][u])
     out = np.zeros(n)
     total = 0.0
@@ -315,6 +336,45 @@ def _greedy(parts, n: int) -> np.ndarray:
         total += max(marginal[u], 0.0)
         out[u] = total
     return out
+
+
+def _column_costs(wt: np.ndarray, hinv: np.ndarray) -> np.ndarray:
+    """OBS cost of removing each single input c: ||W[:, c]||² / [H⁻¹]_cc (``wt`` is Wᵀ)."""
+    return np.einsum("kr,kr->k", wt, wt) / np.maximum(np.diagonal(hinv), 1e-30)
+
+
+@njit()
+def obs_remove_column(wt, hinv, j, colcost):  # pragma: no cover - compiled
+    """The OBS step for one input j, in place (numpy reference: ``_remove`` with b = [j]):
+    Wᵀ_c -= (H⁻¹_jc / H⁻¹_jj) Wᵀ_j and H⁻¹ -= H⁻¹_:j H⁻¹_j: / H⁻¹_jj for every c, row and column j
+    zeroed; then ``colcost`` [K] gets every input's new removal cost ||W_:c||² / max(H⁻¹_cc, 1e-30).
+    wt: float64 [K, R] (Wᵀ, rows contiguous), hinv: float64 [K, K] symmetric."""
+    k, r = wt.shape
+    d = hinv[j, j]
+    if d < 1e-30:
+        d = 1e-30
+    hj = hinv[j].copy()
+    wj = wt[j].copy()
+    for c in range(k):
+        f = hj[c] / d
+        if f != 0.0:
+            for i in range(r):
+                wt[c, i] -= f * wj[i]
+            for i in range(k):
+                hinv[c, i] -= f * hj[i]
+    for i in range(r):
+        wt[j, i] = 0.0
+    for i in range(k):
+        hinv[j, i] = 0.0
+        hinv[i, j] = 0.0
+    for c in range(k):
+        acc = 0.0
+        for i in range(r):
+            acc += wt[c, i] * wt[c, i]
+        dc = hinv[c, c]
+        if dc < 1e-30:
+            dc = 1e-30
+        colcost[c] = acc / dc
 
 
 def _removal_costs(s: dict, alive_units: np.ndarray) -> np.ndarray:

@@ -199,7 +199,8 @@ class NormalEquations:
     def error(self, name: str, w: np.ndarray) -> float:
         """Σ ||w x̃ − y||² for weights w [G, R, K(+1)], from the accumulated sums."""
         a, b = self.a[name], self.b[name]
-        return float(np.einsum("grk,gkl,grl->", w, a, w) - 2 * np.einsum("grk,gkr->", w, b) + self.yy[name])
+        # (w A) · w as a BLAS product: a three-operand einsum would loop without BLAS
+        return float(np.sum((w @ a) * w) - 2 * np.sum(w * b.transpose(0, 2, 1)) + self.yy[name])
 
     def penalty(self, name: str, ridge: float) -> np.ndarray:
         """λ per group: mean(diag(XᵀX)) · (ridge + K / rows). The K/rows term is the estimation noise of
@@ -375,3 +376,82 @@ def sparse_gpt(w: np.ndarray, h: np.ndarray, sparsity: float, *, damp: float = D
             w[:, :, i2:] -= err1 @ u[:, i1:i2, i2:]
     w[mask] = 0.0
     return w
+
+
+# ----------------------------------------------------------------------------- statistics re-estimation
+
+def _channel_moments(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, int]:
+    v = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1).astype(np.float64)
+    return v.sum(axis=1), np.einsum("cn,cn->c", v, v), v.shape[1]
+
+
+def _stats_axis(node) -> int:
+    return 1 if node.op == "Conv" else -1
+
+
+def restore_statistics(g, original: onnx.ModelProto, fits: dict[str, Fit], samples, *, batch_size: int = 16,
+                       max_gain: float = 4.0, progress: bool = False) -> dict[str, float]:
+    """Adaptive BatchNorm on a folded graph (Li et al. 2020, EagleEye §3.2): each listed layer's output
+    channels get the mean and variance they have in the original model, measured with the pruned
+    model's own inputs, layer by layer in topological order (a layer is measured once every corrected
+    layer upstream of it is written):
+
+        y' = s (y − μ_pruned) + μ_original,   s = σ_original / σ_pruned   (s clipped to [1/max_gain, max_gain])
+
+    folded into the layer's weights (W ← s W) and bias (b ← s (b − μ_pruned) + μ_original). A least-
+    squares refit keeps the means but shrinks the variance by what the kept inputs cannot explain;
+    pruning without a refit moves both. Returns, per layer, the mean |log s| (how far it was off)."""
+    stats_o: dict[str, tuple] = {}
+    targets = list(dict.fromkeys(f.target for f in fits.values()))
+    axis_of = {f.target: _stats_axis(f.node) for f in fits.values()}
+    for values in _stream_moments(original, targets, samples, batch_size):
+        for n, v in values.items():
+            s, q, c = _channel_moments(v, axis_of[n])
+            a = stats_o.get(n)
+            stats_o[n] = (s, q, c) if a is None else (a[0] + s, a[1] + q, a[2] + c)
+    out = {}
+    bar = progress_bar(len(fits), "prune: statistics", unit="layer") if progress else None
+    for names in waves(g, list(fits)):
+        outs = {fits[n].node.outputs[0].name: n for n in names}
+        stats_p: dict[str, tuple] = {}
+        for values in _stream_moments(ir.to_model(g), list(outs), samples, batch_size):
+            for t, v in values.items():
+                s, q, c = _channel_moments(v, _stats_axis(fits[outs[t]].node))
+                a = stats_p.get(t)
+                stats_p[t] = (s, q, c) if a is None else (a[0] + s, a[1] + q, a[2] + c)
+        for t, n in outs.items():
+            fit = fits[n]
+            so, qo, co = stats_o[fit.target]
+            sp, qp, cp = stats_p[t]
+            mu_o, mu_p = so / co, sp / cp
+            var_o, var_p = np.maximum(qo / co - mu_o ** 2, 0), np.maximum(qp / cp - mu_p ** 2, 0)
+            if fit.keep_out is not None:
+                mu_o, var_o = mu_o[fit.keep_out], var_o[fit.keep_out]
+            ok = (var_p > 1e-12 * max(float(var_o.mean()), 1e-30)) & (var_o > 0)
+            scale = np.where(ok, np.sqrt(np.where(ok, var_o, 1) / np.where(ok, var_p, 1)), 1.0)
+            scale = np.clip(scale, 1 / max_gain, max_gain)
+            _affine(g, fit.node, scale, mu_o - scale * mu_p)
+            out[n] = float(np.mean(np.abs(np.log(scale))))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def _stream_moments(model, names, samples, batch_size):
+    from qgraph.calibrate import stream
+    return stream(model, names, samples, batch_size=batch_size)
+
+
+def _affine(g, node, scale: np.ndarray, shift: np.ndarray) -> None:
+    """Replace the layer's output y by scale ⊙ y + shift (per output channel), in its weights and bias."""
+    m = current_matrix(node)                  # [G, R, K(+1)], rows = output channels
+    gg, r, _ = m.shape
+    sc = scale.reshape(gg, r, 1)
+    m = m * sc
+    if NormalEquations.has_bias(node):
+        m[:, :, -1] += shift.reshape(gg, r)
+        write_matrix(g, node, m)
+        return
+    raise ValueError(f"{node.op} '{node.name}' has no bias to take a mean shift")   # MatMul: not listed

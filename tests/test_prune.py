@@ -334,3 +334,51 @@ def test_recorded_prune_figures(name, pipeline):
     if name == "-":
         pytest.skip("no prune pipeline recorded in models/manifest.toml (python tools/zoo.py record ...)")
     check_recorded(name, pipeline)
+
+
+# --------------------------------------------------------------------------- speed paths and recovery options
+
+def test_compiled_obs_step_matches_the_numpy_reference():
+    from qgraph import importance as imp
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 300))
+    h, w = x @ x.T, rng.normal(size=(6, 40))
+    ref = {"w": w.copy(), "hinv": np.linalg.inv(h)}
+    wt, hinv, cost = np.ascontiguousarray(w.T), np.linalg.inv(h), np.zeros(40)
+    for j in (5, 0, 39, 17):
+        imp._remove(ref, np.array([j]))
+        imp.obs_remove_column(wt, hinv, j, cost)
+    # float64 throughout, the same operations in another order: agreement to rounding (1e-9 relative)
+    assert np.allclose(wt.T, ref["w"], rtol=1e-9, atol=1e-12)
+    assert np.allclose(hinv, ref["hinv"], rtol=1e-9, atol=1e-15)
+    assert np.allclose(cost, imp._column_costs(wt, hinv), rtol=1e-9)
+
+
+def test_residual_joins_are_left_alone_unless_asked(rng):
+    #   residual(): the stream s/t/u/v is summed by the Add; by default only conv1 -> conv2 (h) is pruned
+    model = cm.residual(rng, c=32)
+    out, notes = run_prune(model, ratio=0.2, criterion="l2", reconstruct=False, min_channels=2, round_to=1)
+    assert dims(out, "u")[1] == 32 and dims(out, "h")[1] < 32 and notes["skipped"]["residual"] == 1
+    out, notes = run_prune(model, ratio=0.5, criterion="l2", reconstruct=False, min_channels=2, round_to=1,
+                           residual=True)
+    assert dims(out, "u")[1] < 32 and "residual" not in notes.get("skipped", {})
+
+
+def test_restore_stats_gives_downstream_layers_their_original_moments(rng):
+    #   chain() without reconstruction: after restore_stats conv2's output channels have the mean and
+    #   variance they had before pruning, on the calibration data (float32 ORT: 1e-4 relative)
+    from qgraph.passes.fold import FoldBatchNorm
+    g = ir.load(cm.chain(rng, c=32))
+    FoldBatchNorm().run(g, Context())
+    g.cleanup().toposort()
+    model = ir.to_model(g)
+    calib = {"x": rng.normal(size=(16, 3, 6, 6)).astype(np.float32)}
+    out, notes = run_prune(model, calib=calib, ratio=0.4, criterion="l2", reconstruct=False, compensate=False,
+                           min_channels=4, restore_stats=True)
+    assert notes["restore_stats"]["layers"] == 1
+    ya, yb = (np.concatenate([run_ort(m, {"x": calib["x"][i:i + 2]})[0] for i in range(0, 16, 2)])
+              for m in (model, out))
+    mom = lambda y: (y.mean(axis=(0, 2, 3)), y.var(axis=(0, 2, 3)))  # noqa: E731
+    (ma, va), (mb, vb) = mom(ya), mom(yb)
+    assert np.allclose(mb, ma, rtol=1e-4, atol=1e-4 * np.abs(ma).max())
+    assert np.allclose(vb, va, rtol=1e-3)

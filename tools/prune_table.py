@@ -5,10 +5,12 @@ criteria, on the zoo's ImageNet models; then quantization after pruning.
     python tools/prune_table.py                      # mobilenet_v2 and efficientnet_lite0, full grid
     python tools/prune_table.py --models mobilenet_v2 --ratios 0.1 0.2 --criteria taylor_act
     python tools/prune_table.py --table              # print the markdown from the results so far
+    python tools/prune_table.py --models mobilenet_v2 --ratios 0.3 --criteria taylor_act --extra restore_stats=true
 
 Every cell is ``qgraph.optimize(model, "fold,prune:ratio=R,criterion=C,reconstruct=B")`` with the
 zoo's calibration split (100 images) as calibration data, evaluated on the evaluation split (400
-images; one image = 0.25 pt). Results are kept in ``$QGRAPH_CACHE/prune_table.json`` as they come,
+images; one image = 0.25 pt), also on each half of it (images 0-199 / 200-399) to show a difference
+holds on both. Results are kept in ``$QGRAPH_CACHE/prune_table.json`` as they come,
 so an interrupted run resumes where it stopped (``--fresh`` starts over). The ``+ quant`` rows run
 ``fold,prune:...,quant`` (W8A8 per-channel, the quant pass's defaults) at ``--quant-ratio``.
 """
@@ -59,11 +61,21 @@ def measure(model: str, pipeline: str) -> dict:
     t0 = time.perf_counter()
     result, report = qgraph.optimize(model_path(model), pipeline, calib=calib, output=out, progress=False)
     seconds = time.perf_counter() - t0
-    r = evaluate(out, model, samples=evaluation, progress=False)
+    half = len(evaluation) // 2             # both halves apart: a setting should hold on each
+    parts = [evaluate(out, model, samples=evaluation.subset(idx), progress=False, reference=False)
+             for idx in (range(half), range(half, len(evaluation)))]
     m0 = report.rows[0]["macs"]
     row = next(x for x in report.rows if x["pass"].startswith("prune")) if "prune" in pipeline else report.rows[-1]
-    return {"top1": r["top1"], "macs_removed": round(1 - row["macs"] / m0, 4) if m0 else 0.0,
-            "seconds": round(seconds, 1), "size_bytes": r["size_bytes"]}
+    removed = round(1 - row["macs"] / m0, 4) if isinstance(m0, (int, float)) and m0 and \
+        isinstance(row["macs"], (int, float)) else None
+    if removed is None and "prune" in pipeline:
+        # MACs of the raw model unknown (EfficientNet-Lite0's Pad amounts come from a Shape computation):
+        # the prune pass's own count, made on the graph with those shapes resolved
+        removed = round(-float(row["notes"]["removed"]["macs"].rsplit("(", 1)[1].rstrip("%)")) / 100, 4)
+    return {"top1": (parts[0]["top1"] * parts[0]["n"] + parts[1]["top1"] * parts[1]["n"]) / len(evaluation),
+            "top1_halves": [p["top1"] for p in parts],
+            "macs_removed": removed or 0.0,
+            "seconds": round(seconds, 1), "size_bytes": parts[0]["size_bytes"]}
 
 
 def pipelines(args) -> list[tuple[str, str]]:
@@ -71,7 +83,7 @@ def pipelines(args) -> list[tuple[str, str]]:
     FP32, then ``taylor_act`` with reconstruction and ``l2`` without (Torch-Pruning's magnitude pruner
     with its group mean normalizer, no fine-tuning: the baseline), then prune+quant, then the rest."""
     def cell(model, crit, rec, ratio):
-        return model, f"fold,prune:ratio={ratio},criterion={crit},reconstruct={rec},latency=false"
+        return model, f"fold,prune:ratio={ratio},criterion={crit},reconstruct={rec},latency=false{args.extra}"
     combos = [(c, r) for c in args.criteria for r in ("true", "false")]
     first = [c for c in (("taylor_act", "true"), ("l2", "false")) if c in combos]
     out = [(model, "fold") for model in args.models]
@@ -96,12 +108,15 @@ def table(res: dict, args) -> str:
             for rec in ("false", "true"):
                 cells = []
                 for ratio in args.ratios:
-                    r = res.get(f"{model}|fold,prune:ratio={ratio},criterion={crit},reconstruct={rec},latency=false")
-                    cells.append("–" if r is None else "fails" if "error" in r else f"{100 * r['top1']:.2f}")
+                    r = res.get(f"{model}|fold,prune:ratio={ratio},criterion={crit},reconstruct={rec},latency=false"
+                                f"{args.extra}")
+                    cells.append("–" if r is None else "fails" if "error" in r else f"{100 * r['top1']:.2f}"
+                                 + (" ({:.1f} / {:.1f})".format(*(100 * h for h in r["top1_halves"]))
+                                    if "top1_halves" in r else ""))
                 lines.append(f"| {crit} | {'yes' if rec == 'true' else 'no'} | " + " | ".join(cells) + " |")
         if args.quant_ratio:
             base = (f"{model}|fold,prune:ratio={args.quant_ratio},criterion={args.quant_criterion},"
-                    "reconstruct=true,latency=false")
+                    f"reconstruct=true,latency=false{args.extra}")
             a, b, c = res.get(base), res.get(base + ",quant"), res.get(f"{model}|fold,quant")
             if a and b and "error" not in a and "error" not in b:
                 lines += ["", f"`fold,prune:ratio={args.quant_ratio},criterion={args.quant_criterion},reconstruct=true` "
@@ -119,9 +134,12 @@ def main(argv=None) -> int:
     ap.add_argument("--criteria", nargs="+", default=list(CRITERIA))
     ap.add_argument("--quant-ratio", type=float, default=0.25, help="ratio of the prune+quant rows (0: none)")
     ap.add_argument("--quant-criterion", default="taylor_act")
+    ap.add_argument("--extra", default="", help="more prune options for every cell, e.g. restore_stats=true "
+                                                "(cells kept apart from the default ones)")
     ap.add_argument("--table", action="store_true", help="only print the table from the results so far")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results")
     args = ap.parse_args(argv)
+    args.extra = f",{args.extra.strip(',')}" if args.extra.strip(",") else ""
     res = {} if args.fresh else load()
     if not args.table:
         for model, pipe in pipelines(args):
