@@ -134,8 +134,10 @@ def cmd_record(args) -> int:
             e["fp32"] = {**e.get("fp32", {}), **fp32}   # keep what the build recorded (PyTorch's own figures)
             recorded = e.setdefault("pipelines", {})
             for p, fig in measured.items():
-                tol = recorded.get(p, {}).get("tolerance", default_tolerance(p, entry["metric"]))
-                recorded[p] = {**fig, "tolerance": tol}
+                old = recorded.get(p, {})
+                tol = old.get("tolerance", default_tolerance(p, entry["metric"]))
+                # hand-edited keys survive a re-record: the tolerance, and a "doc" saying why it is so
+                recorded[p] = {**fig, "tolerance": tol, **({"doc": old["doc"]} if "doc" in old else {})}
         log(f"{name}: recorded in models/manifest.toml")
     return 0
 
