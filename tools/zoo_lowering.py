@@ -2,7 +2,7 @@
 """Every README quantization pipeline on every zoo model, through qgraph-run, against ONNX Runtime.
 
     python tools/zoo_lowering.py [--models all|NAME,...] [--pipelines KEY,...] [--calib 16] [--images 2]
-                                 [--json out.json]
+                                 [--json out.json [--resume]] [--timeout 1200] [--weight-only check|skip]
     python tools/zoo_lowering.py --table a.json,b.json     (the table of earlier runs, merged)
 
 Per (model, pipeline): the model is optimized with the pipeline (calibrated on the first ``--calib``
@@ -11,7 +11,16 @@ mode on the first ``--images`` evaluation samples; each output is compared with 
 thread) on the same inputs. A cell is ``100% / 0`` (share of output elements bit-exact, max
 difference in LSB of the output's scale), or the one-line reason it could not be run: the pass that
 failed, or the node and op ``lower`` cannot lower. Weight-only and float-only pipelines (no
-QuantizeLinear written: float activations) are ``n/a``: qgraph-run is an integer runtime.
+QuantizeLinear written: float activations) are ``n/a``: qgraph-run is an integer runtime. A
+weight-only pipeline is still optimized (``--weight-only check``, the default) so that ``n/a`` says
+the pipeline ran on the model and wrote no QuantizeLinear; ``--weight-only skip`` marks it ``n/a``
+unoptimized (the JSON says which).
+
+Each cell runs in a forked child process with a time limit (``--timeout`` seconds, ``timeout`` in
+the table past it; a child that dies, e.g. out of memory, is ``crashed`` with its exit signal), so
+one cell cannot stop the run. ``--json`` is rewritten (atomically) after every cell; ``--resume``
+keeps the cells of an existing ``--json`` that finished (``ok`` or ``n/a``) and reruns the rest, so
+a long run can be stopped and continued.
 
 The pipelines are the README's: the DFQ table (``tools/dfq_table.py``), the W8A8 rows of the
 ImageNet table and each model's recorded pipelines in ``models/manifest.toml``. Few samples are
@@ -22,10 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -47,7 +58,7 @@ def pipelines_for(entry: dict) -> list[str]:
     return out
 
 
-def run_cell(path: Path, pipeline: str, calib, feeds: dict) -> dict:
+def run_cell(path: Path, pipeline: str, calib, feeds: dict, weight_only: str = "check") -> dict:
     """One (model, pipeline): optimize, lower, run against ORT. Errors become the cell's reason."""
     import onnx
 
@@ -55,29 +66,76 @@ def run_cell(path: Path, pipeline: str, calib, feeds: dict) -> dict:
     from qgraph.errors import QGraphError
     from qgraph.kernels import diff, lower
     t0 = time.perf_counter()
-    if "weight_only=true" in pipeline:      # quant writes DQ on the weights only: float activations
-        return {"status": "n/a", "error": "weight-only: no QuantizeLinear written (float activations), "
-                                          "nothing for qgraph-run"}
+    wonly = "weight_only=true" in pipeline
+    if wonly and weight_only == "skip":
+        return {"status": "n/a", "optimized": False,
+                "error": "weight-only: no QuantizeLinear written (float activations), nothing for qgraph-run"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
         try:
             qgraph.optimize(path, pipeline, calib=calib, output=out, progress=False)
         except QGraphError as e:
-            return {"status": "optimize failed", "error": str(e).splitlines()[0]}
+            return {"status": "optimize failed", "error": str(e).splitlines()[0],
+                    "seconds": round(time.perf_counter() - t0, 1)}
         model = onnx.load(out)
+    t_opt = round(time.perf_counter() - t0, 1)
     if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
-        return {"status": "n/a", "error": "no QuantizeLinear written (float activations): nothing for qgraph-run"}
+        why = "weight-only: " if wonly else ""
+        return {"status": "n/a", "optimized": True, "seconds": t_opt,
+                "error": f"{why}no QuantizeLinear written (float activations): nothing for qgraph-run"}
     try:
         prog = lower(model)
     except QGraphError as e:
-        return {"status": "not lowered", "error": str(e).splitlines()[0]}
+        return {"status": "not lowered", "error": str(e).splitlines()[0], "seconds": t_opt}
     floats = sum(1 for s in prog.steps if s.op == "Float")
-    figs, _, _ = diff.against_ort(model, feeds, "float", prog)
+    try:
+        figs, _, _ = diff.against_ort(model, feeds, "float", prog)
+    except QGraphError as e:
+        return {"status": "run failed", "error": str(e).splitlines()[0], "seconds": t_opt}
     exact = min(f.get("exact", 0.0) for f in figs.values())
     max_lsb = max(f.get("max_lsb", -1) for f in figs.values())
     return {"status": "ok", "exact": exact, "max_lsb": max_lsb, "float_steps": floats,
-            "outputs": {k: {kk: v[kk] for kk in ("elements", "exact", "max_lsb") if kk in v} for k, v in figs.items()},
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "outputs": {k: {kk: v[kk] for kk in ("elements", "exact", "max_lsb", "max_abs") if kk in v}
+                        for k, v in figs.items()},
+            "optimize_seconds": t_opt, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _cell_child(conn, path, pipeline, calib, feeds, weight_only) -> None:
+    try:
+        res = run_cell(path, pipeline, calib, feeds, weight_only)
+    except BaseException as e:          # noqa: BLE001 - a bug in a pass or kernel is the cell's finding
+        tb = traceback.extract_tb(e.__traceback__)
+        where = f" ({Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+        res = {"status": "internal error", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                                                    f"{where}"}
+    conn.send(res)
+    conn.close()
+
+
+def run_cell_isolated(path: Path, pipeline: str, calib, feeds: dict, weight_only: str, timeout: float) -> dict:
+    """``run_cell`` in a forked child: a cell past ``timeout`` seconds or a child that dies is the cell's status."""
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    t0 = time.perf_counter()
+    proc = ctx.Process(target=_cell_child, args=(send, path, pipeline, calib, feeds, weight_only), daemon=True)
+    proc.start()
+    send.close()
+    res = None
+    if recv.poll(timeout):
+        try:
+            res = recv.recv()
+        except EOFError:
+            res = None
+    proc.join(5 if res is not None else 0)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if res is None:
+        secs = round(time.perf_counter() - t0, 1)
+        if proc.exitcode is not None and proc.exitcode < 0 and secs < timeout:
+            return {"status": "crashed", "error": f"cell process killed by signal {-proc.exitcode}", "seconds": secs}
+        return {"status": "timeout", "error": f"no result within {timeout:g} s", "seconds": secs}
+    return res
 
 
 def cell_text(c: dict) -> str:
@@ -93,7 +151,13 @@ def main(argv=None) -> int:
                                         "pipelines (default: all of the README's)")
     ap.add_argument("--calib", type=int, default=16, help="calibration samples (first of the calibration split)")
     ap.add_argument("--images", type=int, default=2, help="evaluation samples run through both runtimes")
-    ap.add_argument("--json", help="write every cell here")
+    ap.add_argument("--json", help="write every cell here (rewritten after each cell)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the finished (ok, n/a) cells of an existing --json file, run the others")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per cell before it is 'timeout'")
+    ap.add_argument("--weight-only", choices=("check", "skip"), default="check",
+                    help="check: optimize weight-only pipelines to show they write no QuantizeLinear (n/a); "
+                         "skip: mark them n/a without optimizing")
     ap.add_argument("--table", metavar="JSON,...", help="print the table of earlier --json runs (merged), run nothing")
     args = ap.parse_args(argv)
     if args.table:
@@ -107,7 +171,17 @@ def main(argv=None) -> int:
     from zoo_data import DataMissing, zoo_split
     from zoo_manifest import model_entry, model_path, resolve_names
     names = resolve_names(args.models.split(",") if args.models != "all" else "all")
-    results: dict = {"cpu": cpu_model(), "calib": args.calib, "images": args.images, "models": {}}
+    import onnxruntime
+    results: dict = {"cpu": cpu_model(), "ort": onnxruntime.__version__, "calib": args.calib,
+                     "images": args.images, "models": {}}
+    if args.resume and args.json and Path(args.json).exists():
+        old = json.loads(Path(args.json).read_text())
+        if (old.get("calib"), old.get("images")) != (args.calib, args.images):
+            print(f"--resume: {args.json} was run with --calib {old.get('calib')} --images {old.get('images')}",
+                  file=sys.stderr)
+            return 2
+        results["models"] = {m: {p: c for p, c in cs.items() if c["status"] in ("ok", "n/a")}
+                             for m, cs in old["models"].items()}
     for name in names:
         path = model_path(name)
         if not path.exists():
@@ -124,19 +198,27 @@ def main(argv=None) -> int:
         if args.pipelines:
             pipes = args.pipelines.split(";") if ";" in args.pipelines or ":" in args.pipelines else \
                 [pipes[int(i)] for i in args.pipelines.split(",")]
-        cells = results["models"][name] = {}
+        cells = results["models"].setdefault(name, {})
         for p in pipes:
-            cells[p] = run_cell(path, p, calib, feeds)
-            c = cells[p]
-            print(f"{name:22s} {p:80s} {cell_text(c):14s} {c.get('error', '')}", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
+            if p in cells:
+                continue
+            cells[p] = c = run_cell_isolated(path, p, calib, feeds, args.weight_only, args.timeout)
+            print(f"{name:22s} {p:80s} {cell_text(c):14s} {c.get('seconds', ''):>7} s  {c.get('error', '')}",
+                  flush=True)
+            if args.json:
+                _write_json(args.json, results)
     _print_table(results)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        _write_json(args.json, results)
     bad = [(m, p) for m, cs in results["models"].items() for p, c in cs.items()
            if c["status"] not in ("ok", "n/a") or (c["status"] == "ok" and c["max_lsb"] > 0)]
     return 1 if bad else 0
+
+
+def _write_json(path: str, results: dict) -> None:
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
 
 
 def _print_table(results: dict) -> None:
@@ -144,7 +226,8 @@ def _print_table(results: dict) -> None:
     for cs in results["models"].values():
         pipes += [p for p in cs if p not in pipes]
     print(f"\nqgraph-run float mode vs ONNX Runtime (one thread), % of output elements bit-exact / max LSB; "
-          f"{results['calib']} calibration samples, {results['images']} evaluation samples; {results['cpu']}\n")
+          f"{results['calib']} calibration samples, {results['images']} evaluation samples; {results['cpu']}"
+          f"{', ORT ' + results['ort'] if 'ort' in results else ''}\n")
     print("| pipeline | " + " | ".join(results["models"]) + " |")
     print("|---|" + "---|" * len(results["models"]))
     for p in pipes:
