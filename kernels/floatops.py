@@ -15,13 +15,15 @@ Exactness against ORT, by op:
       own exp, fma for fma: ``ortfloat.erf_mlas``), Pow with exponent 2 or 3 (ORT
       squares / cubes: x*x, x*x*x) or 0.5 (sqrt), comparisons and Where, and data movement
       (Reshape Flatten Transpose Squeeze Unsqueeze Concat Split Slice Gather Pad Expand Identity
-      Cast MaxPool, Resize nearest)
+      Cast MaxPool, Resize nearest), GlobalAveragePool (MLAS's global kernel: 4 float lanes in
+      order, reduced (l0 + l2) + (l1 + l3), the tail added one by one, / size:
+      ``ortfloat.global_average_pool_mlas``)
   close, not bit-reproduced (ORT uses its own approximations or summation order; the integer after
   Q differs only when the float lands within an ulp of a rounding boundary, and qgraph-run
   --compare-ort reports the share):
       Exp Log Tanh Sigmoid (MLAS polynomial kernels), Pow with another exponent (powf),
       ReduceMean ReduceSum ReduceL2 ReduceSumSquare (Eigen's vectorized summation order), Softmax (MLAS), LayerNormalization,
-      Resize linear, GlobalAveragePool in float
+      Resize linear
   ConvTranspose (``quant`` quantizes it, ORT has no s8 kernel and runs DQ -> float -> Q): MLAS's
       SGEMM order per output, then col2im and the bias as ORT's CPU kernel; exact where the kernel
       taps do not overlap (stride >= kernel, the usual 2x2/2 upsampling)
@@ -172,8 +174,8 @@ def _pool(op, args, at):
     from qgraph.kernels import pool
     x = _f(args[0])
     if op == "GlobalAveragePool":
-        axes = tuple(range(2, x.ndim))
-        return [_mean(x, axes, True)]
+        from qgraph.kernels import ortfloat
+        return [ortfloat.global_average_pool_mlas(x)]
     if op == "MaxPool":
         return [pool.max_pool(x, at)]
     raise ModelError(f"{op} in float is not supported")

@@ -237,3 +237,61 @@ def test_sgemm_tile_equals_plain_order_across_k_blocks(rng):
         c = np.empty((a.size // k, npad), np.float32)
         sgemm.sgemm_panels(a, b.reshape(-1), k, kc, c, npad)
         np.testing.assert_array_equal(c[:m, :n] + np.float32(0), ref, err_msg=f"{m}x{k}x{n} kc={kc}")
+
+
+def _se_block(hw, cin=6, zp=-5):
+    #   x ─Q(int8)─DQ─┬─GlobalAveragePool─Q─DQ─┐
+    #                 └────────────────────────Mul─Q─DQ─ y
+    # the int8 tensor has two readers: ORT keeps it int8, its unary selector then leaves the GAP
+    # (int8 in, uint8 out after the rewrite of its single-reader Q) as DQ -> float GAP -> Q.
+    consts = {"s_x": np.float32(0.037), "z_x": np.int8(zp), "s_g": np.float32(0.011), "z_g": np.int8(-9),
+              "s_y": np.float32(0.02), "z_y": np.int8(3)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s_x", "z_x"], ["qx"], name="Qx"),
+             helper.make_node("DequantizeLinear", ["qx", "s_x", "z_x"], ["dx"], name="DQx"),
+             helper.make_node("GlobalAveragePool", ["dx"], ["g"], name="GAP"),
+             helper.make_node("QuantizeLinear", ["g", "s_g", "z_g"], ["qg"], name="Qg"),
+             helper.make_node("DequantizeLinear", ["qg", "s_g", "z_g"], ["dg"], name="DQg"),
+             helper.make_node("Mul", ["dx", "dg"], ["m"], name="Mul"),
+             helper.make_node("QuantizeLinear", ["m", "s_y", "z_y"], ["qy"], name="Qy"),
+             helper.make_node("DequantizeLinear", ["qy", "s_y", "z_y"], ["y"], name="DQy")]
+    graph = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, cin] + hw)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, cin] + hw)],
+                              [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    return m
+
+
+@x86
+@pytest.mark.parametrize("hw", [[3, 96], [5, 5], [7, 3], [2, 2], [1, 3]])   # 4-lane body and 0-3 tail values
+def test_unfused_global_average_pool_is_ort_bit_for_bit(hw):
+    """PP-OCR's squeeze-excitation blocks with int8 activations (the GPTQ / mse rows of the lowering
+    table): ORT runs the GAP in float (MLAS's global pooling kernel), not as QLinearGlobalAveragePool;
+    the integer kernel differed by 1 LSB on about 2% of channels. Tolerance 0: ORT's float32 order."""
+    rng = np.random.default_rng(sum(hw))
+    model = _se_block(hw)
+    g = ir.load(model)
+    g.toposort()
+    predicted = {n.name for n in ort_float_units(g, "x86")}
+    assert "GAP" in predicted and predicted == ort_float_nodes(model)
+    prog = lower(model)
+    assert any(s.op == "QLinearGlobalAveragePool" and "ort_float" in s.attrs for s in prog.steps)
+    for scale in (0.5, 2.0, 6.0):             # small to saturating values: many rounding boundaries
+        x = (rng.standard_normal((2, 6, *hw)) * scale).astype(np.float32)
+        np.testing.assert_array_equal(run(prog, {"x": x})["y"], _session(model).run(None, {"x": x})[0])
+
+
+def test_global_average_pool_mlas_order_equals_plain_loops(rng):
+    from qgraph.kernels.ortfloat import global_average_pool_mlas
+    x = (rng.standard_normal((2, 3, 5, 7)) * 100).astype(np.float32)
+    ours = global_average_pool_mlas(x)
+    for b in range(2):
+        for c in range(3):
+            v = x[b, c].reshape(-1)
+            lanes = [np.float32(0)] * 4
+            for j in range(0, 32, 4):
+                lanes = [np.float32(lanes[i] + v[j + i]) for i in range(4)]
+            r = np.float32(np.float32(lanes[0] + lanes[2]) + np.float32(lanes[1] + lanes[3]))
+            for j in range(32, 35):
+                r = np.float32(r + v[j])
+            assert ours[b, c, 0, 0] == np.float32(r / np.float32(35))
