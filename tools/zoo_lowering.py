@@ -159,13 +159,15 @@ def main(argv=None) -> int:
                     help="check: optimize weight-only pipelines to show they write no QuantizeLinear (n/a); "
                          "skip: mark them n/a without optimizing")
     ap.add_argument("--table", metavar="JSON,...", help="print the table of earlier --json runs (merged), run nothing")
+    ap.add_argument("--split", type=int, default=0, metavar="N",
+                    help="print the table as several tables of at most N model columns each")
     args = ap.parse_args(argv)
     if args.table:
         runs = [json.loads(Path(f).read_text()) for f in args.table.split(",")]
         merged = {**runs[0], "models": {}, "calib": " or ".join(sorted({str(r["calib"]) for r in runs}))}
         for r in runs:
             merged["models"].update(r["models"])
-        _print_table(merged)
+        _print_table(merged, args.split)
         return 0
 
     from zoo_data import DataMissing, zoo_split
@@ -198,6 +200,7 @@ def main(argv=None) -> int:
         if args.pipelines:
             pipes = args.pipelines.split(";") if ";" in args.pipelines or ":" in args.pipelines else \
                 [pipes[int(i)] for i in args.pipelines.split(",")]
+        pipes = sorted(pipes, key=lambda p: "weight_only=true" in p)   # integer pipelines first (stable)
         cells = results["models"].setdefault(name, {})
         for p in pipes:
             if p in cells:
@@ -207,7 +210,7 @@ def main(argv=None) -> int:
                   flush=True)
             if args.json:
                 _write_json(args.json, results)
-    _print_table(results)
+    _print_table(results, args.split)
     if args.json:
         _write_json(args.json, results)
     bad = [(m, p) for m, cs in results["models"].items() for p, c in cs.items()
@@ -221,21 +224,26 @@ def _write_json(path: str, results: dict) -> None:
     os.replace(tmp, path)
 
 
-def _print_table(results: dict) -> None:
-    pipes: list[str] = []
-    for cs in results["models"].values():
-        pipes += [p for p in cs if p not in pipes]
+def _print_table(results: dict, split: int = 0) -> None:
     print(f"\nqgraph-run float mode vs ONNX Runtime (one thread), % of output elements bit-exact / max LSB; "
           f"{results['calib']} calibration samples, {results['images']} evaluation samples; {results['cpu']}"
           f"{', ORT ' + results['ort'] if 'ort' in results else ''}\n")
-    print("| pipeline | " + " | ".join(results["models"]) + " |")
-    print("|---|" + "---|" * len(results["models"]))
-    for p in pipes:
-        row = [cell_text(cs[p]) if p in cs else "" for cs in results["models"].values()]
-        print(f"| `{p}` | " + " | ".join(row) + " |")
-    errors = {c["error"] for cs in results["models"].values() for c in cs.values()
-              if c["status"] not in ("ok", "n/a")}
-    for e in sorted(errors):
+    models = list(results["models"])
+    split = split or len(models) or 1
+    for start in range(0, len(models), split):
+        chunk = {m: results["models"][m] for m in models[start:start + split]}
+        pipes: list[str] = []
+        for cs in chunk.values():
+            pipes += [p for p in cs if p not in pipes]
+        print("| pipeline | " + " | ".join(chunk) + " |")
+        print("|---|" + "---|" * len(chunk))
+        for p in pipes:
+            row = [cell_text(cs[p]) if p in cs else "" for cs in chunk.values()]
+            print(f"| `{p}` | " + " | ".join(row) + " |")
+        print()
+    errors = sorted({f"{m}, `{p}`: {c['status']}: {c['error']}" for m, cs in results["models"].items()
+                     for p, c in cs.items() if c["status"] not in ("ok", "n/a")})
+    for e in errors:
         print(f"- {e}")
 
 
