@@ -23,7 +23,7 @@ Exactness against ORT, by op:
   --compare-ort reports the share):
       Exp Log Tanh Sigmoid (MLAS polynomial kernels), Pow with another exponent (powf),
       ReduceMean ReduceSum ReduceL2 ReduceSumSquare (Eigen's vectorized summation order), Softmax (MLAS), LayerNormalization,
-      Resize linear
+      Resize linear, LRN (ORT's scale bit for bit, Eigen's pow not: ``_lrn``)
   ConvTranspose (``quant`` quantizes it, ORT has no s8 kernel and runs DQ -> float -> Q): MLAS's
       SGEMM order per output, then col2im and the bias as ORT's CPU kernel; exact where the kernel
       taps do not overlap (stride >= kernel, the usual 2x2/2 upsampling)
@@ -181,6 +181,34 @@ def _pool(op, args, at):
     raise ModelError(f"{op} in float is not supported")
 
 
+def _lrn(args, at):
+    """ORT's CPU LRN (``lrn.cc``), in its order: padded squares x*x; per image, the first channel's
+    scale = bias + sum over the first ``size`` padded squares of (alpha/size) * sq (one axpy each,
+    product then sum: ORT's Eigen loops are compiled without FMA), each next channel's = the previous
+    one + (alpha/size) * head, then + (-(alpha/size)) * tail; then y = x * scale^-beta. The scale is
+    ORT's bit for bit (checked with beta = 1, where the power is an exact reciprocal); the power is
+    Eigen's vectorized ``pow``, not reproduced: the correctly rounded power used here equals it on
+    about 3 of 4 elements, and the output is within 2 ulp elsewhere (so "close", not exact)."""
+    x = _f(args[0])
+    size = int(at["size"])
+    alpha, beta, bias = F32(at.get("alpha", 1e-4)), F32(at.get("beta", 0.75)), F32(at.get("bias", 1.0))
+    n_b, c_n = x.shape[:2]
+    pre = (size - 1) // 2
+    a_s = F32(alpha / F32(size))
+    sq = np.zeros((n_b, c_n + size - 1) + x.shape[2:], F32)
+    sq[:, pre:pre + c_n] = x * x
+    scale = np.empty_like(x)
+    first = np.full((n_b,) + x.shape[2:], bias, F32)
+    for c in range(size):
+        first = (first + (sq[:, c] * a_s).astype(F32)).astype(F32)
+    scale[:, 0] = first
+    for c in range(1, c_n):
+        cur = (scale[:, c - 1] + (sq[:, c + size - 1] * a_s).astype(F32)).astype(F32)
+        scale[:, c] = (cur + (sq[:, c - 1] * F32(-a_s)).astype(F32)).astype(F32)
+    power = np.power(scale.astype(np.float64), -float(beta)).astype(F32)
+    return [(x * power).astype(F32)]
+
+
 def conv_transpose(args, at, name):
     """ORT's float ConvTranspose (2-D, NCHW): per image and group, col = Wᵀ·X by MLAS's SGEMM
     (``ortfloat.sgemm_mlas``: the fma chain per k-block, blocks added in order), then col2im adding
@@ -279,7 +307,7 @@ _BINARY = {
 FLOAT_OPS = frozenset(_UNARY) | frozenset(_BINARY) | {
     "Pow", "Clip", "LeakyRelu", "PRelu", "HardSigmoid", "HardSwish", "Where", "Cast", "ReduceMean", "ReduceSum", "ReduceL2", "ReduceSumSquare",
     "ReduceMax", "ReduceMin", "Softmax", "LayerNormalization", "Split", "Resize", "GlobalAveragePool", "MaxPool",
-    "Sum", "Concat", "ConvTranspose", "MatMul"}
+    "Sum", "Concat", "ConvTranspose", "MatMul", "LRN"}
 
 
 def float_op(step, args, mode):
@@ -342,6 +370,8 @@ def float_op(step, args, mode):
         return _reduce(lambda x, a, k: fn(x, axis=a, keepdims=k), args, at)
     if op == "Softmax":
         return _softmax(args, at, opset)
+    if op == "LRN":
+        return _lrn(args, at)
     if op == "LayerNormalization":
         return _layernorm(args, at)
     if op == "Split":

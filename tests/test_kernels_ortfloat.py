@@ -295,3 +295,40 @@ def test_global_average_pool_mlas_order_equals_plain_loops(rng):
             for j in range(32, 35):
                 r = np.float32(r + v[j])
             assert ours[b, c, 0, 0] == np.float32(r / np.float32(35))
+
+
+def _lrn_model(shape, beta, qdq):
+    consts = {"s_x": np.float32(0.3), "z_x": np.uint8(128), "s_y": np.float32(0.05), "z_y": np.uint8(0)}
+    lrn = helper.make_node("LRN", ["dx" if qdq else "x"], ["l" if qdq else "y"], size=5, alpha=1e-4, beta=beta,
+                           bias=1.0)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s_x", "z_x"], ["qx"]),
+             helper.make_node("DequantizeLinear", ["qx", "s_x", "z_x"], ["dx"]), lrn,
+             helper.make_node("QuantizeLinear", ["l", "s_y", "z_y"], ["qy"]),
+             helper.make_node("DequantizeLinear", ["qy", "s_y", "z_y"], ["y"])] if qdq else [lrn]
+    graph = helper.make_graph(nodes, "lrn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+                              [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()] if qdq else [])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 9
+    return m
+
+
+def test_lrn_float_matches_ort():
+    """LRN (AlexNet, ZFNet, Inception v1) left in float between DQ and Q. Its scale is ORT's order
+    bit for bit (beta = 1: the power is an exact reciprocal, tolerance 0); with beta = 0.75 Eigen's
+    pow is not reproduced, so the float output is held to 2 ulp (measured max), and the quantized chain (seeded
+    inputs, where no value lands within those ulps of a rounding boundary) to 0 LSB."""
+    from qgraph.kernels.floatops import _lrn
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((2, 16, 7, 7)) * 60).astype(np.float32)
+    at = {"size": 5, "alpha": 1e-4, "beta": 1.0, "bias": 1.0}
+    np.testing.assert_array_equal(_lrn([x], at)[0], _session(_lrn_model([2, 16, 7, 7], 1.0, False)).run(None, {"x": x})[0])
+    ours = _lrn([x], {**at, "beta": 0.75})[0]
+    ref = _session(_lrn_model([2, 16, 7, 7], 0.75, False)).run(None, {"x": x})[0]
+    np.testing.assert_array_max_ulp(ours, ref, maxulp=2)
+    model = _lrn_model([2, 16, 9, 9], 0.75, True)
+    prog = lower(model)
+    assert [s.op for s in prog.steps].count("Float") == 1
+    for seed in range(5):
+        xq = (np.random.default_rng(seed).standard_normal((2, 16, 9, 9)) * 12).astype(np.float32)
+        np.testing.assert_array_equal(run(prog, {"x": xq})["y"], _session(model).run(None, {"x": xq})[0])
