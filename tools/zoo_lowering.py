@@ -19,8 +19,8 @@ unoptimized (the JSON says which).
 Each cell runs in a forked child process with a time limit (``--timeout`` seconds, ``timeout`` in
 the table past it; a child that dies, e.g. out of memory, is ``crashed`` with its exit signal), so
 one cell cannot stop the run. ``--json`` is rewritten (atomically) after every cell; ``--resume``
-keeps the cells of an existing ``--json`` that finished (``ok`` or ``n/a``) and reruns the rest, so
-a long run can be stopped and continued.
+keeps the cells of an existing ``--json`` that passed (``n/a``, or bit-exact) and reruns the rest,
+so a long run can be stopped and continued, and a fix re-checked on the cells it concerns.
 
 The pipelines are the README's: the DFQ table (``tools/dfq_table.py``), the W8A8 rows of the
 ImageNet table and each model's recorded pipelines in ``models/manifest.toml``. Few samples are
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=2, help="evaluation samples run through both runtimes")
     ap.add_argument("--json", help="write every cell here (rewritten after each cell)")
     ap.add_argument("--resume", action="store_true",
-                    help="keep the finished (ok, n/a) cells of an existing --json file, run the others")
+                    help="keep the passed (n/a, bit-exact) cells of an existing --json file, run the others")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per cell before it is 'timeout'")
     ap.add_argument("--weight-only", choices=("check", "skip"), default="check",
                     help="check: optimize weight-only pipelines to show they write no QuantizeLinear (n/a); "
@@ -203,8 +203,7 @@ def main(argv=None) -> int:
             print(f"--resume: {args.json} was run with --calib {old.get('calib')} --images {old.get('images')}",
                   file=sys.stderr)
             return 2
-        results["models"] = {m: {p: c for p, c in cs.items() if c["status"] in ("ok", "n/a")}
-                             for m, cs in old["models"].items()}
+        results["models"] = {m: {p: c for p, c in cs.items() if _passed(c)} for m, cs in old["models"].items()}
     for name in names:
         path = model_path(name)
         if not path.exists():
@@ -234,9 +233,13 @@ def main(argv=None) -> int:
     _print_table(results, args.split)
     if args.json:
         _write_json(args.json, results)
-    bad = [(m, p) for m, cs in results["models"].items() for p, c in cs.items()
-           if c["status"] not in ("ok", "n/a") or (c["status"] == "ok" and c["max_lsb"] > 0)]
+    bad = [(m, p) for m, cs in results["models"].items() for p, c in cs.items() if not _passed(c)]
     return 1 if bad else 0
+
+
+def _passed(c: dict) -> bool:
+    """n/a, or run and bit-exact."""
+    return c["status"] == "n/a" or (c["status"] == "ok" and c["max_lsb"] == 0)
 
 
 def _write_json(path: str, results: dict) -> None:
