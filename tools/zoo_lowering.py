@@ -162,6 +162,8 @@ def _batch_size(path: Path, images: int) -> int:
 def cell_text(c: dict) -> str:
     if c["status"] == "ok":
         return f"{100 * c['exact']:.3f}% / {c['max_lsb']}".replace("100.000%", "100%")
+    if c["status"] == "n/a" and c.get("optimized") is False:
+        return "n/a (not optimized)"
     return c["status"]
 
 
