@@ -23,7 +23,9 @@ keeps the cells of an existing ``--json`` that passed (``n/a``, or bit-exact) an
 so a long run can be stopped and continued, and a fix re-checked on the cells it concerns.
 
 The pipelines are the README's: the DFQ table (``tools/dfq_table.py``), the W8A8 rows of the
-ImageNet table and each model's recorded pipelines in ``models/manifest.toml``. Few samples are
+ImageNet table, each model's recorded pipelines in ``models/manifest.toml``, and the pipelines the
+README measures on some models only (``README_MODEL``: the mixed-precision table's uniform widths
+and bit budgets on MobileNetV2 and EfficientNet-Lite0, MiniLM's 16-bit activations). Few samples are
 enough: the point is coverage and bit-exactness, not accuracy (``tools/dfq_table.py`` and
 ``pytest -m zoo`` measure that). Prints a markdown table (the README's) and the CPU.
 """
@@ -47,12 +49,20 @@ from dfq_table import PIPELINES as DFQ_PIPELINES  # noqa: E402
 
 #: README pipelines outside the DFQ table (ImageNet W8A8 table, runtime table, MiniLM row)
 EXTRA = ("fold,quant", "fold,quant:granularity=tensor", "fold,quant:act_dtype=int8", "fold,equalize,quant,biascorr")
+#: README pipelines recorded for some models only: the mixed-precision table (``tools/mixed_pareto.py``:
+#: uniform widths and bit budgets, 4-6-bit weights stored as int8) and MiniLM's 16-bit activations
+_MIXED = tuple(f"fold,quant:bits={b},storage4=int8" for b in (8, 6, 5, 4)) + tuple(
+    f"fold,sensitivity:pin=first,candidates=w8;w6;w5;w4,quant:budget={b}bits,storage4=int8"
+    for b in ("4.5", "5", "5.5", "6", "7"))
+README_MODEL = {"mobilenet_v2": _MIXED, "efficientnet_lite0": _MIXED,
+                "minilm": ("cleanup,quant:act_bits=16", "fold,sensitivity:candidates=w8;a8;a16,quant:budget=cosine:0.99")}
 
 
-def pipelines_for(entry: dict) -> list[str]:
+def pipelines_for(entry: dict, name: str = "") -> list[str]:
     """The README's quantizing pipelines plus the ones the manifest records for this model, in order."""
     out: list[str] = []
-    for p in [pipe for _, _, pipe in DFQ_PIPELINES] + list(EXTRA) + list(entry.get("pipelines", {})):
+    for p in [pipe for _, _, pipe in DFQ_PIPELINES] + list(EXTRA) + list(entry.get("pipelines", {})) \
+            + list(README_MODEL.get(name, ())):
         if any(step.split(":")[0] == "quant" for step in p.split(",")) and p not in out:
             out.append(p)
     return out
@@ -170,7 +180,7 @@ def cell_text(c: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="all", help="all, or comma-separated zoo model names (built ones only)")
-    ap.add_argument("--pipelines", help="comma-separated indices into each model's pipeline list, or ';'-separated "
+    ap.add_argument("--pipelines", help="comma-separated indices into each model's pipeline list, or '|'-separated "
                                         "pipelines (default: all of the README's)")
     ap.add_argument("--calib", type=int, default=16, help="calibration samples (first of the calibration split)")
     ap.add_argument("--images", type=int, default=2, help="evaluation samples run through both runtimes")
@@ -218,9 +228,9 @@ def main(argv=None) -> int:
             continue
         calib = calib.subset(range(min(args.calib, len(calib))))
         feeds = list(evaluation.subset(range(min(args.images, len(evaluation)))).batches(_batch_size(path, args.images)))
-        pipes = pipelines_for(model_entry(name))
+        pipes = pipelines_for(model_entry(name), name)
         if args.pipelines:
-            pipes = args.pipelines.split(";") if ";" in args.pipelines or ":" in args.pipelines else \
+            pipes = args.pipelines.split("|") if "|" in args.pipelines or ":" in args.pipelines else \
                 [pipes[int(i)] for i in args.pipelines.split(",")]
         pipes = sorted(pipes, key=lambda p: "weight_only=true" in p)   # integer pipelines first (stable)
         cells = results["models"].setdefault(name, {})
