@@ -197,10 +197,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.table:
         runs = [json.loads(Path(f).read_text()) for f in args.table.split(",")]
-        merged = {**runs[0], "models": {}, "calib": " or ".join(sorted({str(r["calib"]) for r in runs}))}
-        for r in runs:
+        head = next((r for r in reversed(runs) if "ort" in r), runs[-1])
+        merged = {**head, "models": {}, "calib": " or ".join(sorted({str(r["calib"]) for r in runs}))}
+        for r in runs:                       # a later file's model replaces an earlier one's
             merged["models"].update(r["models"])
-        _print_table(merged, args.split)
+        expected = None
+        if args.models != "all" or "--models" in (argv or sys.argv):
+            from zoo_manifest import model_entry, resolve_names
+            names = resolve_names(args.models.split(",") if args.models != "all" else "all")
+            expected = {n: pipelines_for(model_entry(n), n) for n in names}
+        _print_table(merged, args.split, expected)
         return 0
 
     from zoo_data import DataMissing, zoo_split
@@ -260,21 +266,28 @@ def _write_json(path: str, results: dict) -> None:
     os.replace(tmp, path)
 
 
-def _print_table(results: dict, split: int = 0) -> None:
+def _print_table(results: dict, split: int = 0, expected: dict | None = None) -> None:
+    """``expected``: {model: its pipelines}, to show every model as a column and a cell not run as
+    ``not run`` (default: the models and cells of ``results`` only)."""
     print(f"\nqgraph-run float mode vs ONNX Runtime (one thread), % of output elements bit-exact / max LSB; "
           f"{results['calib']} calibration samples, {results['images']} evaluation samples; {results['cpu']}"
           f"{', ORT ' + results['ort'] if 'ort' in results else ''}\n")
-    models = list(results["models"])
+    models = list(expected) if expected else list(results["models"])
     split = split or len(models) or 1
     for start in range(0, len(models), split):
-        chunk = {m: results["models"][m] for m in models[start:start + split]}
+        chunk = models[start:start + split]
         pipes: list[str] = []
-        for cs in chunk.values():
-            pipes += [p for p in cs if p not in pipes]
+        for m in chunk:
+            pipes += [p for p in (expected or {}).get(m, results["models"].get(m, {})) if p not in pipes]
+            pipes += [p for p in results["models"].get(m, {}) if p not in pipes]
         print("| pipeline | " + " | ".join(chunk) + " |")
         print("|---|" + "---|" * len(chunk))
         for p in pipes:
-            row = [cell_text(cs[p]) if p in cs else "" for cs in chunk.values()]
+            row = []
+            for m in chunk:
+                cs = results["models"].get(m, {})
+                row.append(cell_text(cs[p]) if p in cs else
+                           "not run" if expected and p in expected.get(m, ()) else "")
             print(f"| `{p}` | " + " | ".join(row) + " |")
         print()
     errors = sorted({f"{m}, `{p}`: {c['status']}: {c['error']}" for m, cs in results["models"].items()
