@@ -137,7 +137,8 @@ def run_cell_isolated(path: Path, pipeline: str, calib, feeds: dict, weight_only
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     t0 = time.perf_counter()
-    proc = ctx.Process(target=_cell_child, args=(send, path, pipeline, calib, feeds, weight_only), daemon=True)
+    # not a daemon: a pass may start its own worker processes (sensitivity's pool); killed below on timeout
+    proc = ctx.Process(target=_cell_child, args=(send, path, pipeline, calib, feeds, weight_only))
     proc.start()
     send.close()
     res = None
