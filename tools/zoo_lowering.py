@@ -222,7 +222,7 @@ def main(argv=None) -> int:
             print(f"--resume: {args.json} was run with --calib {old.get('calib')} --images {old.get('images')}",
                   file=sys.stderr)
             return 2
-        results["models"] = {m: {p: c for p, c in cs.items() if _passed(c)} for m, cs in old["models"].items()}
+        results["models"] = old["models"]     # cells not selected this time stay as they were
     for name in names:
         path = model_path(name)
         if not path.exists():
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         pipes = sorted(pipes, key=lambda p: "weight_only=true" in p)   # integer pipelines first (stable)
         cells = results["models"].setdefault(name, {})
         for p in pipes:
-            if p in cells:
+            if p in cells and (_passed(cells[p]) or not args.resume):
                 continue
             cells[p] = c = run_cell_isolated(path, p, calib, feeds, args.weight_only, args.timeout)
             print(f"{name:22s} {p:80s} {cell_text(c):14s} {c.get('seconds', ''):>7} s  {c.get('error', '')}",
