@@ -151,9 +151,18 @@ def lookup(step, args, mode):
 # ----------------------------------------------------------------------------- scale changes
 
 def requantize_tensor(x, sx, zx, sy, zy, mode, dtype):
-    """Same values, new (scale, zero point): y = sat(zy + round((x - zx) * sx/sy))."""
-    m = np.float32(_f32(sx) / _f32(sy))
+    """Same values, new (scale, zero point).
+
+    float: as ORT computes DequantizeLinear then QuantizeLinear (a DQ -> data movement -> Q unit it
+    leaves unfused, Dropout removed between them, and QLinearConcat's per-input lookup table alike):
+    y = sat(rne(float32(float32(x - zx) * sx) / sy) + zy), the division by sy as MLAS's quantize
+    kernel. One multiplication by float32(sx / sy) rounds differently on about 1 in 200 values.
+    fixed: y = sat(zy + rescale(x - zx, sx / sy)) (integer multiplier and shift)."""
     d = x.astype(np.int64) - _zp(zx)
+    if mode == "float":
+        v = (d.astype(np.float32) * _f32(sx)).astype(np.float32) / _f32(sy)
+        return _saturate(np.rint(v).astype(np.int64) + _zp(zy), dtype)
+    m = np.float32(_f32(sx) / _f32(sy))
     return _saturate(rescale(d, m, mode) + _zp(zy), dtype)
 
 

@@ -18,14 +18,16 @@ Exactness against ORT, by op:
       element-wise row adds or its sequential loop: ``ortreduce``), Pow with exponent 2 or 3 (ORT
       squares / cubes: x*x, x*x*x) or 0.5 (sqrt), comparisons and Where, and data movement
       (Reshape Flatten Transpose Squeeze Unsqueeze Concat Split Slice Gather Pad Expand Identity
-      Cast MaxPool, Resize nearest)
+      Cast MaxPool, Resize nearest), GlobalAveragePool (MLAS's global kernel: 4 float lanes in
+      order, reduced (l0 + l2) + (l1 + l3), the tail added one by one, / size:
+      ``ortfloat.global_average_pool_mlas``)
   close, not bit-reproduced (ORT uses its own approximations or summation order; the integer after
   Q differs only when the float lands within an ulp of a rounding boundary, and qgraph-run
   --compare-ort reports the share):
       Exp Log Tanh Sigmoid (MLAS polynomial kernels), Pow with another exponent (powf),
       Softmax (MLAS), LayerNormalization with a norm size that is not a multiple of 8 and over 8
       (``_layernorm``: ORT's order reproduced otherwise),
-      Resize linear, GlobalAveragePool in float
+      Resize linear, LRN (ORT's scale bit for bit, Eigen's pow not: ``_lrn``)
   ConvTranspose (``quant`` quantizes it, ORT has no s8 kernel and runs DQ -> float -> Q): MLAS's
       SGEMM order per output, then col2im and the bias as ORT's CPU kernel; exact where the kernel
       taps do not overlap (stride >= kernel, the usual 2x2/2 upsampling)
@@ -220,11 +222,39 @@ def _pool(op, args, at):
     from qgraph.kernels import pool
     x = _f(args[0])
     if op == "GlobalAveragePool":
-        axes = tuple(range(2, x.ndim))
-        return [_mean(x, axes, True)]
+        from qgraph.kernels import ortfloat
+        return [ortfloat.global_average_pool_mlas(x)]
     if op == "MaxPool":
         return [pool.max_pool(x, at)]
     raise ModelError(f"{op} in float is not supported")
+
+
+def _lrn(args, at):
+    """ORT's CPU LRN (``lrn.cc``), in its order: padded squares x*x; per image, the first channel's
+    scale = bias + sum over the first ``size`` padded squares of (alpha/size) * sq (one axpy each,
+    product then sum: ORT's Eigen loops are compiled without FMA), each next channel's = the previous
+    one + (alpha/size) * head, then + (-(alpha/size)) * tail; then y = x * scale^-beta. The scale is
+    ORT's bit for bit (checked with beta = 1, where the power is an exact reciprocal); the power is
+    Eigen's vectorized ``pow``, not reproduced: the correctly rounded power used here equals it on
+    about 3 of 4 elements, and the output is within 2 ulp elsewhere (so "close", not exact)."""
+    x = _f(args[0])
+    size = int(at["size"])
+    alpha, beta, bias = F32(at.get("alpha", 1e-4)), F32(at.get("beta", 0.75)), F32(at.get("bias", 1.0))
+    n_b, c_n = x.shape[:2]
+    pre = (size - 1) // 2
+    a_s = F32(alpha / F32(size))
+    sq = np.zeros((n_b, c_n + size - 1) + x.shape[2:], F32)
+    sq[:, pre:pre + c_n] = x * x
+    scale = np.empty_like(x)
+    first = np.full((n_b,) + x.shape[2:], bias, F32)
+    for c in range(size):
+        first = (first + (sq[:, c] * a_s).astype(F32)).astype(F32)
+    scale[:, 0] = first
+    for c in range(1, c_n):
+        cur = (scale[:, c - 1] + (sq[:, c + size - 1] * a_s).astype(F32)).astype(F32)
+        scale[:, c] = (cur + (sq[:, c - 1] * F32(-a_s)).astype(F32)).astype(F32)
+    power = np.power(scale.astype(np.float64), -float(beta)).astype(F32)
+    return [(x * power).astype(F32)]
 
 
 def conv_transpose(args, at, name):
@@ -325,7 +355,7 @@ _BINARY = {
 FLOAT_OPS = frozenset(_UNARY) | frozenset(_BINARY) | {
     "Pow", "Clip", "LeakyRelu", "PRelu", "HardSigmoid", "HardSwish", "Where", "Cast", "ReduceMean", "ReduceSum", "ReduceL2", "ReduceSumSquare",
     "ReduceMax", "ReduceMin", "Softmax", "LayerNormalization", "Split", "Resize", "GlobalAveragePool", "MaxPool",
-    "Sum", "Concat", "ConvTranspose", "MatMul"}
+    "Sum", "Concat", "ConvTranspose", "MatMul", "LRN"}
 
 
 def float_op(step, args, mode):
@@ -383,6 +413,8 @@ def float_op(step, args, mode):
         return _reduce(lambda x, a, k: fn(x, axis=a, keepdims=k), args, at)
     if op == "Softmax":
         return _softmax(args, at, opset)
+    if op == "LRN":
+        return _lrn(args, at)
     if op == "LayerNormalization":
         return _layernorm(args, at)
     if op == "Split":

@@ -280,7 +280,8 @@ class _Lowering:
             self.emit("QLinear" + op, node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp, **extra)
         elif op in ("GlobalAveragePool", "AveragePool"):
             x, sx, zx, _ = self.dq_parts(dqs[0], node, "input")
-            self.emit("QLinear" + op, node, [x, sx, zx, sy, zy], [y], **at)
+            extra = {"ort_float": {}} if id(node) in self.float_units else {}
+            self.emit("QLinear" + op, node, [x, sx, zx, sy, zy], [y], **at, **extra)
         elif op == "Concat":
             ins = [sy, zy]
             for i, dq in enumerate(dqs):
@@ -531,6 +532,8 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
     input and output share one type and it is not int8 (int8 activations are not allowed there),
     Gemm when A and Y share a type, and Add / Mul when both inputs and the output share one. So an
     int8 tensor read by two nodes (a residual) keeps its writer, its readers and the Add in float;
+    GlobalAveragePool (the unary selector) fuses only when its input and output share one type, so
+    a GAP reading such an int8 tensor (a squeeze-excitation block) is ``DQ -> float GAP -> Q``;
     a layer with 4-bit (INT4 / UINT4) weights is always float (ORT dequantizes them), and so is a layer
     whose output reaches Q through a Clip narrower than Q's range (``_ort_keeps_clip``).
     Elsewhere ("none", or a non-x86 machine under "auto") every unit is taken as fused.
@@ -542,10 +545,10 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
         return []
     units = []
     for node in g.nodes:
-        if node.op not in ("Conv", "MatMul", "Gemm", "Add", "Mul"):
+        if node.op not in ("Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool"):
             continue
         users = ir.consumers(node.outputs[0]) if node.outputs else []
-        clamp = users[0] if len(users) == 1 and users[0].op in CLIP_OPS else None
+        clamp = users[0] if len(users) == 1 and users[0].op in CLIP_OPS and node.op in CLAMPED_OPS else None
         if clamp is not None:
             users = ir.consumers(clamp.outputs[0])
         if len(users) != 1 or users[0].op != "QuantizeLinear":
@@ -562,7 +565,7 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
             continue
         if node.op in ("Conv", "MatMul"):       # the weight (input 1) stays int8: not compared
             fused = ins[0] == out and ins[0] != "int8"
-        elif node.op == "Gemm":
+        elif node.op in ("Gemm", "GlobalAveragePool"):     # Gemm: A and Y; GAP: ORT's unary selector
             fused = ins[0] == out
         else:
             fused = ins[0] == ins[1] == out

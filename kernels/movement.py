@@ -11,6 +11,7 @@ import numpy as np
 from qgraph.errors import ModelError
 from qgraph.kernels import pool
 from qgraph.kernels.eltwise import requantize_tensor
+from qgraph.ops import INT_RANGES
 
 
 def _ints(v) -> list[int]:
@@ -155,7 +156,17 @@ def move(step, args, mode):
 
 def global_average_pool(step, args, mode):
     x, sx, zx, sy, zy = args
+    if mode == "float" and "ort_float" in step.attrs:       # a unit ORT leaves DQ -> float GAP -> Q
+        from qgraph.kernels import ortfloat
+        dtype = np.asarray(zy).dtype
+        lo, hi = INT_RANGES[dtype.name]
+        return [ortfloat.global_average_pool_unit(x, _scalar0(sx), _scalar0(zx), _scalar0(sy), _scalar0(zy),
+                                                  lo, hi, dtype)]
     return [pool.global_average_pool(x, sx, int(np.asarray(zx).reshape(-1)[0]), sy, zy, mode)]
+
+
+def _scalar0(v):
+    return np.asarray(v).reshape(-1)[0]
 
 
 def average_pool(step, args, mode):

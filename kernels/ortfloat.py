@@ -482,6 +482,36 @@ def _one(v):
     return np.asarray(v).reshape(-1)[0]
 
 
+def global_average_pool_mlas(x: np.ndarray) -> np.ndarray:
+    """ORT's float GlobalAveragePool (``MlasPoolGlobalKernel``), per (image, channel) plane of S values:
+    a 4-lane float32 accumulator over the first 4*floor(S/4) values in order, lanes reduced as
+    (l0 + l2) + (l1 + l3) (``MlasReduceAddFloat32x4`` on SSE/AVX), the S mod 4 remaining values
+    added one by one, then divided by float(S). Keeps the (N, C, 1, ...) shape."""
+    x = np.ascontiguousarray(x, np.float32)
+    n_b, c_n = x.shape[:2]
+    size = int(np.prod(x.shape[2:]))
+    rows = x.reshape(n_b * c_n, size)
+    body = size - size % 4
+    lanes = np.zeros((rows.shape[0], 4), np.float32)
+    for j in range(0, body, 4):                          # one vector add per 4 values, in order
+        lanes += rows[:, j:j + 4]
+    red = ((lanes[:, 0] + lanes[:, 2]) + (lanes[:, 1] + lanes[:, 3])).astype(np.float32)
+    for j in range(body, size):
+        red = (red + rows[:, j]).astype(np.float32)
+    out = (red / np.float32(size)).astype(np.float32)
+    return out.reshape((n_b, c_n) + (1,) * (x.ndim - 2))
+
+
+def global_average_pool_unit(x, sx, zx, sy, zy, lo, hi, out_dtype) -> np.ndarray:
+    """DQ(x) -> float GlobalAveragePool (``global_average_pool_mlas``) -> Q: the unit ORT leaves
+    unfused when its input and output types differ after the int8 -> uint8 rewrite."""
+    x_f = (x.astype(np.int32) - np.int32(zx)).astype(np.float32) * np.float32(sx)
+    y = global_average_pool_mlas(x_f)
+    out = np.empty(y.shape, out_dtype)
+    _quantize_rows(y, np.float32(sy), np.int32(zy), np.int32(lo), np.int32(hi), out)
+    return out
+
+
 def binary_unit(op: str, a, sa, za, b, sb, zb, sy, zy, lo, hi, out_dtype) -> np.ndarray:
     """DQ(a), DQ(b) -> float Add | Mul (numpy broadcasting) -> Q."""
     if a.shape == b.shape:                     # the residual Add: one pass, no temporaries

@@ -12,8 +12,10 @@ which tensors must share one scale, and which ReLU/Clip disappear into their pro
     Sigmoid, LeakyRelu, Softmax          (QLinearAveragePool, QLinearSigmoid, QLinearSoftmax, ...)
     MaxPool, Reshape, Flatten, Transpose, output takes the input's scale (ORT drops the DQ/Q pair and
     Squeeze, Unsqueeze, Resize, Slice,    runs the op on integers); only when the input is quantized
-    Split, DepthToSpace, SpaceToDepth,    (Pad: only when it pads with 0 or edge/reflect copies)
-    Identity, Pad
+    Split, DepthToSpace, SpaceToDepth,    (Pad: only when it pads with 0 or edge/reflect copies;
+    Identity, Pad, Dropout                Dropout: inference mode only, its data output; ORT removes
+                                          it, and a Q -> DQ -> Q -> DQ of two scales left behind
+                                          would be merged by its DoubleQDQPairsRemover into new ones)
     Gather                               a constant table (embedding) as 8-bit per tensor; the output
                                          takes the table's scale
     Relu, Clip(lo <= 0)                  after a quantized op whose output has no other reader: removed,
@@ -40,11 +42,11 @@ DOT = LAYER_OPS
 BINARY = ("Add", "Mul")
 OWN_SCALE = ("AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax")
 TIED = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Slice", "Split",
-        "DepthToSpace", "SpaceToDepth", "Identity", "Pad")
+        "DepthToSpace", "SpaceToDepth", "Identity", "Pad", "Dropout")
 ABSORBABLE = CLIP_OPS
 #: Tied ops whose output values are a subset of their input's (Resize may interpolate beyond: observed).
 SUBSET_RANGE = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split",
-                "DepthToSpace", "SpaceToDepth", "Identity", "Pad")
+                "DepthToSpace", "SpaceToDepth", "Identity", "Pad", "Dropout")
 QUANTIZABLE = DOT + BINARY + ("Concat",) + OWN_SCALE + TIED + ("Gather",)
 
 
@@ -282,7 +284,11 @@ def _match_tied(g, node, st: _Placing):
     if st.excluded.any(node):
         raise Skip("excluded")
     x = node.inputs[0]
-    outs = [o for o in node.outputs if o.name and _is_float(o)]
+    if node.op == "Dropout":         # inference: its data output is its input; the mask is not data
+        training = input_at(node, 2)
+        if training is not None and (not isinstance(training, ir.Constant) or bool(np.any(training.values))):
+            raise Skip("training_mode_dropout")
+    outs = [o for o in (node.outputs[:1] if node.op == "Dropout" else node.outputs) if o.name and _is_float(o)]
     if not outs:
         raise Skip("not_float")
     if node.op == "Gather" and isinstance(x, ir.Constant):

@@ -285,7 +285,7 @@ def _load_inputs(model, path: str, limit: int | None) -> dict[str, np.ndarray]:
             dtype = onnx_dtype(tt.elem_type)
         except Exception:
             dtype = None
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim] \
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim] \
             if tt.HasField("shape") else None
         declared[vi.name] = (dtype, dims)
     samples = open_samples(path, list(declared), limit=limit)
