@@ -53,6 +53,9 @@ KERNEL_CHOICES = ("auto", "bitserial", "int8")
 WEIGHT_INPUT = {"QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3, "ConvInteger": 1, "MatMulInteger": 1}
 #: 4-bit integer types and the byte type the kernels hold their values in
 SUBBYTE = {"int4": np.int8, "uint4": np.uint8}
+#: 16-bit activation storage: ORT 1.32's CPU provider fuses no QDQ unit with it (its selectors are
+#: built without 16-bit support there), so every such Conv / MatMul / Gemm / Add / Mul / GAP is float
+WIDE = {"int16", "uint16"}
 #: ops whose integer kernels clamp their output (ORT fuses a following Relu / Clip into them)
 CLAMPED_OPS = ("Conv", "MatMul", "Gemm", "Add", "Mul")
 GROUP_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool", "AveragePool", "Concat", "Softmax"} \
@@ -534,7 +537,8 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
     int8 tensor read by two nodes (a residual) keeps its writer, its readers and the Add in float;
     GlobalAveragePool (the unary selector) fuses only when its input and output share one type, so
     a GAP reading such an int8 tensor (a squeeze-excitation block) is ``DQ -> float GAP -> Q``;
-    a layer with 4-bit (INT4 / UINT4) weights is always float (ORT dequantizes them), and so is a layer
+    a layer with 4-bit (INT4 / UINT4) weights or a 16-bit input or output (``WIDE``) is always float
+    (ORT dequantizes them), and so is a layer
     whose output reaches Q through a Clip narrower than Q's range (``_ort_keeps_clip``).
     Elsewhere ("none", or a non-x86 machine under "auto") every unit is taken as fused.
     """
@@ -562,6 +566,9 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
             continue
         if node.op != "Add" and node.op != "Mul" and any(t in SUBBYTE for t in ins):
             units.append(node)                  # ORT has no integer kernel for 4-bit weights here
+            continue
+        if any(t in WIDE for t in [*ins, out]):
+            units.append(node)                  # the CPU provider's QDQ selectors are 8-bit only
             continue
         if node.op in ("Conv", "MatMul"):       # the weight (input 1) stays int8: not compared
             fused = ins[0] == out and ins[0] != "int8"

@@ -462,3 +462,30 @@ def test_requantizing_moves_and_concat_are_dq_then_q(dtype, seed):
         feeds = {"x": ((xa - np.float32(consts["z_a"])) * consts["s_a"]).reshape(2, 6, 8).astype(np.float32),
                  "x2": ((xd - np.float32(consts["z_d"])) * consts["s_d"]).reshape(2, 5, 4).astype(np.float32)}
         np.testing.assert_array_equal(run(prog, feeds)["y"], _session(model).run(None, feeds)[0])
+
+
+@x86
+def test_16_bit_activations_make_every_unit_float():
+    """``quant:act_bits=16`` (MiniLM's row of the lowering table): ORT's CPU provider fuses no QDQ unit
+    with 16-bit activations, so x -Q16-DQ- Conv(int8 weight) -Q16-DQ- y runs DQ -> float Conv -> Q.
+    ``lower`` crashed on it (an int16 matrix handed to the int8 GEMM); now the Conv is a float unit,
+    computed in MLAS's order: bit for bit (tolerance 0)."""
+    rng = np.random.default_rng(16)
+    w = rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)
+    consts = {"s_x": np.float32(0.001), "z_x": np.int16(0), "s_w": np.float32(0.02), "z_w": np.int8(0),
+              "w": w, "s_y": np.float32(0.004), "z_y": np.int16(0)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s_x", "z_x"], ["qx"]),
+             helper.make_node("DequantizeLinear", ["qx", "s_x", "z_x"], ["dx"]),
+             helper.make_node("DequantizeLinear", ["w", "s_w", "z_w"], ["dw"]),
+             helper.make_node("Conv", ["dx", "dw"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["c", "s_y", "z_y"], ["qy"]),
+             helper.make_node("DequantizeLinear", ["qy", "s_y", "z_y"], ["y"])]
+    graph = helper.make_graph(nodes, "conv16", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    g = ir.load(model)
+    assert {n.name for n in ort_float_units(g, "x86")} == {"conv"}
+    prog = lower(model)
+    x = (rng.standard_normal((1, 3, 8, 8)) * 8).astype(np.float32)
+    np.testing.assert_array_equal(run(prog, {"x": x})["y"], _session(model).run(None, {"x": x})[0])
