@@ -118,9 +118,9 @@ def _softmax(args, at, opset):
 
 
 def _fma(a, b, c):
-    """fma(a, b, c) for float32 arrays: a * b is exact in float64, one rounding of the sum to float32
-    (a double rounding in float64 first, which differs from a true fma only on exact float64 ties)."""
-    return (a.astype(np.float64) * b + c).astype(F32)
+    """float32 fma of broadcastable arrays, in the shape they broadcast to (``ortfloat.fma``)."""
+    from qgraph.kernels import ortfloat
+    return ortfloat.fma(a, b, c).reshape(np.broadcast_shapes(np.shape(a), np.shape(b), np.shape(c)))
 
 
 def _layernorm(args, at):

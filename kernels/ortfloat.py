@@ -77,6 +77,22 @@ def _fma_row(acc, x, w):
 
 
 @njit(cache=True)
+def _fma_flat(a, b, c, out):
+    for i in range(out.shape[0]):
+        out[i] = fma32(a[i], b[i], c[i])
+
+
+def fma(a, b, c) -> np.ndarray:
+    """Element-wise float32 fma(a, b, c) of broadcastable arrays (one rounding, ``fma32``)."""
+    a, b, c = (np.ascontiguousarray(v, np.float32).ravel()
+               for v in np.broadcast_arrays(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                            np.asarray(c, np.float32)))
+    out = np.empty(a.shape, np.float32)
+    _fma_flat(a, b, c, out)
+    return out
+
+
+@njit(cache=True)
 def _add_row(tot, acc):
     for j in range(tot.shape[0]):
         tot[j] = np.float32(tot[j] + acc[j])
