@@ -527,6 +527,21 @@ def _ort_keeps_clip(clip, q) -> bool:
     return bounds[0] - lo > eps or hi - bounds[1] > eps
 
 
+def _ort_keeps_relu(q) -> bool:
+    """ORT's ReluQuantFusion removes a Relu before QuantizeLinear only when Q's zero point is the
+    minimum of its type (-128 for int8, 0 for uint8: Q's own clamp is then the Relu); any other zero
+    point keeps the Relu, so the op before it is not followed by Q and stays float (Conv + Relu
+    becomes ``FusedConv``): DenseNet-121's stem, whose Relu output shares the max-pool's scale and
+    zero point -17."""
+    zp = const_at(q, 2)
+    if zp is None:
+        return False                            # uint8, zero point 0
+    kind = np.asarray(zp).dtype.name
+    if kind not in INT_RANGES or np.asarray(zp).size != 1:
+        return False
+    return int(np.asarray(zp).reshape(-1)[0]) != INT_RANGES[kind][0]
+
+
 def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
     """Compute nodes of QDQ units that ONNX Runtime's CPU provider leaves unfused (DQ -> float op -> Q).
 
@@ -539,7 +554,8 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
     a GAP reading such an int8 tensor (a squeeze-excitation block) is ``DQ -> float GAP -> Q``;
     a layer with 4-bit (INT4 / UINT4) weights or a 16-bit input or output (``WIDE``) is always float
     (ORT dequantizes them), and so is a layer
-    whose output reaches Q through a Clip narrower than Q's range (``_ort_keeps_clip``).
+    whose output reaches Q through a Clip narrower than Q's range (``_ort_keeps_clip``) or through a
+    Relu that ORT keeps (Q's zero point above its type's minimum: ``_ort_keeps_relu``).
     Elsewhere ("none", or a non-x86 machine under "auto") every unit is taken as fused.
     """
     import platform as _pf
@@ -559,6 +575,9 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
             continue
         if clamp is not None and clamp.op == "Clip" and _ort_keeps_clip(clamp, users[0]):
             units.append(node)                  # a Clip narrower than Q's range: float op + Clip + Q
+            continue
+        if clamp is not None and clamp.op == "Relu" and _ort_keeps_relu(users[0]):
+            units.append(node)                  # Q's zero point above its minimum: float op + Relu + Q
             continue
         out = _ort_type(g, users[0])
         ins = [_input_type(g, t) for t in node.inputs[:2]]
