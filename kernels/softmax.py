@@ -4,16 +4,20 @@ ORT fuses ``DQ -> Softmax -> Q`` into QLinearSoftmax, whose arithmetic does not 
 of x (softmax is shift-invariant) nor the exact output scale. Per row of D elements, with
 d = max(x) - x in [0, 255] (an integer: the codes share one scale):
 
-    shift   = max(0, ln(FLT_MAX / D) - 5) / s_x                 (keeps the float sum finite)
+    shift   = max(0, logf(FLT_MAX / D) - 5) / s_x              (keeps the float sum finite; the
+                                                                log in float32, the C library's logf)
     E[d]    = float32(exp((shift - d) * s_x))                   256-entry table, built once
     Y       = floor(1 / s_y)                                    float32
     sum     = E[d_0] + E[d_1] + ...                             float32, in row order
     y       = sat(rne(E[d] * Y / sum) + z_y)                   the product and quotient in float64
                                                                 (E[d] * Y is exact there), saturated
 
-The quotient is ORT's to the last bit only in float64: float32 E[d] * float32(Y / sum) is 1 LSB
-off on rare ties (one code of MiniLM's attention), float32 (E[d] * Y) / sum overflows where ORT's
-does not; E[d] * Y / sum in float64 matched ORT 1.32 on 246,124 random codes and every test here.
+Random codes rarely tell such variants apart (a 1-ulp change moves a quotient by ~1e-7 of itself),
+so each choice was settled on rows where the candidates disagree, found by simulating both over
+random rows and only then asking ORT 1.32: the quotient in float64 (26 of 26 such rows; float32
+E[d] * float32(Y / sum) 18, float32 (E[d] * Y) * (1 / sum) 4; float32 (E[d] * Y) / sum overflows
+for D <= 3 where ORT does not: 0 of 252), and the shift through float32 ``logf`` (25 of 25 such rows;
+the double ``log`` of the public source 0: PP-OCRv4 rec's 1-LSB softmax, 32.49999 vs ORT's 33).
 (A row whose sum underflows to 0 is left at 0.) ``fixed`` mode is the integer version for integer-only hardware: E as 24-bit integers, an integer sum, and
 y = sat(floor((2 * E[d] * Y + sum) / (2 * sum)) + z_y) (round half up, saturating). The axis follows
 ONNX: opset >= 13 one axis; before 13 every axis from ``axis`` on is one row.
@@ -30,10 +34,39 @@ from qgraph.ops import INT_RANGES
 FLT_MAX = float(np.finfo(np.float32).max)
 
 
+def _c_logf():
+    """The C library's ``logf`` (ORT's ``log`` of a float argument resolves to it: the wheel imports
+    ``logf@GLIBC_2.27``), or None where no C math library can be loaded."""
+    import ctypes
+    import ctypes.util
+    for name in (ctypes.util.find_library("m"), "libm.so.6"):
+        if not name:
+            continue
+        try:
+            f = ctypes.CDLL(name).logf
+        except (OSError, AttributeError):
+            continue
+        f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+        return f
+    return None
+
+
+_LOGF = _c_logf()
+
+
+def logf(v) -> float:
+    """float32 natural log as the C library computes it (glibc's is not correctly rounded everywhere:
+    3 of the 200,000 values FLT_MAX / D, D = 1..200,000, differ from float32(log(double)) by 1 ulp);
+    without a C library, the correctly rounded float32 log."""
+    v = np.float32(v)
+    return float(np.float32(_LOGF(float(v)))) if _LOGF is not None else float(np.float32(math.log(float(v))))
+
+
 def exp_table(s_x: float, d: int) -> np.ndarray:
-    """E[k] = float32(exp((shift - k) * s_x)), k = 0..255 (k = row max - code), as ORT builds it."""
+    """E[k] = float32(exp((shift - k) * s_x)), k = 0..255 (k = row max - code), as ORT builds it:
+    shift = max(0, logf(float32(FLT_MAX / D)) - 5) / s_x in double, the log in float32 (``logf``)."""
     s_x = float(np.float32(s_x))
-    shift = math.log(float(np.float32(FLT_MAX / np.float32(d))))
+    shift = logf(np.float32(np.float32(FLT_MAX) / np.float32(d)))
     shift = max(0.0, shift - 5.0) / s_x
     return np.array([math.exp((shift - k) * s_x) for k in range(256)], np.float64).astype(np.float32)
 

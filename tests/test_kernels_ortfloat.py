@@ -536,3 +536,14 @@ def test_relu_before_q_above_its_minimum_keeps_the_conv_float(zy, kept):
         g.toposort()
         predicted = {n.name for n in ort_float_units(g, "x86")}
         assert predicted == ort_float_nodes(model) == ({"Conv"} if kept else set())
+
+
+def test_softmax_table_shift_is_a_float32_log():
+    """ORT's table shift is logf(FLT_MAX / D) in float32 (the C library's logf), not the double log
+    of its public source: this row (found by simulating both tables over random rows, then asking
+    ORT) gives 239 for its max code with the double log, ORT writes 240. Tolerance 0."""
+    row = np.array([[149, 94, 172, 62, 216, 15, 77, 228, 85, 123, 93, 62, 196, 248]], np.uint8)
+    model = _softmax_model("uint8", 0, float(np.float32(0.1425253)), 1 / 256, 0, row.shape, -1, 13, qoperator=True)
+    ref = _session(model).run(None, {"x": row})[0]
+    assert ref[0, -1] == 240
+    np.testing.assert_array_equal(run(lower(model), {"x": row})["y"], ref)
