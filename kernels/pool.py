@@ -6,7 +6,9 @@
   as ORT's QLinearGlobalAveragePool: y = clamp(rne(float32(sum) * M) + zy), in both modes.
 - AveragePool: ``fixed`` mode is the same integer scheme per window size; ``float`` mode follows
   ORT's QLinearAveragePool, which averages dequantized float32 values (so that it is bit-exact with
-  it). ``count_include_pad`` follows ONNX (default 0: only elements inside the image count).
+  it), except for a window covering the whole unpadded image, which ORT (and so this module) runs
+  as GlobalAveragePool. ``count_include_pad`` follows ONNX (default 0: only elements inside the
+  image count).
 """
 from __future__ import annotations
 
@@ -124,8 +126,14 @@ def _average_pool_ort(x, sx, zx, sy, zy, kh, kw, sh, sw, pt, pl, include_pad, qm
 
 def average_pool(x, sx, zx: int, sy, zy, attrs: dict, mode: str) -> np.ndarray:
     """``float`` mode reproduces ORT's QLinearAveragePool (float sums); ``fixed`` mode is the
-    integer version: window sum of (x - zx), one fixed-point requantization per window size."""
+    integer version: window sum of (x - zx), one fixed-point requantization per window size.
+
+    A window that is the whole image without padding is ORT's global-average fallback
+    (``fallback_to_global`` in qlinear_pool.cc: MLAS's QLinearGlobalAveragePool, an integer sum and
+    one float32 requantization, not the float average): ``global_average_pool``, in both modes."""
     (kh, kw), (sh, sw), (dh, dw), pads, (oh, ow) = pool_geometry(attrs, x.shape[2:])
+    if (kh, kw) == tuple(x.shape[2:]) and not any(pads):
+        return global_average_pool(x, sx, zx, sy, zy, mode)
     if mode == "float":
         if (dh, dw) != (1, 1):
             raise ModelError("AveragePool with dilations: no float-mode kernel (ORT has none to match)")

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qgraph import ir
 from qgraph.kernels import lower, run
-from qgraph.kernels.diff import fixed_vs_float_per_layer, ort_float_nodes
+from qgraph.kernels.diff import fixed_vs_float_per_layer, ort_float_nodes, ort_optimized
 from qgraph.kernels.lower import X86, ort_float_units
 from qgraph.kernels.ortfloat import sgemm_block_k, sgemm_mlas
 from qgraph.kernels.softmax import softmax_reference
@@ -547,3 +547,34 @@ def test_softmax_table_shift_is_a_float32_log():
     ref = _session(model).run(None, {"x": row})[0]
     assert ref[0, -1] == 240
     np.testing.assert_array_equal(run(lower(model), {"x": row})["y"], ref)
+
+
+def _avgpool_model(hw, c, kernel, pads, sy, zx=3, zy=-5):
+    #   x ─Q(int8)─DQ─AveragePool─Q─DQ─ y     (ORT fuses it into QLinearAveragePool)
+    consts = {"sx": np.float32(0.0412), "zx": np.int8(zx), "sy": np.float32(sy), "zy": np.int8(zy)}
+    oh = (hw + 2 * pads - kernel) + 1
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["qx"], name="Qx"),
+             helper.make_node("DequantizeLinear", ["qx", "sx", "zx"], ["dx"], name="DQx"),
+             helper.make_node("AveragePool", ["dx"], ["p"], name="Pool", kernel_shape=[kernel] * 2, pads=[pads] * 4),
+             helper.make_node("QuantizeLinear", ["p", "sy", "zy"], ["qy"], name="Qy"),
+             helper.make_node("DequantizeLinear", ["qy", "sy", "zy"], ["y"], name="DQy")]
+    graph = helper.make_graph(nodes, "avgpool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, oh, oh])],
+                              [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    return m
+
+
+@pytest.mark.parametrize("hw", [7, 5])
+def test_average_pool_over_the_whole_image_is_ort_global_average(hw):
+    """ORT's QLinearAveragePool falls back to MLAS's QLinearGlobalAveragePool (an integer sum and one
+    float32 requantization) when the window is the whole unpadded image, instead of averaging
+    dequantized float32 values: Inception v2's final 7x7 pool was 1 LSB off on 1 of its 1,024
+    channels. s_y = 2 s_x / (H W) puts every odd window sum on a rounding tie, where the two
+    arithmetics part (78 / 94 of these 256 channels). Tolerance 0."""
+    sy = np.float32(np.float32(0.0412) * 2 / (hw * hw))
+    model = _avgpool_model(hw, 256, hw, 0, sy)
+    assert any(n.op_type == "QLinearAveragePool" for n in ort_optimized(model).graph.node)
+    x = (np.random.default_rng(hw).standard_normal((1, 256, hw, hw)) * 0.3).astype(np.float32)
+    np.testing.assert_array_equal(run(lower(model), {"x": x})["y"], _session(model).run(None, {"x": x})[0])
