@@ -474,6 +474,24 @@ def test_sixteen_bit_matmul_is_not_rewritten_to_matmulnbits(rng, mode):
     check_close(model, q, calib)
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="ORT's x86 float units")
+def test_sixteen_bit_matmul_straight_into_q_runs_bit_exact_with_a_batched_weight(rng):
+    #   x ─MatMul(W)─ Relu ─ y (no bias): DQ(x16), DQ(W[1, K, N]) -> MatMul -> Relu -> Q(y16), one unit
+    #   ORT runs in float; qgraph-run lowers it as a QLinearMatMul float unit: bit for bit (tolerance 0)
+    from qgraph.kernels import lower, run
+    w = init("w", rng.standard_normal((64, 48)).astype(np.float32) * 0.2)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["m"], name="dense"),
+                        helper.make_node("Relu", ["m"], ["y"])], [("x", ["N", 5, 64])], [("y", ["N", 5, 48])],
+                       [w], opset=21)
+    calib = {"x": rng.standard_normal((16, 5, 64)).astype(np.float32)}
+    q, rep = qgraph.optimize(model, "quant:act_bits=16,sqnr=false", calib=calib, progress=False)
+    assert rep.rows[-1]["notes"]["ort_matmulnbits"] == {"batched_weight": 1}
+    prog = lower(q)
+    assert [s.op for s in prog.steps] == ["QuantizeLinear", "QLinearMatMul", "DequantizeLinear"]
+    x = rng.standard_normal((3, 5, 64)).astype(np.float32)
+    np.testing.assert_array_equal(run(prog, {"x": x})["y"], run_ort(q, {"x": x})[0])
+
+
 def test_sixteen_bit_matmul_of_a_matrix_input_keeps_its_weight_and_says_so(rng):
     #   x[N, K] (rank 2): a [1, K, N] weight would make the output [1, N, N']; the weight stays [K, N]
     model = _matmul_bias_model(rng, rank=2)
