@@ -25,7 +25,8 @@ Exactness against ORT, by op:
   Q differs only when the float lands within an ulp of a rounding boundary, and qgraph-run
   --compare-ort reports the share):
       Exp Log Tanh Sigmoid (MLAS polynomial kernels), Pow with another exponent (powf),
-      Softmax (MLAS), LayerNormalization with a norm size that is not a multiple of 8 and over 8
+      Softmax on CPUs without AVX-512F (``ortsoftmax`` reproduces MLAS's AVX-512F kernel),
+      LayerNormalization with a norm size that is not a multiple of 8 and over 8
       (``_layernorm``: ORT's order reproduced otherwise),
       Resize linear, LRN (ORT's scale bit for bit, Eigen's pow not: ``_lrn``)
   ConvTranspose (``quant`` quantizes it, ORT has no s8 kernel and runs DQ -> float -> Q): MLAS's
@@ -105,16 +106,10 @@ def _hardsigmoid(x, alpha, beta):
 
 
 def _softmax(args, at, opset):
+    """MLAS's softmax in its AVX-512F order (``ortsoftmax``: polynomial exp, 16-lane sum, x 1/sum)."""
+    from qgraph.kernels.ortsoftmax import softmax
     x = _f(args[0])
-    axis = int(at.get("axis", -1 if opset >= 13 else 1)) % x.ndim
-    if opset < 13:
-        shape = x.shape
-        x = x.reshape(int(np.prod(shape[:axis])), -1)
-        axis = 1
-    m = np.max(x, axis=axis, keepdims=True)
-    e = np.exp(x - m).astype(F32)
-    y = (e / np.sum(e, axis=axis, keepdims=True, dtype=F32)).astype(F32)
-    return [y.reshape(args[0].shape)]
+    return [softmax(x, int(at.get("axis", -1 if opset >= 13 else 1)), opset)]
 
 
 def _fma(a, b, c):

@@ -56,6 +56,9 @@ SUBBYTE = {"int4": np.int8, "uint4": np.uint8}
 #: 16-bit activation storage: ORT 1.32's CPU provider fuses no QDQ unit with it (its selectors are
 #: built without 16-bit support there), so every such Conv / MatMul / Gemm / Add / Mul / GAP is float
 WIDE = {"int16", "uint16"}
+#: group ops whose 8-bit QDQ units ORT fuses into a QOperator (QLinearSoftmax, a 256-entry table,
+#: QLinearConcat) but which it runs as DQ -> float op -> Q with 16-bit integers at the borders
+WIDE_FLOAT_OPS = {"Softmax", "Concat"} | set(TABLE_FUNCS)
 #: ops whose integer kernels clamp their output (ORT fuses a following Relu / Clip into them)
 CLAMPED_OPS = ("Conv", "MatMul", "Gemm", "Add", "Mul")
 GROUP_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool", "AveragePool", "Concat", "Softmax"} \
@@ -389,10 +392,16 @@ class _Lowering:
         ``_DQ_INPUTS``) and one QuantizeLinear quantizes its output. Otherwise ORT runs it in float."""
         if node.op not in GROUP_OPS or not node.inputs or node.domain:
             return False
-        if isinstance(output_quantizer(self.g, node, CLIP_OPS if node.op in CLAMPED_OPS else ()), Skip):
+        found = output_quantizer(self.g, node, CLIP_OPS if node.op in CLAMPED_OPS else ())
+        if isinstance(found, Skip):
             return False
         wanted = range(len(node.inputs)) if node.op == "Concat" else _DQ_INPUTS.get(node.op, (0,))
-        return all(i < len(node.inputs) and self.from_dq(node.inputs[i]) for i in wanted)
+        if not all(i < len(node.inputs) and self.from_dq(node.inputs[i]) for i in wanted):
+            return False
+        if node.op in WIDE_FLOAT_OPS and any(
+                t in WIDE for t in [_ort_type(self.g, found[0])] + [_input_type(self.g, node.inputs[i]) for i in wanted]):
+            return False           # 16-bit: no QLinearSoftmax / table / QLinearConcat in ORT: DQ -> float op -> Q
+        return True
 
     def float_step(self, node):
         """A node ORT runs in float between DQ and Q (``floatops``): float in, float out."""

@@ -92,6 +92,13 @@ class QuantOptions:
     target: str = option("any", "CPUs the model must compute the same integers on: any (no two adjacent weights "
                          "ORT's AVX2 / AVX-512BW kernels add in int16 can leave it, see docs/cpu.md) or vnni "
                          "(VNNI / AMX / non-x86 only: weights as rounded)", choices=("any", "vnni"))
+    ort_nbits: str = option("wide", "ONNX Runtime (1.32) rewrites DequantizeLinear(int8/uint8/int4 weight) -> MatMul "
+                            "reading 16-bit or float activations into MatMulNBits, which quantizes those activations "
+                            "to int8 in blocks of 32 (accuracy_level 4): wide: a MatMul reading 16-bit activations "
+                            "gets its weight as [1, K, N] (same integers and scales), a form the rewrite does not "
+                            "take, so ORT computes the 16-bit activations asked for; float: also a MatMul reading "
+                            "float activations (weight_only, excluded producers); allow: [K, N] everywhere (ORT's "
+                            "int8 path)", choices=("wide", "float", "allow"))
     absorb_relu: bool = option(True, "remove Relu/Clip after a quantized op into its output range")
     batch_size: int = option(4, "calibration batch size (memory grows with it: every tensor ORT holds at once, "
                              "times the batch)", range=(1, 4096))
@@ -335,6 +342,7 @@ class Quantize(Pass):
     def _rewrite(self, g: ir.Graph, plan: Plan, act_qp: dict, w_qp: dict, w_int: dict | None = None) -> dict:
         weights, layers, dq_of, q_of, pair_fit = {}, {}, {}, {}, {}
         w_dq: dict[str, ir.Variable] = {}
+        self._nbits_kept = {"batched_weight": 0, "left_2d": {}}
         for name, wp in plan.weights.items():
             qp = w_qp[name]
             q = w_int[name] if w_int and name in w_int else weight_integers(wp.tensor.values, qp)
@@ -342,6 +350,11 @@ class Quantize(Pass):
                 q, fitted = _fit_pairs(wp, qp, q)
                 if fitted:
                     pair_fit[name] = fitted
+            batched = self._batched_weight(wp, qp, act_qp)
+            if batched:
+                q = q.reshape((1,) + q.shape)
+                qp = replace(qp, axis=None if qp.axis is None else qp.axis + 1)
+                self._nbits_kept["batched_weight"] += 1
             _, out = dq_constant(g, q, qp, name)
             w_dq[name] = out
             for node in wp.readers:
@@ -377,6 +390,50 @@ class Quantize(Pass):
         fit = {"pairs": sum(pair_fit.values()), "weights": len(pair_fit)} if pair_fit else {}
         return {"weights": weights, "layers": layers, "dq_of": dq_of, "q_of": q_of, "pair_fit": fit}
 
+    def _batched_weight(self, wp, qp: QParams, act_qp: dict) -> bool:
+        """Whether the weight of a MatMul is written as [1, K, N] (``ort_nbits``) so that ONNX Runtime
+        runs DequantizeLinear -> MatMul as written instead of its MatMulNBits rewrite.
+
+        ORT 1.32's DQMatMulToMatMulNBits (``qdq_selectors.cc``, ``ValidateDQForMatMulNBits``) takes a
+        rank-2 int8 / uint8 / int4 weight, per tensor or per column (axis 1), read by a MatMul (or a
+        Gemm with transB = 0) whose input A is not an 8-bit QDQ activation; its kernel (accuracy_level 4,
+        ``session.qdq_matmulnbits_accuracy_level``) quantizes A to int8 per block of 32 along K with
+        scale max|a| / 127, so 16-bit (or float) activations are computed at 8 bits. A [1, K, N]
+        weight (per-channel axis 2) is the same matrix broadcast over the batch; the selector needs rank
+        2 and leaves it. It is used only where every reader is such a MatMul with an input of rank >= 3
+        (the output shape is then unchanged); other cases stay [K, N] and are counted in the notes
+        (``ort_matmulnbits.left_2d``)."""
+        mode = self.opts.ort_nbits
+        if mode == "allow" or qp.storage not in ("int8", "uint8", "int4", "uint4") \
+                or np.ndim(wp.tensor.values) != 2:
+            return False
+        targets = []
+        for node in wp.readers:
+            if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2 or node.inputs[1] is not wp.tensor \
+                    or (node.op == "Gemm" and int(node.attrs.get("transB", 0))):
+                continue
+            a = act_qp.get(node.inputs[0].name)
+            if a is not None and a.storage in ("int16", "uint16"):
+                targets.append(node)
+            elif a is None and mode == "float" and ir.const(node.inputs[0]) is None:
+                targets.append(node)
+        if not targets:
+            return False
+        why = None
+        for node in wp.readers:
+            shape = node.inputs[0].shape
+            if node.op != "MatMul" or node.inputs[1] is not wp.tensor:
+                why = f"read by {node.op} (B of rank 2 only)" if node.op == "Gemm" else f"also read by {node.op}"
+            elif shape is None or len(shape) < 3:
+                why = "MatMul input of rank < 3 or unknown (a [1, K, N] weight would add a dim to the output)"
+            if why:
+                break
+        if why:
+            left = self._nbits_kept["left_2d"]
+            left[why] = left.get(why, 0) + 1
+            return False
+        return True
+
     @staticmethod
     def _absorbable(relu, qp: QParams) -> bool:
         """The quantized range must lie inside the ReLU/Clip bounds: then Q's saturation is the clip."""
@@ -402,6 +459,10 @@ class Quantize(Pass):
             notes["act_bits"] = {f"{b}b": n for b, n in sorted(act_bits.items())}
         if self._kept8:
             notes["act_kept_8_bits"] = dict(sorted(self._kept8.items()))
+        kept = getattr(self, "_nbits_kept", {})
+        if kept.get("batched_weight") or kept.get("left_2d"):
+            notes["ort_matmulnbits"] = {"batched_weight": kept["batched_weight"], **(
+                {"left_2d": dict(sorted(kept["left_2d"].items()))} if kept["left_2d"] else {})}
         clipped = sum(v.get("bias", {}).get("clipped", 0) for v in record["layers"].values())
         if clipped:
             notes["bias_clipped"] = clipped

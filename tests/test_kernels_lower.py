@@ -275,3 +275,40 @@ def test_pools_data_movement_tables_and_mul_match_ort_per_layer(tmp_path):
     assert all(r["isolated"]["max_lsb"] <= 1 for r in rows), [(r["op"], r["isolated"]) for r in rows]
     assert all(r["isolated"]["max_lsb"] == 0 for r in rows if r["op"] != "QLinearAveragePool"), \
         [(r["op"], r["step"], r["isolated"]) for r in rows if r["isolated"]["max_lsb"]]
+
+
+@pytest.mark.parametrize("op", ["Softmax", "Sigmoid"])
+def test_sixteen_bit_softmax_and_tables_are_float_units(op):
+    """``quant:act_bits=16`` (MiniLM's attention): ORT fuses an 8-bit DQ -> Softmax -> Q into
+    QLinearSoftmax and an 8-bit Sigmoid into a 256-entry table, but runs a 16-bit one as DQ -> float op
+    -> Q(int16). ``lower`` made a QLinearSoftmax / table of it anyway (codes off by up to 65535); now a
+    Float step between DequantizeLinear and QuantizeLinear. Tolerance: Softmax 0 on AVX-512F
+    (``ortsoftmax`` is MLAS's kernel there); Sigmoid, and Softmax elsewhere, 1 LSB on at most 1 % of the
+    codes (numpy's exp, not MLAS's polynomial: a float within an ulp of a 16-bit rounding boundary
+    lands on the other side, ``floatops``' docstring)."""
+    rng = np.random.default_rng(16)
+    consts = {"s_x": np.float32(2e-4), "z_x": np.int16(0), "s_y": np.float32(1.0 / 65535), "z_y": np.int16(-32768)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s_x", "z_x"], ["qx"]),
+             helper.make_node("DequantizeLinear", ["qx", "s_x", "z_x"], ["dx"]),
+             helper.make_node(op, ["dx"], ["f"], name="op"),
+             helper.make_node("QuantizeLinear", ["f", "s_y", "z_y"], ["qy"]),
+             helper.make_node("DequantizeLinear", ["qy", "s_y", "z_y"], ["y"])]
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3, 18])],
+                              [helper.make_tensor_value_info("qy", TensorProto.INT16, [4, 3, 18]),
+                               helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3, 18])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    prog = lower(model)
+    assert [s.attrs.get("op") for s in prog.steps if s.op == "Float"] == [op]
+    assert not any(s.op in ("QLinearSoftmax", "Lookup") for s in prog.steps)
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = (rng.standard_normal((4, 3, 18)) * 4).astype(np.float32)
+    want = sess.run(["qy"], {"x": x})[0].astype(np.int32)
+    got = run(prog, {"x": x})["qy"].astype(np.int32)
+    d = np.abs(got - want)
+    exact = op == "Softmax" and cpu.has("avx512f")
+    assert d.max() <= (0 if exact else 1) and np.mean(d > 0) <= 0.01, (d.max(), np.mean(d > 0))

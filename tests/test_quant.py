@@ -9,6 +9,7 @@ add at most half a step of 1/255 of their range; summed over a short dot product
 """
 import collections
 import os
+import platform
 import tempfile
 
 import numpy as np
@@ -405,6 +406,119 @@ def test_sixteen_bit_activations_run_in_ort(rng):
     check_close(model, q, calib, tol=0.01)      # 8-bit weights dominate the error
     q_types = {i.data_type for i in q.graph.initializer if i.name.endswith("_zero_point")}
     assert TensorProto.INT16 in q_types
+
+
+def _matmul_bias_model(rng, k=64, n=48, rank=3):
+    #   x[N, 5, K] ─MatMul(W[K, N])─ Add(b) ─ y       (a transformer's dense layer)
+    w = init("w", rng.standard_normal((k, n)).astype(np.float32) * 0.2)
+    b = init("b", rng.standard_normal(n).astype(np.float32))
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="dense"), helper.make_node("Add", ["m", "b"], ["y"])]
+    shape = ["N", 5, k] if rank == 3 else ["N", k]
+    return make_model(nodes, [("x", shape)], [("y", shape[:-1] + [n])], [w, b], opset=21)
+
+
+def _ort(model, level):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    so.graph_optimization_level = level
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _full_opt_ops(model) -> collections.Counter:
+    """Op counts of the graph ORT runs with its default (all) optimizations, where MatMulNBits appears."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+@pytest.mark.parametrize("mode", ["wide", "allow"])
+def test_sixteen_bit_matmul_is_not_rewritten_to_matmulnbits(rng, mode):
+    """ORT 1.32 rewrites DQ(int8 weight [K, N]) -> MatMul reading 16-bit activations into MatMulNBits
+    (accuracy_level 4: the activations quantized to int8 per block of 32). ``ort_nbits=wide`` (the
+    default) writes the weight as [1, K, N] (per-channel axis 2), which the rewrite does not take: ORT
+    with all optimizations then computes what the graph says, i.e. what ORT with none computes (the
+    same float MatMul on the same 16-bit codes): equal to at most 1 LSB of the 16-bit output (float
+    summation order). ``allow`` keeps [K, N]: MatMulNBits, and hundreds of LSB off the written graph."""
+    model = _matmul_bias_model(rng)
+    calib = {"x": rng.standard_normal((16, 5, 64)).astype(np.float32)}
+    q, rep = qgraph.optimize(model, f"quant:act_bits=16,ort_nbits={mode},sqnr=false", calib=calib, progress=False)
+    notes = rep.rows[-1]["notes"]
+    g = ir.load(q)
+    dq_w = next(n for n in g.nodes if n.op == "DequantizeLinear" and ir.const(n.inputs[0]) is not None
+                and ir.const(n.inputs[0]).ndim >= 2)
+    fused = _full_opt_ops(q)
+    if mode == "wide":
+        assert ir.const(dq_w.inputs[0]).shape == (1, 64, 48) and dq_w.attrs["axis"] == 2
+        assert notes["ort_matmulnbits"] == {"batched_weight": 1}
+        assert fused["MatMulNBits"] == 0 and fused["MatMul"] == 1
+    else:
+        assert ir.const(dq_w.inputs[0]).shape == (64, 48) and "ort_matmulnbits" not in notes
+        assert fused["MatMulNBits"] == 1
+    x = rng.standard_normal((3, 5, 64)).astype(np.float32)
+    got = _ort(q, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"x": x})[0]
+    written = _ort(q, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {"x": x})[0]
+    dq_y = ir.producer(next(t for t in g.outputs if t.name == "y"))
+    lsb = float(qparams_of(ir.producer(dq_y.inputs[0])).scale)   # y's 16-bit step
+    off = float(np.max(np.abs(got - written))) / lsb
+    if mode == "wide":
+        assert off <= 1.0 + 1e-6, off
+        from qgraph.kernels import lower, run      # qgraph-run: the same float unit, bit for bit
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            np.testing.assert_array_equal(run(lower(q), {"x": x})["y"], got)
+    else:
+        assert off > 50, off       # the int8 activation blocks: far more than float summation noise
+    check_close(model, q, calib)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="ORT's x86 float units")
+def test_sixteen_bit_matmul_straight_into_q_runs_bit_exact_with_a_batched_weight(rng):
+    #   x ─MatMul(W)─ Relu ─ y (no bias): DQ(x16), DQ(W[1, K, N]) -> MatMul -> Relu -> Q(y16), one unit
+    #   ORT runs in float; qgraph-run lowers it as a QLinearMatMul float unit: bit for bit (tolerance 0)
+    from qgraph.kernels import lower, run
+    w = init("w", rng.standard_normal((64, 48)).astype(np.float32) * 0.2)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["m"], name="dense"),
+                        helper.make_node("Relu", ["m"], ["y"])], [("x", ["N", 5, 64])], [("y", ["N", 5, 48])],
+                       [w], opset=21)
+    calib = {"x": rng.standard_normal((16, 5, 64)).astype(np.float32)}
+    q, rep = qgraph.optimize(model, "quant:act_bits=16,sqnr=false", calib=calib, progress=False)
+    assert rep.rows[-1]["notes"]["ort_matmulnbits"] == {"batched_weight": 1}
+    prog = lower(q)
+    assert [s.op for s in prog.steps] == ["QuantizeLinear", "QLinearMatMul", "DequantizeLinear"]
+    x = rng.standard_normal((3, 5, 64)).astype(np.float32)
+    np.testing.assert_array_equal(run(prog, {"x": x})["y"], run_ort(q, {"x": x})[0])
+
+
+def test_sixteen_bit_matmul_of_a_matrix_input_keeps_its_weight_and_says_so(rng):
+    #   x[N, K] (rank 2): a [1, K, N] weight would make the output [1, N, N']; the weight stays [K, N]
+    model = _matmul_bias_model(rng, rank=2)
+    q, notes, calib = quantize(model, rng, "quant:act_bits=16,sqnr=false")
+    assert list(notes["ort_matmulnbits"]["left_2d"].values()) == [1]
+    assert notes["ort_matmulnbits"]["batched_weight"] == 0
+    check_close(model, q, calib)
+
+
+def test_eight_bit_matmul_weights_stay_matrices(rng):
+    #   8-bit activations: ORT fuses MatMulIntegerToFloat / QLinearMatMul, no MatMulNBits; nothing changes
+    q, notes, _ = quantize(_matmul_bias_model(rng), rng, "quant:sqnr=false")
+    assert "ort_matmulnbits" not in notes
+    assert all(ir.const(n.inputs[0]).ndim <= 2 for n in ir.load(q).nodes
+               if n.op == "DequantizeLinear" and ir.const(n.inputs[0]) is not None)
+
+
+def test_weight_only_matmul_weights_avoid_matmulnbits_with_ort_nbits_float(rng):
+    #   weight_only: float activations; ORT's rewrite would quantize them to int8 blocks. float keeps them
+    model = _matmul_bias_model(rng)
+    q, rep = qgraph.optimize(model, "quant:weight_only=true,ort_nbits=float", progress=False)
+    assert _full_opt_ops(q)["MatMulNBits"] == 0
+    q2, _ = qgraph.optimize(model, "quant:weight_only=true", progress=False)
+    assert _full_opt_ops(q2)["MatMulNBits"] == 1          # the default leaves weight-only to ORT
+    x = rng.standard_normal((3, 5, 64)).astype(np.float32)
+    ref = run_ort(model, {"x": x})[0]
+    assert rel_err(ref, run_ort(q, {"x": x})[0]) < rel_err(ref, run_ort(q2, {"x": x})[0])
 
 
 def test_act_precision_raises_one_tensor_to_16_bits(rng):
