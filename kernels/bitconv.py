@@ -21,12 +21,12 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from qgraph.kernels.bitplanes import WORD, Encoding, _pack, encoding_of, input_encoding
+from qgraph.kernels.bitplanes import WORD, Encoding, _pack, _pack_nchw, encoding_of, input_encoding
 from qgraph.kernels.bitserial import MR, NR, BitPacked, _fill_terms, _gemm_into, pack, pair_table
 from qgraph.kernels.requant import requant_run
 
 #: how ``_conv_chunks`` gets the pixels' planes
-IM2COL, ROWS_IN_PLACE = 0, 1
+IM2COL, FROM_NCHW = 0, 1
 
 
 @dataclass
@@ -228,28 +228,32 @@ def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, 
         enc = input_encoding(x, zx, any(geo.pads))
     hp = max(h + pt, (oh - 1) * sh + (kh - 1) * dh + 1)
     wp = max(w + pl, (ow - 1) * sw + (kw - 1) * dw + 1)
-    # 1x1, stride 1, unpadded, one group: the NHWC copy's pixel rows are the im2col rows, packed in place
-    # (``ROWS_IN_PLACE``); every other convolution builds im2col rows. (Measured and dropped: planes taken
-    # straight from NCHW by 64x64 bit transposes, one per 64 pixels x 64 channels x plane, took 0.95-1.2x
-    # the time of this copy and packing at one plane, 1.5-1.8x at two, on MobileNetV2's pointwise shapes.)
+    # 1x1, stride 1, unpadded, one group (MobileNetV2's pointwise layers): the planes come straight from NCHW
+    # (``FROM_NCHW``: ``bitplanes._pack_nchw``, 64 pixels x 64 channels per block, no NHWC copy); every other
+    # convolution copies the input to NHWC and builds im2col rows. (Measured and dropped: scalar 64x64 bit
+    # transposes from NCHW, 0.95-1.8x the time of an NHWC copy and packing its pixel rows in place; and that
+    # copy-and-pack itself, 2-4x the time of ``FROM_NCHW`` on MobileNetV2's pointwise shapes.)
     pointwise = (kh, kw, sh, sw) == (1, 1, 1, 1) and g == 1 and not any(geo.pads)
-    mode = ROWS_IN_PLACE if pointwise else IM2COL
-    n_xp = n_b * hp * wp * c_in
-    xf = _scratch(pc, "xp", (n_xp + WORD,), x.dtype)           # + slack for 64-byte moves
-    xp = xf[:n_xp].reshape(n_b, hp, wp, c_in)
-    if hp != h or wp != w:
-        xp[...] = np.array(zx).astype(x.dtype)
-    if hp == h and wp == w:                 # nothing padded: each image is one run of h*w pixels
-        _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, 1, h * w, 0, 0, 0)
-    else:                                   # row by row, into the padded frame
-        _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, h, w, w, wp, pt * wp + pl)
+    mode = FROM_NCHW if pointwise else IM2COL
+    if pointwise:
+        xf = x.reshape(-1)
+    else:
+        n_xp = n_b * hp * wp * c_in
+        xf = _scratch(pc, "xp", (n_xp + WORD,), x.dtype)           # + slack for 64-byte moves
+        xp = xf[:n_xp].reshape(n_b, hp, wp, c_in)
+        if hp != h or wp != w:
+            xp[...] = np.array(zx).astype(x.dtype)
+        if hp == h and wp == w:                 # nothing padded: each image is one run of h*w pixels
+            _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, 1, h * w, 0, 0, 0)
+        else:                                   # row by row, into the padded frame
+            _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, h, w, w, wp, pt * wp + pl)
     pixels = oh * ow
     k = kh * kw * pc.cin_g
     words = max(1, -(-k // WORD))
     per = max(1, min(n_b, 4096 // max(pixels, 1)))           # several small images per GEMM
-    cols = _scratch(pc, "cols", (WORD if pointwise else per * pixels * words * WORD + WORD,), x.dtype)
+    cols = _scratch(pc, "cols", (c_in * WORD + WORD if pointwise else per * pixels * words * WORD + WORD,), x.dtype)
     bpanels = _scratch(pc, "bpanels", (-(-per * pixels // NR) * NR * enc.bits * words,), np.uint64)
-    acc = _scratch(pc, "acc", (pc.cout // g, per * pixels), np.int32)
+    acc = _scratch(pc, "acc", (pc.cout // g * per * pixels,), np.int32)     # [Cout / g, chunk pixels], contiguous
     qa, qb, coef, xor = pair_table(pc.enc, enc)
     if rq is None:
         out = np.empty((n_b, pc.cout, pixels), np.int32)
@@ -275,8 +279,8 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
                  shift_b, coefs, fill, offset, cols, bpanels, wpanels, wsums, w_planes, w_offset, zw, zx, qa, qb, coef,
                  xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, out):
     """The whole convolution, chunk of images by chunk, group by group: the pixels' rows and their
-    planes (``mode``: ``IM2COL`` im2col rows (``_im2col``) then ``bitplanes._pack``; ``ROWS_IN_PLACE``
-    a 1x1 conv's NHWC rows packed as they lie), the tile GEMM finished with its zero-point terms (``_gemm_into``), then
+    planes (``mode``: ``IM2COL`` im2col rows (``_im2col``) then ``bitplanes._pack``; ``FROM_NCHW`` a
+    1x1 conv's planes straight from the NCHW input, ``bitplanes._pack_nchw``), the tile GEMM finished with its zero-point terms (``_gemm_into``), then
     ``requant_run`` per output channel (or, ``raw``, the int32 accumulators)."""
     groups = wpanels.shape[0]
     cout_g = wsums.shape[1]
@@ -292,21 +296,22 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
         np_ = (n1 - n0) * pixels
         npad = -(-np_ // NR) * NR
         colt = np.empty((2, npad), np.int64)
-        bsums = np.empty(np_, np.int64)
+        bsums = np.empty(np_ + WORD, np.int64)
+        blk = np.empty(WORD, np.uint64)
         for gi in range(groups):
             last = (np_ // NR) * NR * planes * words           # the last panel's unused lanes stay 0
             bpanels[last:npad * planes * words] = 0
-            if mode == ROWS_IN_PLACE:           # the NHWC copy's pixel rows are the im2col rows
-                rows = xf[n0 * pixels * c_all:n1 * pixels * c_all].reshape((np_, c_all))
-                _pack(rows, np_, k, NR, planes, add, shift_b, coefs, fill, bpanels, bsums)
+            if mode == FROM_NCHW:               # a 1x1 conv's planes straight from NCHW
+                _pack_nchw(xf[n0 * pixels * c_all:n1 * pixels * c_all], n1 - n0, c_all, pixels, NR, planes, add,
+                           shift_b, coefs, fill, bpanels, bsums, blk, cols)
             else:
                 _im2col(xf, hp, wp, c_all, n0, n1, gi * cin_g, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, fill64, rb,
                         cols)
                 _pack(cols[:np_ * rb].reshape((np_, rb)), np_, rb, NR, planes, add, shift_b, coefs, fill, bpanels,
                       bsums)
             zw_g = zw[gi * cout_g:(gi + 1) * cout_g] if per_w else zw
-            _fill_terms(wsums[gi], zw_g, w_offset, k, bsums, np.full(1, zx, np.int64), offset, xor, rowt, colt)
-            a = acc[:, :np_]
+            _fill_terms(wsums[gi], zw_g, w_offset, k, bsums[:np_], np.full(1, zx, np.int64), offset, xor, rowt, colt)
+            a = acc[:cout_g * np_].reshape((cout_g, np_))      # C-contiguous: the requantization runs vectorize
             _gemm_into(wpanels[gi], w_planes * words * MR, bpanels, planes * words * NR, qa, qb, coef, xor, words,
                        rowt, colt, a)
             for i in range(cout_g):
