@@ -21,12 +21,13 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from qgraph.kernels.bitplanes import WORD, Encoding, _pack, _pack_nchw, encoding_of, input_encoding
+from qgraph.kernels.bitplanes import (WORD, Encoding, _channel_words, _pack, _pack_nchw, encoding_of,
+                                     input_encoding, popcount64)
 from qgraph.kernels.bitserial import MR, NR, BitPacked, _fill_terms, _gemm_into, pack, pair_table
 from qgraph.kernels.requant import requant_run
 
 #: how ``_conv_chunks`` gets the pixels' planes
-IM2COL, FROM_NCHW = 0, 1
+IM2COL, FROM_NCHW, TAP_WORDS = 0, 1, 2
 
 
 @dataclass
@@ -198,6 +199,100 @@ def _to_nhwc(x, xp, n_b, c, runs, run, src_step, dst_step, dst0):
                     xp[d_base + p * c + ch] = x[s_base + ch * hw + p]
 
 
+@njit(cache=True)
+def _frame_words(x, n_img, c, h, w, hp, wp, pt, pl, planes, add, shift, zx_words, frame, blk, tmp):
+    """A convolution input's planes as words per pixel of its padded frame (``TAP_WORDS``): x (flat uint8
+    NCHW, c a multiple of 64) -> frame uint64 [planes][n_img][hp][wp][c / 64], word j of a pixel holding
+    channels 64j..64j+63 of one plane; the padding pixels hold the zero point's planes (``zx_words``
+    [planes]: all ones or all zeros). Blocks of 64 pixels x 64 channels through ``bitplanes._channel_words``
+    (an image's last block of fewer than 64 pixels copied into ``tmp`` [c, 64] first), each pixel's word
+    put at its place in the frame."""
+    cw = c // WORD
+    hw = h * w
+    dummy = np.zeros(WORD, np.int64)
+    for q in range(planes):
+        for j in range(n_img * hp * wp * cw):
+            frame[q * n_img * hp * wp * cw + j] = zx_words[q]
+    for n in range(n_img):
+        for i0 in range(0, hw, WORD):
+            cnt = min(WORD, hw - i0)
+            if cnt < WORD:
+                tmp[:] = 0
+                for ch in range(c):
+                    for i in range(cnt):
+                        tmp[ch * WORD + i] = x[(n * c + ch) * hw + i0 + i]
+            for q in range(planes):
+                sh = np.uint8(q + shift)
+                base = (q * n_img + n) * hp * wp
+                for j in range(cw):
+                    if cnt < WORD:
+                        _channel_words(tmp, j * WORD * WORD, WORD, WORD, add, sh, blk, 0, 16, dummy, 0, 0)
+                    else:
+                        _channel_words(x, (n * c + j * WORD) * hw + i0, hw, WORD, add, sh, blk, 0, 16, dummy, 0, 0)
+                    for i in range(cnt):
+                        y = (i0 + i) // w
+                        xo = (i0 + i) - y * w
+                        frame[(base + (y + pt) * wp + xo + pl) * cw + j] = blk[i]
+
+
+@njit(cache=True)
+def _tap_panels(frame, n_img, hp, wp, cw, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw, planes, coefs, out, sums, fsum):
+    """The vector operand of a ``TAP_WORDS`` convolution for images n0..n1-1: pixel p's row of K =
+    kh*kw*c values is its taps' frame words, tap (i, j) at words (i*kw + j)*cw.. (the weights' (kh, kw, c)
+    order, whole words since c is a multiple of 64), written as ``bitplanes._pack`` writes rows: out
+    [ceil(P / 16)][planes][kh*kw*cw][16], lanes past P 0; sums[p] = sum_q c_q popcount(its words), from
+    each frame pixel's popcount (``fsum`` [planes][n_img*hp*wp], filled here for the images n0..n1-1)."""
+    n_pix = oh * ow
+    np_ = (n1 - n0) * n_pix
+    words = kh * kw * cw
+    ts = planes * words * 16
+    fp = n_img * hp * wp
+    for q in range(planes):
+        for f in range(n0 * hp * wp, n1 * hp * wp):
+            c = 0
+            for m in range(cw):
+                c += popcount64(frame[(q * fp + f) * cw + m])
+            fsum[q * fp + f] = c
+    bases = np.empty(16, np.int64)
+    n, y, xo = n0, 0, 0
+    for t in range(-(-np_ // 16)):
+        for lane in range(16):                  # each lane's top-left frame pixel (-1: past the last pixel)
+            if t * 16 + lane < np_:
+                bases[lane] = (n * hp + y * sh) * wp + xo * sw
+                xo += 1
+                if xo == ow:
+                    xo = 0
+                    y += 1
+                    if y == oh:
+                        y = 0
+                        n += 1
+            else:
+                bases[lane] = -1
+        for q in range(planes):
+            qf = q * fp
+            wd = 0
+            for i in range(kh):
+                for j in range(kw):
+                    toff = qf + i * dh * wp + j * dw
+                    for m in range(cw):
+                        o = t * ts + (q * words + wd) * 16
+                        for lane in range(16):
+                            b = bases[lane]
+                            out[o + lane] = frame[(b + toff) * cw + m] if b >= 0 else np.uint64(0)
+                        wd += 1
+        for lane in range(16):
+            b = bases[lane]
+            if b >= 0:
+                tot = 0
+                for q in range(planes):
+                    st = 0
+                    for i in range(kh):
+                        for j in range(kw):
+                            st += fsum[q * fp + b + i * dh * wp + j * dw]
+                    tot += st * coefs[q]
+                sums[t * 16 + lane] = tot
+
+
 def _scratch(pc: "BitConv", key: str, shape, dtype) -> np.ndarray:
     """A buffer kept with the layer between calls (fresh large arrays cost page faults each time)."""
     buf = pc.cache.get(key)
@@ -234,9 +329,20 @@ def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, 
     # transposes from NCHW, 0.95-1.8x the time of an NHWC copy and packing its pixel rows in place; and that
     # copy-and-pack itself, 2-4x the time of ``FROM_NCHW`` on MobileNetV2's pointwise shapes.)
     pointwise = (kh, kw, sh, sw) == (1, 1, 1, 1) and g == 1 and not any(geo.pads)
-    mode = FROM_NCHW if pointwise else IM2COL
+    # channels a multiple of 64 (ResNet's 3x3 convs, say): each tap is whole words, so the planes are packed
+    # once per input pixel into a padded frame of words (``TAP_WORDS``: ``_frame_words``, O(input)) and each
+    # output pixel's row is its taps' words (``_tap_panels``), not an im2col of bytes packed again
+    tap = not pointwise and g == 1 and c_in % WORD == 0
+    mode = FROM_NCHW if pointwise else TAP_WORDS if tap else IM2COL
+    frame = _scratch(pc, "frame", (enc.bits * n_b * hp * wp * (c_in // WORD) if tap else 1,), np.uint64)
     if pointwise:
         xf = x.reshape(-1)
+    elif tap:
+        xf = x.reshape(-1)
+        zx_words = np.array([0xFFFFFFFFFFFFFFFF if ((int(zx) + enc.add) & 0xFF) >> (q + enc.shift) & 1 else 0
+                             for q in range(enc.bits)], np.uint64)
+        _frame_words(xf.view(np.uint8), n_b, c_in, h, w, hp, wp, pt, pl, enc.bits, np.uint8(enc.add & 0xFF), enc.shift,
+                     zx_words, frame, np.empty(WORD, np.uint64), _scratch(pc, "tmp", (c_in * WORD,), np.uint8))
     else:
         n_xp = n_b * hp * wp * c_in
         xf = _scratch(pc, "xp", (n_xp + WORD,), x.dtype)           # + slack for 64-byte moves
@@ -251,7 +357,8 @@ def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, 
     k = kh * kw * pc.cin_g
     words = max(1, -(-k // WORD))
     per = max(1, min(n_b, 4096 // max(pixels, 1)))           # several small images per GEMM
-    cols = _scratch(pc, "cols", (c_in * WORD + WORD if pointwise else per * pixels * words * WORD + WORD,), x.dtype)
+    cols = _scratch(pc, "cols", (c_in * WORD + WORD if pointwise else WORD if tap else per * pixels * words * WORD + WORD,),
+                    x.dtype)
     bpanels = _scratch(pc, "bpanels", (-(-per * pixels // NR) * NR * enc.bits * words,), np.uint64)
     acc = _scratch(pc, "acc", (pc.cout // g * per * pixels,), np.int32)     # [Cout / g, chunk pixels], contiguous
     qa, qb, coef, xor = pair_table(pc.enc, enc)
@@ -270,17 +377,18 @@ def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, 
                  np.asarray(zw, np.int64).reshape(-1), int(zx), qa, qb, coef, xor, acc, raw,
                  np.asarray(bias, np.int32).reshape(-1), np.asarray(scale, np.float32).reshape(-1),
                  np.asarray(mult, np.int64).reshape(-1), np.asarray(shift, np.int64).reshape(-1), int(zp), int(qmin),
-                 int(qmax), bool(fixed), mode, out)
+                 int(qmax), bool(fixed), mode, frame, out)
     return out.reshape(n_b, pc.cout, oh, ow)
 
 
 @njit(cache=True)
 def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words, planes, add,
                  shift_b, coefs, fill, offset, cols, bpanels, wpanels, wsums, w_planes, w_offset, zw, zx, qa, qb, coef,
-                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, out):
+                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, frame, out):
     """The whole convolution, chunk of images by chunk, group by group: the pixels' rows and their
     planes (``mode``: ``IM2COL`` im2col rows (``_im2col``) then ``bitplanes._pack``; ``FROM_NCHW`` a
-    1x1 conv's planes straight from the NCHW input, ``bitplanes._pack_nchw``), the tile GEMM finished with its zero-point terms (``_gemm_into``), then
+    1x1 conv's planes straight from the NCHW input, ``bitplanes._pack_nchw``; ``TAP_WORDS`` each pixel's
+    taps' words from the padded frame of words ``frame``, ``_tap_panels``), the tile GEMM finished with its zero-point terms (``_gemm_into``), then
     ``requant_run`` per output channel (or, ``raw``, the int32 accumulators)."""
     groups = wpanels.shape[0]
     cout_g = wsums.shape[1]
@@ -291,6 +399,7 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
     rowt = np.empty((3, mp), np.int64)
     per_w = zw.shape[0] > 1
     per_s = scale.shape[0] > 1
+    fsum = np.empty(planes * n_b * hp * wp if mode == TAP_WORDS else 1, np.int64)
     for n0 in range(0, n_b, per):
         n1 = min(n_b, n0 + per)
         np_ = (n1 - n0) * pixels
@@ -301,7 +410,10 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
         for gi in range(groups):
             last = (np_ // NR) * NR * planes * words           # the last panel's unused lanes stay 0
             bpanels[last:npad * planes * words] = 0
-            if mode == FROM_NCHW:               # a 1x1 conv's planes straight from NCHW
+            if mode == TAP_WORDS:               # the taps' words of the frame packed once per input pixel
+                _tap_panels(frame, n_b, hp, wp, c_all // WORD, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw, planes, coefs,
+                            bpanels, bsums, fsum)
+            elif mode == FROM_NCHW:             # a 1x1 conv's planes straight from NCHW
                 _pack_nchw(xf[n0 * pixels * c_all:n1 * pixels * c_all], n1 - n0, c_all, pixels, NR, planes, add,
                            shift_b, coefs, fill, bpanels, bsums, blk, cols)
             else:

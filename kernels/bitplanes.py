@@ -26,6 +26,7 @@ the vector operand), and each row's plane sum ``sum_k (v_k - o)`` for the zero-p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from llvmlite import ir
@@ -46,13 +47,8 @@ class Encoding:
 
     @property
     def coefs(self) -> np.ndarray:
-        """c_p per plane (int64)."""
-        if self.kind == "pm1":
-            return np.array([2], np.int64)
-        c = np.array([1 << p for p in range(self.bits)], np.int64)
-        if self.kind == "twos":
-            c[-1] = -c[-1]
-        return c
+        """c_p per plane (int64; one array per encoding, shared: do not write to it)."""
+        return _coefs(self.kind, self.bits)
 
     @property
     def fill(self) -> int:
@@ -61,6 +57,17 @@ class Encoding:
 
     def label(self) -> str:
         return "±1" if self.kind == "pm1" else f"{self.bits}-bit {'signed' if self.kind == 'twos' else 'unsigned'}"
+
+
+@lru_cache(maxsize=64)
+def _coefs(kind: str, bits: int) -> np.ndarray:
+    if kind == "pm1":
+        c = np.array([2], np.int64)
+    else:
+        c = np.array([1 << p for p in range(bits)], np.int64)
+        if kind == "twos":
+            c[-1] = -c[-1]
+    return c
 
 
 def encoding_for(lo: int, hi: int, signed: bool, zero_free: bool = False) -> Encoding:
