@@ -293,92 +293,101 @@ def _tap_panels(frame, n_img, hp, wp, cw, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw
                 sums[t * 16 + lane] = tot
 
 
-def _scratch(pc: "BitConv", key: str, shape, dtype) -> np.ndarray:
-    """A buffer kept with the layer between calls (fresh large arrays cost page faults each time)."""
-    buf = pc.cache.get(key)
-    if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
-        buf = pc.cache[key] = np.empty(shape, dtype)
-    return buf
-
-
 def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, out_dtype=None,
          enc: Encoding | None = None) -> np.ndarray:
     """``conv.conv_int`` computed bit-serially, same contract: int32 [N, Cout, OH, OW] accumulators,
     or with ``rq = (bias, scale, mult, shift, zp, qmin, qmax, fixed)`` the requantized output
     (``requant.requant_run``, the one requantization). ``enc``: the activation's encoding when the
     caller has it (else from x's values and zx). Per group and chunk of images (``_conv_chunks``):
-    im2col bytes in the weights' (kh, kw, c) order, their planes as the vector operand, the weights
-    broadcast."""
+    the pixels' planes (``FROM_NCHW``, ``TAP_WORDS`` or ``IM2COL``) as the vector operand, the weights
+    broadcast. What does not depend on x's values (buffers, the pair table, the arguments' arrays) is
+    built once per input shape, encoding, zero points and ``rq`` (``_conv_setup``, kept with the layer)."""
     if x.ndim == 3:
         x = x[:, :, None, :]
     x = np.ascontiguousarray(x)
+    if x.shape[1] != pc.cin_g * geo.group:
+        raise ValueError(f"conv: input has {x.shape[1]} channels, weights expect {pc.cin_g} x group {geo.group}")
+    if enc is None:
+        enc = input_encoding(x, zx, any(geo.pads))
+    key = (x.shape, x.dtype.str, int(zx), enc, geo, out_dtype)
+    hit = pc.cache.get("setup")
+    if hit is None or hit[0] != key or hit[1] is not zw or hit[2] is not rq:
+        hit = pc.cache["setup"] = (key, zw, rq, _conv_setup(x, zx, pc, zw, geo, rq, out_dtype, enc))
+    mode, fill_x, head, tail, out_shape, out_dt, out4 = hit[3]
+    n_b, c_in, h, w = x.shape
+    xb = x.reshape(-1).view(np.uint8)
+    if mode == IM2COL:                          # x to NHWC, in the frame padded with the zero point
+        xf, hp, wp, pt, pl = fill_x
+        n_xp = n_b * hp * wp * c_in
+        if hp != h or wp != w:
+            xf[:n_xp] = np.uint8(int(zx) & 0xFF)
+            _to_nhwc(xb, xf[:n_xp], n_b, c_in, h, w, w, wp, pt * wp + pl)     # row by row, into the padded frame
+        else:                                   # nothing padded: each image is one run of h*w pixels
+            _to_nhwc(xb, xf[:n_xp], n_b, c_in, 1, h * w, 0, 0, 0)
+    elif mode == TAP_WORDS:
+        frame_args = fill_x
+        _frame_words(xb, *frame_args)
+        xf = xb
+    else:
+        xf = xb
+    out = np.empty(out_shape, out_dt)
+    _conv_chunks(xf, *head, *tail, out)
+    return out.reshape(out4)
+
+
+def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding) -> tuple:
+    """Everything ``conv`` passes its kernels that does not depend on x's values: (mode, what fills x in
+    (``IM2COL``: the NHWC frame; ``TAP_WORDS``: ``_frame_words``'s arguments), ``_conv_chunks``'s
+    arguments before and after the frame ones, the output's shape and dtype, its NCHW shape)."""
     n_b, c_in, h, w = x.shape
     g = geo.group
-    if c_in != pc.cin_g * g:
-        raise ValueError(f"conv: input has {c_in} channels, weights expect {pc.cin_g} x group {g}")
     oh, ow = geo.out_hw(h, w)
     (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.strides, geo.dilations
     pt, pl = geo.pads[0], geo.pads[1]
-    if enc is None:
-        enc = input_encoding(x, zx, any(geo.pads))
     hp = max(h + pt, (oh - 1) * sh + (kh - 1) * dh + 1)
     wp = max(w + pl, (ow - 1) * sw + (kw - 1) * dw + 1)
     # 1x1, stride 1, unpadded, one group (MobileNetV2's pointwise layers): the planes come straight from NCHW
-    # (``FROM_NCHW``: ``bitplanes._pack_nchw``, 64 pixels x 64 channels per block, no NHWC copy); every other
-    # convolution copies the input to NHWC and builds im2col rows. (Measured and dropped: scalar 64x64 bit
-    # transposes from NCHW, 0.95-1.8x the time of an NHWC copy and packing its pixel rows in place; and that
-    # copy-and-pack itself, 2-4x the time of ``FROM_NCHW`` on MobileNetV2's pointwise shapes.)
+    # (``FROM_NCHW``: ``bitplanes._pack_nchw``, 64 pixels x 64 channels per block, no NHWC copy). (Measured and
+    # dropped: scalar 64x64 bit transposes from NCHW, 0.95-1.8x the time of an NHWC copy and packing its
+    # pixel rows in place; and that copy-and-pack itself, 2-4x the time of ``FROM_NCHW`` on MobileNetV2's
+    # pointwise shapes.) Channels a multiple of 64 (ResNet's 3x3 convs, say): each tap is whole words, so the
+    # planes are packed once per input pixel into a padded frame of words (``TAP_WORDS``: ``_frame_words``,
+    # O(input)) and each output pixel's row is its taps' words (``_tap_panels``), not an im2col of bytes packed
+    # again. Every other convolution copies the input to NHWC and builds im2col rows (``IM2COL``).
     pointwise = (kh, kw, sh, sw) == (1, 1, 1, 1) and g == 1 and not any(geo.pads)
-    # channels a multiple of 64 (ResNet's 3x3 convs, say): each tap is whole words, so the planes are packed
-    # once per input pixel into a padded frame of words (``TAP_WORDS``: ``_frame_words``, O(input)) and each
-    # output pixel's row is its taps' words (``_tap_panels``), not an im2col of bytes packed again
     tap = not pointwise and g == 1 and c_in % WORD == 0
     mode = FROM_NCHW if pointwise else TAP_WORDS if tap else IM2COL
-    frame = _scratch(pc, "frame", (enc.bits * n_b * hp * wp * (c_in // WORD) if tap else 1,), np.uint64)
-    if pointwise:
-        xf = x.reshape(-1)
-    elif tap:
-        xf = x.reshape(-1)
+    frame = np.empty(enc.bits * n_b * hp * wp * (c_in // WORD) if tap else 1, np.uint64)
+    if tap:
         zx_words = np.array([0xFFFFFFFFFFFFFFFF if ((int(zx) + enc.add) & 0xFF) >> (q + enc.shift) & 1 else 0
                              for q in range(enc.bits)], np.uint64)
-        _frame_words(xf.view(np.uint8), n_b, c_in, h, w, hp, wp, pt, pl, enc.bits, np.uint8(enc.add & 0xFF), enc.shift,
-                     zx_words, frame, np.empty(WORD, np.uint64), _scratch(pc, "tmp", (c_in * WORD,), np.uint8))
+        fill_x = (n_b, c_in, h, w, hp, wp, pt, pl, enc.bits, np.uint8(enc.add & 0xFF), enc.shift, zx_words, frame,
+                  np.empty(WORD, np.uint64), np.empty(c_in * WORD, np.uint8))
+    elif mode == IM2COL:
+        fill_x = (np.empty(n_b * hp * wp * c_in + WORD, np.uint8), hp, wp, pt, pl)   # + slack for 64-byte moves
     else:
-        n_xp = n_b * hp * wp * c_in
-        xf = _scratch(pc, "xp", (n_xp + WORD,), x.dtype)           # + slack for 64-byte moves
-        xp = xf[:n_xp].reshape(n_b, hp, wp, c_in)
-        if hp != h or wp != w:
-            xp[...] = np.array(zx).astype(x.dtype)
-        if hp == h and wp == w:                 # nothing padded: each image is one run of h*w pixels
-            _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, 1, h * w, 0, 0, 0)
-        else:                                   # row by row, into the padded frame
-            _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, h, w, w, wp, pt * wp + pl)
+        fill_x = None
     pixels = oh * ow
     k = kh * kw * pc.cin_g
     words = max(1, -(-k // WORD))
     per = max(1, min(n_b, 4096 // max(pixels, 1)))           # several small images per GEMM
-    cols = _scratch(pc, "cols", (c_in * WORD + WORD if pointwise else WORD if tap else per * pixels * words * WORD + WORD,),
-                    x.dtype)
-    bpanels = _scratch(pc, "bpanels", (-(-per * pixels // NR) * NR * enc.bits * words,), np.uint64)
-    acc = _scratch(pc, "acc", (pc.cout // g * per * pixels,), np.int32)     # [Cout / g, chunk pixels], contiguous
+    cols = np.empty(c_in * WORD + WORD if pointwise else WORD if tap else per * pixels * words * WORD + WORD, np.uint8)
+    bpanels = np.empty(-(-per * pixels // NR) * NR * enc.bits * words, np.uint64)
+    acc = np.empty(pc.cout // g * per * pixels, np.int32)     # [Cout / g, chunk pixels], contiguous
     qa, qb, coef, xor = pair_table(pc.enc, enc)
-    if rq is None:
-        out = np.empty((n_b, pc.cout, pixels), np.int32)
+    raw = rq is None
+    if raw:
         rq = (np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.int64), np.ones(1, np.int64), 0, 0, 0,
               False)
-        raw = True
-    else:
-        out = np.empty((n_b, pc.cout, pixels), out_dtype)
-        raw = False
     bias, scale, mult, shift, zp, qmin, qmax, fixed = rq
-    _conv_chunks(xf.view(np.uint8), hp, wp, c_in, n_b, per, pixels, pc.cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words,
-                 enc.bits, np.uint8(enc.add & 0xFF), enc.shift, enc.coefs, np.uint8(enc.fill & 0xFF), enc.offset,
-                 cols.view(np.uint8), bpanels, pc.panels, pc.sums, pc.enc.bits, pc.enc.offset,
-                 np.asarray(zw, np.int64).reshape(-1), int(zx), qa, qb, coef, xor, acc, raw,
-                 np.asarray(bias, np.int32).reshape(-1), np.asarray(scale, np.float32).reshape(-1),
-                 np.asarray(mult, np.int64).reshape(-1), np.asarray(shift, np.int64).reshape(-1), int(zp), int(qmin),
-                 int(qmax), bool(fixed), mode, frame, out)
-    return out.reshape(n_b, pc.cout, oh, ow)
+    head = (hp, wp, c_in, n_b, per, pixels, pc.cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words,
+            enc.bits, np.uint8(enc.add & 0xFF), enc.shift, enc.coefs, np.uint8(enc.fill & 0xFF), enc.offset)
+    tail = (cols, bpanels, pc.panels, pc.sums, pc.enc.bits, pc.enc.offset,
+            np.asarray(zw, np.int64).reshape(-1), int(zx), qa, qb, coef, xor, acc, raw,
+            np.asarray(bias, np.int32).reshape(-1), np.asarray(scale, np.float32).reshape(-1),
+            np.asarray(mult, np.int64).reshape(-1), np.asarray(shift, np.int64).reshape(-1), int(zp), int(qmin),
+            int(qmax), bool(fixed), mode, frame)
+    return mode, fill_x, head, tail, (n_b, pc.cout, pixels), np.int32 if raw else out_dtype, (n_b, pc.cout, oh, ow)
 
 
 @njit(cache=True)
