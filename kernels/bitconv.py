@@ -205,8 +205,8 @@ def _frame_words(x, n_img, c, h, w, hp, wp, pt, pl, planes, add, shift, zx_words
     NCHW, c a multiple of 64) -> frame uint64 [planes][n_img][hp][wp][c / 64], word j of a pixel holding
     channels 64j..64j+63 of one plane; the padding pixels hold the zero point's planes (``zx_words``
     [planes]: all ones or all zeros). Blocks of 64 pixels x 64 channels through ``bitplanes._channel_words``
-    (an image's last block of fewer than 64 pixels copied into ``tmp`` [c, 64] first), each pixel's word
-    put at its place in the frame."""
+    (an image's last block of fewer than 64 pixels read in place, masked, or where that would read past
+    x's end its word's channels copied into ``tmp`` [64, 64] first), each pixel's word put at its place in the frame."""
     cw = c // WORD
     hw = h * w
     dummy = np.zeros(WORD, np.int64)
@@ -216,19 +216,20 @@ def _frame_words(x, n_img, c, h, w, hp, wp, pt, pl, planes, add, shift, zx_words
     for n in range(n_img):
         for i0 in range(0, hw, WORD):
             cnt = min(WORD, hw - i0)
-            if cnt < WORD:
-                tmp[:] = 0
-                for ch in range(c):
-                    for i in range(cnt):
-                        tmp[ch * WORD + i] = x[(n * c + ch) * hw + i0 + i]
-            for q in range(planes):
-                sh = np.uint8(q + shift)
-                base = (q * n_img + n) * hp * wp
-                for j in range(cw):
-                    if cnt < WORD:
-                        _channel_words(tmp, j * WORD * WORD, WORD, WORD, add, sh, blk, 0, 16, dummy, 0, 0)
+            for j in range(cw):
+                copied = cnt < WORD and (n * c + j * WORD + WORD - 1) * hw + i0 + WORD > x.shape[0]
+                if copied:
+                    tmp[:] = 0
+                    for ch in range(WORD):
+                        for i in range(cnt):
+                            tmp[ch * WORD + i] = x[(n * c + j * WORD + ch) * hw + i0 + i]
+                for q in range(planes):
+                    sh = np.uint8(q + shift)
+                    base = (q * n_img + n) * hp * wp
+                    if copied:
+                        _channel_words(tmp, 0, WORD, WORD, cnt, add, sh, blk, 0, 16, dummy, 0, 0)
                     else:
-                        _channel_words(x, (n * c + j * WORD) * hw + i0, hw, WORD, add, sh, blk, 0, 16, dummy, 0, 0)
+                        _channel_words(x, (n * c + j * WORD) * hw + i0, hw, WORD, cnt, add, sh, blk, 0, 16, dummy, 0, 0)
                     for i in range(cnt):
                         y = (i0 + i) // w
                         xo = (i0 + i) - y * w
@@ -362,7 +363,7 @@ def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding) -> tu
         zx_words = np.array([0xFFFFFFFFFFFFFFFF if ((int(zx) + enc.add) & 0xFF) >> (q + enc.shift) & 1 else 0
                              for q in range(enc.bits)], np.uint64)
         fill_x = (n_b, c_in, h, w, hp, wp, pt, pl, enc.bits, np.uint8(enc.add & 0xFF), enc.shift, zx_words, frame,
-                  np.empty(WORD, np.uint64), np.empty(c_in * WORD, np.uint8))
+                  np.empty(WORD, np.uint64), np.empty(WORD * WORD, np.uint8))
     elif mode == IM2COL:
         fill_x = (np.empty(n_b * hp * wp * c_in + WORD, np.uint8), hp, wp, pt, pl)   # + slack for 64-byte moves
     else:
@@ -371,7 +372,7 @@ def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding) -> tu
     k = kh * kw * pc.cin_g
     words = max(1, -(-k // WORD))
     per = max(1, min(n_b, 4096 // max(pixels, 1)))           # several small images per GEMM
-    cols = np.empty(c_in * WORD + WORD if pointwise else WORD if tap else per * pixels * words * WORD + WORD, np.uint8)
+    cols = np.empty(WORD * WORD if pointwise else WORD if tap else per * pixels * words * WORD + WORD, np.uint8)
     bpanels = np.empty(-(-per * pixels // NR) * NR * enc.bits * words, np.uint64)
     acc = np.empty(pc.cout // g * per * pixels, np.int32)     # [Cout / g, chunk pixels], contiguous
     qa, qb, coef, xor = pair_table(pc.enc, enc)

@@ -259,8 +259,8 @@ def _interleave(builder, a, b, n: int):
 
 
 @intrinsic
-def _channel_words(typingctx, src, s_off, hw, nch, add, sh, dst, d_off, tstride, sums, p_off, coef):
-    """64 uint64 plane words, one per pixel, from channel-major bytes: word i (stored in ``dst`` at uint64
+def _channel_words(typingctx, src, s_off, hw, nch, cnt, add, sh, dst, d_off, tstride, sums, p_off, coef):
+    """64 uint64 plane words, one per pixel, from channel-major bytes: word i < ``cnt`` (the others 0) (stored in ``dst`` at uint64
     ``d_off + (i // 16) * tstride + i % 16``: 16 pixels' words are a panel's lanes) has bit j = bit ``sh`` of the byte (src[s_off + j*hw + i] + add), for channels
     j < ``nch`` (<= 64; higher bits 0), pixels i = 0..63. The 64 pixels of a channel are one 64-byte
     load; eight channels' bits are gathered into one byte per pixel with vector shifts and ors (one
@@ -268,15 +268,15 @@ def _channel_words(typingctx, src, s_off, hw, nch, add, sh, dst, d_off, tstride,
     into 64-bit words by three rounds of shuffles (bytes, then 16-bit, then 32-bit pairs). A group's
     channels past ``nch`` read the last channel again (in bounds) and are masked off. Each pixel's
     sums[p_off + i] += coef * popcount(word i) (sums holds 64 values from p_off)."""
-    sig = types.void(src, types.intp, types.intp, types.intp, types.uint8, types.uint8, dst, types.intp, types.intp,
-                     sums, types.intp, types.int64)
+    sig = types.void(src, types.intp, types.intp, types.intp, types.intp, types.uint8, types.uint8, dst, types.intp,
+                     types.intp, sums, types.intp, types.int64)
 
     def codegen(context, builder, signature, args):
-        _, s_off_v, hw_v, nch_v, add_v, sh_v, _, d_off_v, ts_v, _, p_off_v, coef_v = args
+        _, s_off_v, hw_v, nch_v, cnt_v, add_v, sh_v, _, d_off_v, ts_v, _, p_off_v, coef_v = args
         i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
         v64 = ir.VectorType(i8, WORD)
         src_p = builder.bitcast(context.make_array(signature.args[0])(context, builder, args[0]).data, i8.as_pointer())
-        dst_p = builder.bitcast(context.make_array(signature.args[6])(context, builder, args[6]).data, i64.as_pointer())
+        dst_p = builder.bitcast(context.make_array(signature.args[7])(context, builder, args[7]).data, i64.as_pointer())
         base = builder.gep(src_p, [s_off_v])
         zero = ir.Constant(v64, None)
         splat = ir.Constant(ir.VectorType(i32, WORD), None)
@@ -315,6 +315,10 @@ def _channel_words(typingctx, src, s_off, hw, nch, add, sh, dst, d_off, tstride,
                for i in range(2)]
         vw = ir.VectorType(i64, WORD)
         words = builder.bitcast(_interleave(builder, v32[0], v32[1], WORD), vw)
+        iota = ir.Constant(vw, list(range(WORD)))
+        cnt_splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vw, None), cnt_v, ir.Constant(i32, 0)),
+                                           ir.Constant(vw, None), splat)
+        words = builder.select(builder.icmp_signed("<", iota, cnt_splat), words, ir.Constant(vw, None))
         v16t = ir.VectorType(i64, 16)
         for j in range(WORD // 16):
             part = builder.shuffle_vector(words, words, ir.Constant(ir.VectorType(i32, 16), list(range(16 * j, 16 * j + 16))))
@@ -322,7 +326,7 @@ def _channel_words(typingctx, src, s_off, hw, nch, add, sh, dst, d_off, tstride,
             builder.store(part, builder.bitcast(builder.gep(dst_p, [at]), v16t.as_pointer()), align=8)
         name = f"llvm.ctpop.v{WORD}i64"
         ctpop = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(vw, [vw]), name)
-        sums_p = builder.bitcast(context.make_array(signature.args[9])(context, builder, args[9]).data, i64.as_pointer())
+        sums_p = builder.bitcast(context.make_array(signature.args[10])(context, builder, args[10]).data, i64.as_pointer())
         sp = builder.bitcast(builder.gep(sums_p, [p_off_v]), vw.as_pointer())
         cv = builder.shuffle_vector(builder.insert_element(ir.Constant(vw, None), coef_v, ir.Constant(i32, 0)),
                                     ir.Constant(vw, None), splat)
@@ -339,9 +343,10 @@ def _pack_nchw(x, n_img, c, hw, tile, planes, add, shift, coefs, fill, out, sums
     must be 16): out [ceil(P / 16)][planes][words][16] uint64 (rows past P are 0) and sums[p] =
     sum_k (v - offset) (sums holds P + 64 values). Blocks of 64 pixels x 64 channels per plane go
     through ``_channel_words`` (no NHWC copy) straight into the panels when the block is whole and starts
-    a panel; else through ``blk`` (uint64 [64]) word by word. An image's
-    last block of fewer than 64 pixels is copied into ``tmp`` [c, 64] padded with ``fill`` first (the
-    words of pixels past the image are then 0, and not stored)."""
+    a panel; else through ``blk`` (uint64 [64]) word by word. An image's last block of fewer than 64
+    pixels is read in place with the pixels past it masked off, unless a word's reads would pass the end
+    of x (the last image's last channels): then that word's channels are copied into ``tmp`` [64, 64]
+    first."""
     words = -(-c // WORD)
     ts = planes * words * tile
     p_all = n_img * hw
@@ -352,25 +357,26 @@ def _pack_nchw(x, n_img, c, hw, tile, planes, add, shift, coefs, fill, out, sums
     for n in range(n_img):
         for i0 in range(0, hw, WORD):
             cnt = min(WORD, hw - i0)
-            if cnt < WORD:
-                tmp[:] = fill
-                for ch in range(c):
-                    for i in range(cnt):
-                        tmp[ch * WORD + i] = x[(n * c + ch) * hw + i0 + i]
             p0 = n * hw + i0
             direct = cnt == WORD and p0 % tile == 0
-            for q in range(planes):
-                sh = np.uint8(q + shift)
-                for w in range(words):
-                    nch = min(WORD, c - w * WORD)
+            for w in range(words):
+                nch = min(WORD, c - w * WORD)
+                copied = cnt < WORD and (n * c + w * WORD + nch - 1) * hw + i0 + WORD > x.shape[0]
+                if copied:
+                    tmp[:] = fill
+                    for ch in range(nch):
+                        for i in range(cnt):
+                            tmp[ch * WORD + i] = x[(n * c + w * WORD + ch) * hw + i0 + i]
+                for q in range(planes):
+                    sh = np.uint8(q + shift)
                     d0 = (p0 // tile) * ts + (q * words + w) * tile
-                    if cnt < WORD:
-                        _channel_words(tmp, w * WORD * WORD, WORD, nch, add, sh, blk, 0, 16, sums, p0, coefs[q])
+                    if copied:
+                        _channel_words(tmp, 0, WORD, nch, cnt, add, sh, blk, 0, 16, sums, p0, coefs[q])
                     elif direct:
-                        _channel_words(x, (n * c + w * WORD) * hw + i0, hw, nch, add, sh, out, d0, ts, sums, p0,
+                        _channel_words(x, (n * c + w * WORD) * hw + i0, hw, nch, cnt, add, sh, out, d0, ts, sums, p0,
                                        coefs[q])
                     else:
-                        _channel_words(x, (n * c + w * WORD) * hw + i0, hw, nch, add, sh, blk, 0, 16, sums, p0,
+                        _channel_words(x, (n * c + w * WORD) * hw + i0, hw, nch, cnt, add, sh, blk, 0, 16, sums, p0,
                                        coefs[q])
                     if not direct:
                         for i in range(cnt):

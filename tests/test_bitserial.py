@@ -179,12 +179,13 @@ def test_fuzz_conv_equals_the_int8_kernel(block):
 @pytest.mark.parametrize("cin", [1, 63, 64, 65, 130, 192])
 @pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 0, 2, 1)])
 def test_pointwise_conv_equals_the_int8_kernel(rng, cin, pads):
-    # a 1x1 stride-1 single-group conv: unpadded, its NHWC pixel rows are packed in place (whole words,
-    # a last word read into the next pixel's bytes and masked, the last pixel's tail copied); padded,
-    # through im2col. 72 pixels: the NHWC copy's 8x8 byte blocks and their edges
-    for wb, ab, pm1 in [(1, 1, True), (2, 2, False), (1, 8, False), (4, 3, False)]:
+    # a 1x1 stride-1 single-group conv: unpadded, its planes straight from NCHW (blocks of 64 pixels x 64
+    # channels; 2 x 72 pixels: an image's last block of 8 read in place and masked, the last image's copied;
+    # 3 x 64: whole blocks straight into the panels; 3 x 49: no block starts a panel); padded, through im2col
+    for (wb, ab, pm1), hw in zip([(1, 1, True), (2, 2, False), (1, 8, False), (4, 3, False)] * 3,
+                                 [(2, 9, 8)] * 4 + [(3, 8, 8)] * 4 + [(3, 7, 7)] * 4):
         w = _operand(rng, (5, cin, 1, 1), wb, True, pm1)
-        x = _operand(rng, (2, cin, 9, 8), ab, pm1 or ab == 8, pm1)
+        x = _operand(rng, (hw[0], cin) + hw[1:], ab, pm1 or ab == 8, pm1)
         zx = -1 if pm1 else 0
         geo = ConvGeometry((1, 1), (1, 1), (1, 1), pads, 1)
         rq = (rng.integers(-300, 300, 5).astype(np.int32), rng.uniform(0.001, 0.05, 5).astype(np.float32),
