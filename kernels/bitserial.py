@@ -258,19 +258,6 @@ def pair_table(a: Encoding, b: Encoding) -> tuple[np.ndarray, np.ndarray, np.nda
 # ----------------------------------------------------------------------------- GEMM
 
 @njit(cache=True)
-def _tile_any(half, xor, a, a_off, a_ps, b, b_off, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0, c, c_off, ldc):
-    """The tile of the form (XOR or AND) and width (8 or 16 columns) asked for."""
-    if half and xor:
-        _tile_xor8(a, a_off, a_ps, b, b_off, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0, c, c_off, ldc)
-    elif half:
-        _tile_and8(a, a_off, a_ps, b, b_off, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0, c, c_off, ldc)
-    elif xor:
-        _tile_xor(a, a_off, a_ps, b, b_off, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0, c, c_off, ldc)
-    else:
-        _tile_and(a, a_off, a_ps, b, b_off, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0, c, c_off, ldc)
-
-
-@njit(cache=True)
 def _gemm_into(a, a_words, b, b_words, pa, pb, coef, xor, kw, rowt, colt, out):
     """out[M, N] (int32, rows contiguous) = the finished accumulators of every tile (``_make_tile``; a
     last column tile of at most 8 columns with the 8-column tile); edge tiles go through a small scratch
@@ -288,12 +275,30 @@ def _gemm_into(a, a_words, b, b_words, pa, pb, coef, xor, kw, rowt, colt, out):
         for mt in range(-(-m // MR)):
             r0 = mt * MR
             full = r0 + MR <= m and c0 + cols <= n
-            if full:
-                _tile_any(half, xor, a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0,
-                          colt, c0, out, r0 * ldc + c0, ldc)
+            if full and half and xor:
+                _tile_xor8(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                           c0, out, r0 * ldc + c0, ldc)
+            elif full and half:
+                _tile_and8(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                           c0, out, r0 * ldc + c0, ldc)
+            elif full and xor:
+                _tile_xor(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                          c0, out, r0 * ldc + c0, ldc)
+            elif full:
+                _tile_and(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                          c0, out, r0 * ldc + c0, ldc)
+            elif half and xor:
+                _tile_xor8(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                           c0, scratch, 0, NR)
+            elif half:
+                _tile_and8(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                           c0, scratch, 0, NR)
+            elif xor:
+                _tile_xor(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                          c0, scratch, 0, NR)
             else:
-                _tile_any(half, xor, a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0,
-                          colt, c0, scratch, 0, NR)
+                _tile_and(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                          c0, scratch, 0, NR)
             if not full:
                 for r in range(min(MR, m - r0)):
                     for c in range(min(cols, n - c0)):
