@@ -374,7 +374,9 @@ def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding) -> tu
     per = max(1, min(n_b, 4096 // max(pixels, 1)))           # several small images per GEMM
     cols = np.empty(WORD * WORD if pointwise else WORD if tap else per * pixels * words * WORD + WORD, np.uint8)
     bpanels = np.empty(-(-per * pixels // NR) * NR * enc.bits * words, np.uint64)
-    acc = np.empty(pc.cout // g * per * pixels, np.int32)     # [Cout / g, chunk pixels], contiguous
+    # the accumulators of a sub-chunk of pixels, [Cout / g, sub] int32 contiguous: ~64 KB (in L2 when requantized)
+    sub = max(NR, min(-(-per * pixels // NR) * NR, 16384 // (pc.cout // g) // NR * NR))
+    acc = np.empty(pc.cout // g * sub, np.int32)
     qa, qb, coef, xor = pair_table(pc.enc, enc)
     raw = rq is None
     if raw:
@@ -410,11 +412,13 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
     per_w = zw.shape[0] > 1
     per_s = scale.shape[0] > 1
     fsum = np.empty(planes * n_b * hp * wp if mode == TAP_WORDS else 1, np.int64)
+    sub = acc.shape[0] // cout_g // NR * NR          # pixels per sub-chunk: [Cout / g, sub] int32 fits ``acc``
+    zxa = np.full(1, zx, np.int64)
     for n0 in range(0, n_b, per):
         n1 = min(n_b, n0 + per)
         np_ = (n1 - n0) * pixels
         npad = -(-np_ // NR) * NR
-        colt = np.empty((2, npad), np.int64)
+        colt = np.empty((2, min(npad, sub)), np.int64)
         bsums = np.empty(np_ + WORD, np.int64)
         blk = np.empty(WORD, np.uint64)
         for gi in range(groups):
@@ -432,17 +436,22 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
                 _pack(cols[:np_ * rb].reshape((np_, rb)), np_, rb, NR, planes, add, shift_b, coefs, fill, bpanels,
                       bsums)
             zw_g = zw[gi * cout_g:(gi + 1) * cout_g] if per_w else zw
-            _fill_terms(wsums[gi], zw_g, w_offset, k, bsums[:np_], np.full(1, zx, np.int64), offset, xor, rowt, colt)
-            a = acc[:cout_g * np_].reshape((cout_g, np_))      # C-contiguous: the requantization runs vectorize
-            _gemm_into(wpanels[gi], w_planes * words * MR, bpanels, planes * words * NR, qa, qb, coef, xor, words,
-                       rowt, colt, a)
-            for i in range(cout_g):
-                o = gi * cout_g + i
-                for n in range(n1 - n0):
-                    src = a[i, n * pixels:(n + 1) * pixels]
-                    if raw:
-                        out[n0 + n, o, :] = src
-                    else:
-                        c = o if per_s else 0
-                        requant_run(src, np.int32(bias[o] if bias.shape[0] > 1 else bias[0]), scale[c], mult[c],
-                                    shift[c], zp, qmin, qmax, fixed, out[n0 + n, o])
+            for s0 in range(0, np_, sub):       # pixels by sub-chunk: its accumulators requantized while in cache
+                s1 = min(np_, s0 + sub)
+                _fill_terms(wsums[gi], zw_g, w_offset, k, bsums[s0:s1], zxa, offset, xor, rowt, colt)
+                a = acc[:cout_g * (s1 - s0)].reshape((cout_g, s1 - s0))   # C-contiguous: the requantization vectorizes
+                _gemm_into(wpanels[gi], w_planes * words * MR, bpanels[(s0 // NR) * planes * words * NR:],
+                           planes * words * NR, qa, qb, coef, xor, words, rowt, colt, a)
+                for i in range(cout_g):
+                    o = gi * cout_g + i
+                    for n in range(s0 // pixels, (s1 - 1) // pixels + 1):     # the images the sub-chunk overlaps
+                        lo = max(s0, n * pixels)
+                        hi = min(s1, (n + 1) * pixels)
+                        src = a[i, lo - s0:hi - s0]
+                        dst = out[n0 + n, o, lo - n * pixels:hi - n * pixels]
+                        if raw:
+                            dst[:] = src
+                        else:
+                            c = o if per_s else 0
+                            requant_run(src, np.int32(bias[o] if bias.shape[0] > 1 else bias[0]), scale[c], mult[c],
+                                        shift[c], zp, qmin, qmax, fixed, dst)
