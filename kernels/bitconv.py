@@ -1,16 +1,21 @@
-"""Bit-serial convolution: im2col rows packed as bit planes, times the weights' planes (``bitserial``).
+"""Bit-serial convolution: the pixels' rows as bit planes, times the weights' planes (``bitserial``).
 
     C[Cout_g, pixels] = W_g[Cout_g, K] @ im2col_g[K, pixels]        per group, K in (kh, kw, c) order
 
 The weights are packed once (``pack_conv``: rows = output channels, the broadcast operand of the tile);
-on each call the input goes to an NHWC copy padded with the zero point, im2col rows are moved out of it
-64 bytes at a time (``_im2col``: the kw taps of one kernel row are one contiguous run when dilation is 1),
-their planes become the vector operand (pixels in the lanes, so the result is NCHW with no transpose),
-the tile GEMM finishes the accumulators with their zero-point terms (``bitserial._gemm_into``), and
-each output channel is requantized by ``requant.requant_run`` — the same accumulators and the same
-requantization as ``conv.conv_int``, so the results are equal (``tests/test_bitserial.py``). The
-activation's encoding counts the zero point as a value when there is padding (it is read there).
-Depthwise and grouped convolutions run one GEMM per group; several small images share one GEMM.
+on each call the pixels' rows become the vector operand (pixels in the lanes, so the result is NCHW
+with no transpose), in one of three ways (``_conv_setup``): a 1x1, stride-1, unpadded single-group
+conv packs its planes straight from NCHW (``FROM_NCHW``, ``bitplanes._pack_nchw``); a single-group conv
+whose channels are a multiple of 64 packs its input once per pixel into a padded frame of words and
+gathers each output pixel's taps (``TAP_WORDS``: ``_frame_words``, ``_tap_panels``); any other copies the
+input to NHWC padded with the zero point, moves im2col rows out of it 64 bytes at a time (``_im2col``:
+the kw taps of one kernel row are one contiguous run when dilation is 1) and packs them (``IM2COL``).
+The tile GEMM finishes the accumulators with their zero-point terms (``bitserial._gemm_into``) and each
+output channel is requantized by ``requant.requant_run``, sub-chunk of pixels by sub-chunk while the
+accumulators are in cache — the same accumulators and the same requantization as ``conv.conv_int``, so
+the results are equal (``tests/test_bitserial.py``). The activation's encoding counts the zero point as
+a value when there is padding (it is read there). Depthwise and grouped convolutions run one GEMM per
+group; several small images share one GEMM.
 """
 from __future__ import annotations
 
