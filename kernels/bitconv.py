@@ -405,8 +405,9 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
     """The whole convolution, chunk of images by chunk, group by group: the pixels' rows and their
     planes (``mode``: ``IM2COL`` im2col rows (``_im2col``) then ``bitplanes._pack``; ``FROM_NCHW`` a
     1x1 conv's planes straight from the NCHW input, ``bitplanes._pack_nchw``; ``TAP_WORDS`` each pixel's
-    taps' words from the padded frame of words ``frame``, ``_tap_panels``), the tile GEMM finished with its zero-point terms (``_gemm_into``), then
-    ``requant_run`` per output channel (or, ``raw``, the int32 accumulators)."""
+    taps' words from the padded frame of words ``frame``, ``_tap_panels``), the tile GEMM finished with its
+    zero-point terms (``_gemm_into``), then ``requant_run`` per output channel (or, ``raw``, the int32
+    accumulators), by sub-chunks of ``sub`` pixels (their accumulators fill ``acc``)."""
     groups = wpanels.shape[0]
     cout_g = wsums.shape[1]
     rb = words * WORD

@@ -260,8 +260,9 @@ def _interleave(builder, a, b, n: int):
 
 @intrinsic
 def _channel_words(typingctx, src, s_off, hw, nch, cnt, add, sh, dst, d_off, tstride, sums, p_off, coef):
-    """64 uint64 plane words, one per pixel, from channel-major bytes: word i < ``cnt`` (the others 0) (stored in ``dst`` at uint64
-    ``d_off + (i // 16) * tstride + i % 16``: 16 pixels' words are a panel's lanes) has bit j = bit ``sh`` of the byte (src[s_off + j*hw + i] + add), for channels
+    """64 uint64 plane words, one per pixel, from channel-major bytes: word i (pixels i < ``cnt``; the
+    others 0), stored in ``dst`` at uint64 ``d_off + (i // 16) * tstride + i % 16`` (16 pixels' words are
+    a panel's lanes), has bit j = bit ``sh`` of the byte (src[s_off + j*hw + i] + add), for channels
     j < ``nch`` (<= 64; higher bits 0), pixels i = 0..63. The 64 pixels of a channel are one 64-byte
     load; eight channels' bits are gathered into one byte per pixel with vector shifts and ors (one
     <64 x i8> per 8 channels, groups past ``nch`` skipped), and the eight byte vectors are interleaved
@@ -321,16 +322,19 @@ def _channel_words(typingctx, src, s_off, hw, nch, cnt, add, sh, dst, d_off, tst
         words = builder.select(builder.icmp_signed("<", iota, cnt_splat), words, ir.Constant(vw, None))
         v16t = ir.VectorType(i64, 16)
         for j in range(WORD // 16):
-            part = builder.shuffle_vector(words, words, ir.Constant(ir.VectorType(i32, 16), list(range(16 * j, 16 * j + 16))))
+            lanes = ir.Constant(ir.VectorType(i32, 16), list(range(16 * j, 16 * j + 16)))
+            part = builder.shuffle_vector(words, words, lanes)
             at = builder.add(d_off_v, builder.mul(ir.Constant(i64, j), ts_v))
             builder.store(part, builder.bitcast(builder.gep(dst_p, [at]), v16t.as_pointer()), align=8)
         name = f"llvm.ctpop.v{WORD}i64"
         ctpop = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(vw, [vw]), name)
-        sums_p = builder.bitcast(context.make_array(signature.args[10])(context, builder, args[10]).data, i64.as_pointer())
+        sums_arr = context.make_array(signature.args[10])(context, builder, args[10])
+        sums_p = builder.bitcast(sums_arr.data, i64.as_pointer())
         sp = builder.bitcast(builder.gep(sums_p, [p_off_v]), vw.as_pointer())
         cv = builder.shuffle_vector(builder.insert_element(ir.Constant(vw, None), coef_v, ir.Constant(i32, 0)),
                                     ir.Constant(vw, None), splat)
-        builder.store(builder.add(builder.load(sp, align=8), builder.mul(builder.call(ctpop, [words]), cv)), sp, align=8)
+        counts = builder.mul(builder.call(ctpop, [words]), cv)
+        builder.store(builder.add(builder.load(sp, align=8), counts), sp, align=8)
         return context.get_dummy_value()
 
     return sig, codegen

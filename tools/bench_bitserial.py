@@ -206,7 +206,8 @@ def _float_chain(rng, shape, layers) -> onnx.ModelProto:
             nodes.append(helper.make_node("Relu", [cur], [f"r{i}"], name=f"relu{i}"))
             cur = f"r{i}"
         elif act == "relu6":
-            inits += [numpy_helper.from_array(np.float32(0), f"lo{i}"), numpy_helper.from_array(np.float32(6), f"hi{i}")]
+            inits += [numpy_helper.from_array(np.float32(0), f"lo{i}"),
+                      numpy_helper.from_array(np.float32(6), f"hi{i}")]
             nodes.append(helper.make_node("Clip", [cur, f"lo{i}", f"hi{i}"], [f"r{i}"], name=f"clip{i}"))
             cur = f"r{i}"
     nodes.append(helper.make_node("Identity", [cur], ["y"], name="out"))
@@ -254,7 +255,8 @@ def bench_chain(quick: bool, reps: int) -> list[dict]:
                    "auto_vs_ours_int8": t["int8"] / t["auto"], "equal_to_int8": exact}
             rows.append(row)
             print(f"  chain {name} {widths}: ORT 8-bit {row['ort_u8s8_gops']:.1f} GOP/s | ours auto "
-                  f"{row['ours_auto_gops']:.1f} (x{row['auto_vs_ort']:.2f} ORT, x{row['auto_vs_ours_int8']:.2f} our int8) | "
+                  f"{row['ours_auto_gops']:.1f} (x{row['auto_vs_ort']:.2f} ORT, "
+                  f"x{row['auto_vs_ours_int8']:.2f} our int8) | "
                   f"ours bitserial {row['ours_bitserial_gops']:.1f} (x{row['bitserial_vs_ort']:.2f} ORT, "
                   f"x{row['bitserial_vs_ours_int8']:.2f} our int8) | ours int8 {row['ours_int8_gops']:.1f} | ORT on "
                   f"the {widths} QDQ model {row['ort_lowbit_qdq_gops']:.1f} | equal {exact}\n"
