@@ -1,16 +1,21 @@
-"""Bit-serial convolution: im2col rows packed as bit planes, times the weights' planes (``bitserial``).
+"""Bit-serial convolution: the pixels' rows as bit planes, times the weights' planes (``bitserial``).
 
     C[Cout_g, pixels] = W_g[Cout_g, K] @ im2col_g[K, pixels]        per group, K in (kh, kw, c) order
 
 The weights are packed once (``pack_conv``: rows = output channels, the broadcast operand of the tile);
-on each call the input goes to an NHWC copy padded with the zero point, im2col rows are moved out of it
-64 bytes at a time (``_im2col``: the kw taps of one kernel row are one contiguous run when dilation is 1),
-their planes become the vector operand (pixels in the lanes, so the result is NCHW with no transpose),
-the tile GEMM finishes the accumulators with their zero-point terms (``bitserial._gemm_into``), and
-each output channel is requantized by ``requant.requant_run`` — the same accumulators and the same
-requantization as ``conv.conv_int``, so the results are equal (``tests/test_bitserial.py``). The
-activation's encoding counts the zero point as a value when there is padding (it is read there).
-Depthwise and grouped convolutions run one GEMM per group; several small images share one GEMM.
+on each call the pixels' rows become the vector operand (pixels in the lanes, so the result is NCHW
+with no transpose), in one of three ways (``_conv_setup``): a 1x1, stride-1, unpadded single-group
+conv packs its planes straight from NCHW (``FROM_NCHW``, ``bitplanes._pack_nchw``); a single-group conv
+whose channels are a multiple of 64 packs its input once per pixel into a padded frame of words and
+gathers each output pixel's taps (``TAP_WORDS``: ``_frame_words``, ``_tap_panels``); any other copies the
+input to NHWC padded with the zero point, moves im2col rows out of it 64 bytes at a time (``_im2col``:
+the kw taps of one kernel row are one contiguous run when dilation is 1) and packs them (``IM2COL``).
+The tile GEMM finishes the accumulators with their zero-point terms (``bitserial._gemm_into``) and each
+output channel is requantized by ``requant.requant_run``, sub-chunk of pixels by sub-chunk while the
+accumulators are in cache — the same accumulators and the same requantization as ``conv.conv_int``, so
+the results are equal (``tests/test_bitserial.py``). The activation's encoding counts the zero point as
+a value when there is padding (it is read there). Depthwise and grouped convolutions run one GEMM per
+group; several small images share one GEMM.
 """
 from __future__ import annotations
 
@@ -21,12 +26,13 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from qgraph.kernels.bitplanes import WORD, Encoding, _pack, encoding_of, input_encoding
+from qgraph.kernels.bitplanes import (WORD, Encoding, _channel_words, _pack, _pack_nchw, encoding_of,
+                                     input_encoding, popcount64)
 from qgraph.kernels.bitserial import MR, NR, BitPacked, _fill_terms, _gemm_into, pack, pair_table
 from qgraph.kernels.requant import requant_run
 
 #: how ``_conv_chunks`` gets the pixels' planes
-IM2COL, ROWS_IN_PLACE = 0, 1
+IM2COL, FROM_NCHW, TAP_WORDS = 0, 1, 2
 
 
 @dataclass
@@ -198,12 +204,99 @@ def _to_nhwc(x, xp, n_b, c, runs, run, src_step, dst_step, dst0):
                     xp[d_base + p * c + ch] = x[s_base + ch * hw + p]
 
 
-def _scratch(pc: "BitConv", key: str, shape, dtype) -> np.ndarray:
-    """A buffer kept with the layer between calls (fresh large arrays cost page faults each time)."""
-    buf = pc.cache.get(key)
-    if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
-        buf = pc.cache[key] = np.empty(shape, dtype)
-    return buf
+@njit(cache=True)
+def _frame_words(x, n_img, c, h, w, hp, wp, pt, pl, planes, add, shift, zx_words, frame, blk, tmp):
+    """A convolution input's planes as words per pixel of its padded frame (``TAP_WORDS``): x (flat uint8
+    NCHW, c a multiple of 64) -> frame uint64 [planes][n_img][hp][wp][c / 64], word j of a pixel holding
+    channels 64j..64j+63 of one plane; the padding pixels hold the zero point's planes (``zx_words``
+    [planes]: all ones or all zeros). Blocks of 64 pixels x 64 channels through ``bitplanes._channel_words``
+    (an image's last block of fewer than 64 pixels read in place, masked, or where that would read past
+    x's end its word's channels copied into ``tmp`` [64, 64] first), each pixel's word put at its place in the frame."""
+    cw = c // WORD
+    hw = h * w
+    dummy = np.zeros(WORD, np.int64)
+    for q in range(planes):
+        for j in range(n_img * hp * wp * cw):
+            frame[q * n_img * hp * wp * cw + j] = zx_words[q]
+    for n in range(n_img):
+        for i0 in range(0, hw, WORD):
+            cnt = min(WORD, hw - i0)
+            for j in range(cw):
+                copied = cnt < WORD and (n * c + j * WORD + WORD - 1) * hw + i0 + WORD > x.shape[0]
+                if copied:
+                    tmp[:] = 0
+                    for ch in range(WORD):
+                        for i in range(cnt):
+                            tmp[ch * WORD + i] = x[(n * c + j * WORD + ch) * hw + i0 + i]
+                for q in range(planes):
+                    sh = np.uint8(q + shift)
+                    base = (q * n_img + n) * hp * wp
+                    if copied:
+                        _channel_words(tmp, 0, WORD, WORD, cnt, add, sh, blk, 0, 16, dummy, 0, 0)
+                    else:
+                        _channel_words(x, (n * c + j * WORD) * hw + i0, hw, WORD, cnt, add, sh, blk, 0, 16, dummy, 0, 0)
+                    for i in range(cnt):
+                        y = (i0 + i) // w
+                        xo = (i0 + i) - y * w
+                        frame[(base + (y + pt) * wp + xo + pl) * cw + j] = blk[i]
+
+
+@njit(cache=True)
+def _tap_panels(frame, n_img, hp, wp, cw, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw, planes, coefs, out, sums, fsum):
+    """The vector operand of a ``TAP_WORDS`` convolution for images n0..n1-1: pixel p's row of K =
+    kh*kw*c values is its taps' frame words, tap (i, j) at words (i*kw + j)*cw.. (the weights' (kh, kw, c)
+    order, whole words since c is a multiple of 64), written as ``bitplanes._pack`` writes rows: out
+    [ceil(P / 16)][planes][kh*kw*cw][16], lanes past P 0; sums[p] = sum_q c_q popcount(its words), from
+    each frame pixel's popcount (``fsum`` [planes][n_img*hp*wp], filled here for the images n0..n1-1)."""
+    n_pix = oh * ow
+    np_ = (n1 - n0) * n_pix
+    words = kh * kw * cw
+    ts = planes * words * 16
+    fp = n_img * hp * wp
+    for q in range(planes):
+        for f in range(n0 * hp * wp, n1 * hp * wp):
+            c = 0
+            for m in range(cw):
+                c += popcount64(frame[(q * fp + f) * cw + m])
+            fsum[q * fp + f] = c
+    bases = np.empty(16, np.int64)
+    n, y, xo = n0, 0, 0
+    for t in range(-(-np_ // 16)):
+        for lane in range(16):                  # each lane's top-left frame pixel (-1: past the last pixel)
+            if t * 16 + lane < np_:
+                bases[lane] = (n * hp + y * sh) * wp + xo * sw
+                xo += 1
+                if xo == ow:
+                    xo = 0
+                    y += 1
+                    if y == oh:
+                        y = 0
+                        n += 1
+            else:
+                bases[lane] = -1
+        for q in range(planes):
+            qf = q * fp
+            wd = 0
+            for i in range(kh):
+                for j in range(kw):
+                    toff = qf + i * dh * wp + j * dw
+                    for m in range(cw):
+                        o = t * ts + (q * words + wd) * 16
+                        for lane in range(16):
+                            b = bases[lane]
+                            out[o + lane] = frame[(b + toff) * cw + m] if b >= 0 else np.uint64(0)
+                        wd += 1
+        for lane in range(16):
+            b = bases[lane]
+            if b >= 0:
+                tot = 0
+                for q in range(planes):
+                    st = 0
+                    for i in range(kh):
+                        for j in range(kw):
+                            st += fsum[q * fp + b + i * dh * wp + j * dw]
+                    tot += st * coefs[q]
+                sums[t * 16 + lane] = tot
 
 
 def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, out_dtype=None,
@@ -212,72 +305,109 @@ def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, 
     or with ``rq = (bias, scale, mult, shift, zp, qmin, qmax, fixed)`` the requantized output
     (``requant.requant_run``, the one requantization). ``enc``: the activation's encoding when the
     caller has it (else from x's values and zx). Per group and chunk of images (``_conv_chunks``):
-    im2col bytes in the weights' (kh, kw, c) order, their planes as the vector operand, the weights
-    broadcast."""
+    the pixels' planes (``FROM_NCHW``, ``TAP_WORDS`` or ``IM2COL``) as the vector operand, the weights
+    broadcast. What does not depend on x's values (buffers, the pair table, the arguments' arrays) is
+    built once per input shape, encoding, zero points and ``rq`` (``_conv_setup``, kept with the layer)."""
     if x.ndim == 3:
         x = x[:, :, None, :]
     x = np.ascontiguousarray(x)
+    if x.shape[1] != pc.cin_g * geo.group:
+        raise ValueError(f"conv: input has {x.shape[1]} channels, weights expect {pc.cin_g} x group {geo.group}")
+    if enc is None:
+        enc = input_encoding(x, zx, any(geo.pads))
+    key = (x.shape, x.dtype.str, int(zx), enc, geo, out_dtype)
+    hit = pc.cache.get("setup")
+    if hit is None or hit[0] != key or hit[1] is not zw or hit[2] is not rq:
+        hit = pc.cache["setup"] = (key, zw, rq, _conv_setup(x, zx, pc, zw, geo, rq, out_dtype, enc))
+    mode, fill_x, head, tail, out_shape, out_dt, out4 = hit[3]
+    n_b, c_in, h, w = x.shape
+    xb = x.reshape(-1).view(np.uint8)
+    if mode == IM2COL:                          # x to NHWC, in the frame padded with the zero point
+        xf, hp, wp, pt, pl = fill_x
+        n_xp = n_b * hp * wp * c_in
+        if hp != h or wp != w:
+            xf[:n_xp] = np.uint8(int(zx) & 0xFF)
+            _to_nhwc(xb, xf[:n_xp], n_b, c_in, h, w, w, wp, pt * wp + pl)     # row by row, into the padded frame
+        else:                                   # nothing padded: each image is one run of h*w pixels
+            _to_nhwc(xb, xf[:n_xp], n_b, c_in, 1, h * w, 0, 0, 0)
+    elif mode == TAP_WORDS:
+        frame_args = fill_x
+        _frame_words(xb, *frame_args)
+        xf = xb
+    else:
+        xf = xb
+    out = np.empty(out_shape, out_dt)
+    _conv_chunks(xf, *head, *tail, out)
+    return out.reshape(out4)
+
+
+def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding) -> tuple:
+    """Everything ``conv`` passes its kernels that does not depend on x's values: (mode, what fills x in
+    (``IM2COL``: the NHWC frame; ``TAP_WORDS``: ``_frame_words``'s arguments), ``_conv_chunks``'s
+    arguments before and after the frame ones, the output's shape and dtype, its NCHW shape)."""
     n_b, c_in, h, w = x.shape
     g = geo.group
-    if c_in != pc.cin_g * g:
-        raise ValueError(f"conv: input has {c_in} channels, weights expect {pc.cin_g} x group {g}")
     oh, ow = geo.out_hw(h, w)
     (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.strides, geo.dilations
     pt, pl = geo.pads[0], geo.pads[1]
-    if enc is None:
-        enc = input_encoding(x, zx, any(geo.pads))
     hp = max(h + pt, (oh - 1) * sh + (kh - 1) * dh + 1)
     wp = max(w + pl, (ow - 1) * sw + (kw - 1) * dw + 1)
-    # 1x1, stride 1, unpadded, one group: the NHWC copy's pixel rows are the im2col rows, packed in place
-    # (``ROWS_IN_PLACE``); every other convolution builds im2col rows. (Measured and dropped: planes taken
-    # straight from NCHW by 64x64 bit transposes, one per 64 pixels x 64 channels x plane, took 0.95-1.2x
-    # the time of this copy and packing at one plane, 1.5-1.8x at two, on MobileNetV2's pointwise shapes.)
+    # 1x1, stride 1, unpadded, one group (MobileNetV2's pointwise layers): the planes come straight from NCHW
+    # (``FROM_NCHW``: ``bitplanes._pack_nchw``, 64 pixels x 64 channels per block, no NHWC copy). (Measured and
+    # dropped: scalar 64x64 bit transposes from NCHW, 0.95-1.8x the time of an NHWC copy and packing its
+    # pixel rows in place; and that copy-and-pack itself, 2-4x the time of ``FROM_NCHW`` on MobileNetV2's
+    # pointwise shapes.) Channels a multiple of 64 (ResNet's 3x3 convs, say): each tap is whole words, so the
+    # planes are packed once per input pixel into a padded frame of words (``TAP_WORDS``: ``_frame_words``,
+    # O(input)) and each output pixel's row is its taps' words (``_tap_panels``), not an im2col of bytes packed
+    # again. Every other convolution copies the input to NHWC and builds im2col rows (``IM2COL``).
     pointwise = (kh, kw, sh, sw) == (1, 1, 1, 1) and g == 1 and not any(geo.pads)
-    mode = ROWS_IN_PLACE if pointwise else IM2COL
-    n_xp = n_b * hp * wp * c_in
-    xf = _scratch(pc, "xp", (n_xp + WORD,), x.dtype)           # + slack for 64-byte moves
-    xp = xf[:n_xp].reshape(n_b, hp, wp, c_in)
-    if hp != h or wp != w:
-        xp[...] = np.array(zx).astype(x.dtype)
-    if hp == h and wp == w:                 # nothing padded: each image is one run of h*w pixels
-        _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, 1, h * w, 0, 0, 0)
-    else:                                   # row by row, into the padded frame
-        _to_nhwc(x.reshape(-1).view(np.uint8), xf[:n_xp].view(np.uint8), n_b, c_in, h, w, w, wp, pt * wp + pl)
+    tap = not pointwise and g == 1 and c_in % WORD == 0
+    mode = FROM_NCHW if pointwise else TAP_WORDS if tap else IM2COL
+    frame = np.empty(enc.bits * n_b * hp * wp * (c_in // WORD) if tap else 1, np.uint64)
+    if tap:
+        zx_words = np.array([0xFFFFFFFFFFFFFFFF if ((int(zx) + enc.add) & 0xFF) >> (q + enc.shift) & 1 else 0
+                             for q in range(enc.bits)], np.uint64)
+        fill_x = (n_b, c_in, h, w, hp, wp, pt, pl, enc.bits, np.uint8(enc.add & 0xFF), enc.shift, zx_words, frame,
+                  np.empty(WORD, np.uint64), np.empty(WORD * WORD, np.uint8))
+    elif mode == IM2COL:
+        fill_x = (np.empty(n_b * hp * wp * c_in + WORD, np.uint8), hp, wp, pt, pl)   # + slack for 64-byte moves
+    else:
+        fill_x = None
     pixels = oh * ow
     k = kh * kw * pc.cin_g
     words = max(1, -(-k // WORD))
     per = max(1, min(n_b, 4096 // max(pixels, 1)))           # several small images per GEMM
-    cols = _scratch(pc, "cols", (WORD if pointwise else per * pixels * words * WORD + WORD,), x.dtype)
-    bpanels = _scratch(pc, "bpanels", (-(-per * pixels // NR) * NR * enc.bits * words,), np.uint64)
-    acc = _scratch(pc, "acc", (pc.cout // g, per * pixels), np.int32)
+    cols = np.empty(WORD * WORD if pointwise else WORD if tap else per * pixels * words * WORD + WORD, np.uint8)
+    bpanels = np.empty(-(-per * pixels // NR) * NR * enc.bits * words, np.uint64)
+    # the accumulators of a sub-chunk of pixels, [Cout / g, sub] int32 contiguous: ~64 KB (in L2 when requantized)
+    sub = max(NR, min(-(-per * pixels // NR) * NR, 16384 // (pc.cout // g) // NR * NR))
+    acc = np.empty(pc.cout // g * sub, np.int32)
     qa, qb, coef, xor = pair_table(pc.enc, enc)
-    if rq is None:
-        out = np.empty((n_b, pc.cout, pixels), np.int32)
+    raw = rq is None
+    if raw:
         rq = (np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.int64), np.ones(1, np.int64), 0, 0, 0,
               False)
-        raw = True
-    else:
-        out = np.empty((n_b, pc.cout, pixels), out_dtype)
-        raw = False
     bias, scale, mult, shift, zp, qmin, qmax, fixed = rq
-    _conv_chunks(xf.view(np.uint8), hp, wp, c_in, n_b, per, pixels, pc.cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words,
-                 enc.bits, np.uint8(enc.add & 0xFF), enc.shift, enc.coefs, np.uint8(enc.fill & 0xFF), enc.offset,
-                 cols.view(np.uint8), bpanels, pc.panels, pc.sums, pc.enc.bits, pc.enc.offset,
-                 np.asarray(zw, np.int64).reshape(-1), int(zx), qa, qb, coef, xor, acc, raw,
-                 np.asarray(bias, np.int32).reshape(-1), np.asarray(scale, np.float32).reshape(-1),
-                 np.asarray(mult, np.int64).reshape(-1), np.asarray(shift, np.int64).reshape(-1), int(zp), int(qmin),
-                 int(qmax), bool(fixed), mode, out)
-    return out.reshape(n_b, pc.cout, oh, ow)
+    head = (hp, wp, c_in, n_b, per, pixels, pc.cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words,
+            enc.bits, np.uint8(enc.add & 0xFF), enc.shift, enc.coefs, np.uint8(enc.fill & 0xFF), enc.offset)
+    tail = (cols, bpanels, pc.panels, pc.sums, pc.enc.bits, pc.enc.offset,
+            np.asarray(zw, np.int64).reshape(-1), int(zx), qa, qb, coef, xor, acc, raw,
+            np.asarray(bias, np.int32).reshape(-1), np.asarray(scale, np.float32).reshape(-1),
+            np.asarray(mult, np.int64).reshape(-1), np.asarray(shift, np.int64).reshape(-1), int(zp), int(qmin),
+            int(qmax), bool(fixed), mode, frame)
+    return mode, fill_x, head, tail, (n_b, pc.cout, pixels), np.int32 if raw else out_dtype, (n_b, pc.cout, oh, ow)
 
 
 @njit(cache=True)
 def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words, planes, add,
                  shift_b, coefs, fill, offset, cols, bpanels, wpanels, wsums, w_planes, w_offset, zw, zx, qa, qb, coef,
-                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, out):
+                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, frame, out):
     """The whole convolution, chunk of images by chunk, group by group: the pixels' rows and their
-    planes (``mode``: ``IM2COL`` im2col rows (``_im2col``) then ``bitplanes._pack``; ``ROWS_IN_PLACE``
-    a 1x1 conv's NHWC rows packed as they lie), the tile GEMM finished with its zero-point terms (``_gemm_into``), then
-    ``requant_run`` per output channel (or, ``raw``, the int32 accumulators)."""
+    planes (``mode``: ``IM2COL`` im2col rows (``_im2col``) then ``bitplanes._pack``; ``FROM_NCHW`` a
+    1x1 conv's planes straight from the NCHW input, ``bitplanes._pack_nchw``; ``TAP_WORDS`` each pixel's
+    taps' words from the padded frame of words ``frame``, ``_tap_panels``), the tile GEMM finished with its
+    zero-point terms (``_gemm_into``), then ``requant_run`` per output channel (or, ``raw``, the int32
+    accumulators), by sub-chunks of ``sub`` pixels (their accumulators fill ``acc``)."""
     groups = wpanels.shape[0]
     cout_g = wsums.shape[1]
     rb = words * WORD
@@ -287,35 +417,47 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
     rowt = np.empty((3, mp), np.int64)
     per_w = zw.shape[0] > 1
     per_s = scale.shape[0] > 1
+    fsum = np.empty(planes * n_b * hp * wp if mode == TAP_WORDS else 1, np.int64)
+    sub = acc.shape[0] // cout_g // NR * NR          # pixels per sub-chunk: [Cout / g, sub] int32 fits ``acc``
+    zxa = np.full(1, zx, np.int64)
     for n0 in range(0, n_b, per):
         n1 = min(n_b, n0 + per)
         np_ = (n1 - n0) * pixels
         npad = -(-np_ // NR) * NR
-        colt = np.empty((2, npad), np.int64)
-        bsums = np.empty(np_, np.int64)
+        colt = np.empty((2, min(npad, sub)), np.int64)
+        bsums = np.empty(np_ + WORD, np.int64)
+        blk = np.empty(WORD, np.uint64)
         for gi in range(groups):
             last = (np_ // NR) * NR * planes * words           # the last panel's unused lanes stay 0
             bpanels[last:npad * planes * words] = 0
-            if mode == ROWS_IN_PLACE:           # the NHWC copy's pixel rows are the im2col rows
-                rows = xf[n0 * pixels * c_all:n1 * pixels * c_all].reshape((np_, c_all))
-                _pack(rows, np_, k, NR, planes, add, shift_b, coefs, fill, bpanels, bsums)
+            if mode == TAP_WORDS:               # the taps' words of the frame packed once per input pixel
+                _tap_panels(frame, n_b, hp, wp, c_all // WORD, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw, planes, coefs,
+                            bpanels, bsums, fsum)
+            elif mode == FROM_NCHW:             # a 1x1 conv's planes straight from NCHW
+                _pack_nchw(xf[n0 * pixels * c_all:n1 * pixels * c_all], n1 - n0, c_all, pixels, NR, planes, add,
+                           shift_b, coefs, fill, bpanels, bsums, blk, cols)
             else:
                 _im2col(xf, hp, wp, c_all, n0, n1, gi * cin_g, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, fill64, rb,
                         cols)
                 _pack(cols[:np_ * rb].reshape((np_, rb)), np_, rb, NR, planes, add, shift_b, coefs, fill, bpanels,
                       bsums)
             zw_g = zw[gi * cout_g:(gi + 1) * cout_g] if per_w else zw
-            _fill_terms(wsums[gi], zw_g, w_offset, k, bsums, np.full(1, zx, np.int64), offset, xor, rowt, colt)
-            a = acc[:, :np_]
-            _gemm_into(wpanels[gi], w_planes * words * MR, bpanels, planes * words * NR, qa, qb, coef, xor, words,
-                       rowt, colt, a)
-            for i in range(cout_g):
-                o = gi * cout_g + i
-                for n in range(n1 - n0):
-                    src = a[i, n * pixels:(n + 1) * pixels]
-                    if raw:
-                        out[n0 + n, o, :] = src
-                    else:
-                        c = o if per_s else 0
-                        requant_run(src, np.int32(bias[o] if bias.shape[0] > 1 else bias[0]), scale[c], mult[c],
-                                    shift[c], zp, qmin, qmax, fixed, out[n0 + n, o])
+            for s0 in range(0, np_, sub):       # pixels by sub-chunk: its accumulators requantized while in cache
+                s1 = min(np_, s0 + sub)
+                _fill_terms(wsums[gi], zw_g, w_offset, k, bsums[s0:s1], zxa, offset, xor, rowt, colt)
+                a = acc[:cout_g * (s1 - s0)].reshape((cout_g, s1 - s0))   # C-contiguous: the requantization vectorizes
+                _gemm_into(wpanels[gi], w_planes * words * MR, bpanels[(s0 // NR) * planes * words * NR:],
+                           planes * words * NR, qa, qb, coef, xor, words, rowt, colt, a)
+                for i in range(cout_g):
+                    o = gi * cout_g + i
+                    for n in range(s0 // pixels, (s1 - 1) // pixels + 1):     # the images the sub-chunk overlaps
+                        lo = max(s0, n * pixels)
+                        hi = min(s1, (n + 1) * pixels)
+                        src = a[i, lo - s0:hi - s0]
+                        dst = out[n0 + n, o, lo - n * pixels:hi - n * pixels]
+                        if raw:
+                            dst[:] = src
+                        else:
+                            c = o if per_s else 0
+                            requant_run(src, np.int32(bias[o] if bias.shape[0] > 1 else bias[0]), scale[c], mult[c],
+                                        shift[c], zp, qmin, qmax, fixed, dst)

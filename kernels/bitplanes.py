@@ -26,6 +26,7 @@ the vector operand), and each row's plane sum ``sum_k (v_k - o)`` for the zero-p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from llvmlite import ir
@@ -46,13 +47,8 @@ class Encoding:
 
     @property
     def coefs(self) -> np.ndarray:
-        """c_p per plane (int64)."""
-        if self.kind == "pm1":
-            return np.array([2], np.int64)
-        c = np.array([1 << p for p in range(self.bits)], np.int64)
-        if self.kind == "twos":
-            c[-1] = -c[-1]
-        return c
+        """c_p per plane (int64; one array per encoding, shared: do not write to it)."""
+        return _coefs(self.kind, self.bits)
 
     @property
     def fill(self) -> int:
@@ -61,6 +57,17 @@ class Encoding:
 
     def label(self) -> str:
         return "±1" if self.kind == "pm1" else f"{self.bits}-bit {'signed' if self.kind == 'twos' else 'unsigned'}"
+
+
+@lru_cache(maxsize=64)
+def _coefs(kind: str, bits: int) -> np.ndarray:
+    if kind == "pm1":
+        c = np.array([2], np.int64)
+    else:
+        c = np.array([1 << p for p in range(bits)], np.int64)
+        if kind == "twos":
+            c[-1] = -c[-1]
+    return c
 
 
 def encoding_for(lo: int, hi: int, signed: bool, zero_free: bool = False) -> Encoding:
@@ -241,3 +248,141 @@ def value_of_planes(planes: np.ndarray, enc: Encoding) -> np.ndarray:
     """Inverse of ``planes_reference``: sum_p c_p * plane_p + o."""
     c = enc.coefs.reshape((-1,) + (1,) * (planes.ndim - 1))
     return (planes.astype(np.int64) * c).sum(axis=0) + enc.offset
+
+
+# ----------------------------------------------------------------------------- packing straight from NCHW
+
+def _interleave(builder, a, b, n: int):
+    """<2n> elements a0 b0 a1 b1 ... of two <n> vectors."""
+    mask = ir.Constant(ir.VectorType(ir.IntType(32), 2 * n), [i // 2 + (i % 2) * n for i in range(2 * n)])
+    return builder.shuffle_vector(a, b, mask)
+
+
+@intrinsic
+def _channel_words(typingctx, src, s_off, hw, nch, cnt, add, sh, dst, d_off, tstride, sums, p_off, coef):
+    """64 uint64 plane words, one per pixel, from channel-major bytes: word i (pixels i < ``cnt``; the
+    others 0), stored in ``dst`` at uint64 ``d_off + (i // 16) * tstride + i % 16`` (16 pixels' words are
+    a panel's lanes), has bit j = bit ``sh`` of the byte (src[s_off + j*hw + i] + add), for channels
+    j < ``nch`` (<= 64; higher bits 0), pixels i = 0..63. The 64 pixels of a channel are one 64-byte
+    load; eight channels' bits are gathered into one byte per pixel with vector shifts and ors (one
+    <64 x i8> per 8 channels, groups past ``nch`` skipped), and the eight byte vectors are interleaved
+    into 64-bit words by three rounds of shuffles (bytes, then 16-bit, then 32-bit pairs). A group's
+    channels past ``nch`` read the last channel again (in bounds) and are masked off. Each pixel's
+    sums[p_off + i] += coef * popcount(word i) (sums holds 64 values from p_off)."""
+    sig = types.void(src, types.intp, types.intp, types.intp, types.intp, types.uint8, types.uint8, dst, types.intp,
+                     types.intp, sums, types.intp, types.int64)
+
+    def codegen(context, builder, signature, args):
+        _, s_off_v, hw_v, nch_v, cnt_v, add_v, sh_v, _, d_off_v, ts_v, _, p_off_v, coef_v = args
+        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        v64 = ir.VectorType(i8, WORD)
+        src_p = builder.bitcast(context.make_array(signature.args[0])(context, builder, args[0]).data, i8.as_pointer())
+        dst_p = builder.bitcast(context.make_array(signature.args[7])(context, builder, args[7]).data, i64.as_pointer())
+        base = builder.gep(src_p, [s_off_v])
+        zero = ir.Constant(v64, None)
+        splat = ir.Constant(ir.VectorType(i32, WORD), None)
+
+        def bcast(val):
+            return builder.shuffle_vector(builder.insert_element(zero, val, ir.Constant(i32, 0)), zero, splat)
+
+        addv, shv, one = bcast(add_v), bcast(sh_v), ir.Constant(v64, [1] * WORD)
+        last = builder.sub(nch_v, ir.Constant(i64, 1))
+        accs = []
+        for g in range(8):
+            start = builder.block
+            body = builder.append_basic_block(f"group{g}")
+            done = builder.append_basic_block(f"group{g}_done")
+            builder.cbranch(builder.icmp_signed("<", ir.Constant(i64, 8 * g), nch_v), body, done)
+            builder.position_at_end(body)
+            acc = zero
+            for c in range(8):
+                ch = ir.Constant(i64, 8 * g + c)
+                ok = builder.icmp_signed("<", ch, nch_v)
+                p = builder.gep(base, [builder.mul(builder.select(ok, ch, last), hw_v)])
+                v = builder.load(builder.bitcast(p, v64.as_pointer()), align=1)
+                t = builder.and_(builder.lshr(builder.add(v, addv), shv), one)
+                t = builder.select(ok, t, zero)
+                acc = builder.or_(acc, builder.shl(t, ir.Constant(v64, [c] * WORD)) if c else t)
+            body_end = builder.block
+            builder.branch(done)
+            builder.position_at_end(done)
+            phi = builder.phi(v64)
+            phi.add_incoming(zero, start)
+            phi.add_incoming(acc, body_end)
+            accs.append(phi)
+        v16 = [builder.bitcast(_interleave(builder, accs[2 * i], accs[2 * i + 1], WORD),
+                               ir.VectorType(ir.IntType(16), WORD)) for i in range(4)]
+        v32 = [builder.bitcast(_interleave(builder, v16[2 * i], v16[2 * i + 1], WORD), ir.VectorType(i32, WORD))
+               for i in range(2)]
+        vw = ir.VectorType(i64, WORD)
+        words = builder.bitcast(_interleave(builder, v32[0], v32[1], WORD), vw)
+        iota = ir.Constant(vw, list(range(WORD)))
+        cnt_splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vw, None), cnt_v, ir.Constant(i32, 0)),
+                                           ir.Constant(vw, None), splat)
+        words = builder.select(builder.icmp_signed("<", iota, cnt_splat), words, ir.Constant(vw, None))
+        v16t = ir.VectorType(i64, 16)
+        for j in range(WORD // 16):
+            lanes = ir.Constant(ir.VectorType(i32, 16), list(range(16 * j, 16 * j + 16)))
+            part = builder.shuffle_vector(words, words, lanes)
+            at = builder.add(d_off_v, builder.mul(ir.Constant(i64, j), ts_v))
+            builder.store(part, builder.bitcast(builder.gep(dst_p, [at]), v16t.as_pointer()), align=8)
+        name = f"llvm.ctpop.v{WORD}i64"
+        ctpop = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(vw, [vw]), name)
+        sums_arr = context.make_array(signature.args[10])(context, builder, args[10])
+        sums_p = builder.bitcast(sums_arr.data, i64.as_pointer())
+        sp = builder.bitcast(builder.gep(sums_p, [p_off_v]), vw.as_pointer())
+        cv = builder.shuffle_vector(builder.insert_element(ir.Constant(vw, None), coef_v, ir.Constant(i32, 0)),
+                                    ir.Constant(vw, None), splat)
+        counts = builder.mul(builder.call(ctpop, [words]), cv)
+        builder.store(builder.add(builder.load(sp, align=8), counts), sp, align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _pack_nchw(x, n_img, c, hw, tile, planes, add, shift, coefs, fill, out, sums, blk, tmp):
+    """The planes of a 1x1 convolution's pixels straight from NCHW bytes: x (flat uint8) holds ``n_img``
+    images of [c, hw]; pixel p = n*hw + i is a row of c values, written as ``_pack`` writes rows (tile
+    must be 16): out [ceil(P / 16)][planes][words][16] uint64 (rows past P are 0) and sums[p] =
+    sum_k (v - offset) (sums holds P + 64 values). Blocks of 64 pixels x 64 channels per plane go
+    through ``_channel_words`` (no NHWC copy) straight into the panels when the block is whole and starts
+    a panel; else through ``blk`` (uint64 [64]) word by word. An image's last block of fewer than 64
+    pixels is read in place with the pixels past it masked off, unless a word's reads would pass the end
+    of x (the last image's last channels): then that word's channels are copied into ``tmp`` [64, 64]
+    first."""
+    words = -(-c // WORD)
+    ts = planes * words * tile
+    p_all = n_img * hw
+    sums[:] = 0
+    last_t = p_all // tile
+    for j in range((-(-p_all // tile) - last_t) * ts):          # the last panel's lanes past P stay 0
+        out[last_t * ts + j] = 0
+    for n in range(n_img):
+        for i0 in range(0, hw, WORD):
+            cnt = min(WORD, hw - i0)
+            p0 = n * hw + i0
+            direct = cnt == WORD and p0 % tile == 0
+            for w in range(words):
+                nch = min(WORD, c - w * WORD)
+                copied = cnt < WORD and (n * c + w * WORD + nch - 1) * hw + i0 + WORD > x.shape[0]
+                if copied:
+                    tmp[:] = fill
+                    for ch in range(nch):
+                        for i in range(cnt):
+                            tmp[ch * WORD + i] = x[(n * c + w * WORD + ch) * hw + i0 + i]
+                for q in range(planes):
+                    sh = np.uint8(q + shift)
+                    d0 = (p0 // tile) * ts + (q * words + w) * tile
+                    if copied:
+                        _channel_words(tmp, 0, WORD, nch, cnt, add, sh, blk, 0, 16, sums, p0, coefs[q])
+                    elif direct:
+                        _channel_words(x, (n * c + w * WORD) * hw + i0, hw, nch, cnt, add, sh, out, d0, ts, sums, p0,
+                                       coefs[q])
+                    else:
+                        _channel_words(x, (n * c + w * WORD) * hw + i0, hw, nch, cnt, add, sh, blk, 0, 16, sums, p0,
+                                       coefs[q])
+                    if not direct:
+                        for i in range(cnt):
+                            p = p0 + i
+                            out[(p // tile) * ts + (q * words + w) * tile + p % tile] = blk[i]

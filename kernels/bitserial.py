@@ -71,8 +71,9 @@ def use_bitserial(kernel: str, w: Encoding | None, x: Encoding, k: int) -> bool:
     return kernel == "auto" and w is not None and pairs(w, x) <= AUTO_MAX_PAIRS and k >= AUTO_MIN_K
 
 
-def _make_tile(op: str):
-    """The tile intrinsic: for rows r < MR of the broadcast operand and columns c < NR,
+def _make_tile(op: str, nv: int = NV):
+    """The tile intrinsic: for rows r < MR of the broadcast operand and columns c < 8 * nv (NR, or 8 for
+    a last tile of at most 8 columns, which reads the first half of its 16-column panel),
 
         C[r, c] = trunc32( sum over plane pairs i of coef[i] * T_i[r, c]
                            + gamma[c] * alpha[r] + delta[c] * beta[r] + eps[r] )
@@ -125,7 +126,7 @@ def _make_tile(op: str):
             e_prev = builder.phi(i64)
             e_prev.add_incoming(e_first, entry)
             totals = []
-            for _ in range(MR * NV):
+            for _ in range(MR * nv):
                 t = builder.phi(vt)
                 t.add_incoming(zero, entry)
                 totals.append(t)
@@ -159,13 +160,13 @@ def _make_tile(op: str):
             ends = []
             for block, add in ((add_block, True), (sub_block, False)):
                 builder.position_at_end(block)
-                _, _, _, sums = tile_loop(builder, kw_v, rows=MR, vecs=NV, vec_type=vt, load_a=load_a,
+                _, _, _, sums = tile_loop(builder, kw_v, rows=MR, vecs=nv, vec_type=vt, load_a=load_a,
                                           load_b=load_b, mac=mac_with(add), init=init)
                 ends.append((builder.block, sums))
                 builder.branch(join_block)
             builder.position_at_end(join_block)
             new = []
-            for j in range(MR * NV):
+            for j in range(MR * nv):
                 p = builder.phi(vt)
                 for block, sums in ends:
                     p.add_incoming(sums[j], block)
@@ -192,13 +193,13 @@ def _make_tile(op: str):
 
             # the terms in wrapping int32 (the result is int32 mod 2^32 anyway): 8-lane 32-bit multiplies
             v32 = ir.VectorType(i32, LANES)
-            gamma = [builder.trunc(col_vec(0, v), v32) for v in range(NV)]
-            delta = [builder.trunc(col_vec(1, v), v32) for v in range(NV)]
+            gamma = [builder.trunc(col_vec(0, v), v32) for v in range(nv)]
+            delta = [builder.trunc(col_vec(1, v), v32) for v in range(nv)]
             for r in range(MR):
                 alpha, beta, eps = (builder.trunc(row_val(w, r), v32) for w in range(3))
                 row = builder.gep(c_p, [builder.mul(ir.Constant(i64, r), ldc_v)])
-                for v in range(NV):
-                    val = builder.add(builder.trunc(new[r * NV + v], v32),
+                for v in range(nv):
+                    val = builder.add(builder.trunc(new[r * nv + v], v32),
                                       builder.add(builder.mul(gamma[v], alpha), builder.add(builder.mul(delta[v], beta),
                                                                                             eps)))
                     q = builder.bitcast(builder.gep(row, [ir.Constant(i64, LANES * v)]), v32.as_pointer())
@@ -212,6 +213,8 @@ def _make_tile(op: str):
 
 _tile_and = _make_tile("and")
 _tile_xor = _make_tile("xor")
+_tile_and8 = _make_tile("and", 1)      # a last tile of at most 8 columns: half the popcounts of a 16-column one
+_tile_xor8 = _make_tile("xor", 1)
 
 
 # ----------------------------------------------------------------------------- packed operands
@@ -256,8 +259,9 @@ def pair_table(a: Encoding, b: Encoding) -> tuple[np.ndarray, np.ndarray, np.nda
 
 @njit(cache=True)
 def _gemm_into(a, a_words, b, b_words, pa, pb, coef, xor, kw, rowt, colt, out):
-    """out[M, N] (int32, rows contiguous) = the finished accumulators of every tile (``_make_tile``);
-    edge tiles go through a small scratch tile and only their real part is copied."""
+    """out[M, N] (int32, rows contiguous) = the finished accumulators of every tile (``_make_tile``; a
+    last column tile of at most 8 columns with the 8-column tile); edge tiles go through a small scratch
+    tile and only their real part is copied."""
     m, n = out.shape
     ldc = out.strides[0] // 4            # any row stride; columns contiguous (the tile writes from out's data)
     npairs = pa.shape[0]
@@ -266,24 +270,38 @@ def _gemm_into(a, a_words, b, b_words, pa, pb, coef, xor, kw, rowt, colt, out):
     scratch = np.empty(MR * NR, np.int32)
     for nt in range(-(-n // NR)):
         c0 = nt * NR
+        half = n - c0 <= LANES                  # at most 8 columns left: the 8-column tile
+        cols = LANES if half else NR
         for mt in range(-(-m // MR)):
             r0 = mt * MR
-            full = r0 + MR <= m and c0 + NR <= n
-            if full and xor:
-                _tile_xor(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0,
-                          out, r0 * ldc + c0, ldc)
+            full = r0 + MR <= m and c0 + cols <= n
+            if full and half and xor:
+                _tile_xor8(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                           c0, out, r0 * ldc + c0, ldc)
+            elif full and half:
+                _tile_and8(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                           c0, out, r0 * ldc + c0, ldc)
+            elif full and xor:
+                _tile_xor(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                          c0, out, r0 * ldc + c0, ldc)
             elif full:
-                _tile_and(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0,
-                          out, r0 * ldc + c0, ldc)
+                _tile_and(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                          c0, out, r0 * ldc + c0, ldc)
+            elif half and xor:
+                _tile_xor8(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                           c0, scratch, 0, NR)
+            elif half:
+                _tile_and8(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                           c0, scratch, 0, NR)
             elif xor:
-                _tile_xor(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0,
-                          scratch, 0, NR)
+                _tile_xor(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                          c0, scratch, 0, NR)
             else:
-                _tile_and(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0,
-                          scratch, 0, NR)
+                _tile_and(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                          c0, scratch, 0, NR)
             if not full:
                 for r in range(min(MR, m - r0)):
-                    for c in range(min(NR, n - c0)):
+                    for c in range(min(cols, n - c0)):
                         out[r0 + r, c0 + c] = scratch[r * NR + c]
 
 

@@ -150,8 +150,10 @@ ORT_PATHS = {
 }
 
 
+@lru_cache(maxsize=1)
 def host_ort_path() -> OrtPath:
-    """The path ORT's MLAS takes on this CPU (cpuid)."""
+    """The path ORT's MLAS takes on this CPU (cpuid; once per process: every conv step asks, and
+    ``platform.machine`` is a system call)."""
     import platform
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return ORT_PATHS["other"]

@@ -179,12 +179,13 @@ def test_fuzz_conv_equals_the_int8_kernel(block):
 @pytest.mark.parametrize("cin", [1, 63, 64, 65, 130, 192])
 @pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 0, 2, 1)])
 def test_pointwise_conv_equals_the_int8_kernel(rng, cin, pads):
-    # a 1x1 stride-1 single-group conv: unpadded, its NHWC pixel rows are packed in place (whole words,
-    # a last word read into the next pixel's bytes and masked, the last pixel's tail copied); padded,
-    # through im2col. 72 pixels: the NHWC copy's 8x8 byte blocks and their edges
-    for wb, ab, pm1 in [(1, 1, True), (2, 2, False), (1, 8, False), (4, 3, False)]:
+    # a 1x1 stride-1 single-group conv: unpadded, its planes straight from NCHW (blocks of 64 pixels x 64
+    # channels; 2 x 72 pixels: an image's last block of 8 read in place and masked, the last image's copied;
+    # 3 x 64: whole blocks straight into the panels; 3 x 49: no block starts a panel); padded, through im2col
+    for (wb, ab, pm1), hw in zip([(1, 1, True), (2, 2, False), (1, 8, False), (4, 3, False)] * 3,
+                                 [(2, 9, 8)] * 4 + [(3, 8, 8)] * 4 + [(3, 7, 7)] * 4):
         w = _operand(rng, (5, cin, 1, 1), wb, True, pm1)
-        x = _operand(rng, (2, cin, 9, 8), ab, pm1 or ab == 8, pm1)
+        x = _operand(rng, (hw[0], cin) + hw[1:], ab, pm1 or ab == 8, pm1)
         zx = -1 if pm1 else 0
         geo = ConvGeometry((1, 1), (1, 1), (1, 1), pads, 1)
         rq = (rng.integers(-300, 300, 5).astype(np.int32), rng.uniform(0.001, 0.05, 5).astype(np.float32),
@@ -193,6 +194,38 @@ def test_pointwise_conv_equals_the_int8_kernel(rng, cin, pads):
         assert np.array_equal(bitconv.conv(x, zx, bits, 0, geo), conv_reference(x, zx, w, 0, geo)), (wb, ab)
         assert np.array_equal(bitconv.conv(x, zx, bits, 0, geo, rq=rq, out_dtype=np.int8),
                               conv_int(x, zx, pack_conv(w, 1), 0, geo, rq=rq, out_dtype=np.int8)), (wb, ab)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_conv_with_whole_words_of_channels_equals_the_int8_kernel(seed):
+    # 64 or 128 channels (one group, not pointwise): each tap is whole words, packed once per input pixel into a
+    # padded frame of words (``TAP_WORDS``); kernels, strides, dilations, padding (the zero point's planes),
+    # images whose pixels are not a multiple of 64 (an image's last block), +-1 and 1-4-bit activations
+    rng = np.random.default_rng(7000 + seed)
+    c = int(rng.choice([64, 128]))
+    kh, kw = (int(v) for v in rng.integers(1, 4, 2))
+    dh, dw = (int(v) for v in rng.integers(1, 3, 2))
+    pads = tuple(int(v) for v in rng.integers(0, 3, 4))
+    if (kh, kw) == (1, 1) and not any(pads):
+        pads = (1, 0, 0, 1)
+    geo = ConvGeometry((kh, kw), tuple(int(v) for v in rng.integers(1, 3, 2)), (dh, dw), pads, 1)
+    h, w = int(rng.integers(dh * (kh - 1) + 1, 13)), int(rng.integers(dw * (kw - 1) + 1, 13))
+    wb, ab = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    w_pm1, x_pm1 = wb == 1 and seed % 2 == 0, ab == 1 and seed % 3 != 2
+    x_signed = bool(x_pm1 or rng.random() < 0.5)
+    weights = _operand(rng, (int(rng.integers(1, 20)), c, kh, kw), wb, True, w_pm1)
+    x = _operand(rng, (int(rng.integers(1, 4)), c, h, w), ab, x_signed, x_pm1)
+    zx = -1 if x_pm1 else int(_zero_point(rng, ab, x_signed)[0])
+    zw = _zero_point(rng, wb, True, weights.shape[0] if rng.random() < 0.5 else 1)
+    cout = weights.shape[0]
+    rq = (rng.integers(-300, 300, cout).astype(np.int32), rng.uniform(0.001, 0.05, cout).astype(np.float32),
+          np.zeros(cout, np.int64), np.ones(cout, np.int64), 3, -128, 127, False)
+    bits = bitconv.pack_conv(weights, 1)
+    assert np.array_equal(bitconv.conv(x, zx, bits, zw, geo), conv_reference(x, zx, weights, zw, geo)), \
+        _reproduce("whole_words", seed)
+    assert np.array_equal(bitconv.conv(x, zx, bits, zw, geo, rq=rq, out_dtype=np.int8),
+                          conv_int(x, zx, pack_conv(weights, 1), zw, geo, rq=rq, out_dtype=np.int8)), \
+        _reproduce("whole_words", seed)
 
 
 def test_conv_padding_reads_the_zero_point_in_the_encoding():

@@ -181,6 +181,89 @@ def bench_conv(quick: bool, reps: int) -> list[dict]:
     return rows
 
 
+#: chains of real layers, run as whole quantized models (graph input and output float, as qgraph writes them):
+#: (name, input [C, H, W], layers (Cout, k, group, clip: ReLU6 / ReLU / none))
+CHAINS = [("mbv2 block 56x56: pw 24->144, dw 3x3, pw 144->24", (24, 56, 56),
+           [(144, 1, 1, "relu6"), (144, 3, 144, "relu6"), (24, 1, 1, None)]),
+          ("resnet18 layer1: 3x 3x3 64->64 56x56 (no residual adds)", (64, 56, 56),
+           [(64, 3, 1, "relu"), (64, 3, 1, "relu"), (64, 3, 1, "relu")])]
+#: the low-bit chains (a qgraph ``optimize`` spec each) and the 8-bit one ORT runs
+CHAIN_SPECS = {"W1A2": "fold,quant:weight_grid=binary,act_bits=2", "W2A2": "fold,quant:bits=2,act_bits=2"}
+CHAIN_ORT_SPEC = "fold,quant"
+
+
+def _float_chain(rng, shape, layers) -> onnx.ModelProto:
+    """The float chain: Conv (+ bias) [+ Relu / Clip(0, 6)] per layer, He-scaled random weights."""
+    nodes, inits, cur, c = [], [], "x", shape[0]
+    for i, (cout, k, g, act) in enumerate(layers):
+        w = (rng.standard_normal((cout, c // g, k, k)) * np.sqrt(2.0 / (c // g * k * k))).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype(np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Conv", [cur, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", group=g,
+                                      pads=[k // 2] * 4))
+        cur, c = f"c{i}", cout
+        if act == "relu":
+            nodes.append(helper.make_node("Relu", [cur], [f"r{i}"], name=f"relu{i}"))
+            cur = f"r{i}"
+        elif act == "relu6":
+            inits += [numpy_helper.from_array(np.float32(0), f"lo{i}"),
+                      numpy_helper.from_array(np.float32(6), f"hi{i}")]
+            nodes.append(helper.make_node("Clip", [cur, f"lo{i}", f"hi{i}"], [f"r{i}"], name=f"clip{i}"))
+            cur = f"r{i}"
+    nodes.append(helper.make_node("Identity", [cur], ["y"], name="out"))
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, *shape])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, shape[1], shape[2]])], inits, opset=17)
+
+
+def bench_chain(quick: bool, reps: int) -> list[dict]:
+    """Each chain quantized by qgraph at 8 bits (what ORT runs, its u8s8 QDQ path) and at W1A2 / W2A2 (what
+    our runtime runs in ``fixed`` mode, integer requantization throughout: ``--kernel auto``, ``bitserial``
+    and ``int8``, outputs checked equal), same input. (``float`` mode would emulate ORT's float units
+    wherever ORT leaves a narrow-clipped Conv unfused: the integer kernels would not run there.)"""
+    import qgraph
+    from qgraph.kernels import lower, run
+    rng = np.random.default_rng(2)
+    rows = []
+    for name, shape, layers in CHAINS[:1] if quick else CHAINS:
+        fm = _float_chain(rng, shape, layers)
+        calib = {"x": rng.standard_normal((8, *shape)).astype(np.float32)}
+        feed = {"x": rng.standard_normal((1, *shape)).astype(np.float32)}
+        ops = 0.0
+        h, w = shape[1:]
+        c = shape[0]
+        for cout, k, g, _ in layers:
+            ops += 2.0 * cout * h * w * (c // g) * k * k
+            c = cout
+        q8 = qgraph.optimize(fm, CHAIN_ORT_SPEC, calib=calib, progress=False)[0]
+        ort8 = session(q8)
+        for widths, spec in CHAIN_SPECS.items():
+            q = qgraph.optimize(fm, spec, calib=calib, progress=False)[0]
+            ort_low = session(q)
+            progs = {kern: lower(q, kernel=kern) for kern in ("auto", "bitserial", "int8")}
+            outs = {kern: run(p, feed, "fixed")["y"] for kern, p in progs.items()}
+            exact = bool(np.array_equal(outs["auto"], outs["int8"]) and np.array_equal(outs["bitserial"], outs["int8"]))
+            ran = [s.cache["ran"] for s in progs["auto"].steps if "ran" in s.cache]
+            t = best_of_each({"ort": lambda: ort8.run(None, feed), "ort_low": lambda: ort_low.run(None, feed),
+                              "auto": lambda: run(progs["auto"], feed, "fixed"),
+                              "bits": lambda: run(progs["bitserial"], feed, "fixed"),
+                              "int8": lambda: run(progs["int8"], feed, "fixed")}, reps)
+            row = {"chain": name, "widths": widths, "ops": ops, "auto_kernels": ran,
+                   "ort_u8s8_gops": ops / t["ort"] / 1e9, "ort_lowbit_qdq_gops": ops / t["ort_low"] / 1e9,
+                   "ours_auto_gops": ops / t["auto"] / 1e9, "ours_bitserial_gops": ops / t["bits"] / 1e9,
+                   "ours_int8_gops": ops / t["int8"] / 1e9, "auto_vs_ort": t["ort"] / t["auto"],
+                   "bitserial_vs_ort": t["ort"] / t["bits"], "bitserial_vs_ours_int8": t["int8"] / t["bits"],
+                   "auto_vs_ours_int8": t["int8"] / t["auto"], "equal_to_int8": exact}
+            rows.append(row)
+            print(f"  chain {name} {widths}: ORT 8-bit {row['ort_u8s8_gops']:.1f} GOP/s | ours auto "
+                  f"{row['ours_auto_gops']:.1f} (x{row['auto_vs_ort']:.2f} ORT, "
+                  f"x{row['auto_vs_ours_int8']:.2f} our int8) | "
+                  f"ours bitserial {row['ours_bitserial_gops']:.1f} (x{row['bitserial_vs_ort']:.2f} ORT, "
+                  f"x{row['bitserial_vs_ours_int8']:.2f} our int8) | ours int8 {row['ours_int8_gops']:.1f} | ORT on "
+                  f"the {widths} QDQ model {row['ort_lowbit_qdq_gops']:.1f} | equal {exact}\n"
+                  f"      auto ran: {', '.join(ran)}", flush=True)
+    return rows
+
+
 def markdown(result: dict) -> str:
     """The README's table: one row per shape, each width's ratios (the targets' columns first)."""
     rows = result.get("gemm", []) + result.get("conv", [])
@@ -209,7 +292,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
-    ap.add_argument("--sections", default="gemm,conv")
+    ap.add_argument("--sections", default="gemm,conv,chain")
     ap.add_argument("--reps", type=int, default=7, help="timed runs of each contender (best counts)")
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--markdown", help="write the table of ratios here (bold: a target met)")
@@ -232,6 +315,8 @@ def main(argv=None) -> int:
         result["gemm"] = bench_gemm(args.quick, args.reps)
     if "conv" in args.sections:
         result["conv"] = bench_conv(args.quick, args.reps)
+    if "chain" in args.sections:
+        result["chain"] = bench_chain(args.quick, args.reps)
     result["acceptance"] = acceptance(result.get("gemm", []) + result.get("conv", []))
     print("\nacceptance:")
     for a in result["acceptance"]:
