@@ -279,7 +279,8 @@ class _Lowering:
         elif op == "Gemm":
             alpha, beta = float(at.get("alpha", 1.0)), float(at.get("beta", 1.0))
             if id(node) not in self.float_units and (alpha != 1.0 or beta != 1.0 and input_at(node, 2) is not None):
-                _fail(node, "Gemm with alpha or beta != 1")
+                _fail(node, f"Gemm with alpha {alpha:g}, beta {beta:g} as an integer QGemm (ONNX Runtime fuses a "
+                            "bias-free Gemm with alpha != 1 into QGemm; qgraph-run does not implement that alpha)")
             a, sa, za, _ = self.dq_parts(dqs[0], node, "input A")
             b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")
             extra = {"ort_float": self.gemm_float_c(node, alpha, beta)} if id(node) in self.float_units else {}
@@ -594,7 +595,8 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
     (ORT dequantizes them), and so is a layer
     whose output reaches Q through a Clip narrower than Q's range (``_ort_keeps_clip``) or through a
     Relu that ORT keeps (Q's zero point above its type's minimum: ``_ort_keeps_relu``), and a Gemm
-    with alpha != 1, or beta != 1 and a bias (ORT's QDQ Gemm selector takes neither). Each marked
+    with a bias and alpha or beta != 1 (ORT's QDQ Gemm selector; without a bias it fuses any alpha
+    into QGemm, which ``lower`` refuses by name: alpha != 1 is not implemented). Each marked
     op's step runs ORT's float unit in ``float`` mode (``FLOAT_UNIT_STEPS``; ``lower`` refuses one
     that has none). Elsewhere ("none", or a non-x86 machine under "auto") every unit is taken as fused.
     """
@@ -619,9 +621,9 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
         if clamp is not None and clamp.op == "Relu" and _ort_keeps_relu(users[0]):
             units.append(node)                  # Q's zero point above its minimum: float op + Relu + Q
             continue
-        if node.op == "Gemm" and (float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get(
-                "beta", 1.0)) != 1.0 and input_at(node, 2) is not None):
-            units.append(node)                  # ORT's Gemm selector: alpha 1, and beta 1 with a bias
+        if node.op == "Gemm" and input_at(node, 2) is not None and (
+                float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0):
+            units.append(node)                  # ORT's Gemm selector: with a bias, alpha and beta 1
             continue
         out = _ort_type(g, users[0])
         ins = [_input_type(g, t) for t in node.inputs[:2]]

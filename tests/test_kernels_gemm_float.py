@@ -143,12 +143,26 @@ def test_float_gemm_units_match_ort_bit_for_bit(form):
         else:                                          # no integer form: refused by name, not approximated
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(lower_mod, "ort_float_units", lambda g, platform="auto": [])
-                with pytest.raises(ModelError, match="alpha or beta"):
+                with pytest.raises(ModelError, match="Gemm with alpha"):
                     lower(model)
             with pytest.raises(ModelError, match="alpha|beta"):
                 run(prog, {"x": x}, mode="fixed")
     assert len(distinct) > 10                          # not all clamped: the outputs say something
     assert form not in ("relu", "shared") or int_off > 0
+
+
+@x86
+def test_bias_free_gemm_with_alpha_is_orts_qgemm_and_refused_by_name():
+    """Without a bias ORT fuses any alpha into QGemm (not a float unit); the integer QGemm here has no
+    alpha, so ``lower`` refuses it naming the node rather than computing something else."""
+    model = _gemm_unit(np.random.default_rng(1), 2, 16, 4, "alpha")
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    del gemm.input[2]
+    g = ir.load(model)
+    g.toposort()
+    assert ort_float_units(g, "x86") == [] and ort_float_nodes(model) == set()
+    with pytest.raises(ModelError, match=r"cannot lower node Gemm \(Gemm\): Gemm with alpha 0.75"):
+        lower(model)
 
 
 def _shared_input_unit(op, rng):
