@@ -76,13 +76,13 @@ def ort_optimized(model: onnx.ModelProto, level: str = "ORT_ENABLE_EXTENDED") ->
 
 
 def ort_float_nodes(model: onnx.ModelProto) -> set[str]:
-    """Names of the Conv (FusedConv too) / MatMul / Gemm / Add / Mul / GlobalAveragePool nodes ONNX Runtime
+    """Names of the Conv (FusedConv too) / MatMul / Gemm (FusedGemm too) / Add / Mul / GlobalAveragePool nodes ONNX Runtime
     leaves as float ops, read from its optimized graph: the ground truth that ``lower.ort_float_units`` predicts."""
     opt = ort_optimized(model)
-    return {n.name for n in opt.graph.node
+    return {n.name.removeprefix("fused ") if n.op_type == "FusedGemm" else n.name for n in opt.graph.node
             if (n.op_type in ("Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool")
                 and n.domain in ("", "ai.onnx"))
-            or (n.op_type == "FusedConv" and n.domain == "com.microsoft")}     # float Conv + activation
+            or (n.op_type in ("FusedConv", "FusedGemm") and n.domain == "com.microsoft")}   # float op + activation
 
 
 def _ort_values(model: onnx.ModelProto, prog: Program, wanted: list[str], inputs: dict) -> dict:

@@ -61,6 +61,11 @@ WIDE = {"int16", "uint16"}
 WIDE_FLOAT_OPS = {"Softmax", "Concat"} | set(TABLE_FUNCS)
 #: ops whose integer kernels clamp their output (ORT fuses a following Relu / Clip into them)
 CLAMPED_OPS = ("Conv", "MatMul", "Gemm", "Add", "Mul")
+#: the ops ``ort_float_units`` can mark as float, and the lowered step whose kernel runs each as ORT's
+#: float unit in ``float`` mode (step attribute ``ort_float``); ``lower`` refuses a marked node whose
+#: step has none (tests/test_kernels_gemm_float.py checks the table against the kernels)
+FLOAT_UNIT_STEPS = {"Conv": "QLinearConv", "MatMul": "QLinearMatMul", "Gemm": "QGemm", "Add": "QLinearAdd",
+                    "Mul": "QLinearMul", "GlobalAveragePool": "QLinearGlobalAveragePool"}
 GROUP_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool", "AveragePool", "Concat", "Softmax"} \
     | MOVE_OPS | set(TABLE_FUNCS)
 #: inputs that must come from DequantizeLinear for a node to be an integer group (default: input 0)
@@ -245,7 +250,11 @@ class _Lowering:
     def group(self, node):
         q, chain, twins = self.q_after(node)
         self.done.add(id(q))
+        first = len(self.prog.steps)
         self.group_step(node, q, chain)
+        if id(node) in self.float_units and not any("ort_float" in s.attrs for s in self.prog.steps[first:]):
+            _fail(node, "ONNX Runtime runs this unit in float (DQ -> float op -> Q) and qgraph-run has no "
+                        "float unit for it (it would run as integers: not ORT's numbers)")
         for t in twins:                                          # same values under another name
             self.done.add(id(t))
             self.emit("Move", t, [q.outputs[0].name], [t.outputs[0].name], op="Identity", attrs={},
@@ -271,14 +280,22 @@ class _Lowering:
             self.emit("QLinearMatMul", node, [a, sa, za, b, sb, zb, sy, zy], [y], clamp=clamp,
                       kernel=self.kernel_for(b), **extra, **self.ort_types(node))
         elif op == "Gemm":
-            if float(at.get("alpha", 1.0)) != 1.0 or float(at.get("beta", 1.0)) != 1.0:
-                _fail(node, "Gemm with alpha or beta != 1")
+            alpha, beta = float(at.get("alpha", 1.0)), float(at.get("beta", 1.0))
+            if id(node) not in self.float_units and (alpha != 1.0 or beta != 1.0 and input_at(node, 2) is not None):
+                _fail(node, f"Gemm with alpha {alpha:g}, beta {beta:g} as an integer QGemm (ONNX Runtime fuses a "
+                            "bias-free Gemm with alpha != 1 into QGemm; qgraph-run does not implement that alpha)")
             a, sa, za, _ = self.dq_parts(dqs[0], node, "input A")
             b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")
-            c = self.bias(node, input_at(node, 2), sa, sb)
+            extra = {"ort_float": self.gemm_float_c(node, alpha, beta)} if id(node) in self.float_units else {}
+            if extra and extra["ort_float"]["c"] is not None and extra["ort_float"]["c"].ndim > 1 \
+                    and np.squeeze(extra["ort_float"]["c"]).ndim > 1:      # [M, N] C: no per-channel int32 bias
+                c = ""                                     # the integer path refuses it (no_int_bias)
+                extra["no_int_bias"] = True
+            else:
+                c = self.bias(node, input_at(node, 2), sa, sb)
             self.emit("QGemm", node, [a, sa, za, b, sb, zb, c, sy, zy], [y],
                       transA=int(at.get("transA", 0)), transB=int(at.get("transB", 0)), clamp=clamp,
-                      kernel=self.kernel_for(b), **self.ort_types(node))
+                      kernel=self.kernel_for(b), alpha=alpha, beta=beta, **extra, **self.ort_types(node))
         elif op in ("Add", "Mul"):
             a, sa, za, _ = self.dq_parts(dqs[0], node, "input A")
             b, sb, zb, _ = self.dq_parts(dqs[1], node, "input B")
@@ -318,6 +335,28 @@ class _Lowering:
                 extra = (extra + ["", ""])[:1] + [self.prog.add_const(f"{y}::pad_value", c[zx])] + extra[2:]
             ins = [x] + extra + ([] if same else [sx, zx, sy, zy])
             self.emit("Move", node, ins, [y], op=op, attrs=at, requant=not same)
+
+    def gemm_float_c(self, node, alpha: float, beta: float) -> dict:
+        """What the float Gemm unit (``ortfloat.gemm_unit``) needs beyond the integer step: C as ORT's
+        float path sees it (DQ of the stored int32 with its scale, or the float constant), in its own
+        shape, and alpha / beta."""
+        t = input_at(node, 2)
+        c = None
+        if t is not None:
+            prod = ir.producer(t)
+            if is_dq(prod) and ir.const(prod.inputs[0]) is not None and ir.const(prod.inputs[1]) is not None:
+                v, s = ir.const(prod.inputs[0]), ir.const(prod.inputs[1])
+                zp = const_at(prod, 2)
+                z = np.zeros((), np.int64) if zp is None else np.asarray(zp).astype(np.int64)
+                if s.size != 1 and (v.ndim != 1 or s.size != v.size):
+                    _fail(node, f"C '{t.name}' is dequantized per axis in a form the float Gemm unit does not read")
+                c = ((v.astype(np.int64) - z.reshape(-1) if z.size > 1 else v.astype(np.int64) - z)
+                     .astype(np.float32) * s.astype(np.float32).reshape(-1 if s.size > 1 else ())).astype(np.float32)
+            elif ir.const(t) is not None:
+                c = np.asarray(ir.const(t), np.float32)
+            else:
+                _fail(node, "C is neither a constant nor a dequantized constant")
+        return {"c": c, "alpha": alpha, "beta": beta}
 
     # -- driver -------------------------------------------------------------------------------------
     def fold_constants(self) -> None:
@@ -564,8 +603,11 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
     a layer with 4-bit (INT4 / UINT4) weights or a 16-bit input or output (``WIDE``) is always float
     (ORT dequantizes them), and so is a layer
     whose output reaches Q through a Clip narrower than Q's range (``_ort_keeps_clip``) or through a
-    Relu that ORT keeps (Q's zero point above its type's minimum: ``_ort_keeps_relu``).
-    Elsewhere ("none", or a non-x86 machine under "auto") every unit is taken as fused.
+    Relu that ORT keeps (Q's zero point above its type's minimum: ``_ort_keeps_relu``), and a Gemm
+    with a bias and alpha or beta != 1 (ORT's QDQ Gemm selector; without a bias it fuses any alpha
+    into QGemm, which ``lower`` refuses by name: alpha != 1 is not implemented). Each marked
+    op's step runs ORT's float unit in ``float`` mode (``FLOAT_UNIT_STEPS``; ``lower`` refuses one
+    that has none). Elsewhere ("none", or a non-x86 machine under "auto") every unit is taken as fused.
     """
     import platform as _pf
     if platform == "auto":
@@ -574,7 +616,7 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
         return []
     units = []
     for node in g.nodes:
-        if node.op not in ("Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool"):
+        if node.op not in FLOAT_UNIT_STEPS:
             continue
         users = ir.consumers(node.outputs[0]) if node.outputs else []
         clamp = users[0] if len(users) == 1 and users[0].op in CLIP_OPS and node.op in CLAMPED_OPS else None
@@ -587,6 +629,10 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
             continue
         if clamp is not None and clamp.op == "Relu" and _ort_keeps_relu(users[0]):
             units.append(node)                  # Q's zero point above its minimum: float op + Relu + Q
+            continue
+        if node.op == "Gemm" and input_at(node, 2) is not None and (
+                float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0):
+            units.append(node)                  # ORT's Gemm selector: with a bias, alpha and beta 1
             continue
         out = _ort_type(g, users[0])
         ins = [_input_type(g, t) for t in node.inputs[:2]]

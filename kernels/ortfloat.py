@@ -21,6 +21,11 @@ arithmetic in ORT's order:
               A [..., M, K] x B [K, N] flattened to M = prod(A's leading dims), batched MatMuls one
               (M, K) x (K, N) product per broadcast batch. M > 1: the SGEMM order above with
               N = B's columns; M = 1: the M = 1 kernel over all of K in one block (``matmul_unit``)
+    Gemm      ORT's Gemm<float>: C broadcast into Y first, then MlasGemm with beta (``gemm_float``):
+              M = 1 (A not transposed, alpha 1, beta 0 / 1): SgemmKernelM1 from C, or with transB the
+              8-lane SgemmKernelM1TransposeB, + C last; N = 1 the same kernels with A and B swapped;
+              otherwise the k-blocked fma chains above (no doubling for a transposed A), each block
+              y = fma(block, alpha, y) (the first one y = block * alpha when beta is 0)
     Add / Mul a_f + b_f (a_f * b_f) in float32
     Q         rne(y / sy) + zy, saturated (Relu/Clip before Q are the step's output clamp:
               Q is monotone, so clamping codes equals clipping floats first)
@@ -554,3 +559,145 @@ def _binary_same_shape(a, za, sa, b, zb, sb, add, sy, zy, lo, hi, out):
         y = np.float32(a_f + b_f) if add else np.float32(a_f * b_f)
         q = np.rint(y / sy) + zf                  # as ``_quantize_run``: exact where it matters
         out[i] = np.int32(min(max(q, lf), hf))
+
+
+# ----------------------------------------------------------------------------- float Gemm
+
+@njit(cache=True)
+def _gemm_blocks(a, b, y, kc, alpha, zero_mode):
+    """MlasSgemmOperation's general path for y [M, N] (C already broadcast into it and scaled by
+    beta): per output and k-block of ``kc``, an fma chain from 0; the first block of a ``zero_mode``
+    (beta = 0) product stores acc * alpha, every other block y = fma(acc, alpha, y) (one rounding,
+    the kernels' ``vfmadd213ps`` with alpha)."""
+    m_n, k_n = a.shape
+    n_n = b.shape[1]
+    acc = np.empty(n_n, np.float32)
+    for m in range(m_n):
+        for k0 in range(0, k_n, kc):
+            acc[:] = 0
+            for k in range(k0, min(k_n, k0 + kc)):
+                _fma_row(acc, b[k], a[m, k])
+            if zero_mode and k0 == 0:
+                for j in range(n_n):
+                    y[m, j] = np.float32(acc[j] * alpha)
+            else:
+                for j in range(n_n):
+                    y[m, j] = fma32(acc[j], alpha, y[m, j])
+
+
+@njit(cache=True)
+def _gemm_m1(v, mat, y, accumulate):
+    """``MlasSgemmKernelM1Avx`` (B not transposed): y[j] = sum_k v[k] * mat[k, j], the products in
+    groups of four added to C as they come (``_m1_block``), starting from C (beta = 1) or 0."""
+    k_n, n_n = mat.shape
+    p = np.empty(k_n, np.float32)
+    for j in range(n_n):
+        for k in range(k_n):
+            p[k] = np.float32(v[k] * mat[k, j])
+        y[j] = _m1_block(p, 0, k_n, y[j] if accumulate else np.float32(0.0))
+
+
+@njit(cache=True)
+def _gemm_m1_tb(v, rows, y, accumulate):
+    """``MlasSgemmKernelM1TransposeBAvx``: y[r] = sum_k v[k] * rows[r, k] in eight float32 lanes
+    (lane l: k = l mod 8, mul then add), reduced as the kernel's shuffles do for the row's place in
+    its group (4 rows: ((l0+l1)+l2)+l3 + ((l4+l5)+l6)+l7; the 2-row tail: ((l0+l2)+(l4+l6)) +
+    ((l1+l3)+(l5+l7)); the 1-row tail: ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7))), then + C."""
+    r_n, k_n = rows.shape
+    lanes = np.zeros(8, np.float32)
+    r = 0
+    while r < r_n:
+        left = r_n - r
+        width = 4 if left >= 4 else (2 if left >= 2 else 1)
+        for rr in range(r, r + width):
+            lanes[:] = 0
+            for k in range(k_n):
+                lanes[k % 8] = np.float32(lanes[k % 8] + np.float32(v[k] * rows[rr, k]))
+            l0, l1, l2, l3, l4, l5, l6, l7 = (lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5],
+                                              lanes[6], lanes[7])
+            if width == 4:
+                s = np.float32(np.float32(np.float32(np.float32(l0 + l1) + l2) + l3)
+                               + np.float32(np.float32(np.float32(l4 + l5) + l6) + l7))
+            elif width == 2:
+                s = np.float32(np.float32(np.float32(l0 + l2) + np.float32(l4 + l6))
+                               + np.float32(np.float32(l1 + l3) + np.float32(l5 + l7)))
+            else:
+                s = np.float32(np.float32(np.float32(l0 + l1) + np.float32(l2 + l3))
+                               + np.float32(np.float32(l4 + l5) + np.float32(l6 + l7)))
+            y[rr] = np.float32(s + y[rr]) if accumulate else s
+        r += width
+
+
+def gemm_float(a_f, b_f, c_f, alpha: float, beta: float, trans_a: bool, trans_b: bool) -> np.ndarray:
+    """ORT's Gemm<float> (``gemm.cc``) on float32 operands as stored (A [M, K] or [K, M] with transA,
+    B [K, N] or [N, K] with transB): C broadcast into Y (``GemmBroadcastBias``: scalar, [N], [1, N],
+    [M, 1] or [M, N]), then MlasGemm with beta (0 without C): its M = 1 kernels (M = 1, A not
+    transposed, alpha = 1, beta 0 or 1; or N = 1 with B's leading dimension 1), else
+    ``MlasSgemmOperation``: Y *= beta unless beta is 0 or 1, k-blocks as ``sgemm_block_k`` (not
+    doubled for a transposed A), ``_gemm_blocks``."""
+    a_f, b_f = np.asarray(a_f, np.float32), np.asarray(b_f, np.float32)
+    a2 = a_f.T if trans_a else a_f
+    b2 = b_f.T if trans_b else b_f
+    m, k = a2.shape
+    n = b2.shape[1]
+    alpha, beta = np.float32(alpha), np.float32(beta)
+    y = np.zeros((m, n), np.float32)
+    if c_f is not None and beta != 0:
+        y[:] = np.broadcast_to(np.asarray(c_f, np.float32).reshape(np.shape(c_f)), (m, n))
+    else:
+        beta = np.float32(0)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        return (y * beta).astype(np.float32)
+    simple = alpha == 1 and beta in (0, 1)
+    acc = bool(beta == 1)
+    if m == 1 and not trans_a and simple:
+        if trans_b:
+            _gemm_m1_tb(np.ascontiguousarray(a2[0]), np.ascontiguousarray(b_f), y[0], acc)
+        else:
+            _gemm_m1(np.ascontiguousarray(a2[0]), np.ascontiguousarray(b_f), y[0], acc)
+        return y
+    if n == 1 and (not trans_b or k == 1) and simple:        # ldb == 1 == ldc: A and B swapped
+        col = np.empty(m, np.float32)
+        col[:] = y[:, 0]
+        if trans_a:
+            _gemm_m1(np.ascontiguousarray(b2[:, 0]), np.ascontiguousarray(a_f), col, acc)
+        else:
+            _gemm_m1_tb(np.ascontiguousarray(b2[:, 0]), np.ascontiguousarray(a_f), col, acc)
+        y[:, 0] = col
+        return y
+    if beta not in (0, 1):
+        y = (y * beta).astype(np.float32)                    # MlasSgemmMultiplyBeta
+    kc = SGEMM_STRIDE_K if trans_a else sgemm_block_k(k, n)  # a transposed A: no k-block doubling
+    _gemm_blocks(np.ascontiguousarray(a2), np.ascontiguousarray(b2), y, kc, alpha, bool(beta == 0))
+    return y
+
+
+def gemm_unit(step, a, sa, za, b, sb, zb, sy, zy, lo, hi, out_dtype) -> np.ndarray:
+    """DQ(A), DQ(B) [, C] -> float Gemm (``gemm_float``) [-> Relu / Clip] -> Q: a Gemm ORT leaves
+    unfused. ``step.attrs["ort_float"]``: ``c`` (C as ORT's float path sees it, its own shape, or
+    None), ``alpha``, ``beta``; B's scale / zero point per tensor or per output column (N)."""
+    if np.asarray(za).size != 1 or np.asarray(sa).size != 1:
+        raise ModelError(f"{step.name}: a float Gemm unit with a per-row scale or zero point of A is not supported")
+    if a.ndim != 2 or b.ndim != 2:
+        raise ModelError(f"{step.name}: a float Gemm unit needs 2-D A and B (got {a.ndim}-D, {b.ndim}-D)")
+    at = step.attrs
+    fl = at["ort_float"]
+    trans_b = bool(at.get("transB", 0))
+    a_f = (a.astype(np.int32) - np.int32(_one(za))).astype(np.float32) * np.float32(_one(sa))
+    hit = step.cache.get("gemm_b")
+    if hit is not None and hit[0] is b:
+        b_f = hit[1]
+    else:
+        zbv = np.asarray(zb, np.int32).reshape(-1)
+        sbv = np.asarray(sb, np.float32).reshape(-1)
+        shape = (-1, 1) if trans_b else (1, -1)               # per output column N
+        b_f = ((b.astype(np.int32) - zbv.reshape(shape if zbv.size > 1 else ())).astype(np.float32)
+               * sbv.reshape(shape if sbv.size > 1 else ())).astype(np.float32)
+        step.cache["gemm_b"] = (b, b_f)
+    y = gemm_float(a_f, b_f, fl.get("c"), float(fl.get("alpha", 1.0)), float(fl.get("beta", 1.0)),
+                   bool(at.get("transA", 0)), trans_b)
+    out = np.empty(y.shape, out_dtype)
+    _quantize_rows(np.ascontiguousarray(y), np.float32(sy), np.int32(zy), np.int32(lo), np.int32(hi), out)
+    return out

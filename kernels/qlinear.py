@@ -225,8 +225,18 @@ def qgemm_op(step, args, mode):
     zy = args[8] if len(args) > 8 else None
     if sy is None:
         raise ModelError(f"{step.name}: QGemm with a float output is not supported")
+    if mode == "float" and "ort_float" in step.attrs:        # a unit ORT leaves DQ -> Gemm -> Q
+        zy = np.zeros((), np.asarray(za).dtype) if zy is None else zy
+        qmin, qmax = _bounds(step, zy)
+        return [ortfloat.gemm_unit(step, a, sa, za, b, sb, zb, sy, _scalar(zy), qmin, qmax, np.asarray(zy).dtype)]
     if float(step.attrs.get("alpha", 1.0)) != 1.0:
         raise ModelError(f"{step.name}: QGemm alpha != 1 is not supported")
+    if step.attrs.get("no_int_bias"):
+        raise ModelError(f"{step.name}: a Gemm whose C is a full [M, N] matrix has no integer form here "
+                         "(ORT runs it in float: only --mode float reproduces it)")
+    if float(step.attrs.get("beta", 1.0)) != 1.0 and c is not None:
+        raise ModelError(f"{step.name}: a Gemm with beta != 1 and a bias has no integer form here "
+                         "(ORT runs it in float: only --mode float reproduces it)")
     if step.attrs.get("transA", 0):
         a = a.T
     if step.attrs.get("transB", 0):

@@ -284,6 +284,12 @@ def test_digits_bitserial_equals_int8_end_to_end(digits_low_bit, key, mode):
         outs[kernel] = run(prog, feeds, mode)["logits"]
         ran[kernel] = [s.cache["ran"] for s in prog.steps if "ran" in s.cache]
     assert np.array_equal(outs["bitserial"], outs["int8"]) and np.array_equal(outs["auto"], outs["int8"])
+    dots = [s for s in prog.steps if s.op in ("QLinearConv", "QGemm", "QLinearMatMul")]
+    if mode == "float" and all("ort_float" in s.attrs for s in dots):
+        # ORT runs every unit in float (4-bit weight storage; W1A2's Clips narrower than Q's range):
+        # so does float mode, Gemm included since it has a float unit: no dot product runs
+        assert ran["bitserial"] == [] and ran["auto"] == []
+        return
     assert ran["bitserial"] and all(r.startswith("bitserial") for r in ran["bitserial"])
     if mode == "fixed":        # no unit runs ORT's float path: every Conv and Gemm was a dot product
         assert len(ran["bitserial"]) == 7
