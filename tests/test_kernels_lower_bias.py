@@ -86,3 +86,16 @@ def test_the_boundary_is_one_percent_plus_1e_6():
         model, _ = _model("Conv", ratio, sx=1e-4)
         assert _ort_fused(model, "Conv") == fused
         assert (not lw.ort_float_units(ir.load(model), "x86")) == fused
+
+
+def test_a_gemm_reading_16_bit_activations_is_refused_by_name():
+    #   ORT runs it as DQ -> float Gemm -> Q; qgraph-run's QGemm step is integer only (it raised a
+    #   ValueError from its int8 packing before): a ModelError naming the node
+    from qgraph.errors import ModelError
+    model, _ = _model("Gemm", 1.0)
+    for init in model.graph.initializer:
+        if init.name in ("zx", "zy"):
+            init.CopyFrom(numpy_helper.from_array(np.int16(0), init.name))
+    model.graph.node[4].name = "head"
+    with pytest.raises(ModelError, match=r"cannot lower node head \(Gemm\): a Gemm reading 16-bit activations"):
+        lw.lower(model)
