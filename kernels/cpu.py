@@ -8,6 +8,7 @@ x86 int8 kernels that changes results.
                               NUMBA_CPU_FEATURES, e.g. AVX2-only code on an AVX-512 machine)
     gemm_kernel()          -> our int8 GEMM micro-kernel: amx | vnni | avx2 | plain (QGRAPH_GEMM forces one)
     ort_path()             -> the u8 x s8 kernel class ORT takes here (QGRAPH_ORT_PATH names another)
+    ort_softmax_kernel()   -> MLAS's float sum-exp kernel there: avx512f | fma3 | sse2 | neon (``ortsoftmax``)
 
 Names are LLVM's (``avx2``, ``avx512vnni``, ``avx512vpopcntdq``, ``amx-int8``, ...). A kernel that
 can be turned off by an environment variable (``QGRAPH_NO_VNNI``, ...) checks that itself.
@@ -182,6 +183,30 @@ def ort_path() -> OrtPath:
             raise ValueError(f"QGRAPH_ORT_PATH={want}: expected auto or one of {', '.join(ORT_PATHS)}")
         return ORT_PATHS[want]
     return host_ort_path()
+
+
+#: MLAS's Softmax sum-exp kernel (``kernels/ortsoftmax.py``) on each u8 x s8 class: AMX, AVX-512 VNNI and
+#: AVX-512BW CPUs have AVX-512F; AVX-VNNI (Alder Lake) and AVX2 CPUs take the FMA3 kernel; SSE-only x86
+#: the generic C++ one (SSE2 build: no fma); other architectures the generic one with NEON's fused fma.
+ORT_SOFTMAX = {"amx": "avx512f", "avx512vnni": "avx512f", "avx512bw": "avx512f", "avxvnni": "fma3",
+               "avx2": "fma3", "sse41": "sse2", "sse2": "sse2", "other": "neon"}
+
+
+def ort_softmax_kernel() -> str:
+    """The float Softmax kernel ORT's MLAS takes here (``platform.cpp``: AVX-512F with the OS saving its
+    state -> ``avx512f``; AVX2 and FMA3 -> ``fma3``; other x86 -> ``sse2``; not x86 -> ``neon``), or the
+    one of the CPU class ``QGRAPH_ORT_PATH`` names (``avx2`` -> ``fma3``, ...)."""
+    want = os.environ.get("QGRAPH_ORT_PATH", "").strip().lower()
+    if want and want != "auto":
+        return ORT_SOFTMAX[ort_path().name]
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "neon"
+    if has("avx512f"):                 # LLVM reports avx512f only when the OS saves the zmm state (xgetbv)
+        return "avx512f"
+    if has("avx2", "fma"):
+        return "fma3"
+    return "sse2"
 
 
 def describe_host() -> str:

@@ -25,7 +25,7 @@ Exactness against ORT, by op:
   Q differs only when the float lands within an ulp of a rounding boundary, and qgraph-run
   --compare-ort reports the share):
       Exp Log Tanh Sigmoid (MLAS polynomial kernels), Pow with another exponent (powf),
-      Softmax on CPUs without AVX-512F (``ortsoftmax`` reproduces MLAS's AVX-512F kernel),
+      Softmax off x86 (``ortsoftmax`` reproduces MLAS's AVX-512F, FMA3 and SSE2 kernels, by cpuid),
       LayerNormalization with a norm size that is not a multiple of 8 and over 8
       (``_layernorm``: ORT's order reproduced otherwise),
       Resize linear, LRN (ORT's scale bit for bit, Eigen's pow not: ``_lrn``)
@@ -106,7 +106,7 @@ def _hardsigmoid(x, alpha, beta):
 
 
 def _softmax(args, at, opset):
-    """MLAS's softmax in its AVX-512F order (``ortsoftmax``: polynomial exp, 16-lane sum, x 1/sum)."""
+    """MLAS's softmax in the order of its kernel for this CPU (``ortsoftmax``: polynomial exp, lane sums, x 1/sum)."""
     from qgraph.kernels.ortsoftmax import softmax
     x = _f(args[0])
     return [softmax(x, int(at.get("axis", -1 if opset >= 13 else 1)), opset)]

@@ -590,6 +590,32 @@ def _ort_keeps_relu(q) -> bool:
     return int(np.asarray(zp).reshape(-1)[0]) != INT_RANGES[kind][0]
 
 
+#: ORT 1.32's QDQ Conv selector fuses a Conv whose int32 bias is dequantized with scale s_b only when
+#: |s_b - s_x s_w| <= BIAS_ATOL + BIAS_RTOL |s_x s_w| in every output channel (measured: the boundary found
+#: by bisection on three channels of one model and on four s_x from 1 to 1e-4 lies on this line to 1e-9
+#: relative); QLinearConv then reads the raw int32 as if its scale were s_x s_w. Otherwise the Conv runs
+#: in float with the bias as DequantizeLinear gives it. Gemm fuses into QGemm whatever the bias scale.
+BIAS_RTOL = 1e-2
+BIAS_ATOL = 1e-6
+
+
+def _ort_bias_scale_fits(node) -> bool:
+    """Whether the bias of QDQ Conv ``node`` passes ORT's check (no bias, or one that is not a
+    dequantized constant with constant scales: nothing to check)."""
+    b = input_at(node, 2)
+    dqs = [ir.producer(t) if t is not None else None for t in (node.inputs[0], node.inputs[1], b)]
+    if b is None or not all(d is not None and is_dq(d) for d in dqs):
+        return True
+    sx, sw, sb = (ir.const(d.inputs[1]) for d in dqs)
+    if sx is None or sw is None or sb is None or sx.size != 1:
+        return True
+    want = (sx.astype(np.float32).reshape(()) * sw.astype(np.float32).reshape(-1)).astype(np.float64)
+    have = sb.astype(np.float32).reshape(-1).astype(np.float64)
+    if have.size not in (1, want.size) or want.size not in (1, have.size):
+        return True
+    return bool(np.all(np.abs(have - want) <= BIAS_ATOL + BIAS_RTOL * np.abs(want)))
+
+
 def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
     """Compute nodes of QDQ units that ONNX Runtime's CPU provider leaves unfused (DQ -> float op -> Q).
 
@@ -603,7 +629,8 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
     a layer with 4-bit (INT4 / UINT4) weights or a 16-bit input or output (``WIDE``) is always float
     (ORT dequantizes them), and so is a layer
     whose output reaches Q through a Clip narrower than Q's range (``_ort_keeps_clip``) or through a
-    Relu that ORT keeps (Q's zero point above its type's minimum: ``_ort_keeps_relu``), and a Gemm
+    Relu that ORT keeps (Q's zero point above its type's minimum: ``_ort_keeps_relu``), a Conv
+    whose bias DequantizeLinear scale is not s_x s_w (``_ort_bias_scale_fits``), and a Gemm
     with a bias and alpha or beta != 1 (ORT's QDQ Gemm selector; without a bias it fuses any alpha
     into QGemm, which ``lower`` refuses by name: alpha != 1 is not implemented). Each marked
     op's step runs ORT's float unit in ``float`` mode (``FLOAT_UNIT_STEPS``; ``lower`` refuses one
@@ -643,6 +670,9 @@ def ort_float_units(g: ir.Graph, platform: str = "auto") -> list:
             continue
         if any(t in WIDE for t in [*ins, out]):
             units.append(node)                  # the CPU provider's QDQ selectors are 8-bit only
+            continue
+        if node.op == "Conv" and not _ort_bias_scale_fits(node):
+            units.append(node)                  # a bias scale far from s_x s_w: DQ -> float Conv -> Q
             continue
         if node.op in ("Conv", "MatMul"):       # the weight (input 1) stays int8: not compared
             fused = ins[0] == out and ins[0] != "int8"

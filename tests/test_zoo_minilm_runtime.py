@@ -19,8 +19,8 @@ N = 16
 @pytest.mark.parametrize("pipeline", ["fold,quant", "cleanup,quant:act_bits=16"])
 def test_minilm_fold_quant_float_output_bit_exact(tmp_path, pipeline):
     """``cleanup,quant:act_bits=16``: every unit float (16-bit borders), MatMul weights written [1, K, N]
-    so that ORT runs them as written (not its MatMulNBits rewrite), Softmax in MLAS's AVX-512F order
-    (``ortsoftmax``): 100% on this CPU."""
+    so that ORT runs them as written (not its MatMulNBits rewrite), Softmax in the order of MLAS's kernel
+    for this CPU's class (``ortsoftmax``: AVX-512F, FMA3 or SSE2): 100% on this CPU."""
     import qgraph
     from qgraph.kernels import cpu
     from qgraph.kernels.diff import against_ort
