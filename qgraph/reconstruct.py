@@ -11,7 +11,13 @@ X̃ᵀX̃ and X̃ᵀY are summed batch by batch (memory is one batch of activati
 layer, whatever the number of samples). Convolutions use their input patches (im2col, per group; the
 same patches GPTQ's Hessians use, ``qgraph.rounding``), at most ``locations`` positions per image.
 Layers are refit in waves in topological order: a layer is measured once every refit layer upstream
-of it is written, so it sees the inputs the final model will give it.
+of it is written, so it sees the inputs the final model will give it. A layer whose output is summed
+with a skip path (an inverted-residual block's projection) can instead be fit to the original *block*
+output: y = (original x_skip + W x + b) − x'_skip, with x'_skip the pruned model's skip, so the
+projection also takes up what the blocks before it left wrong on the skip path, in sequence through
+the network (ThiNet / He et al. 2017 fit each layer alone; this is their sequential form one join
+further, as "reconstruct the block's output" in post-training block reconstruction, Li et al. 2021
+BRECQ §3 for quantization).
 
 ``sparse_gpt`` is the unstructured counterpart (SparseGPT, Frantar & Alistarh 2023, §3): the optimal
 brain surgeon step on the layer's H = X Xᵀ, pruning column by column by saliency w²/[H⁻¹]_jj and
@@ -141,6 +147,8 @@ class Fit:
     node: object
     target: str
     keep_out: np.ndarray | None = None
+    skip: str | None = None      # block target: the pruned graph's other input of the residual Add after
+                                 # the layer (``target`` is then that Add's output in the original)
 
 
 class NormalEquations:
@@ -160,11 +168,13 @@ class NormalEquations:
     def has_bias(node) -> bool:
         return node.op in ("Conv", "Gemm")
 
-    def update(self, name: str, x: np.ndarray, y: np.ndarray) -> None:
+    def update(self, name: str, x: np.ndarray, y: np.ndarray, skip: np.ndarray | None = None) -> None:
         fit = self.fits[name]
         node = fit.node
         if fit.keep_out is not None:
             y = np.take(y, fit.keep_out, axis=1 if node.op != "MatMul" else -1)
+        if skip is not None:
+            y = y - skip
         groups = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
         picked = []
         if node.op == "Conv":
@@ -276,12 +286,14 @@ def refit(g, original: onnx.ModelProto, fits: dict[str, Fit], samples, *, ridge:
     bar = progress_bar(len(fits), "reconstruct", unit="layer") if progress else None
     feeds = InputCache(samples, batch_size_for(original, batch_size))
     for names in rounds:
-        pruned = truncated(ir.to_model(g), list(dict.fromkeys(fits[n].node.inputs[0].name for n in names)))
+        pruned = truncated(ir.to_model(g), list(dict.fromkeys(
+            [fits[n].node.inputs[0].name for n in names] + [fits[n].skip for n in names if fits[n].skip])))
         orig = truncated(original, list(dict.fromkeys(fits[n].target for n in names)))
         eq = NormalEquations({n: fits[n] for n in names}, locations=locations, seed=seed)
         for xs, ys in run_pair(pruned, orig, feeds):
             for n in names:
-                eq.update(n, xs[fits[n].node.inputs[0].name], ys[fits[n].target])
+                skip = xs[fits[n].skip] if fits[n].skip else None
+                eq.update(n, xs[fits[n].node.inputs[0].name], ys[fits[n].target], skip)
         for n in names:
             node = fits[n].node
             prior = current_matrix(node)
