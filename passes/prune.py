@@ -18,6 +18,16 @@ importance aggregated over the whole group (DepGraph §3.3, mean over members):
                 weighted by how much of a relative error at that reader reaches the model's outputs
                 (measured once by injecting feature-shaped noise: ``importance.output_sensitivity``)
 
+How much each group gives (``allocation=measured``, the default with taylor_act) is decided by
+measured loss curves, not by the predicted errors: every group alone loses its first k units along
+that order, for several k, with its readers refit (W'_K = W H_{:,K} H_KK⁻¹, H from the calibration
+samples not used for scoring), and the KL divergence of the model's class scores from the original's
+is measured on the held-out calibration samples (``importance.measured_scores``; sensitivity analysis
+as AMC, He et al. 2018, and NetAdapt, Yang et al. 2018, use it, here without training). The steps
+are then ranked by the measured loss they add per MAC saved. Scoring a refit on its own data would
+make the late layers (few positions per image, many inputs) look free: measured that way the
+allocation stripped them and lost 3x more.
+
 ``scope=global`` ranks all groups' units together after dividing each unit's importance by its
 group's mean (Torch-Pruning's mean normalizer: a unit is judged against the channels it is coupled
 with, so groups with large weights are not spared because of their scale); ``scope=layer`` removes
@@ -27,7 +37,11 @@ group of a grouped convolution; the number of steps is chosen so that the remove
 target (MACs or parameters of the whole model) is ``ratio`` within 1%.
 
 With ``reconstruct=true`` each layer that lost input channels is refit by least squares to the
-original model's output on the calibration data (``qgraph.reconstruct``). With ``restore_stats=true``
+original model's output on the calibration data (``qgraph.reconstruct``); a layer followed by a
+residual Add (an inverted-residual block's projection) is fit to the original *join* output minus
+the pruned model's skip (``refit_target=block``), so it also takes up what earlier blocks left wrong
+on the skip path. ``match_variance=true`` then gives each refit output channel the variance of its
+target (closed form from the same sums). With ``restore_stats=true``
 every layer downstream of a removal then gets back the per-channel output mean and variance it had
 in the original model, measured layer by layer on the pruned model's own inputs (adaptive
 BatchNorm, Li et al. 2020, folded into the layer's weights and bias).
@@ -83,6 +97,8 @@ class PruneOptions:
     restore_stats: bool = option(False, "after pruning (and reconstruction), give every layer downstream of a removal "
                                         "the per-channel output mean and variance it has in the original model "
                                         "(adaptive BatchNorm on the folded graph)")
+    match_variance: bool = option(False, "after each refit, give the refit layer's output channels the variance of "
+                                         "their target on the calibration data (closed form, no extra run)")
     ridge: float = option(1e-3, "reconstruction ridge term, relative to the mean of diag(XᵀX)", range=(0.0, 1e6))
     locations: int = option(256, "convolution positions sampled per image for reconstruction (0: all)",
                             range=(0, 1 << 30))
@@ -413,7 +429,7 @@ class Prune(Pass):
             return {"layers": 0}
         o = self.opts
         errors = refit(g, original, fits, samples, ridge=o.ridge, locations=o.locations, batch_size=o.batch_size,
-                       seed=ctx.seed, progress=ctx.progress)
+                       seed=ctx.seed, progress=ctx.progress, match_variance=o.match_variance)
         b = np.array([e[0] for e in errors.values()])
         a = np.array([e[1] for e in errors.values()])
         self._refit_errors = {n: [round(x, 6) for x in e] for n, e in errors.items()}

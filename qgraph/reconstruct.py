@@ -162,6 +162,7 @@ class NormalEquations:
         self.b: dict[str, np.ndarray] = {}
         self.yy: dict[str, float] = {}
         self.rows: dict[str, int] = {}
+        self.ysq: dict[str, np.ndarray] = {}
         self.geo: dict = {}
 
     @staticmethod
@@ -204,6 +205,8 @@ class NormalEquations:
         else:
             self.a[name], self.b[name] = a, b
         self.yy[name] = self.yy.get(name, 0.0) + float(np.sum(np.square(yr, dtype=np.float64)))
+        ysq = np.einsum("grn,grn->gr", yr, yr, dtype=np.float64)          # per output channel, for variances
+        self.ysq[name] = self.ysq[name] + ysq if name in self.ysq else ysq
         self.rows[name] = self.rows.get(name, 0) + xr.shape[2]            # per group
 
     def error(self, name: str, w: np.ndarray) -> float:
@@ -220,6 +223,27 @@ class NormalEquations:
         k = a.shape[1] - (1 if self.has_bias(self.fits[name].node) else 0)
         diag = a[:, np.arange(k), np.arange(k)]
         return np.maximum(diag.mean(axis=1), 1e-12) * (ridge + k / max(self.rows[name], 1))
+
+    def match_variance(self, name: str, w: np.ndarray, max_gain: float = 4.0) -> np.ndarray:
+        """``w`` [G, R, K+1] (with a bias column) scaled so that every output channel of the fit has the
+        target's variance on the calibration rows, its mean kept (adaptive BatchNorm, Li et al. 2020, in
+        closed form from the sums already accumulated: a least-squares fit keeps the mean and shrinks
+        the variance by what the kept inputs cannot explain):
+
+            ŷ' = s (ŷ − μ̂) + μ̂,   s = σ_y / σ_ŷ  (clipped to [1/max_gain, max_gain]),
+            σ_ŷ² = (w A wᵀ)_rr / n − μ̂²,  μ̂ = (w Σx̃)_r / n,  σ_y² = Σy²_r / n − (Σy_r / n)²."""
+        a, b = self.a[name], self.b[name]
+        n = a[:, -1, -1][:, None]                                   # Σ 1·1 = the rows, per group
+        mu_fit = np.einsum("grk,gk->gr", w, a[:, :, -1]) / n
+        var_fit = np.einsum("grk,grk->gr", w @ a, w) / n - mu_fit ** 2
+        mu_y = b[:, -1, :] / n                                      # Σ 1·y
+        var_y = self.ysq[name] / n - mu_y ** 2
+        ok = (var_fit > 1e-12 * np.maximum(var_y, 1e-30)) & (var_y > 0)
+        scale = np.where(ok, np.sqrt(np.where(ok, var_y, 1.0) / np.where(ok, var_fit, 1.0)), 1.0)
+        scale = np.clip(scale, 1 / max_gain, max_gain)
+        out = w * scale[:, :, None]
+        out[:, :, -1] += (1 - scale) * mu_fit
+        return out
 
     def solve(self, name: str, ridge: float, prior: np.ndarray) -> np.ndarray:
         """argmin_w Σ ||w x̃ − y||² + λ ||w − prior||² (the bias column free): w [G, R, K(+1)], pulled
@@ -278,7 +302,8 @@ def write_matrix(g, node, m: np.ndarray) -> None:
 
 
 def refit(g, original: onnx.ModelProto, fits: dict[str, Fit], samples, *, ridge: float = 1e-3,
-          locations: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = False) -> dict[str, tuple]:
+          locations: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = False,
+          match_variance: bool = False) -> dict[str, tuple]:
     """Refit every layer of ``fits`` (by node name) in place, wave by wave; returns, per layer, its
     relative output error on the calibration data before and after: Σ||ŷ − y||² / Σ||y||²."""
     result = {}
@@ -299,6 +324,8 @@ def refit(g, original: onnx.ModelProto, fits: dict[str, Fit], samples, *, ridge:
             prior = current_matrix(node)
             before = eq.error(n, prior)
             m = eq.solve(n, ridge, prior)
+            if match_variance and eq.has_bias(node):
+                m = eq.match_variance(n, m)
             after = eq.error(n, m)
             norm = max(eq.yy[n], 1e-30)
             if after < before:            # a tiny, ill-conditioned fit could lose: keep the better

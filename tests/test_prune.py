@@ -469,3 +469,33 @@ def test_measured_allocation_takes_the_branch_the_output_hardly_sees(rng):
 def test_measured_allocation_needs_calibration_data(rng):
     with pytest.raises(QGraphError, match="allocation=measured"):
         run_prune(cm.chain(rng), ratio=0.3, criterion="l2", reconstruct=False, allocation="measured")
+
+
+def test_match_variance_gives_the_refit_output_its_target_variance(rng):
+    #   chain(): half of conv1's channels pruned, conv2 refit by least squares (which keeps each output
+    #   channel's mean and shrinks its variance); with match_variance the refit output channels have the
+    #   original variance and mean on the calibration rows (all positions: locations=0; float32 ORT, 1e-3)
+    from qgraph.data import open_samples
+    from qgraph.passes.fold import FoldBatchNorm
+    g0 = ir.load(cm.chain(rng, c=16))
+    FoldBatchNorm().run(g0, Context())
+    g0.cleanup().toposort()
+    model = ir.to_model(g0)
+    x = rng.normal(size=(16, 3, cm.H, cm.W)).astype(np.float32)
+    moments = {}
+    for match in (False, True):
+        g = ir.load(model)
+        deps = dependency_groups(g)
+        grp = next(t for t in deps.groups if "a" in t.tensors)
+        remove_units(g, deps, grp.units[::2])
+        conv2 = next(n for n in g.nodes if n.name == "conv2")
+        conv2.inputs.append(ir.add_const(g, "b2", np.zeros(4, np.float32)))   # a bias to take the mean
+        refit(g, model, {"conv2": Fit(conv2, "y")}, open_samples({"x": x}, ["x"]), locations=0, match_variance=match)
+        g.cleanup().toposort()
+        y = np.concatenate([run_ort(ir.to_model(g), {"x": x[i:i + 2]})[0] for i in range(0, 16, 2)])
+        moments[match] = (y.mean(axis=(0, 2, 3)), y.var(axis=(0, 2, 3)))
+    ref = np.concatenate([run_ort(model, {"x": x[i:i + 2]})[0] for i in range(0, 16, 2)])
+    m0, v0 = ref.mean(axis=(0, 2, 3)), ref.var(axis=(0, 2, 3))
+    assert np.all(moments[False][1] < 0.99 * v0)                     # least squares shrinks the variance
+    np.testing.assert_allclose(moments[True][1], v0, rtol=1e-3)
+    np.testing.assert_allclose(moments[True][0], m0, rtol=1e-3, atol=1e-3 * np.abs(m0).max())
