@@ -605,18 +605,35 @@ def _split_at(model, names: list[str]):
     needed = list(dict.fromkeys(i for n in tail_nodes for i in n.input if i and i not in made))
     cut = [t for t in needed if t not in inits and t not in inputs]
     cut += [o.name for o in model.graph.output if o.name not in made and o.name not in cut]
+    types = _elem_types(model, cut)                  # shape computations cross the cut as int64
     head = truncated(model, cut)
-    for i in model.graph.input:                      # the head reads the fed weights too
-        if i.name not in {x.name for x in head.graph.input} and any(i.name in n.input for n in head.graph.node):
-            head.graph.input.append(i)
+    for vi in head.graph.output:
+        vi.type.tensor_type.elem_type = types[vi.name]
     graph = onnx.helper.make_graph(
         tail_nodes, model.graph.name,
-        [onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in cut]
+        [onnx.helper.make_tensor_value_info(t, types[t], None) for t in cut]
         + [inputs[t] for t in needed if t in inputs],
         list(model.graph.output), [t for t in model.graph.initializer if t.name in set(needed)])
     tail = onnx.helper.make_model(graph, opset_imports=model.opset_import)
     tail.ir_version = model.ir_version
     return head, tail
+
+
+def _elem_types(model, names: list[str]) -> dict[str, int]:
+    """ONNX element type of each tensor: from the model's value_info, else from shape inference, else
+    float."""
+    import onnx
+    known = {vi.name: vi.type.tensor_type.elem_type for vi in
+             list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+             if vi.type.tensor_type.elem_type}
+    if any(n not in known for n in names):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            known.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
+                          if vi.type.tensor_type.elem_type and vi.name not in known})
+        except Exception:            # noqa: BLE001 - inference is a best effort; float is the usual case
+            pass
+    return {n: known.get(n, onnx.TensorProto.FLOAT) for n in names}
 
 
 def _drop(w: np.ndarray, gone: np.ndarray) -> np.ndarray:

@@ -499,3 +499,24 @@ def test_match_variance_gives_the_refit_output_its_target_variance(rng):
     assert np.all(moments[False][1] < 0.99 * v0)                     # least squares shrinks the variance
     np.testing.assert_allclose(moments[True][1], v0, rtol=1e-3)
     np.testing.assert_allclose(moments[True][0], m0, rtol=1e-3, atol=1e-3 * np.abs(m0).max())
+
+
+def test_measured_curves_split_the_model_with_int64_tensors_typed(rng):
+    #   x ─Shape─ s (int64) ────────────────────────┐
+    #   x ─Conv1─Relu─ h ─Conv2 (the reader)─ y ─Reshape(s)─ out
+    #   the tail after conv2 reads s from the head: the cut keeps its type, and head + tail give the model
+    from qgraph.importance import _split_at
+    from qgraph.ops import ort_session
+    inits = [init("w1", cm._w(rng, 8, 3, 3, 3)), init("w2", cm._w(rng, 3, 8, 1, 1))]
+    nodes = [onnx.helper.make_node("Shape", ["x"], ["s"], name="shape"), cm._conv("conv1", "x", "h0", "w1"),
+             onnx.helper.make_node("Relu", ["h0"], ["h"], name="relu"), cm._conv("conv2", "h", "y", "w2", pads=0),
+             onnx.helper.make_node("Reshape", ["y", "s"], ["out"], name="reshape")]
+    model = make_model(nodes, [("x", [2, 3, cm.H, cm.W])], [("out", [2, 3, cm.H, cm.W])], inits)
+    head, tail = _split_at(model, ["conv2"])
+    x = rng.normal(size=(2, 3, cm.H, cm.W)).astype(np.float32)
+    hs = ort_session(head)
+    cut = dict(zip([o.name for o in head.graph.output], hs.run(None, {"x": x})))
+    assert cut["s"].dtype == np.int64
+    ts = ort_session(tail)
+    got = ts.run(None, {i.name: cut[i.name] for i in ts.get_inputs()})[0]
+    np.testing.assert_array_equal(got, run_ort(model, {"x": x})[0])
