@@ -18,6 +18,16 @@ importance aggregated over the whole group (DepGraph §3.3, mean over members):
                 weighted by how much of a relative error at that reader reaches the model's outputs
                 (measured once by injecting feature-shaped noise: ``importance.output_sensitivity``)
 
+How much each group gives (``allocation=measured``, the default with taylor_act) is decided by
+measured loss curves, not by the predicted errors: every group alone loses its first k units along
+that order, for several k, with its readers refit (W'_K = W H_{:,K} H_KK⁻¹, H from the calibration
+samples not used for scoring), and the KL divergence of the model's class scores from the original's
+is measured on the held-out calibration samples (``importance.measured_scores``; sensitivity analysis
+as AMC, He et al. 2018, and NetAdapt, Yang et al. 2018, use it, here without training). The steps
+are then ranked by the measured loss they add per MAC saved. Scoring a refit on its own data would
+make the late layers (few positions per image, many inputs) look free: measured that way the
+allocation stripped them and lost 3x more.
+
 ``scope=global`` ranks all groups' units together after dividing each unit's importance by its
 group's mean (Torch-Pruning's mean normalizer: a unit is judged against the channels it is coupled
 with, so groups with large weights are not spared because of their scale); ``scope=layer`` removes
@@ -27,7 +37,11 @@ group of a grouped convolution; the number of steps is chosen so that the remove
 target (MACs or parameters of the whole model) is ``ratio`` within 1%.
 
 With ``reconstruct=true`` each layer that lost input channels is refit by least squares to the
-original model's output on the calibration data (``qgraph.reconstruct``). With ``restore_stats=true``
+original model's output on the calibration data (``qgraph.reconstruct``); a layer followed by a
+residual Add (an inverted-residual block's projection) is fit to the original *join* output minus
+the pruned model's skip (``refit_target=block``), so it also takes up what earlier blocks left wrong
+on the skip path. ``match_variance=true`` then gives each refit output channel the variance of its
+target (closed form from the same sums). With ``restore_stats=true``
 every layer downstream of a removal then gets back the per-channel output mean and variance it had
 in the original model, measured layer by layer on the pruned model's own inputs (adaptive
 BatchNorm, Li et al. 2020, folded into the layer's weights and bias).
@@ -76,9 +90,15 @@ class PruneOptions:
                                     "(W[:, c]·E[x_c] on calibration data) to the reading layers' biases")
     refit: str = option("consumers", "which layers reconstruction refits: those that lost input channels, or every "
                                      "layer downstream of a removal", choices=("consumers", "all"))
+    refit_target: str = option("block", "what a refit layer is fit to: its own original output (layer), or, when "
+                                        "a residual Add follows it, the original block output minus the pruned "
+                                        "model's skip (block: errors of earlier blocks on the skip path are taken "
+                                        "up)", choices=("layer", "block"))
     restore_stats: bool = option(False, "after pruning (and reconstruction), give every layer downstream of a removal "
                                         "the per-channel output mean and variance it has in the original model "
                                         "(adaptive BatchNorm on the folded graph)")
+    match_variance: bool = option(False, "after each refit, give the refit layer's output channels the variance of "
+                                         "their target on the calibration data (closed form, no extra run)")
     ridge: float = option(1e-3, "reconstruction ridge term, relative to the mean of diag(XᵀX)", range=(0.0, 1e6))
     locations: int = option(256, "convolution positions sampled per image for reconstruction (0: all)",
                             range=(0, 1 << 30))
@@ -86,6 +106,13 @@ class PruneOptions:
     batch_size: int = option(16, "calibration batch size", range=(1, 1 << 16))
     residual: bool = option(False, "also prune the channels of residual joins (tensors summed by an Add, as the "
                                    "bottlenecks of inverted-residual blocks): no layer on the skip path can be refit")
+    allocation: str = option("auto", "how the budget is shared among groups (scope=global): by each group's loss curve "
+                                     "measured on calibration data (measured), by the criterion's own scores "
+                                     "(scores), or auto: measured for taylor_act, scores otherwise",
+                             choices=("auto", "measured", "scores"))
+    probe_samples: int = option(32, "calibration samples the measured allocation runs the model on", range=(1, 1 << 30))
+    probe_points: int = option(7, "points of each group's measured loss curve (fractions k/(points+1) of the group)",
+                               range=(1, 64))
     exclude: tuple[str, ...] = option((), "layers whose channels are left alone: names, op types, first/last, regexes")
     latency: bool = option(True, "measure ORT latency of the pruned model against the original (one thread)")
 
@@ -114,6 +141,7 @@ class Prune(Pass):
                                            "criterion=l2" if o.criterion == "taylor_act" else "") if x)
             raise QGraphError(f"prune:{'reconstruct=true' if o.reconstruct else 'criterion=taylor_act'} needs "
                               f"calibration data: give --calib (CLI) or calib= (API), or set {fix}")
+        measured = self._measured(ctx.calib)
         resolved = resolve_static(g)
         refresh_shapes(g)
         _name_nodes(g)
@@ -127,11 +155,23 @@ class Prune(Pass):
         candidates = self._candidates(g, deps, cost, skipped)
         compensate = o.compensate and not o.reconstruct and samples is not None
         stats = None
+        holdout = min(o.probe_samples, len(samples) // 2) if measured else 0
         if o.criterion == "taylor_act" or compensate:
             stats = reader_statistics(g, imp.readers(g, candidates), samples, dense=o.criterion == "taylor_act",
-                                      batch_size=o.batch_size, progress=ctx.progress)
+                                      batch_size=o.batch_size, progress=ctx.progress, holdout=holdout)
         scores, comparable = importance(g, deps, candidates, o.criterion, stats, compensate=o.reconstruct,
-                                        samples=samples, seed=ctx.seed)
+                                        samples=samples, seed=ctx.seed, gain=not measured)
+        curves = None
+        if measured:
+            if stats is None or stats.cov_fit is None:
+                stats = reader_statistics(g, imp.readers(g, candidates), samples, dense=o.reconstruct,
+                                          batch_size=o.batch_size, progress=ctx.progress, holdout=holdout)
+            orders, limits = self._orders(candidates, scores)
+            scores, curves = imp.measured_scores(g, deps, candidates, orders, limits, stats,
+                                                 reconstruct=o.reconstruct, samples=samples,
+                                                 points=o.probe_points, images=holdout,
+                                                 progress=ctx.progress)
+            comparable = True
         steps = self._steps(candidates, scores, comparable, cost, skipped)
         removed, achieved = self._select(steps, cost)
         if not removed:
@@ -173,6 +213,9 @@ class Prune(Pass):
             notes["static_resolved"] = resolved
         notes["details"] = {"groups": self._group_report(candidates, units, cost, edit),
                             "reconstruct": getattr(self, "_refit_errors", {})}
+        if curves is not None:
+            notes["allocation"] = f"measured ({o.probe_samples} samples, {o.probe_points} points per group)"
+            notes["details"]["loss_curves"] = curves
         if abs(achieved - o.ratio) > RATIO_TOLERANCE:
             notes["target_missed"] = (f"the closest step lands at -{100 * achieved:.2f}%: groups too small for "
                                       f"round_to={o.round_to}, min_channels={o.min_channels}")
@@ -181,6 +224,33 @@ class Prune(Pass):
         return PassResult(modified=True, notes=notes)
 
     # -- candidates and steps -------------------------------------------------------------
+
+    def _measured(self, samples) -> bool:
+        o = self.opts
+        want = o.allocation == "measured" or (o.allocation == "auto" and o.criterion == "taylor_act")
+        if not want or o.scope != "global":
+            return False
+        if samples is None:
+            raise QGraphError("prune:allocation=measured runs the model on calibration data: give --calib (CLI) "
+                              "or calib= (API), or set allocation=scores")
+        return True
+
+    def _orders(self, groups: list[Group], scores: dict[int, np.ndarray]) -> tuple[dict, dict]:
+        """Per group, its removal order (positions into ``group.units``) and how many units of it the
+        steps can take (``min_channels``: the last chunk that keeps the floor)."""
+        floor = max(self.opts.min_channels, 1)
+        orders, limits = {}, {}
+        for grp in groups:
+            chunks = _chunks(grp, scores[grp.id])
+            kept, limit = grp.size, 0
+            for chunk in chunks:
+                if kept - len(chunk) < floor:
+                    break
+                kept -= len(chunk)
+                limit += len(chunk)
+            orders[grp.id] = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+            limits[grp.id] = limit
+        return orders, limits
 
     def _candidates(self, g, deps: Dependencies, cost: "CostModel", skipped: Counter) -> list[Group]:
         o = self.opts
@@ -346,7 +416,11 @@ class Prune(Pass):
                 continue                 # depthwise: its kept channels read exactly what they read before
             if which == "all" and not downstream:
                 continue
-            fits[node.name] = Fit(node, node.outputs[0].name, edit.kept(node.outputs[0]))
+            fit = Fit(node, node.outputs[0].name, edit.kept(node.outputs[0]))
+            join = _residual_join(node) if self.opts.refit_target == "block" and not bias_only else None
+            if join is not None:
+                fit.target, fit.skip = join
+            fits[node.name] = fit
         return fits
 
     def _reconstruct(self, g, edit, original, samples, ctx: Context) -> dict:
@@ -355,7 +429,7 @@ class Prune(Pass):
             return {"layers": 0}
         o = self.opts
         errors = refit(g, original, fits, samples, ridge=o.ridge, locations=o.locations, batch_size=o.batch_size,
-                       seed=ctx.seed, progress=ctx.progress)
+                       seed=ctx.seed, progress=ctx.progress, match_variance=o.match_variance)
         b = np.array([e[0] for e in errors.values()])
         a = np.array([e[1] for e in errors.values()])
         self._refit_errors = {n: [round(x, 6) for x in e] for n, e in errors.items()}
@@ -376,6 +450,20 @@ class Prune(Pass):
             rows.append({"group": grp.label(), "channels": f"{grp.size}->{grp.size - len(lost)}",
                          "macs": [int(m0), int(m1)], "params": [int(p0), int(p1)]})
         return rows
+
+
+def _residual_join(node) -> tuple[str, str] | None:
+    """(the join's output, the other input) when the layer's only consumer is an Add of its output and
+    another computed tensor of the same shape (a residual join: the skip path), else None."""
+    y = node.outputs[0]
+    users = ir.consumers(y)
+    if len(users) != 1 or users[0].op != "Add" or len(users[0].inputs) != 2:
+        return None
+    add = users[0]
+    other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+    if other is y or other is None or ir.const(other) is not None or tuple(other.shape or ()) != tuple(y.shape or ()):
+        return None
+    return add.outputs[0].name, other.name
 
 
 def residual_tensors(g) -> set[str]:
@@ -531,11 +619,15 @@ class ReaderStats:
     layer is too wide for a dense matrix or only the means were asked for)."""
     mean: dict[str, np.ndarray]
     cov: dict[str, np.ndarray]
+    cov_fit: dict[str, np.ndarray] | None = None
 
 
-def reader_statistics(g, readers: dict, samples, *, dense: bool, batch_size: int, progress: bool) -> ReaderStats:
+def reader_statistics(g, readers: dict, samples, *, dense: bool, batch_size: int, progress: bool,
+                      holdout: int = 0) -> ReaderStats:
     """One pass for channel means and variances; with ``dense``, one more for the covariances of the
-    readers' input features (GPTQ's streamed Hessians with a constant feature, ``qgraph.rounding``)."""
+    readers' input features (GPTQ's streamed Hessians with a constant feature, ``qgraph.rounding``).
+    With ``holdout`` > 0 the dense covariances are also given without the first ``holdout`` samples
+    (``cov_fit``: refits scored on those samples must not have seen them); same cost, summed in two parts."""
     from qgraph.rounding import collect_hessians
     model = ir.to_model(g)
     axes = {}
@@ -561,27 +653,39 @@ def reader_statistics(g, readers: dict, samples, *, dense: bool, batch_size: int
         cov[name] = np.repeat(var, kk).reshape(groups, -1)
         if dense and mu.size * kk // groups <= imp.MAX_DENSE:
             wide[name] = (node, x, w_shape, tuple(node.inputs[0].shape))
+    cov_fit = None
     if wide:
-        hs = collect_hessians(model, wide, samples, batch_size=batch_size, progress=progress, bias=True,
-                              desc="prune: input covariances")
-        for name in wide:
-            h = hs.h[name] / max(hs.count[name], 1)
+        holdout = min(holdout, len(samples) - 1) if holdout and len(samples) > 1 else 0
+        parts = [samples] if not holdout else \
+            [samples.subset(range(holdout)), samples.subset(range(holdout, len(samples)))]
+        hs = [collect_hessians(model, wide, part, batch_size=batch_size, progress=progress, bias=True,
+                               desc="prune: input covariances") for part in parts]
+
+        def covariance(name, which):
+            h = sum(x.h[name] for x in which)
+            count = sum(x.count[name] for x in which)
+            h = h / max(count, 1)
             k = h.shape[1] - 1
             mu = h[:, :k, k]
-            cov[name] = imp.shrunk(h[:, :k, :k] - mu[:, :, None] * mu[:, None, :], hs.count[name])
-    return ReaderStats(mean, cov)
+            return imp.shrunk(h[:, :k, :k] - mu[:, :, None] * mu[:, None, :], count)
+        for name in wide:
+            cov[name] = covariance(name, hs)
+        if holdout:
+            cov_fit = {name: covariance(name, hs[1:]) for name in wide}
+    return ReaderStats(mean, cov, cov_fit)
 
 
 def importance(g, deps: Dependencies, groups: list[Group], criterion: str, stats: ReaderStats | None, *,
-               compensate: bool, samples=None, seed: int = 0) -> tuple[dict[int, np.ndarray], bool]:
+               compensate: bool, samples=None, seed: int = 0, gain: bool = True) -> tuple[dict[int, np.ndarray], bool]:
     """Per group, each unit's score (aligned with ``group.units``; lower goes first), and whether the
     scores are comparable across groups as they are (taylor_act) or need the per-group mean normalizer."""
     if criterion == "bn_gamma":
         return imp.bn_gamma(g, deps, groups), False
     if criterion in ("l1", "l2"):
         return imp.magnitude(g, deps, groups, 1 if criterion == "l1" else 2), False
-    gain = imp.output_sensitivity(ir.to_model(g), imp.readers(g, groups), samples)
-    return imp.output_error(g, deps, groups, stats.cov, compensate=compensate, gain=gain), True
+    # the within-group order needs no gain when a measured allocation shares the budget among groups
+    weights = imp.output_sensitivity(ir.to_model(g), imp.readers(g, groups), samples) if gain else None
+    return imp.output_error(g, deps, groups, stats.cov, compensate=compensate, gain=weights), True
 
 
 def mean_shifts(g, deps: Dependencies, units: np.ndarray, readers: dict, means: dict) -> dict[str, np.ndarray]:

@@ -407,3 +407,253 @@ def _remove(s: dict, b: np.ndarray) -> None:
     w[:, b] = 0.0
     hinv[b, :] = 0.0
     hinv[:, b] = 0.0
+
+
+# ----------------------------------------------------------------------------- measured allocation
+
+def output_loss(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """How far the model's outputs moved, summed over its outputs: the KL divergence KL(p_ref || p) of
+    the softmax over the last axis for class scores ([N, C] logits, or probabilities when every row
+    already sums to one), the squared error relative to the reference's energy for anything else."""
+    total = 0.0
+    for a, b in zip(ref, got):
+        a = np.asarray(a, np.float64)
+        b = np.asarray(b, np.float64)
+        if a.ndim == 2 and a.shape[1] > 1:
+            probs = a.min() >= 0 and np.allclose(a.sum(axis=1), 1.0, atol=1e-3)
+            la = np.log(np.maximum(a, 1e-12)) if probs else _log_softmax(a)
+            lb = np.log(np.maximum(b, 1e-12)) if probs else _log_softmax(b)
+            total += float(np.sum(np.exp(la) * (la - lb)))
+        else:
+            total += float(np.sum(np.square(a - b))) / max(float(np.sum(np.square(a))), 1e-30) * len(a)
+    return total
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def measured_scores(g, deps, groups, orders: dict[int, np.ndarray], limits: dict[int, int], stats, *,
+                    reconstruct: bool, samples, points: int = 7, images: int = 32,
+                    progress: bool = False) -> tuple[dict[int, np.ndarray], dict[str, list]]:
+    """Each group's measured loss curve (sensitivity analysis, as AMC / NetAdapt without training): the
+    group alone loses its first k units along its removal order ``orders[id]`` (positions into
+    ``group.units``), for k at ``points`` fractions 1/(points+1) … points/(points+1) of its size (and
+    at its limit), its readers' weights become what the pass will give them:
+
+        reconstruct   W'_K = W H_{:,K} (H_KK)⁻¹ (the least-squares refit of the kept inputs K on the
+                      original inputs, H = Cov[x] shrunk; He et al. 2017 with the original inputs)
+        otherwise     W'_K = W_K (the removed columns dropped)
+        both          b' = b + W μ − W'_K μ_K (the removed inputs' means go into the bias)
+
+    and the model's output loss against the original (``output_loss``: KL of the class scores) on
+    the first ``images`` calibration samples (held out of H: ``stats.cov_fit``; a refit scored on its
+    own data looks better than it is, most for the late layers whose few positions per image give
+    few rows) is measured in ONNX Runtime (readers' weights fed as
+    inputs: one session). The loss at every count in between is linearly interpolated (non-
+    decreasing along the order); a unit's score is the loss once it and every unit before it are
+    gone, so the global step selection (error per MAC saved) allocates the budget by the measured
+    curves instead of a predicted error. Returns the scores and, per group label, the curve
+    [[k, loss], ...]."""
+    import onnx
+    from qgraph.calibrate import batch_size_for, progress_bar
+    from qgraph.ops import ort_session
+    from qgraph.reconstruct import current_matrix
+    from qgraph.rounding import layer_matrix
+    nodes = readers(g, groups)
+    model = ir.to_model(g)
+    # the readers' weights and biases become graph inputs of one measuring session
+    protos = {n.name: n for n in model.graph.node}
+    inits = {t.name: t for t in model.graph.initializer}
+    base: dict[str, np.ndarray] = {}         # feed name -> current value (ONNX layout)
+    layout: dict[str, tuple] = {}           # reader -> (weight feed, bias feed or None, back, K)
+    for name, node in nodes.items():
+        p = protos[name]
+        m = current_matrix(node)            # [G, R, K(+1)]: Gemm alpha / beta folded in
+        has_bias = node.op in ("Conv", "Gemm")
+        k = m.shape[2] - (1 if has_bias else 0)
+        _, back = layer_matrix(node, np.zeros(tuple(node.inputs[1].shape)))
+        wname = p.input[1]
+        bname = None
+        if has_bias:
+            if len(p.input) > 2 and p.input[2]:
+                bname = p.input[2]
+            else:
+                bname = name + "__probe_bias"
+                while len(p.input) < 3:
+                    p.input.append("")
+                p.input[2] = bname
+        for a in p.attribute:
+            if a.name in ("alpha", "beta"):
+                a.f = 1.0
+        for t in (wname, bname):
+            if t is not None and t in inits:
+                model.graph.initializer.remove(inits.pop(t))
+        base[wname] = back(m[:, :, :k]).astype(np.float32)
+        if bname is not None:
+            base[bname] = m[:, :, k].reshape(-1).astype(np.float32)
+        layout[name] = (wname, bname, back, k)
+    for t, v in base.items():
+        model.graph.input.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, v.shape))
+    sess = ort_session(model)
+    names_in = {i.name for i in sess.get_inputs()}
+    sub = samples.subset(range(min(images, len(samples))))
+    feeds = [{k: v for k, v in f.items() if k in names_in} for f in sub.batches(batch_size_for(model, images))]
+    ref = [sess.run(None, {**f, **base}) for f in feeds]
+    del sess
+
+    def loss(tail, cut: list[dict], change: dict[str, np.ndarray]) -> float:
+        wanted = {i.name for i in tail.get_inputs()}
+        total = 0.0
+        for f, c, r in zip(feeds, cut, ref):
+            given = {k: v for k, v in {**f, **base, **change, **c}.items() if k in wanted}
+            total += output_loss(r, tail.run(None, given))
+        return total / max(len(sub), 1)
+
+    parts_of: dict[int, list] = {}
+    for grp in groups:
+        parts = []
+        for name, node in nodes.items():
+            x = node.inputs[0].name
+            if x not in grp.tensors:
+                continue
+            m, kk = _matrix(node)
+            tc = deps.tensors[x]
+            units_of_channel = deps.atom_unit[tc.atoms]
+            blocks = [(np.flatnonzero(units_of_channel == u)[:, None] * kk + np.arange(kk)).reshape(-1)
+                      for u in grp.units]
+            mu = np.repeat(np.asarray(stats.mean[name], np.float64), kk) if name in stats.mean else None
+            parts.append((name, node, blocks, mu))
+        parts_of[grp.id] = parts
+    scores: dict[int, np.ndarray] = {}
+    curves: dict[str, list] = {}
+    bar = progress_bar(sum(1 for grp in groups if parts_of[grp.id]), "prune: measured sensitivity",
+                       unit="group") if progress else None
+    for grp in groups:
+        order, limit, parts = orders[grp.id], limits[grp.id], parts_of[grp.id]
+        if not parts or limit <= 0:
+            scores[grp.id] = np.zeros(grp.size)
+            continue
+        ks = sorted({min(limit, max(1, int(round(grp.size * j / (points + 1))))) for j in range(1, points + 1)}
+                    | {limit})
+        # only the part of the model after the readers changes: its inputs are computed once
+        head, tail = _split_at(model, [name for name, *_ in parts])
+        head_sess = ort_session(head)
+        head_in = {i.name for i in head_sess.get_inputs()}
+        outs = [o.name for o in head.graph.output]
+        cut = [dict(zip(outs, head_sess.run(None, {k: v for k, v in {**f, **base}.items() if k in head_in})))
+               for f in feeds]
+        del head_sess
+        tail = ort_session(tail)
+        curve = [(0, 0.0)]
+        for k in ks:
+            change = {}
+            for name, node, blocks, mu in parts:
+                gone = np.concatenate([blocks[u] for u in order[:k]]) if k else np.zeros(0, np.int64)
+                if not gone.size:
+                    continue
+                wname, bname, back, kdim = layout[name]
+                m = current_matrix(node)
+                w, b = m[:, :, :kdim].copy(), (m[:, :, kdim].copy() if bname else None)
+                h = (stats.cov_fit or {}).get(name, stats.cov.get(name))
+                w_new = _refit_without(w, h, gone) if reconstruct else _drop(w, gone)
+                if b is not None and mu is not None and w.shape[0] == 1:
+                    b = b + ((w - w_new)[0] @ mu)[None]
+                elif b is not None and mu is not None:      # grouped reader: per group of inputs
+                    kg = w.shape[2]
+                    b = b + np.einsum("grk,gk->gr", w - w_new, mu.reshape(w.shape[0], kg))
+                change[wname] = back(w_new).astype(np.float32)
+                if b is not None:
+                    change[bname] = b.reshape(-1).astype(np.float32)
+            curve.append((k, loss(tail, cut, change)))
+        del tail, cut
+        curves[grp.label()] = [[k, round(v, 6)] for k, v in curve]
+        ks_arr = np.array([c[0] for c in curve], np.float64)
+        ls_arr = np.maximum.accumulate(np.array([c[1] for c in curve], np.float64))
+        counts = np.arange(1, len(order) + 1, dtype=np.float64)
+        val = np.interp(counts, ks_arr, ls_arr)
+        if len(ks_arr) > 1 and counts[-1] > ks_arr[-1]:          # past the last point: its slope
+            slope = max((ls_arr[-1] - ls_arr[-2]) / max(ks_arr[-1] - ks_arr[-2], 1), 0.0)
+            beyond = counts > ks_arr[-1]
+            val[beyond] = ls_arr[-1] + slope * (counts[beyond] - ks_arr[-1])
+        val = np.maximum.accumulate(val) + 1e-12 * counts       # strictly increasing along the order
+        score = np.full(grp.size, np.inf)
+        score[order] = val
+        score[~np.isfinite(score)] = val[-1] + 1.0 if val.size else 1.0
+        scores[grp.id] = score
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return scores, curves
+
+
+def _split_at(model, names: list[str]):
+    """(head, tail) of ``model`` at the nodes ``names``: the tail is every node downstream of them (them
+    included), reading what the head computes for it (the head's outputs) and the model's inputs."""
+    import onnx
+    from qgraph.reconstruct import truncated
+    tail_nodes, made = [], set()
+    start = set(names)
+    for node in model.graph.node:                    # topological order
+        if node.name in start or any(i in made for i in node.input if i):
+            tail_nodes.append(node)
+            made.update(o for o in node.output if o)
+    inits = {t.name for t in model.graph.initializer}
+    inputs = {i.name: i for i in model.graph.input}
+    needed = list(dict.fromkeys(i for n in tail_nodes for i in n.input if i and i not in made))
+    cut = [t for t in needed if t not in inits and t not in inputs]
+    cut += [o.name for o in model.graph.output if o.name not in made and o.name not in cut]
+    types = _elem_types(model, cut)                  # shape computations cross the cut as int64
+    head = truncated(model, cut)
+    for vi in head.graph.output:
+        vi.type.tensor_type.elem_type = types[vi.name]
+    graph = onnx.helper.make_graph(
+        tail_nodes, model.graph.name,
+        [onnx.helper.make_tensor_value_info(t, types[t], None) for t in cut]
+        + [inputs[t] for t in needed if t in inputs],
+        list(model.graph.output), [t for t in model.graph.initializer if t.name in set(needed)])
+    tail = onnx.helper.make_model(graph, opset_imports=model.opset_import)
+    tail.ir_version = model.ir_version
+    return head, tail
+
+
+def _elem_types(model, names: list[str]) -> dict[str, int]:
+    """ONNX element type of each tensor: from the model's value_info, else from shape inference, else
+    float."""
+    import onnx
+    known = {vi.name: vi.type.tensor_type.elem_type for vi in
+             list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+             if vi.type.tensor_type.elem_type}
+    if any(n not in known for n in names):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            known.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
+                          if vi.type.tensor_type.elem_type and vi.name not in known})
+        except Exception:            # noqa: BLE001 - inference is a best effort; float is the usual case
+            pass
+    return {n: known.get(n, onnx.TensorProto.FLOAT) for n in names}
+
+
+def _drop(w: np.ndarray, gone: np.ndarray) -> np.ndarray:
+    out = w.copy()
+    out[:, :, gone] = 0.0
+    return out
+
+
+def _refit_without(w: np.ndarray, h, gone: np.ndarray) -> np.ndarray:
+    """Least-squares weights on the kept inputs for the same outputs: W'_K = W H_{:,K} (H_KK)⁻¹ (dense
+    H of a single-group reader), or the columns dropped when H is only a diagonal or grouped."""
+    if h is None or np.ndim(h) != 3 or w.shape[0] != 1:
+        return _drop(w, gone)
+    hh = h[0]
+    k = hh.shape[0]
+    keep = np.setdiff1d(np.arange(k), gone)
+    hk = hh[np.ix_(keep, keep)].copy()
+    idx = np.arange(len(keep))
+    hk[idx, idx] += DAMP * max(float(np.mean(np.diagonal(hk))), 1e-12) + (np.diagonal(hk) <= 0)
+    rhs = hh[keep, :] @ w[0].T                                   # H_{K,:} Wᵀ
+    out = np.zeros_like(w)
+    out[0][:, keep] = np.linalg.solve(hk, rhs).T
+    return out

@@ -11,7 +11,13 @@ X̃ᵀX̃ and X̃ᵀY are summed batch by batch (memory is one batch of activati
 layer, whatever the number of samples). Convolutions use their input patches (im2col, per group; the
 same patches GPTQ's Hessians use, ``qgraph.rounding``), at most ``locations`` positions per image.
 Layers are refit in waves in topological order: a layer is measured once every refit layer upstream
-of it is written, so it sees the inputs the final model will give it.
+of it is written, so it sees the inputs the final model will give it. A layer whose output is summed
+with a skip path (an inverted-residual block's projection) can instead be fit to the original *block*
+output: y = (original x_skip + W x + b) − x'_skip, with x'_skip the pruned model's skip, so the
+projection also takes up what the blocks before it left wrong on the skip path, in sequence through
+the network (ThiNet / He et al. 2017 fit each layer alone; this is their sequential form one join
+further, as "reconstruct the block's output" in post-training block reconstruction, Li et al. 2021
+BRECQ §3 for quantization).
 
 ``sparse_gpt`` is the unstructured counterpart (SparseGPT, Frantar & Alistarh 2023, §3): the optimal
 brain surgeon step on the layer's H = X Xᵀ, pruning column by column by saliency w²/[H⁻¹]_jj and
@@ -141,6 +147,8 @@ class Fit:
     node: object
     target: str
     keep_out: np.ndarray | None = None
+    skip: str | None = None      # block target: the pruned graph's other input of the residual Add after
+                                 # the layer (``target`` is then that Add's output in the original)
 
 
 class NormalEquations:
@@ -154,17 +162,20 @@ class NormalEquations:
         self.b: dict[str, np.ndarray] = {}
         self.yy: dict[str, float] = {}
         self.rows: dict[str, int] = {}
+        self.ysq: dict[str, np.ndarray] = {}
         self.geo: dict = {}
 
     @staticmethod
     def has_bias(node) -> bool:
         return node.op in ("Conv", "Gemm")
 
-    def update(self, name: str, x: np.ndarray, y: np.ndarray) -> None:
+    def update(self, name: str, x: np.ndarray, y: np.ndarray, skip: np.ndarray | None = None) -> None:
         fit = self.fits[name]
         node = fit.node
         if fit.keep_out is not None:
             y = np.take(y, fit.keep_out, axis=1 if node.op != "MatMul" else -1)
+        if skip is not None:
+            y = y - skip
         groups = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
         picked = []
         if node.op == "Conv":
@@ -194,6 +205,8 @@ class NormalEquations:
         else:
             self.a[name], self.b[name] = a, b
         self.yy[name] = self.yy.get(name, 0.0) + float(np.sum(np.square(yr, dtype=np.float64)))
+        ysq = np.einsum("grn,grn->gr", yr, yr, dtype=np.float64)          # per output channel, for variances
+        self.ysq[name] = self.ysq[name] + ysq if name in self.ysq else ysq
         self.rows[name] = self.rows.get(name, 0) + xr.shape[2]            # per group
 
     def error(self, name: str, w: np.ndarray) -> float:
@@ -210,6 +223,27 @@ class NormalEquations:
         k = a.shape[1] - (1 if self.has_bias(self.fits[name].node) else 0)
         diag = a[:, np.arange(k), np.arange(k)]
         return np.maximum(diag.mean(axis=1), 1e-12) * (ridge + k / max(self.rows[name], 1))
+
+    def match_variance(self, name: str, w: np.ndarray, max_gain: float = 4.0) -> np.ndarray:
+        """``w`` [G, R, K+1] (with a bias column) scaled so that every output channel of the fit has the
+        target's variance on the calibration rows, its mean kept (adaptive BatchNorm, Li et al. 2020, in
+        closed form from the sums already accumulated: a least-squares fit keeps the mean and shrinks
+        the variance by what the kept inputs cannot explain):
+
+            ŷ' = s (ŷ − μ̂) + μ̂,   s = σ_y / σ_ŷ  (clipped to [1/max_gain, max_gain]),
+            σ_ŷ² = (w A wᵀ)_rr / n − μ̂²,  μ̂ = (w Σx̃)_r / n,  σ_y² = Σy²_r / n − (Σy_r / n)²."""
+        a, b = self.a[name], self.b[name]
+        n = a[:, -1, -1][:, None]                                   # Σ 1·1 = the rows, per group
+        mu_fit = np.einsum("grk,gk->gr", w, a[:, :, -1]) / n
+        var_fit = np.einsum("grk,grk->gr", w @ a, w) / n - mu_fit ** 2
+        mu_y = b[:, -1, :] / n                                      # Σ 1·y
+        var_y = self.ysq[name] / n - mu_y ** 2
+        ok = (var_fit > 1e-12 * np.maximum(var_y, 1e-30)) & (var_y > 0)
+        scale = np.where(ok, np.sqrt(np.where(ok, var_y, 1.0) / np.where(ok, var_fit, 1.0)), 1.0)
+        scale = np.clip(scale, 1 / max_gain, max_gain)
+        out = w * scale[:, :, None]
+        out[:, :, -1] += (1 - scale) * mu_fit
+        return out
 
     def solve(self, name: str, ridge: float, prior: np.ndarray) -> np.ndarray:
         """argmin_w Σ ||w x̃ − y||² + λ ||w − prior||² (the bias column free): w [G, R, K(+1)], pulled
@@ -268,7 +302,8 @@ def write_matrix(g, node, m: np.ndarray) -> None:
 
 
 def refit(g, original: onnx.ModelProto, fits: dict[str, Fit], samples, *, ridge: float = 1e-3,
-          locations: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = False) -> dict[str, tuple]:
+          locations: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = False,
+          match_variance: bool = False) -> dict[str, tuple]:
     """Refit every layer of ``fits`` (by node name) in place, wave by wave; returns, per layer, its
     relative output error on the calibration data before and after: Σ||ŷ − y||² / Σ||y||²."""
     result = {}
@@ -276,17 +311,21 @@ def refit(g, original: onnx.ModelProto, fits: dict[str, Fit], samples, *, ridge:
     bar = progress_bar(len(fits), "reconstruct", unit="layer") if progress else None
     feeds = InputCache(samples, batch_size_for(original, batch_size))
     for names in rounds:
-        pruned = truncated(ir.to_model(g), list(dict.fromkeys(fits[n].node.inputs[0].name for n in names)))
+        pruned = truncated(ir.to_model(g), list(dict.fromkeys(
+            [fits[n].node.inputs[0].name for n in names] + [fits[n].skip for n in names if fits[n].skip])))
         orig = truncated(original, list(dict.fromkeys(fits[n].target for n in names)))
         eq = NormalEquations({n: fits[n] for n in names}, locations=locations, seed=seed)
         for xs, ys in run_pair(pruned, orig, feeds):
             for n in names:
-                eq.update(n, xs[fits[n].node.inputs[0].name], ys[fits[n].target])
+                skip = xs[fits[n].skip] if fits[n].skip else None
+                eq.update(n, xs[fits[n].node.inputs[0].name], ys[fits[n].target], skip)
         for n in names:
             node = fits[n].node
             prior = current_matrix(node)
             before = eq.error(n, prior)
             m = eq.solve(n, ridge, prior)
+            if match_variance and eq.has_bias(node):
+                m = eq.match_variance(n, m)
             after = eq.error(n, m)
             norm = max(eq.yy[n], 1e-30)
             if after < before:            # a tiny, ill-conditioned fit could lose: keep the better

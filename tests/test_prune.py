@@ -382,3 +382,141 @@ def test_restore_stats_gives_downstream_layers_their_original_moments(rng):
     (ma, va), (mb, vb) = mom(ya), mom(yb)
     assert np.allclose(mb, ma, rtol=1e-4, atol=1e-4 * np.abs(ma).max())
     assert np.allclose(vb, va, rtol=1e-3)
+
+
+def test_block_target_fits_the_join_output_minus_the_pruned_skip(rng):
+    #   original:  x ─Gemm(W, b)─ t ─Add─ u          pruned:  x ─Gather─ xk ─Gemm(W[:, kept], b)─ t ─Add─ u
+    #              x ─Gemm(V)──── s ─┘                        x ─Gemm(V + E)─ s' ─────────────────────┘
+    #   Fit(fc, "u", skip="s") must solve argmin ||[xk, 1] [W'; b']ᵀ − (u − s')||² + λ||W' − W[:, kept]||²
+    #   (numpy here, λ as in test_reconstruction_recovers_the_least_squares_weights, ridge 0)
+    from qgraph.data import open_samples
+    original, pruned, x, w, b, keep = _gather_gemm(rng, 64)
+    v = rng.normal(size=(5, 12)).astype(np.float32)
+    e = 0.3 * rng.normal(size=(5, 12)).astype(np.float32)
+
+    def with_skip(model, vv):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        m.graph.node[-1].output[0] = "t"
+        m.graph.node.extend([onnx.helper.make_node("Gemm", ["x", "v"], ["s"], name="skipfc", transB=1),
+                             onnx.helper.make_node("Add", ["t", "s"], ["u"], name="add")])
+        m.graph.initializer.append(init("v", vv))
+        m.graph.output[0].name = "u"
+        return m
+    original, pruned = with_skip(original, v), with_skip(pruned, v + e)
+    g = ir.load(pruned)
+    fc = next(n for n in g.nodes if n.name == "fc")
+    refit(g, original, {"fc": Fit(fc, "u", skip="s")}, open_samples({"x": x}, ["x"]), ridge=0.0, batch_size=16)
+    xk = x[:, keep].astype(np.float64)
+    target = x.astype(np.float64) @ w.T.astype(np.float64) + b - x.astype(np.float64) @ e.T.astype(np.float64)
+    a = np.concatenate([xk, np.ones((64, 1))], axis=1)
+    lam = np.mean(np.sum(xk * xk, axis=0)) * (9 / 64)
+    pen = np.diag(np.r_[np.full(9, lam), 0.0])
+    prior = np.concatenate([w[:, keep], b[:, None]], axis=1).astype(np.float64)
+    sol = np.linalg.solve(a.T @ a + pen, a.T @ target + pen @ prior.T)
+    np.testing.assert_allclose(ir.const(fc.inputs[1]), sol[:-1].T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ir.const(fc.inputs[2]), sol[-1], rtol=1e-4, atol=1e-5)
+
+
+def test_block_target_is_used_for_a_layer_before_a_residual_join(rng):
+    #   residual(): conv2's output t is summed with the stream s: its fit targets u, minus the pruned s
+    from qgraph.passes.prune import _residual_join
+    g = ir.load(cm.residual(rng))
+    nodes = {n.name: n for n in g.nodes}
+    assert _residual_join(nodes["conv2"]) == ("u", "s")
+    assert _residual_join(nodes["conv1"]) is None
+
+
+def test_output_loss_is_the_kl_divergence_of_the_class_scores():
+    from qgraph.importance import output_loss
+    z = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    q = np.array([[1.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
+    p_ref = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    p = np.exp(q) / np.exp(q).sum(1, keepdims=True)
+    kl = float(np.sum(p_ref * np.log(p_ref / p)))
+    assert output_loss([z], [z]) == 0.0
+    assert output_loss([z], [q]) == pytest.approx(kl, rel=1e-9)           # logits
+    assert output_loss([p_ref], [p]) == pytest.approx(kl, rel=1e-9)       # probabilities (rows sum to 1)
+
+
+def _two_branches(rng, quiet=0.02):
+    #   x ─ConvA(3→16)─Relu─ a ─ConvA2(16→4)────────── ya ─┐
+    #   x ─ConvB(3→16)─Relu─ b ─ConvB2(16→4, ×quiet)── yb ─Add─ y
+    inits = [init("wa", cm._w(rng, 16, 3, 3, 3)), init("wa2", cm._w(rng, 4, 16, 1, 1)),
+             init("wb", cm._w(rng, 16, 3, 3, 3)), init("wb2", quiet * cm._w(rng, 4, 16, 1, 1))]
+    nodes = [cm._conv("convA", "x", "a0", "wa"), onnx.helper.make_node("Relu", ["a0"], ["a"], name="reluA"),
+             cm._conv("convA2", "a", "ya", "wa2", pads=0),
+             cm._conv("convB", "x", "b0", "wb"), onnx.helper.make_node("Relu", ["b0"], ["b"], name="reluB"),
+             cm._conv("convB2", "b", "yb", "wb2", pads=0), onnx.helper.make_node("Add", ["ya", "yb"], ["y"], name="add")]
+    return make_model(nodes, [("x", [2, 3, cm.H, cm.W])], [("y", [2, 4, cm.H, cm.W])], inits)
+
+
+def test_measured_allocation_takes_the_branch_the_output_hardly_sees(rng):
+    #   branch B reaches the output 50x weaker than A: its measured loss curve is ~2500x lower, so the
+    #   measured allocation takes the MACs from B; each curve starts at 0 and never decreases
+    model = _two_branches(rng)
+    calib = {"x": rng.normal(size=(32, 3, cm.H, cm.W)).astype(np.float32)}
+    out, notes = run_prune(model, calib=calib, ratio=0.3, min_channels=2, round_to=1, probe_samples=8,
+                           probe_points=3)
+    assert notes["allocation"].startswith("measured")
+    assert dims(out, "a")[1] == 16 and dims(out, "b")[1] < 16
+    curves = notes["details"]["loss_curves"]
+    assert len(curves) == 2
+    for curve in curves.values():
+        assert curve[0] == [0, 0.0] and all(b[1] >= a[1] for a, b in zip(curve, curve[1:]))
+
+
+def test_measured_allocation_needs_calibration_data(rng):
+    with pytest.raises(QGraphError, match="allocation=measured"):
+        run_prune(cm.chain(rng), ratio=0.3, criterion="l2", reconstruct=False, allocation="measured")
+
+
+def test_match_variance_gives_the_refit_output_its_target_variance(rng):
+    #   chain(): half of conv1's channels pruned, conv2 refit by least squares (which keeps each output
+    #   channel's mean and shrinks its variance); with match_variance the refit output channels have the
+    #   original variance and mean on the calibration rows (all positions: locations=0; float32 ORT, 1e-3)
+    from qgraph.data import open_samples
+    from qgraph.passes.fold import FoldBatchNorm
+    g0 = ir.load(cm.chain(rng, c=16))
+    FoldBatchNorm().run(g0, Context())
+    g0.cleanup().toposort()
+    model = ir.to_model(g0)
+    x = rng.normal(size=(16, 3, cm.H, cm.W)).astype(np.float32)
+    moments = {}
+    for match in (False, True):
+        g = ir.load(model)
+        deps = dependency_groups(g)
+        grp = next(t for t in deps.groups if "a" in t.tensors)
+        remove_units(g, deps, grp.units[::2])
+        conv2 = next(n for n in g.nodes if n.name == "conv2")
+        conv2.inputs.append(ir.add_const(g, "b2", np.zeros(4, np.float32)))   # a bias to take the mean
+        refit(g, model, {"conv2": Fit(conv2, "y")}, open_samples({"x": x}, ["x"]), locations=0, match_variance=match)
+        g.cleanup().toposort()
+        y = np.concatenate([run_ort(ir.to_model(g), {"x": x[i:i + 2]})[0] for i in range(0, 16, 2)])
+        moments[match] = (y.mean(axis=(0, 2, 3)), y.var(axis=(0, 2, 3)))
+    ref = np.concatenate([run_ort(model, {"x": x[i:i + 2]})[0] for i in range(0, 16, 2)])
+    m0, v0 = ref.mean(axis=(0, 2, 3)), ref.var(axis=(0, 2, 3))
+    assert np.all(moments[False][1] < 0.99 * v0)                     # least squares shrinks the variance
+    np.testing.assert_allclose(moments[True][1], v0, rtol=1e-3)
+    np.testing.assert_allclose(moments[True][0], m0, rtol=1e-3, atol=1e-3 * np.abs(m0).max())
+
+
+def test_measured_curves_split_the_model_with_int64_tensors_typed(rng):
+    #   x ─Shape─ s (int64) ────────────────────────┐
+    #   x ─Conv1─Relu─ h ─Conv2 (the reader)─ y ─Reshape(s)─ out
+    #   the tail after conv2 reads s from the head: the cut keeps its type, and head + tail give the model
+    from qgraph.importance import _split_at
+    from qgraph.ops import ort_session
+    inits = [init("w1", cm._w(rng, 8, 3, 3, 3)), init("w2", cm._w(rng, 3, 8, 1, 1))]
+    nodes = [onnx.helper.make_node("Shape", ["x"], ["s"], name="shape"), cm._conv("conv1", "x", "h0", "w1"),
+             onnx.helper.make_node("Relu", ["h0"], ["h"], name="relu"), cm._conv("conv2", "h", "y", "w2", pads=0),
+             onnx.helper.make_node("Reshape", ["y", "s"], ["out"], name="reshape")]
+    model = make_model(nodes, [("x", [2, 3, cm.H, cm.W])], [("out", [2, 3, cm.H, cm.W])], inits)
+    head, tail = _split_at(model, ["conv2"])
+    x = rng.normal(size=(2, 3, cm.H, cm.W)).astype(np.float32)
+    hs = ort_session(head)
+    cut = dict(zip([o.name for o in head.graph.output], hs.run(None, {"x": x})))
+    assert cut["s"].dtype == np.int64
+    ts = ort_session(tail)
+    got = ts.run(None, {i.name: cut[i.name] for i in ts.get_inputs()})[0]
+    np.testing.assert_array_equal(got, run_ort(model, {"x": x})[0])
