@@ -33,6 +33,11 @@ from qgraph.ops import ConvGeometry, conv_geometry, nearest_level, out_axis
 #: damping added to H's diagonal, as a fraction of its mean (GPTQ's default)
 DAMP = 0.01
 BLOCK = 128
+#: the largest float64 H [G, K, K] a layer may need: rounding holds about four arrays of its size at
+#: once (H, its permuted copy, the Cholesky factor, its inverse), so 1 GiB of H is ~4 GiB of memory;
+#: a wider layer keeps nearest rounding, named in the notes (VGG-19's 25088-input FC: H alone 4.7 GiB;
+#: AlexNet's 9216-input FC: 0.6 GiB)
+MAX_HESSIAN_BYTES = 1 << 30
 
 
 class Unsupported(Exception):
@@ -215,7 +220,7 @@ def _gptq(w, h, nearest, *, keep=None, pinned=None, pin_to=None, damp=DAMP, bloc
         w[held] = 0.0
     if pinned is not None:
         pinned = np.take_along_axis(np.asarray(pinned, bool), perm[:, None, :], axis=2)
-    h = np.take_along_axis(np.take_along_axis(h, perm[:, :, None], axis=1), perm[:, None, :], axis=2)
+    h = np.stack([hg[np.ix_(p, p)] for hg, p in zip(h, perm)])     # rows and columns permuted: one gather
     h[:, idx, idx] += damp * h[:, idx, idx].mean(axis=1, keepdims=True)
     u = _upper_cholesky_of_inverse(h)
     q = np.empty((g, r, k), dtype=np.int64)
@@ -252,18 +257,29 @@ def _gptq(w, h, nearest, *, keep=None, pinned=None, pin_to=None, damp=DAMP, bloc
 
 
 def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
-    """U with H⁻¹ = Uᵀ U (upper triangular), batched; more damping if H is numerically singular."""
+    """U with H⁻¹ = Uᵀ U (upper triangular), batched; more damping if H is numerically singular.
+
+    With J the reversal of the K indices and J H J = L Lᵀ (Cholesky): H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), and
+    J L⁻¹ J is upper triangular with a positive diagonal, so U = J L⁻¹ J: one Cholesky and one
+    triangular inverse (K³/3 each) instead of H⁻¹ formed explicitly (a general inverse, a product, a
+    second Cholesky: about 8x the work; AlexNet's 9216-input FC spent 270 s there)."""
+    from scipy.linalg import lapack
     extra = 0.0
     idx = np.arange(h.shape[-1])
     for _ in range(8):
         try:
-            hh = h.copy()
+            hh = h[:, ::-1, ::-1].copy()                    # J H J
             if extra:
                 hh[:, idx, idx] += extra * hh[:, idx, idx].mean(axis=1, keepdims=True)
             lower = np.linalg.cholesky(hh)
-            inv = np.linalg.inv(lower)                      # L⁻¹
-            hinv = inv.transpose(0, 2, 1) @ inv             # H⁻¹ = L⁻ᵀ L⁻¹
-            return np.linalg.cholesky(hinv).transpose(0, 2, 1)
+            del hh
+            u = np.empty_like(lower)
+            for g in range(lower.shape[0]):
+                inv, info = lapack.dtrtri(lower[g], lower=1)   # L⁻¹
+                if info != 0:
+                    raise np.linalg.LinAlgError(f"triangular inverse failed (info {info})")
+                u[g] = inv[::-1, ::-1]                      # J L⁻¹ J
+            return u
         except np.linalg.LinAlgError:
             extra = 0.01 if extra == 0 else extra * 10
     raise np.linalg.LinAlgError("input second-moment matrix stays singular after damping")
@@ -290,6 +306,10 @@ def round_layers(float_model, targets: dict, samples, *, batch_size: int = 16, p
             row_scales(qp, node, w.shape, m.shape)
             if node.op == "Conv" and len(w.shape) != 4:
                 raise Unsupported(f"{len(w.shape) - 2}-D convolution")
+            h_bytes = m.shape[0] * m.shape[2] ** 2 * 8
+            if h_bytes > MAX_HESSIAN_BYTES:
+                raise Unsupported(f"{m.shape[2]} inputs: its {m.shape[2]}x{m.shape[2]} input statistics would "
+                                  f"take {h_bytes / 2**30:.1f} GiB (limit {MAX_HESSIAN_BYTES / 2**30:g} GiB)")
             layers[wname] = (node, x.name, w.shape, x.shape)
         except Unsupported as exc:
             kept[wname] = str(exc)
@@ -346,6 +366,8 @@ def _round_one(node, w, qp, h, pin_zeros: bool = False):
     ratios = CLIP_RATIOS if qp.bits < 8 else CLIP_RATIOS[-1:]
     if qp.method in MEAN_SCALED:
         ratios = MEAN_SCALE_RATIOS
+    if not small and len(ratios) == 1:
+        ratios = ()      # one candidate scale (8 bits): it is the one GPTQ runs at, no error to compare
     for a in ratios:
         s = s0 * a
         q = gptq(m, h, s, z, qp.qmin, qp.qmax, levels=qp.levels, pinned=pinned) if small else nearest(s)

@@ -108,3 +108,33 @@ def test_gptq_chooses_each_rows_clipping_and_never_loses_to_nearest(rng):
     assert e_gptq < 0.8 * e_near     # measured 0.69 (uncorrelated inputs: the clipping does most)
     assert np.all(scale <= qp.scale * (1 + 1e-6)) and np.any(scale < 0.95 * qp.scale)
     assert q.min() >= qp.qmin and q.max() <= qp.qmax
+
+
+@pytest.mark.parametrize("g, k", [(1, 60), (3, 9), (1, 300)])
+def test_the_inverse_factor_is_the_cholesky_factor_of_the_inverse(rng, g, k):
+    # U = J chol(J H J)⁻¹ J must be what the definition gives: H⁻¹ = Uᵀ U, U upper with a positive
+    # diagonal (the unique such factor); float64 roundoff on a damped H (condition ~1e3-1e4): 1e-9
+    from qgraph.rounding import _upper_cholesky_of_inverse
+    x = rng.normal(size=(g, 2 * k, k)) @ rng.normal(size=(g, k, k))      # correlated features
+    h = np.einsum("gnk,gnl->gkl", x, x) / (2 * k)
+    idx = np.arange(k)
+    h[:, idx, idx] += 0.01 * h[:, idx, idx].mean(axis=1, keepdims=True)
+    u = _upper_cholesky_of_inverse(h)
+    assert np.array_equal(u, np.triu(u)) and np.all(np.diagonal(u, axis1=1, axis2=2) > 0)
+    hinv = np.linalg.inv(h)
+    assert np.abs(u.transpose(0, 2, 1) @ u - hinv).max() <= 1e-9 * np.abs(hinv).max()
+    want = np.linalg.cholesky(hinv).transpose(0, 2, 1)
+    assert np.abs(u - want).max() <= 1e-9 * np.abs(want).max()
+
+
+def test_gptq_leaves_a_layer_too_wide_for_its_statistics_to_nearest_rounding(monkeypatch):
+    # a layer whose K x K input statistics pass MAX_HESSIAN_BYTES is not rounded by GPTQ (its memory
+    # would be several times H): it keeps nearest rounding, and the notes name the reason
+    from qgraph import rounding
+    base = qgraph.optimize(DIGITS, "fold", progress=False)[0]
+    calib = open_samples(DIGITS_SAMPLE, [i.name for i in base.graph.input])
+    monkeypatch.setattr(rounding, "MAX_HESSIAN_BYTES", 100 * 100 * 8)    # K <= 100 only
+    _, rep = qgraph.optimize(base, "quant:weight_only=true,bits=4,rounding=gptq", calib=calib, progress=False)
+    notes = rep.rows[-1]["notes"]["rounding"]
+    assert notes["nearest"] >= 1 and notes["gptq"] >= 1
+    assert all("input statistics would take" in why for why in notes["nearest_because"].values())

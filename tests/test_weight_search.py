@@ -58,3 +58,32 @@ def test_fit_pairs_equals_ops_fit_pairs_and_leaves_its_input(op, shape, trans_b)
     want, n = ops.fit_pairs(q, t, op, trans_b, -127, 127)
     assert moved == n > 0 and got.dtype == want.dtype and np.array_equal(got, want)
     assert np.array_equal(q, before)
+
+
+class _Node:
+    def __init__(self, op, attrs):
+        self.op, self.attrs = op, attrs
+
+
+@pytest.mark.parametrize("op,attrs,shape", [("Gemm", {"transB": 1}, (7, 5)), ("Gemm", {}, (7, 5)),
+                                            ("MatMul", {}, (7, 5)), ("MatMul", {}, (7, 1)),
+                                            ("Gemm", {"transB": 1}, (1, 5)), ("Conv", {"group": 2}, (4, 3, 3, 3))])
+@pytest.mark.parametrize("side", ["out", "in"])
+def test_channel_ranges_without_copies_equal_the_float64_form(op, attrs, shape, side):
+    node = _Node(op, attrs)
+    w = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    got = ops.channel_ranges(node, w, side)
+    want = np.abs(ops.channel_matrix(node, w.astype(np.float64), side)).max(axis=1)
+    assert got.dtype == np.float64 and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape,factor_shape", [((300, 5000), (300, 1)), ((300, 5000), (1, 5000)),
+                                                ((3, 4), (3, 1)), ((600, 3, 3, 3), (1, 3, 1, 1))])
+def test_equalize_scaling_by_slabs_equals_the_whole_array_product(shape, factor_shape, monkeypatch):
+    from qgraph.passes import equalize
+    monkeypatch.setattr(equalize, "_CHUNK_ELEMENTS", 4096)      # many slabs, a short last one
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal(shape).astype(np.float32)
+    f = rng.uniform(0.3, 3.0, factor_shape)
+    got = equalize._times(w, f)
+    assert got.dtype == np.float32 and np.array_equal(got, (w.astype(np.float64) * f).astype(np.float32))
