@@ -158,30 +158,40 @@ def _mse_block(row, start, n, s, z, qmin, qmax, buf):
 
 @njit(nogil=True)
 def _mse_errors(rows, scale, zp, qmin, qmax):
-    k = rows.shape[1]
-    out = np.empty(rows.shape[0], np.float32)
+    """[C, R] errors for C candidate (scale, zero point) rows [C, R]: each run of the pairwise tree is
+    read once from memory for all candidates (it stays in L1), not once per candidate."""
+    c, k = scale.shape[0], rows.shape[1]
+    out = np.empty((c, rows.shape[0]), np.float32)
     buf = np.empty(_PW_BLOCK, np.float32)
     sizes = _leaves(k)
-    sums = np.empty(sizes.shape[0], np.float32)
+    sums = np.empty((c, sizes.shape[0]), np.float32)
     for r in range(rows.shape[0]):
+        row = rows[r]
         pos = 0
         for i in range(sizes.shape[0]):
-            _mse_block(rows[r], pos, sizes[i], scale[r], zp[r], qmin, qmax, buf)
-            sums[i] = _leaf_sum(buf, 0, sizes[i])
+            for j in range(c):
+                _mse_block(row, pos, sizes[i], scale[j, r], zp[j, r], qmin, qmax, buf)
+                sums[j, i] = _leaf_sum(buf, 0, sizes[i])
             pos += sizes[i]
-        out[r] = _combine(k, sums) if k > _PW_BLOCK else sums[0]
+        for j in range(c):
+            out[j, r] = _combine(k, sums[j]) if k > _PW_BLOCK else sums[j, 0]
     return out
 
 
 def mse_errors(rows: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
-    """Per row of float32 weights [R, K]: sum_k ((clip(rint(w / s) + z, qmin, qmax) - z) s - w)^2 in
-    float32, exactly ``np.square((np.clip(np.rint(rows / s) + z, qmin, qmax) - z) * s - rows).sum(axis=1)``
-    with ``s``, ``z`` float32 columns (the reference, ``mse_errors_reference``)."""
+    """Per row of float32 weights [R, K] and candidate: sum_k ((clip(rint(w / s) + z, qmin, qmax) - z) s
+    - w)^2 in float32, exactly ``np.square((np.clip(np.rint(rows / s) + z, qmin, qmax) - z) * s -
+    rows).sum(axis=1)`` with ``s``, ``z`` float32 columns (the reference, ``mse_errors_reference``).
+    ``scale``, ``zp``: [R] (one candidate: returns [R]) or [C, R] (C candidates: returns [C, R])."""
     rows = np.ascontiguousarray(rows, np.float32)
+    one = np.ndim(scale) < 2
+    scale = np.ascontiguousarray(np.atleast_2d(np.asarray(scale, np.float32).reshape(-1) if one else scale), np.float32)
+    zp = np.ascontiguousarray(np.atleast_2d(np.asarray(zp, np.float32).reshape(-1) if one else zp), np.float32)
     if not rows.shape[1]:
-        return np.zeros(rows.shape[0], np.float32)
-    return _mse_errors(rows, np.ascontiguousarray(scale, np.float32).reshape(-1),
-                       np.ascontiguousarray(zp, np.float32).reshape(-1), np.float32(qmin), np.float32(qmax))
+        out = np.zeros((scale.shape[0], rows.shape[0]), np.float32)
+    else:
+        out = _mse_errors(rows, scale, zp, np.float32(qmin), np.float32(qmax))
+    return out[0] if one else out
 
 
 def mse_errors_reference(rows, scale, zp, qmin, qmax) -> np.ndarray:

@@ -35,6 +35,17 @@ def test_mse_errors_equal_the_numpy_form(shape, symmetric):
         assert got.dtype == want.dtype == np.float32 and np.array_equal(got, want)
 
 
+def test_mse_errors_of_many_candidates_at_once_equal_one_at_a_time():
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((3, 1000)) * 0.05).astype(np.float32)
+    scales = np.stack([np.abs(w).max(axis=1) * a / 127 for a in np.linspace(0.3, 1.0, 9)]).astype(np.float32)
+    zps = np.zeros_like(scales)
+    many = ws.mse_errors(w, scales, zps, -127, 127)
+    assert many.shape == (9, 3)
+    for i in range(9):
+        assert np.array_equal(many[i], ws.mse_errors_reference(w, scales[i], zps[i], -127, 127))
+
+
 @pytest.mark.parametrize("shape", [(8, 1000), (5, 27), (3, 1), (2, 2), (4, 129)])
 def test_pair_fit_errors_equal_the_numpy_form(shape):
     rng = np.random.default_rng(2)

@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", type=int, default=8, help="calibration samples (first of the calibration split)")
     ap.add_argument("--pipelines", default="|".join(PIPELINES), help="'|'-separated pipelines")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--keep", metavar="DIR", help="keep each written model as DIR/<model>.<n>.onnx (n: the "
+                                                  "pipeline's index), to compare two versions' outputs")
     args = ap.parse_args(argv)
     import onnxruntime
 
@@ -72,10 +74,11 @@ def main(argv=None) -> int:
         unit = reference_seconds(path, calib)
         rows = out["models"][name] = {"reference_seconds": round(unit, 2), "pipelines": {}}
         print(f"\n{name}: reference (ORT session + one pass over the calibration samples) {unit:.1f} s")
-        for pipe in args.pipelines.split("|"):
+        for n, pipe in enumerate(args.pipelines.split("|")):
             with tempfile.TemporaryDirectory() as tmp:
+                dest = Path(args.keep) / f"{name}.{n}.onnx" if args.keep else Path(tmp) / "q.onnx"
                 t0 = time.perf_counter()
-                _, report = qgraph.optimize(path, pipe, calib=calib, output=Path(tmp) / "q.onnx", progress=False)
+                _, report = qgraph.optimize(path, pipe, calib=calib, output=dest, progress=False)
                 secs = time.perf_counter() - t0
             passes = {r["pass"]: r["seconds"] for r in report.rows[1:]}
             rows["pipelines"][pipe] = {"seconds": round(secs, 1), "x_reference": round(secs / unit, 2),
