@@ -109,6 +109,9 @@ class Hessians:
         self.sums: dict[str, np.ndarray] = {}
         self.count: dict[str, int] = {}
         self.geo = {}     # per Conv, from the first batch's shape (SAME padding depends on it)
+        # a Gemm / MatMul's input rows themselves while there are few (at most K / 4: FC layers fed a
+        # few calibration samples): errors tr(D H Dᵀ) = ||D Xᵀ||² / n then cost R·K·n, not R·K²
+        self.rows: dict[str, list | None] = {}
 
     def update(self, name: str, x: np.ndarray) -> None:
         node = self.layers[name][0]
@@ -128,7 +131,19 @@ class Hessians:
         rows = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
         if self.bias:
             rows = np.concatenate([rows, np.ones((rows.shape[0], 1), np.float32)], axis=1)
+        else:
+            kept = self.rows.get(name, [])
+            if kept is not None:
+                few = (sum(r.shape[0] for r in kept) + rows.shape[0]) * 4 <= rows.shape[1]
+                self.rows[name] = kept + [rows.copy()] if few else None
         self._add(name, (rows.T @ rows)[None], rows.sum(axis=0, dtype=np.float64)[None], rows.shape[0])
+
+    def input_rows(self, name: str) -> np.ndarray | None:
+        """X / sqrt(n) (float64, [n, K]) with Xᵀ X / n = H of a layer whose input rows were kept, else None."""
+        kept = self.rows.get(name)
+        if not kept:
+            return None
+        return np.concatenate(kept).astype(np.float64) / np.sqrt(max(self.count[name], 1))
 
     def _add(self, name: str, h: np.ndarray, s: np.ndarray, n: int) -> None:
         if name in self.h:
@@ -285,9 +300,13 @@ def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
     raise np.linalg.LinAlgError("input second-moment matrix stays singular after damping")
 
 
-def output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
-    """tr((W − Ŵ) H (W − Ŵ)ᵀ) summed over groups: the layer's output squared error on the data."""
+def output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray, x: np.ndarray | None = None) -> float:
+    """tr((W − Ŵ) H (W − Ŵ)ᵀ) summed over groups: the layer's output squared error on the data; with
+    ``x`` (rows with xᵀ x = H, ``Hessians.input_rows``) as ||(W − Ŵ) xᵀ||², the same up to roundoff."""
     d = (w - wq).astype(np.float64)
+    if x is not None:
+        e = d @ x.T
+        return float(np.einsum("grn,grn->", e, e))
     return float(np.einsum("grk,grk->", d @ h, d))      # (d H) · d: a BLAS product, not a 3-operand einsum
 
 
@@ -320,7 +339,8 @@ def round_layers(float_model, targets: dict, samples, *, batch_size: int = 16, p
     for wname in layers:
         h = hs.h[wname] / max(hs.count[wname], 1)
         ints[wname], errors[wname], scales[wname] = _round_one(layers[wname][0], targets[wname][1],
-                                                               targets[wname][2], h, wname in pin_zeros)
+                                                               targets[wname][2], h, wname in pin_zeros,
+                                                               x=hs.input_rows(wname))
     return ints, errors, scales, kept
 
 
@@ -337,12 +357,15 @@ MEAN_SCALED = ("binary", "ternary")
 MEAN_SCALE_RATIOS = np.linspace(0.5, 1.5, 11)
 
 
-def _row_errors(m, wq, h) -> np.ndarray:
+def _row_errors(m, wq, h, x=None) -> np.ndarray:
     d = m - wq
+    if x is not None:
+        e = d @ x.T
+        return np.einsum("grn,grn->gr", e, e)
     return np.einsum("grk,grk->gr", d @ h, d)
 
 
-def _round_one(node, w, qp, h, pin_zeros: bool = False):
+def _round_one(node, w, qp, h, pin_zeros: bool = False, x=None):
     """GPTQ integers of one layer, each row's scale chosen among ``CLIP_RATIOS`` of the given one
     to minimize that row's output error (one scale for all rows when ``qp`` is per tensor).
     Never worse than nearest rounding at the given scale. Returns (integers, (nearest error, gptq
@@ -371,7 +394,7 @@ def _round_one(node, w, qp, h, pin_zeros: bool = False):
     for a in ratios:
         s = s0 * a
         q = gptq(m, h, s, z, qp.qmin, qp.qmax, levels=qp.levels, pinned=pinned) if small else nearest(s)
-        err = _row_errors(m, deq(q, s), h)
+        err = _row_errors(m, deq(q, s), h, x)
         if not qp.per_channel:
             err = np.full_like(err, err.sum())
         better = err < best_err
@@ -381,7 +404,7 @@ def _round_one(node, w, qp, h, pin_zeros: bool = False):
             best_q = q if best_q is None else np.where(better[:, :, None], q, best_q)
     q = best_q if small else gptq(m, h, best_s, z, qp.qmin, qp.qmax, levels=qp.levels, pinned=pinned)
     near = nearest(s0)
-    e_near, e_gptq = output_error(m, deq(near, s0), h), output_error(m, deq(q, best_s), h)
+    e_near, e_gptq = output_error(m, deq(near, s0), h, x), output_error(m, deq(q, best_s), h, x)
     if e_gptq > e_near:   # damping can lose on a tiny layer: never do worse than nearest
         q, best_s, e_gptq = near, s0, e_near
     scale = best_s.reshape(-1) if qp.per_channel else np.float32(best_s.reshape(-1)[0])

@@ -138,3 +138,21 @@ def test_gptq_leaves_a_layer_too_wide_for_its_statistics_to_nearest_rounding(mon
     notes = rep.rows[-1]["notes"]["rounding"]
     assert notes["nearest"] >= 1 and notes["gptq"] >= 1
     assert all("input statistics would take" in why for why in notes["nearest_because"].values())
+
+
+def test_errors_from_kept_input_rows_equal_the_second_moment_form(rng):
+    # an FC fed few samples keeps its input rows X (n <= K / 4): ||D Xᵀ||² / n must be tr(D H Dᵀ) with
+    # H = Xᵀ X / n (float32 products in H, float64 here: 1e-5 relative); many rows are not kept
+    from qgraph.rounding import Hessians, _row_errors
+    node = type("Node", (), {"op": "Gemm", "attrs": {"transB": 1}})()
+    acc = Hessians({"fc": (node, "x", (6, 64), (None, 64))})
+    for _ in range(2):
+        acc.update("fc", rng.normal(size=(4, 64)).astype(np.float32))
+    x = acc.input_rows("fc")
+    assert x is not None and x.shape == (8, 64)
+    h = acc.h["fc"] / acc.count["fc"]
+    w, wq = rng.normal(size=(1, 6, 64)), rng.normal(size=(1, 6, 64))
+    assert output_error(w, wq, h, x) == pytest.approx(output_error(w, wq, h), rel=1e-5)
+    assert np.allclose(_row_errors(w, wq, h, x), _row_errors(w, wq, h), rtol=1e-5)
+    acc.update("fc", rng.normal(size=(16, 64)).astype(np.float32))      # 24 rows > 64 / 4
+    assert acc.input_rows("fc") is None
