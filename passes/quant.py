@@ -42,6 +42,7 @@ from qgraph.grids import (GRIDS, POT_BITS, grid_levels, grid_qparams, refuse_spa
                           weight_integers)
 from qgraph.qparams import ACT_METHODS, WEIGHT_METHODS, act_range, make_qparams, sqnr_db, weight_qparams
 from qgraph.rounding import round_layers
+from qgraph.weight_search import fit_pairs, pair_fit_errors, pairs_over
 from qgraph.passes.quant_placement import Matcher, Plan, make_plan
 
 
@@ -528,7 +529,7 @@ def _pair_scale(wp, qp: QParams) -> QParams:
     widens instead, at worst to 7-bit steps (m = 2: |q| <= 64, every pair fits)."""
     if qp.storage != "int8" or qp.qmax < ops.PAIR_LIMIT // 2 or not np.all(np.asarray(qp.zero_point) == 0):
         return qp
-    w = np.asarray(wp.tensor.values, np.float64)
+    w = np.asarray(wp.tensor.values)
     node = _pair_reader(wp, w.shape)
     if node is None or not w.size:
         return qp
@@ -536,13 +537,12 @@ def _pair_scale(wp, qp: QParams) -> QParams:
     rows = ops.ort_k_rows(w, node.op, trans_b)
     scale = np.asarray(qp.scale, np.float64).reshape(-1)
     channel = np.arange(rows.shape[0]) % scale.size if qp.per_channel else np.zeros(rows.shape[0], np.int64)
-    t = rows / np.where(scale > 0, scale, 1.0)[channel][:, None]
-    if ops.pair_excess(np.clip(np.rint(t), qp.qmin, qp.qmax)).max(initial=-1) <= 0:
+    row_scale = np.where(scale > 0, scale, 1.0)[channel]
+    # t = w / s per row; err[i, row] = sum((t - m q)^2), q = ops.fit_pair_rows(clip(rint(t / m)), t / m)
+    # for each m of PAIR_STEPS (qgraph.weight_search: the same arithmetic and summation order, compiled)
+    if not pairs_over(rows, row_scale, qp.qmin, qp.qmax):
         return qp
-    err = np.empty((len(PAIR_STEPS), rows.shape[0]))
-    for i, m in enumerate(PAIR_STEPS):
-        q, _ = ops.fit_pair_rows(np.clip(np.rint(t / m), qp.qmin, qp.qmax), t / m, min(qp.qmax, -qp.qmin))
-        err[i] = np.sum((t - m * q) ** 2, axis=1)
+    err = pair_fit_errors(rows, row_scale, PAIR_STEPS, qp.qmin, qp.qmax, min(qp.qmax, -qp.qmin))
     if qp.per_channel:
         per = np.zeros((len(PAIR_STEPS), scale.size))
         np.add.at(per.T, channel, err.T)
@@ -574,7 +574,7 @@ def _fit_pairs(wp, qp: QParams, q: np.ndarray) -> tuple[np.ndarray, int]:
             shape[qp.axis] = -1
             s, z = s.reshape(shape), z.reshape(shape)
         target = np.asarray(wp.tensor.values, np.float64) / s + z
-        q, n = ops.fit_pairs(q, target, node.op, int(node.attrs.get("transB", 0)), qp.qmin, qp.qmax)
+        q, n = fit_pairs(q, target, node.op, int(node.attrs.get("transB", 0)), qp.qmin, qp.qmax)   # ops.fit_pairs, compiled
         moved += n
     return q, moved
 

@@ -172,8 +172,17 @@ def weight_times_input(node, w: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 def channel_ranges(node, w: np.ndarray, side: str) -> np.ndarray:
-    """max |W| over the entries of each output or input channel."""
-    return np.abs(channel_matrix(node, np.asarray(w, np.float64), side)).max(axis=1)
+    """max |W| over the entries of each output or input channel (float64)."""
+    w = np.asarray(w)
+    if w.dtype.kind != "f":
+        w = w.astype(np.float64)
+    if node.op in ("Gemm", "MatMul") and w.ndim == 2 and w.size:
+        # max |w| = max(max w, -min w) reduced along the other axis: no weight-sized temporary (a
+        # 25088 x 4096 FC's input channels were a transposed float64 copy, then its abs); + 0.0: no -0
+        transb = node.op == "Gemm" and node.attrs.get("transB", 0)
+        other = (1 if transb else 0) if side == "out" else (0 if transb else 1)   # channel_matrix's axis's other
+        return np.maximum(w.max(axis=other), -w.min(axis=other)).astype(np.float64) + 0.0
+    return np.abs(channel_matrix(node, w, side)).max(axis=1).astype(np.float64)
 
 
 def clip_bounds(node) -> tuple[float, float] | None:

@@ -35,6 +35,7 @@ import numpy as np
 from qgraph.jit import njit
 
 from qgraph.ops import QParams, is_signed
+from qgraph.weight_search import mse_errors
 
 if TYPE_CHECKING:  # pragma: no cover
     from qgraph.calibrate import TensorStats
@@ -277,12 +278,12 @@ def _weight_mse(w, axis, rmin, rmax, bits, signed, symmetric, candidates: int = 
     hi0 = np.atleast_1d(np.asarray(rmax, np.float64))
     best_err = np.full(len(lo0), np.inf)
     best_a = np.ones(len(lo0))
-    for a in np.linspace(0.3, 1.0, candidates):
-        scale, zp = scale_zero_point(lo0 * a, hi0 * a, qmin, qmax, symmetric, zp_dtype=np.int64)
-        s = scale.astype(np.float32)[:, None]
-        z = zp.astype(np.float32)[:, None]
-        q = np.clip(np.rint(rows / s) + z, qmin, qmax)
-        err = np.square((q - z) * s - rows).sum(axis=1)
+    alphas = np.linspace(0.3, 1.0, candidates)
+    grid = [scale_zero_point(lo0 * a, hi0 * a, qmin, qmax, symmetric, zp_dtype=np.int64) for a in alphas]
+    # per candidate and row: sum of ((clip(rint(w / s) + z) - z) s - w)^2 in float32 and numpy's order,
+    # compiled, every candidate in one read of the weights
+    errors = mse_errors(rows, np.stack([s for s, _ in grid]), np.stack([z for _, z in grid]), qmin, qmax)
+    for a, err in zip(alphas, errors):
         better = err < best_err
         best_err[better] = err[better]
         best_a[better] = a

@@ -33,6 +33,11 @@ from qgraph.ops import ConvGeometry, conv_geometry, nearest_level, out_axis
 #: damping added to H's diagonal, as a fraction of its mean (GPTQ's default)
 DAMP = 0.01
 BLOCK = 128
+#: the largest float64 H [G, K, K] a layer may need: rounding holds about four arrays of its size at
+#: once (H, its permuted copy, the Cholesky factor, its inverse), so 1 GiB of H is ~4 GiB of memory;
+#: a wider layer keeps nearest rounding, named in the notes (VGG-19's 25088-input FC: H alone 4.7 GiB;
+#: AlexNet's 9216-input FC: 0.6 GiB)
+MAX_HESSIAN_BYTES = 1 << 30
 
 
 class Unsupported(Exception):
@@ -104,6 +109,9 @@ class Hessians:
         self.sums: dict[str, np.ndarray] = {}
         self.count: dict[str, int] = {}
         self.geo = {}     # per Conv, from the first batch's shape (SAME padding depends on it)
+        # a Gemm / MatMul's input rows themselves while there are few (at most K / 4: FC layers fed a
+        # few calibration samples): errors tr(D H Dᵀ) = ||D Xᵀ||² / n then cost R·K·n, not R·K²
+        self.rows: dict[str, list | None] = {}
 
     def update(self, name: str, x: np.ndarray) -> None:
         node = self.layers[name][0]
@@ -123,7 +131,19 @@ class Hessians:
         rows = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
         if self.bias:
             rows = np.concatenate([rows, np.ones((rows.shape[0], 1), np.float32)], axis=1)
+        else:
+            kept = self.rows.get(name, [])
+            if kept is not None:
+                few = (sum(r.shape[0] for r in kept) + rows.shape[0]) * 4 <= rows.shape[1]
+                self.rows[name] = kept + [rows.copy()] if few else None
         self._add(name, (rows.T @ rows)[None], rows.sum(axis=0, dtype=np.float64)[None], rows.shape[0])
+
+    def input_rows(self, name: str) -> np.ndarray | None:
+        """X / sqrt(n) (float64, [n, K]) with Xᵀ X / n = H of a layer whose input rows were kept, else None."""
+        kept = self.rows.get(name)
+        if not kept:
+            return None
+        return np.concatenate(kept).astype(np.float64) / np.sqrt(max(self.count[name], 1))
 
     def _add(self, name: str, h: np.ndarray, s: np.ndarray, n: int) -> None:
         if name in self.h:
@@ -215,7 +235,7 @@ def _gptq(w, h, nearest, *, keep=None, pinned=None, pin_to=None, damp=DAMP, bloc
         w[held] = 0.0
     if pinned is not None:
         pinned = np.take_along_axis(np.asarray(pinned, bool), perm[:, None, :], axis=2)
-    h = np.take_along_axis(np.take_along_axis(h, perm[:, :, None], axis=1), perm[:, None, :], axis=2)
+    h = np.stack([hg[np.ix_(p, p)] for hg, p in zip(h, perm)])     # rows and columns permuted: one gather
     h[:, idx, idx] += damp * h[:, idx, idx].mean(axis=1, keepdims=True)
     u = _upper_cholesky_of_inverse(h)
     q = np.empty((g, r, k), dtype=np.int64)
@@ -252,26 +272,41 @@ def _gptq(w, h, nearest, *, keep=None, pinned=None, pin_to=None, damp=DAMP, bloc
 
 
 def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
-    """U with H⁻¹ = Uᵀ U (upper triangular), batched; more damping if H is numerically singular."""
+    """U with H⁻¹ = Uᵀ U (upper triangular), batched; more damping if H is numerically singular.
+
+    With J the reversal of the K indices and J H J = L Lᵀ (Cholesky): H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), and
+    J L⁻¹ J is upper triangular with a positive diagonal, so U = J L⁻¹ J: one Cholesky and one
+    triangular inverse (K³/3 each) instead of H⁻¹ formed explicitly (a general inverse, a product, a
+    second Cholesky: about 8x the work; AlexNet's 9216-input FC spent 270 s there)."""
+    from scipy.linalg import lapack
     extra = 0.0
     idx = np.arange(h.shape[-1])
     for _ in range(8):
         try:
-            hh = h.copy()
+            hh = h[:, ::-1, ::-1].copy()                    # J H J
             if extra:
                 hh[:, idx, idx] += extra * hh[:, idx, idx].mean(axis=1, keepdims=True)
             lower = np.linalg.cholesky(hh)
-            inv = np.linalg.inv(lower)                      # L⁻¹
-            hinv = inv.transpose(0, 2, 1) @ inv             # H⁻¹ = L⁻ᵀ L⁻¹
-            return np.linalg.cholesky(hinv).transpose(0, 2, 1)
+            del hh
+            u = np.empty_like(lower)
+            for g in range(lower.shape[0]):
+                inv, info = lapack.dtrtri(lower[g], lower=1)   # L⁻¹
+                if info != 0:
+                    raise np.linalg.LinAlgError(f"triangular inverse failed (info {info})")
+                u[g] = inv[::-1, ::-1]                      # J L⁻¹ J
+            return u
         except np.linalg.LinAlgError:
             extra = 0.01 if extra == 0 else extra * 10
     raise np.linalg.LinAlgError("input second-moment matrix stays singular after damping")
 
 
-def output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
-    """tr((W − Ŵ) H (W − Ŵ)ᵀ) summed over groups: the layer's output squared error on the data."""
+def output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray, x: np.ndarray | None = None) -> float:
+    """tr((W − Ŵ) H (W − Ŵ)ᵀ) summed over groups: the layer's output squared error on the data; with
+    ``x`` (rows with xᵀ x = H, ``Hessians.input_rows``) as ||(W − Ŵ) xᵀ||², the same up to roundoff."""
     d = (w - wq).astype(np.float64)
+    if x is not None:
+        e = d @ x.T
+        return float(np.einsum("grn,grn->", e, e))
     return float(np.einsum("grk,grk->", d @ h, d))      # (d H) · d: a BLAS product, not a 3-operand einsum
 
 
@@ -290,6 +325,10 @@ def round_layers(float_model, targets: dict, samples, *, batch_size: int = 16, p
             row_scales(qp, node, w.shape, m.shape)
             if node.op == "Conv" and len(w.shape) != 4:
                 raise Unsupported(f"{len(w.shape) - 2}-D convolution")
+            h_bytes = m.shape[0] * m.shape[2] ** 2 * 8
+            if h_bytes > MAX_HESSIAN_BYTES:
+                raise Unsupported(f"{m.shape[2]} inputs: its {m.shape[2]}x{m.shape[2]} input statistics would "
+                                  f"take {h_bytes / 2**30:.1f} GiB (limit {MAX_HESSIAN_BYTES / 2**30:g} GiB)")
             layers[wname] = (node, x.name, w.shape, x.shape)
         except Unsupported as exc:
             kept[wname] = str(exc)
@@ -300,7 +339,8 @@ def round_layers(float_model, targets: dict, samples, *, batch_size: int = 16, p
     for wname in layers:
         h = hs.h[wname] / max(hs.count[wname], 1)
         ints[wname], errors[wname], scales[wname] = _round_one(layers[wname][0], targets[wname][1],
-                                                               targets[wname][2], h, wname in pin_zeros)
+                                                               targets[wname][2], h, wname in pin_zeros,
+                                                               x=hs.input_rows(wname))
     return ints, errors, scales, kept
 
 
@@ -317,12 +357,15 @@ MEAN_SCALED = ("binary", "ternary")
 MEAN_SCALE_RATIOS = np.linspace(0.5, 1.5, 11)
 
 
-def _row_errors(m, wq, h) -> np.ndarray:
+def _row_errors(m, wq, h, x=None) -> np.ndarray:
     d = m - wq
+    if x is not None:
+        e = d @ x.T
+        return np.einsum("grn,grn->gr", e, e)
     return np.einsum("grk,grk->gr", d @ h, d)
 
 
-def _round_one(node, w, qp, h, pin_zeros: bool = False):
+def _round_one(node, w, qp, h, pin_zeros: bool = False, x=None):
     """GPTQ integers of one layer, each row's scale chosen among ``CLIP_RATIOS`` of the given one
     to minimize that row's output error (one scale for all rows when ``qp`` is per tensor).
     Never worse than nearest rounding at the given scale. Returns (integers, (nearest error, gptq
@@ -346,10 +389,12 @@ def _round_one(node, w, qp, h, pin_zeros: bool = False):
     ratios = CLIP_RATIOS if qp.bits < 8 else CLIP_RATIOS[-1:]
     if qp.method in MEAN_SCALED:
         ratios = MEAN_SCALE_RATIOS
+    if not small and len(ratios) == 1:
+        ratios = ()      # one candidate scale (8 bits): it is the one GPTQ runs at, no error to compare
     for a in ratios:
         s = s0 * a
         q = gptq(m, h, s, z, qp.qmin, qp.qmax, levels=qp.levels, pinned=pinned) if small else nearest(s)
-        err = _row_errors(m, deq(q, s), h)
+        err = _row_errors(m, deq(q, s), h, x)
         if not qp.per_channel:
             err = np.full_like(err, err.sum())
         better = err < best_err
@@ -359,7 +404,7 @@ def _round_one(node, w, qp, h, pin_zeros: bool = False):
             best_q = q if best_q is None else np.where(better[:, :, None], q, best_q)
     q = best_q if small else gptq(m, h, best_s, z, qp.qmin, qp.qmax, levels=qp.levels, pinned=pinned)
     near = nearest(s0)
-    e_near, e_gptq = output_error(m, deq(near, s0), h), output_error(m, deq(q, best_s), h)
+    e_near, e_gptq = output_error(m, deq(near, s0), h, x), output_error(m, deq(q, best_s), h, x)
     if e_gptq > e_near:   # damping can lose on a tiny layer: never do worse than nearest
         q, best_s, e_gptq = near, s0, e_near
     scale = best_s.reshape(-1) if qp.per_channel else np.float32(best_s.reshape(-1)[0])

@@ -108,3 +108,51 @@ def test_gptq_chooses_each_rows_clipping_and_never_loses_to_nearest(rng):
     assert e_gptq < 0.8 * e_near     # measured 0.69 (uncorrelated inputs: the clipping does most)
     assert np.all(scale <= qp.scale * (1 + 1e-6)) and np.any(scale < 0.95 * qp.scale)
     assert q.min() >= qp.qmin and q.max() <= qp.qmax
+
+
+@pytest.mark.parametrize("g, k", [(1, 60), (3, 9), (1, 300)])
+def test_the_inverse_factor_is_the_cholesky_factor_of_the_inverse(rng, g, k):
+    # U = J chol(J H J)⁻¹ J must be what the definition gives: H⁻¹ = Uᵀ U, U upper with a positive
+    # diagonal (the unique such factor); float64 roundoff on a damped H (condition ~1e3-1e4): 1e-9
+    from qgraph.rounding import _upper_cholesky_of_inverse
+    x = rng.normal(size=(g, 2 * k, k)) @ rng.normal(size=(g, k, k))      # correlated features
+    h = np.einsum("gnk,gnl->gkl", x, x) / (2 * k)
+    idx = np.arange(k)
+    h[:, idx, idx] += 0.01 * h[:, idx, idx].mean(axis=1, keepdims=True)
+    u = _upper_cholesky_of_inverse(h)
+    assert np.array_equal(u, np.triu(u)) and np.all(np.diagonal(u, axis1=1, axis2=2) > 0)
+    hinv = np.linalg.inv(h)
+    assert np.abs(u.transpose(0, 2, 1) @ u - hinv).max() <= 1e-9 * np.abs(hinv).max()
+    want = np.linalg.cholesky(hinv).transpose(0, 2, 1)
+    assert np.abs(u - want).max() <= 1e-9 * np.abs(want).max()
+
+
+def test_gptq_leaves_a_layer_too_wide_for_its_statistics_to_nearest_rounding(monkeypatch):
+    # a layer whose K x K input statistics pass MAX_HESSIAN_BYTES is not rounded by GPTQ (its memory
+    # would be several times H): it keeps nearest rounding, and the notes name the reason
+    from qgraph import rounding
+    base = qgraph.optimize(DIGITS, "fold", progress=False)[0]
+    calib = open_samples(DIGITS_SAMPLE, [i.name for i in base.graph.input])
+    monkeypatch.setattr(rounding, "MAX_HESSIAN_BYTES", 100 * 100 * 8)    # K <= 100 only
+    _, rep = qgraph.optimize(base, "quant:weight_only=true,bits=4,rounding=gptq", calib=calib, progress=False)
+    notes = rep.rows[-1]["notes"]["rounding"]
+    assert notes["nearest"] >= 1 and notes["gptq"] >= 1
+    assert all("input statistics would take" in why for why in notes["nearest_because"].values())
+
+
+def test_errors_from_kept_input_rows_equal_the_second_moment_form(rng):
+    # an FC fed few samples keeps its input rows X (n <= K / 4): ||D Xᵀ||² / n must be tr(D H Dᵀ) with
+    # H = Xᵀ X / n (float32 products in H, float64 here: 1e-5 relative); many rows are not kept
+    from qgraph.rounding import Hessians, _row_errors
+    node = type("Node", (), {"op": "Gemm", "attrs": {"transB": 1}})()
+    acc = Hessians({"fc": (node, "x", (6, 64), (None, 64))})
+    for _ in range(2):
+        acc.update("fc", rng.normal(size=(4, 64)).astype(np.float32))
+    x = acc.input_rows("fc")
+    assert x is not None and x.shape == (8, 64)
+    h = acc.h["fc"] / acc.count["fc"]
+    w, wq = rng.normal(size=(1, 6, 64)), rng.normal(size=(1, 6, 64))
+    assert output_error(w, wq, h, x) == pytest.approx(output_error(w, wq, h), rel=1e-5)
+    assert np.allclose(_row_errors(w, wq, h, x), _row_errors(w, wq, h), rtol=1e-5)
+    acc.update("fc", rng.normal(size=(16, 64)).astype(np.float32))      # 24 rows > 64 / 4
+    assert acc.input_rows("fc") is None

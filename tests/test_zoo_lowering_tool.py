@@ -59,3 +59,16 @@ def test_table_merges_runs_and_splits_columns(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| `fold,quant` | 100% / 0 |" in out and "| `fold,quant` | 50.000% / 2 |" in out
     assert out.count("| pipeline |") == 2 and "n/a" in out
+
+
+def test_cells_run_quant_without_its_sqnr_report_and_the_same_passes_otherwise():
+    # the SQNR report changes nothing in the written model; every other option and pass stays as given
+    from qgraph.passes import build_passes
+    cases = {"fold,quant": "fold,quant:sqnr=false",
+             "fold,quant:granularity=tensor,biascorr": "fold,quant:granularity=tensor,sqnr=false,biascorr",
+             "cleanup,quant:act_bits=16,sqnr=true": "cleanup,quant:act_bits=16,sqnr=true"}
+    for given, want in cases.items():
+        assert zoo_lowering.without_sqnr(given) == want
+    labels = [p.label() for p in build_passes(zoo_lowering.without_sqnr(
+        "fold,equalize,quant:granularity=channel,rounding=gptq,act_method=mse,biascorr:target=output"))]
+    assert labels == ["fold", "equalize", "quant:act_method=mse,rounding=gptq,sqnr=false", "biascorr:target=output"]
