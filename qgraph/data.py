@@ -344,7 +344,13 @@ def _from_path(path: Path, names: list[str], preset: Preset | None) -> Samples:
                              "files (one sample each) or an .npz with the input names as keys")
         raise ModelError(f"unsupported data file {path.name}: expected .npz, a folder of .npy/.npz "
                          "files, or a folder of images")
-    files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+    if not path.is_dir():                   # a device, a FIFO, a socket: nothing to read samples from
+        raise ModelError(f"data {path} is neither a file nor a folder: expected .npz, a folder of "
+                         ".npy/.npz files, or a folder of images")
+    try:
+        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+    except OSError as e:
+        raise _unreadable(path, e) from None
     kinds = {
         "npy": [f for f in files if f.suffix == ".npy"],
         "npz": [f for f in files if f.suffix == ".npz"],

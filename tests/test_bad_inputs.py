@@ -416,6 +416,7 @@ ROWS = [
     Row("calib_nan_found_by_quant", _calib(_nan_at(33)), 2, "sample 33"),
     Row("calib_no_samples", _calib(lambda d: npz(d, "c.npz", input=np.zeros((0, 1, 8, 8), np.float32))), 2,
         "no samples"),
+    Row("calib_a_device", _calib(lambda d: "/dev/null"), 2, "neither a file nor a folder"),
     Row("calib_not_a_zip", _calib(lambda d: _write(d / "c.npz", b"PK\x03\x04 not really")), 2, "cannot read"),
     Row("calib_float16_model", lambda d: [_fp16_digits(d), "-p", "fold,quant", "--calib",
                                           npz(d, "c16.npz", input=sample().astype(np.float16)), "-o", d / "o.onnx"],
