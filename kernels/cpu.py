@@ -174,15 +174,20 @@ def host_ort_path() -> OrtPath:
     return ORT_PATHS["sse2"]
 
 
+def _named_ort_path() -> OrtPath | None:
+    """The CPU class ``QGRAPH_ORT_PATH`` names, or None (unset or ``auto``: this CPU's)."""
+    want = os.environ.get("QGRAPH_ORT_PATH", "").strip().lower()
+    if not want or want == "auto":
+        return None
+    if want not in ORT_PATHS:
+        raise ValueError(f"QGRAPH_ORT_PATH={want}: expected auto or one of {', '.join(ORT_PATHS)}")
+    return ORT_PATHS[want]
+
+
 def ort_path() -> OrtPath:
     """The path ORT takes here, or the one named by ``QGRAPH_ORT_PATH`` (to reproduce what ORT
     computes on another CPU class, e.g. ``avx2`` on a VNNI machine)."""
-    want = os.environ.get("QGRAPH_ORT_PATH", "").strip().lower()
-    if want and want != "auto":
-        if want not in ORT_PATHS:
-            raise ValueError(f"QGRAPH_ORT_PATH={want}: expected auto or one of {', '.join(ORT_PATHS)}")
-        return ORT_PATHS[want]
-    return host_ort_path()
+    return _named_ort_path() or host_ort_path()
 
 
 #: MLAS's Softmax sum-exp kernel (``kernels/ortsoftmax.py``) on each u8 x s8 class: AMX, AVX-512 VNNI and
@@ -196,9 +201,13 @@ def ort_softmax_kernel() -> str:
     """The float Softmax kernel ORT's MLAS takes here (``platform.cpp``: AVX-512F with the OS saving its
     state -> ``avx512f``; AVX2 and FMA3 -> ``fma3``; other x86 -> ``sse2``; not x86 -> ``neon``), or the
     one of the CPU class ``QGRAPH_ORT_PATH`` names (``avx2`` -> ``fma3``, ...)."""
-    want = os.environ.get("QGRAPH_ORT_PATH", "").strip().lower()
-    if want and want != "auto":
-        return ORT_SOFTMAX[ort_path().name]
+    named = _named_ort_path()
+    return ORT_SOFTMAX[named.name] if named is not None else _host_softmax_kernel()
+
+
+@lru_cache(maxsize=1)
+def _host_softmax_kernel() -> str:
+    """``ort_softmax_kernel`` of this CPU (once per process: every Softmax step asks)."""
     import platform
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "neon"

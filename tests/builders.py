@@ -37,6 +37,16 @@ def make_model(nodes, inputs, outputs, initializers=(), opset: int = 17) -> onnx
     return model
 
 
+def ort_session_1t(model: onnx.ModelProto):
+    """An ORT CPU session on one thread (bit-exact comparisons: the reduction order of a kernel may
+    depend on the thread count), warnings silenced."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def run_ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     import onnxruntime as ort
     so = ort.SessionOptions()

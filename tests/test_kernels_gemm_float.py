@@ -14,10 +14,10 @@ import itertools
 import platform
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from builders import ort_session_1t
 from qgraph import ir
 from qgraph.errors import ModelError
 from qgraph.kernels import lower, run
@@ -27,13 +27,6 @@ from qgraph.kernels.ortfloat import gemm_float
 
 lower_mod = importlib.import_module("qgraph.kernels.lower")
 x86 = pytest.mark.skipif(platform.machine().lower() not in X86, reason="ORT's fusion rules and kernels differ off x86")
-
-
-def _session(model):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _model(nodes, inputs, outputs, consts, opset=19):
@@ -54,7 +47,7 @@ def _float_gemm_vs_ort(m, k, n, ta, tb, alpha, beta, cshape, seed, gemm=gemm_flo
         feeds["c"] = np.asarray(rng.standard_normal(cshape) * 3, np.float32)
     ins = [helper.make_tensor_value_info(k_, TensorProto.FLOAT, v.shape) for k_, v in feeds.items()]
     node = helper.make_node("Gemm", list(feeds), ["y"], transA=ta, transB=tb, alpha=alpha, beta=beta)
-    ref = _session(_model([node], ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], {}, 13)) \
+    ref = ort_session_1t(_model([node], ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], {}, 13)) \
         .run(None, feeds)[0]
     ours = gemm(feeds["a"], feeds["b"], feeds.get("c"), alpha, beta, bool(ta), bool(tb))
     return int((np.asarray(ours, np.float32).view(np.int32) != ref.view(np.int32)).sum())
@@ -130,7 +123,7 @@ def test_float_gemm_units_match_ort_bit_for_bit(form):
         g.toposort()
         assert {u.name for u in ort_float_units(g, "x86")} == ort_float_nodes(model) == {"Gemm"}
         x = (rng.standard_normal((k, m) if ta else (m, k)) * 0.1).astype(np.float32)
-        ref = _session(model).run(None, {"x": x})[0]
+        ref = ort_session_1t(model).run(None, {"x": x})[0]
         prog = lower(model)
         assert [s for s in prog.steps if s.op == "QGemm" and "ort_float" in s.attrs]
         ours = run(prog, {"x": x})["y"]
@@ -218,7 +211,7 @@ def test_every_op_ort_float_units_can_mark_has_a_float_unit():
         prog = lower(model)
         steps = [s for s in prog.steps if s.name == op]
         assert [s.op for s in steps] == [FLOAT_UNIT_STEPS[op]] and "ort_float" in steps[0].attrs, op
-        np.testing.assert_array_equal(run(prog, feeds)["y"], _session(model).run(None, feeds)[0], err_msg=op)
+        np.testing.assert_array_equal(run(prog, feeds)["y"], ort_session_1t(model).run(None, feeds)[0], err_msg=op)
 
 
 def test_a_marked_unit_without_a_float_step_is_refused_by_name(monkeypatch):

@@ -13,10 +13,10 @@ import platform
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from builders import ort_session_1t
 from qgraph import ir
 from qgraph.kernels import lower, run
 from qgraph.kernels.diff import fixed_vs_float_per_layer, ort_float_nodes, ort_optimized
@@ -27,11 +27,14 @@ from qgraph.kernels.softmax import softmax_reference
 x86 = pytest.mark.skipif(platform.machine().lower() not in X86, reason="ORT's fusion rules differ off x86")
 
 
-def _session(model):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+def _x_to_y_model(nodes, name, x_shape, y_shape, consts):
+    """A float graph input ``x`` -> ``nodes`` -> float output ``y``, ``consts`` as initializers; opset 19."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                              [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    return m
 
 
 def _residual_block(rng, cin, cmid, hw, k=1, pad=0, residual=True, group=1):
@@ -68,12 +71,7 @@ def _residual_block(rng, cin, cmid, hw, k=1, pad=0, residual=True, group=1):
     nodes[-1].output[0] = "y"                       # the last DQ writes the graph output
     for i, n in enumerate(nodes):
         n.name = f"{n.op_type}_{i}"
-    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, cin, hw, hw])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, cmid, hw - k + 1 + 2 * pad] * 1 + [hw - k + 1 + 2 * pad])],
-                              [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
-    m.ir_version = 9
-    return m
+    return _x_to_y_model(nodes, "residual", [2, cin, hw, hw], [2, cmid, hw - k + 1 + 2 * pad] * 1 + [hw - k + 1 + 2 * pad], consts)
 
 
 @x86
@@ -94,7 +92,7 @@ def test_float_units_match_ort_bit_for_bit(cin, cmid, hw, k, pad, group):
     g.toposort()
     assert {n.name for n in ort_float_units(g, "x86")} == ort_float_nodes(model) == {"Conv_4", "Conv_9", "Add_12"}
     x = rng.standard_normal((2, cin, hw, hw)).astype(np.float32) * 3
-    ref = _session(model).run(None, {"x": x})[0]
+    ref = ort_session_1t(model).run(None, {"x": x})[0]
     ours = run(lower(model), {"x": x})["y"]
     np.testing.assert_array_equal(ours, ref)
 
@@ -143,7 +141,7 @@ def test_float_matmul_units_match_ort_bit_for_bit(b, s, k, n, per_column):
     g.toposort()
     assert {n_.name for n_ in ort_float_units(g, "x86")} == ort_float_nodes(model) == {"MatMul_3", "MatMul_7"}
     x = rng.standard_normal((b, s, k)).astype(np.float32) * 3
-    ref = _session(model).run(None, {"x": x})
+    ref = ort_session_1t(model).run(None, {"x": x})
     ours = run(lower(model), {"x": x})
     for i, r in zip((1, 2), ref):                   # tolerance 0: ORT's float32 ops in ORT's order
         np.testing.assert_array_equal(ours[f"y{i}"], r, err_msg=f"y{i}")
@@ -173,7 +171,7 @@ def test_no_float_units_when_every_tensor_has_one_reader():
     g.toposort()
     assert ort_float_units(g, "x86") == [] and ort_float_nodes(model) == set()
     x = rng.standard_normal((2, 8, 4, 4)).astype(np.float32)
-    np.testing.assert_array_equal(run(lower(model), {"x": x})["y"], _session(model).run(None, {"x": x})[0])
+    np.testing.assert_array_equal(run(lower(model), {"x": x})["y"], ort_session_1t(model).run(None, {"x": x})[0])
 
 
 def test_mlas_k_block_follows_sgemm_strides():
@@ -241,7 +239,7 @@ def test_softmax_matches_ort(seed):
     x = rng.integers(lo, lo + 256, shape).astype(np.int8 if dtype == "int8" else np.uint8)
     if seed % 5 == 1:
         x = (x // 16).astype(x.dtype)                 # many equal codes: ties in the sum
-    ref = _session(model).run(None, {"x": x})[0]
+    ref = ort_session_1t(model).run(None, {"x": x})[0]
     prog = lower(model)
     ours = run(prog, {"x": x})["y"]
     assert np.array_equal(ours, ref), (f"seed {seed}: {int((ours != ref).sum())} codes differ; reproduce with "
@@ -257,7 +255,7 @@ def test_softmax_rounds_the_quotient_as_ort_does():
     row = np.array([[44, -53, -30, -53, -23, -45, -39, -52, -41, -43, -44, -38] + [-128] * 6], np.int8)
     model = _softmax_model("int8", 0, 0.0601528026163578, 0.003914972301572561, -128, row.shape, -1, 13,
                            qoperator=True)
-    ref = _session(model).run(None, {"x": row})[0]
+    ref = ort_session_1t(model).run(None, {"x": row})[0]
     assert ref[0, 0] == 109
     np.testing.assert_array_equal(run(lower(model), {"x": row})["y"], ref)
 
@@ -332,12 +330,7 @@ def _se_block(hw, cin=6, zp=-5):
              helper.make_node("Mul", ["dx", "dg"], ["m"], name="Mul"),
              helper.make_node("QuantizeLinear", ["m", "s_y", "z_y"], ["qy"], name="Qy"),
              helper.make_node("DequantizeLinear", ["qy", "s_y", "z_y"], ["y"], name="DQy")]
-    graph = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, cin] + hw)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, cin] + hw)],
-                              [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
-    m.ir_version = 9
-    return m
+    return _x_to_y_model(nodes, "se", [2, cin] + hw, [2, cin] + hw, consts)
 
 
 @x86
@@ -356,7 +349,7 @@ def test_unfused_global_average_pool_is_ort_bit_for_bit(hw):
     assert any(s.op == "QLinearGlobalAveragePool" and "ort_float" in s.attrs for s in prog.steps)
     for scale in (0.5, 2.0, 6.0):             # small to saturating values: many rounding boundaries
         x = (rng.standard_normal((2, 6, *hw)) * scale).astype(np.float32)
-        np.testing.assert_array_equal(run(prog, {"x": x})["y"], _session(model).run(None, {"x": x})[0])
+        np.testing.assert_array_equal(run(prog, {"x": x})["y"], ort_session_1t(model).run(None, {"x": x})[0])
 
 
 def test_global_average_pool_mlas_order_equals_plain_loops(rng):
@@ -400,16 +393,16 @@ def test_lrn_float_matches_ort():
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((2, 16, 7, 7)) * 60).astype(np.float32)
     at = {"size": 5, "alpha": 1e-4, "beta": 1.0, "bias": 1.0}
-    np.testing.assert_array_equal(_lrn([x], at)[0], _session(_lrn_model([2, 16, 7, 7], 1.0, False)).run(None, {"x": x})[0])
+    np.testing.assert_array_equal(_lrn([x], at)[0], ort_session_1t(_lrn_model([2, 16, 7, 7], 1.0, False)).run(None, {"x": x})[0])
     ours = _lrn([x], {**at, "beta": 0.75})[0]
-    ref = _session(_lrn_model([2, 16, 7, 7], 0.75, False)).run(None, {"x": x})[0]
+    ref = ort_session_1t(_lrn_model([2, 16, 7, 7], 0.75, False)).run(None, {"x": x})[0]
     np.testing.assert_array_max_ulp(ours, ref, maxulp=2)
     model = _lrn_model([2, 16, 9, 9], 0.75, True)
     prog = lower(model)
     assert [s.op for s in prog.steps].count("Float") == 1
     for seed in range(5):
         xq = (np.random.default_rng(seed).standard_normal((2, 16, 9, 9)) * 12).astype(np.float32)
-        np.testing.assert_array_equal(run(prog, {"x": xq})["y"], _session(model).run(None, {"x": xq})[0])
+        np.testing.assert_array_equal(run(prog, {"x": xq})["y"], ort_session_1t(model).run(None, {"x": xq})[0])
 
 
 @pytest.mark.parametrize("seed", [None, 0, 1, 2])
@@ -461,7 +454,7 @@ def test_requantizing_moves_and_concat_are_dq_then_q(dtype, seed):
         xd = np.resize(codes[start:start + 40], 40)
         feeds = {"x": ((xa - np.float32(consts["z_a"])) * consts["s_a"]).reshape(2, 6, 8).astype(np.float32),
                  "x2": ((xd - np.float32(consts["z_d"])) * consts["s_d"]).reshape(2, 5, 4).astype(np.float32)}
-        np.testing.assert_array_equal(run(prog, feeds)["y"], _session(model).run(None, feeds)[0])
+        np.testing.assert_array_equal(run(prog, feeds)["y"], ort_session_1t(model).run(None, feeds)[0])
 
 
 @x86
@@ -488,7 +481,7 @@ def test_16_bit_activations_make_every_unit_float():
     assert {n.name for n in ort_float_units(g, "x86")} == {"conv"}
     prog = lower(model)
     x = (rng.standard_normal((1, 3, 8, 8)) * 8).astype(np.float32)
-    np.testing.assert_array_equal(run(prog, {"x": x})["y"], _session(model).run(None, {"x": x})[0])
+    np.testing.assert_array_equal(run(prog, {"x": x})["y"], ort_session_1t(model).run(None, {"x": x})[0])
 
 
 def _conv_relu(rng, zy, cin=3, cout=16, hw=24, k=7, stride=2, pad=3):
@@ -509,12 +502,7 @@ def _conv_relu(rng, zy, cin=3, cout=16, hw=24, k=7, stride=2, pad=3):
              helper.make_node("QuantizeLinear", ["r", "sy", "zy"], ["qy"], name="Qy"),
              helper.make_node("DequantizeLinear", ["qy", "sy", "zy"], ["y"], name="DQy")]
     oh = (hw + 2 * pad - k) // stride + 1
-    graph = helper.make_graph(nodes, "conv_relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, hw, hw])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, oh, oh])],
-                              [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
-    m.ir_version = 9
-    return m
+    return _x_to_y_model(nodes, "conv_relu", [1, cin, hw, hw], [1, cout, oh, oh], consts)
 
 
 @x86
@@ -531,7 +519,7 @@ def test_relu_before_q_above_its_minimum_keeps_the_conv_float(zy, kept):
         model = _conv_relu(rng, zy)
         x = (rng.standard_normal((1, 3, 24, 24)) * 2).astype(np.float32)
         if kept:
-            np.testing.assert_array_equal(run(lower(model), {"x": x})["y"], _session(model).run(None, {"x": x})[0])
+            np.testing.assert_array_equal(run(lower(model), {"x": x})["y"], ort_session_1t(model).run(None, {"x": x})[0])
         g = ir.load(model)
         g.toposort()
         predicted = {n.name for n in ort_float_units(g, "x86")}
@@ -544,7 +532,7 @@ def test_softmax_table_shift_is_a_float32_log():
     ORT) gives 239 for its max code with the double log, ORT writes 240. Tolerance 0."""
     row = np.array([[149, 94, 172, 62, 216, 15, 77, 228, 85, 123, 93, 62, 196, 248]], np.uint8)
     model = _softmax_model("uint8", 0, float(np.float32(0.1425253)), 1 / 256, 0, row.shape, -1, 13, qoperator=True)
-    ref = _session(model).run(None, {"x": row})[0]
+    ref = ort_session_1t(model).run(None, {"x": row})[0]
     assert ref[0, -1] == 240
     np.testing.assert_array_equal(run(lower(model), {"x": row})["y"], ref)
 
@@ -558,12 +546,7 @@ def _avgpool_model(hw, c, kernel, pads, sy, zx=3, zy=-5):
              helper.make_node("AveragePool", ["dx"], ["p"], name="Pool", kernel_shape=[kernel] * 2, pads=[pads] * 4),
              helper.make_node("QuantizeLinear", ["p", "sy", "zy"], ["qy"], name="Qy"),
              helper.make_node("DequantizeLinear", ["qy", "sy", "zy"], ["y"], name="DQy")]
-    graph = helper.make_graph(nodes, "avgpool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, oh, oh])],
-                              [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
-    m.ir_version = 9
-    return m
+    return _x_to_y_model(nodes, "avgpool", [1, c, hw, hw], [1, c, oh, oh], consts)
 
 
 @pytest.mark.parametrize("hw", [7, 5])
@@ -577,4 +560,4 @@ def test_average_pool_over_the_whole_image_is_ort_global_average(hw):
     model = _avgpool_model(hw, 256, hw, 0, sy)
     assert any(n.op_type == "QLinearAveragePool" for n in ort_optimized(model).graph.node)
     x = (np.random.default_rng(hw).standard_normal((1, 256, hw, hw)) * 0.3).astype(np.float32)
-    np.testing.assert_array_equal(run(lower(model), {"x": x})["y"], _session(model).run(None, {"x": x})[0])
+    np.testing.assert_array_equal(run(lower(model), {"x": x})["y"], ort_session_1t(model).run(None, {"x": x})[0])
