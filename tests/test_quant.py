@@ -724,6 +724,26 @@ def test_zoo_w8a8_minmax_at_least_ort_quantize_static(name, granularity):
     assert top1["ours"] >= top1["ort"] - 0.3, top1
 
 
+def _recorded_quant_recipes() -> list[tuple[str, str]]:
+    """Recorded ``fold/cleanup + quant`` recipes at 8 bits (the README's calibration-method table and
+    MiniLM's act_bits=16): low-bit ones (``bits=``, ``weight_grid=``) are test_lowbit's, pipelines
+    with ``prune`` / ``sparsify`` are test_prune's / test_sparsify's."""
+    from recorded import recorded_pipelines
+    return [(n, p) for n, p in recorded_pipelines("quant")
+            if {tok.split(":")[0] for tok in p.split(",") if "=" not in tok.split(":")[0]} <= {"fold", "cleanup", "quant"}
+            and "bits=" not in p.replace("act_bits=", "") and "weight_grid=" not in p]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name,pipeline", _recorded_quant_recipes() or [("-", "-")])
+def test_recorded_quant_figures(name, pipeline):
+    """Every recorded 8/16-bit quant recipe still reaches its figures within the manifest's tolerance."""
+    if name == "-":
+        pytest.skip("no quant recipe recorded in models/manifest.toml")
+    from recorded import check_recorded
+    check_recorded(name, pipeline)
+
+
 @pytest.mark.zoo
 def test_zoo_minilm_cosine_to_fp32_at_least_0_99():
     src, calib, evaluation = _zoo_model("minilm")
