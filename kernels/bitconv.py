@@ -26,9 +26,9 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from qgraph.kernels.bitplanes import (WORD, Encoding, _channel_words, _pack, _pack_nchw, encoding_of,
-                                     input_encoding, popcount64)
-from qgraph.kernels.bitserial import MR, NR, BitPacked, _fill_terms, _gemm_into, pack, pair_table
+from qgraph.kernels.bitplanes import (WORD, Encoding, _channel_words, _min_max_zero, _pack, _pack_nchw,
+                                     encoding_of, input_encoding, popcount64)
+from qgraph.kernels.bitserial import MR, NR, BitPacked, _fill_terms, _gemm_into, _gemm_rq_into, pack, pair_table
 from qgraph.kernels.requant import requant_run
 
 #: how ``_conv_chunks`` gets the pixels' planes
@@ -319,26 +319,96 @@ def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, 
     hit = pc.cache.get("setup")
     if hit is None or hit[0] != key or hit[1] is not zw or hit[2] is not rq:
         hit = pc.cache["setup"] = (key, zw, rq, _conv_setup(x, zx, pc, zw, geo, rq, out_dtype, enc))
-    mode, fill_x, head, tail, out_shape, out_dt, out4 = hit[3]
-    n_b, c_in, h, w = x.shape
-    xb = x.reshape(-1).view(np.uint8)
-    if mode == IM2COL:                          # x to NHWC, in the frame padded with the zero point
-        xf, hp, wp, pt, pl = fill_x
-        n_xp = n_b * hp * wp * c_in
-        if hp != h or wp != w:
-            xf[:n_xp] = np.uint8(int(zx) & 0xFF)
-            _to_nhwc(xb, xf[:n_xp], n_b, c_in, h, w, w, wp, pt * wp + pl)     # row by row, into the padded frame
-        else:                                   # nothing padded: each image is one run of h*w pixels
-            _to_nhwc(xb, xf[:n_xp], n_b, c_in, 1, h * w, 0, 0, 0)
-    elif mode == TAP_WORDS:
-        frame_args = fill_x
-        _frame_words(xb, *frame_args)
-        xf = xb
-    else:
-        xf = xb
+    out = _run_setup(x, hit[3], -1)
+    assert out is not None
+    return out
+
+
+def conv_again(x: np.ndarray, pc: BitConv, zw, rq) -> np.ndarray | None:
+    """``conv`` for a step called again as last time (same input shape and dtype, zero points, ``rq``, and an
+    input whose encoding is the one the setup was made for), in one compiled call that also checks that
+    encoding (``_conv_run``: the range pass, the packing, the tiles and their requantization): no Python
+    pass over x, no key to build. None when any of that differs: then ``conv`` (after the caller has chosen
+    the kernel for the new encoding)."""
+    hit = pc.cache.get("setup")
+    if hit is None or hit[1] is not zw or hit[2] is not rq or x.shape != hit[0][0] or x.dtype.str != hit[0][1] \
+            or not x.flags.c_contiguous:
+        return None
+    return _run_setup(x, hit[3], 1)
+
+
+def setup_encoding(pc: BitConv) -> Encoding | None:
+    """The activation encoding of ``pc``'s current setup (what ``conv_again`` checks inputs against)."""
+    hit = pc.cache.get("setup")
+    return None if hit is None else hit[0][3]
+
+
+def _run_setup(x, setup, check: int):
+    mode, pre, head, tail, out_shape, out_dt, out4, enc_code = setup
     out = np.empty(out_shape, out_dt)
-    _conv_chunks(xf, *head, *tail, out)
+    flat = x.reshape(-1)
+    if not _conv_run(flat, flat.view(np.uint8), check, *enc_code, *pre, *head, *tail, out,
+                     out.reshape(-1).view(np.uint8)):
+        return None
     return out.reshape(out4)
+
+
+@njit(cache=True)
+def encoding_code(lo, hi, has_zero, signed, padded, zx):
+    """``bitplanes.input_encoding`` from (min, max, whether a 0 occurs) of the values, compiled: (kind, bits),
+    kind 0 two's complement, 1 unsigned, 2 +-1 (tests check it against ``input_encoding``)."""
+    zero_free = signed and lo == -1 and hi == 1 and not has_zero
+    if padded:
+        lo = min(lo, zx)
+        hi = max(hi, zx)
+        zero_free = zero_free and zx != 0
+    if signed:
+        if lo == -1 and hi == 1 and zero_free:
+            return 2, 1
+        b = 1
+        while not (-(1 << (b - 1)) <= lo and hi <= (1 << (b - 1)) - 1):
+            b += 1
+        return 0, b
+    b = 1
+    while hi >> b:
+        b += 1
+    return 1, b
+
+
+ENC_KIND = {"twos": 0, "unsigned": 1, "pm1": 2}
+
+
+@njit(cache=True)
+def _conv_run(x, xb, check, kind, nbits, padded, signed, zx_w, xf, zx_words, blk, tmp, h, w, pt, pl, hp, wp, c_all, n_b, per,
+              pixels, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words, planes, add, shift_b, coefs, fill, offset, cols,
+              bpanels, wpanels, wsums, w_planes, w_offset, zw, zx, qa, qb, coef, xor, acc, raw, bias, scale, mult,
+              shift, zp, qmin, qmax, fixed, mode, frame, rqp, rqs, fuse, out, outb):
+    """One convolution call, compiled whole: with ``check``, the range pass over x and whether its encoding
+    (``encoding_code``) is still (kind, nbits), returning False if not; then x's planes are prepared
+    (``IM2COL``: the NHWC frame padded with the zero point, ``_to_nhwc``; ``TAP_WORDS``: the frame of words,
+    ``_frame_words``) and ``_conv_chunks`` runs."""
+    if check > 0 and x.shape[0]:
+        lo, hi, z = _min_max_zero(x)
+        kd, nb = encoding_code(np.int64(lo), np.int64(hi), z, signed, padded, np.int64(zx))
+        if kd != kind or nb != nbits:
+            return False
+    if mode == IM2COL:                          # x to NHWC, in the frame padded with the zero point
+        n_xp = n_b * hp * wp * c_all
+        if hp != h or wp != w:
+            xf[:n_xp] = zx_w
+            _to_nhwc(xb, xf[:n_xp], n_b, c_all, h, w, w, wp, pt * wp + pl)     # row by row, into the padded frame
+        else:                                   # nothing padded: each image is one run of h*w pixels
+            _to_nhwc(xb, xf[:n_xp], n_b, c_all, 1, h * w, 0, 0, 0)
+        src = xf
+    elif mode == TAP_WORDS:
+        _frame_words(xb, n_b, c_all, h, w, hp, wp, pt, pl, planes, add, shift_b, zx_words, frame, blk, tmp)
+        src = xb
+    else:
+        src = xb
+    _conv_chunks(src, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words, planes, add,
+                 shift_b, coefs, fill, offset, cols, bpanels, wpanels, wsums, w_planes, w_offset, zw, zx, qa, qb, coef,
+                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, frame, rqp, rqs, fuse, out, outb)
+    return True
 
 
 def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding) -> tuple:
@@ -364,15 +434,13 @@ def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding) -> tu
     tap = not pointwise and g == 1 and c_in % WORD == 0
     mode = FROM_NCHW if pointwise else TAP_WORDS if tap else IM2COL
     frame = np.empty(enc.bits * n_b * hp * wp * (c_in // WORD) if tap else 1, np.uint64)
-    if tap:
-        zx_words = np.array([0xFFFFFFFFFFFFFFFF if ((int(zx) + enc.add) & 0xFF) >> (q + enc.shift) & 1 else 0
-                             for q in range(enc.bits)], np.uint64)
-        fill_x = (n_b, c_in, h, w, hp, wp, pt, pl, enc.bits, np.uint8(enc.add & 0xFF), enc.shift, zx_words, frame,
-                  np.empty(WORD, np.uint64), np.empty(WORD * WORD, np.uint8))
-    elif mode == IM2COL:
-        fill_x = (np.empty(n_b * hp * wp * c_in + WORD, np.uint8), hp, wp, pt, pl)   # + slack for 64-byte moves
-    else:
-        fill_x = None
+    zx_words = np.array([0xFFFFFFFFFFFFFFFF if ((int(zx) + enc.add) & 0xFF) >> (q + enc.shift) & 1 else 0
+                         for q in range(enc.bits)], np.uint64)
+    # what _conv_run prepares x's planes with: the NHWC frame (IM2COL; + slack for 64-byte moves), the zero
+    # point's plane words and scratch (TAP_WORDS), the image's size and padding
+    pre = (ENC_KIND[enc.kind], enc.bits, bool(any(geo.pads)), x.dtype == np.int8, np.uint8(int(zx) & 0xFF),
+           np.empty(n_b * hp * wp * c_in + WORD if mode == IM2COL else 1, np.uint8), zx_words,
+           np.empty(WORD, np.uint64), np.empty(WORD * WORD, np.uint8), h, w, pt, pl)
     pixels = oh * ow
     k = kh * kw * pc.cin_g
     words = max(1, -(-k // WORD))
@@ -388,20 +456,33 @@ def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding) -> tu
         rq = (np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.int64), np.ones(1, np.int64), 0, 0, 0,
               False)
     bias, scale, mult, shift, zp, qmin, qmax, fixed = rq
+    # the requantization per output channel, per group padded to whole row tiles (``bitserial._gemm_rq_into``)
+    cg = pc.cout // g
+    mp = -(-cg // MR) * MR
+    rqp = np.zeros((g, 4, mp), np.int64)
+    rqs = np.ones((g, mp), np.float32)
+    per_ch = lambda v, dt: np.broadcast_to(np.asarray(v, dt).reshape(-1), (pc.cout,)).reshape(g, cg)   # noqa: E731
+    if not raw:
+        rqp[:, 0, :cg] = per_ch(bias, np.int32)
+        rqp[:, 1, :cg] = per_ch(mult, np.int64)
+        rqp[:, 2, :cg] = per_ch(shift, np.int64)
+        rqp[:, 3, :cg] = np.int64(1) << np.maximum(rqp[:, 2, :cg] - 1, 0)
+        rqs[:, :cg] = per_ch(scale, np.float32)
     head = (hp, wp, c_in, n_b, per, pixels, pc.cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words,
             enc.bits, np.uint8(enc.add & 0xFF), enc.shift, enc.coefs, np.uint8(enc.fill & 0xFF), enc.offset)
     tail = (cols, bpanels, pc.panels, pc.sums, pc.enc.bits, pc.enc.offset,
             np.asarray(zw, np.int64).reshape(-1), int(zx), qa, qb, coef, xor, acc, raw,
             np.asarray(bias, np.int32).reshape(-1), np.asarray(scale, np.float32).reshape(-1),
             np.asarray(mult, np.int64).reshape(-1), np.asarray(shift, np.int64).reshape(-1), int(zp), int(qmin),
-            int(qmax), bool(fixed), mode, frame)
-    return mode, fill_x, head, tail, (n_b, pc.cout, pixels), np.int32 if raw else out_dtype, (n_b, pc.cout, oh, ow)
+            int(qmax), bool(fixed), mode, frame, rqp, rqs, not raw and np.dtype(out_dtype).itemsize == 1)
+    return mode, pre[4:], head, tail, (n_b, pc.cout, pixels), np.int32 if raw else out_dtype, (n_b, pc.cout, oh, ow), \
+        pre[:4]
 
 
 @njit(cache=True)
 def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words, planes, add,
                  shift_b, coefs, fill, offset, cols, bpanels, wpanels, wsums, w_planes, w_offset, zw, zx, qa, qb, coef,
-                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, frame, out):
+                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, frame, rqp, rqs, fuse, out, outb):
     """The whole convolution, chunk of images by chunk, group by group: the pixels' rows and their
     planes (``mode``: ``IM2COL`` im2col rows (``_im2col``) then ``bitplanes._pack``; ``FROM_NCHW`` a
     1x1 conv's planes straight from the NCHW input, ``bitplanes._pack_nchw``; ``TAP_WORDS`` each pixel's
@@ -420,11 +501,13 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
     fsum = np.empty(planes * n_b * hp * wp if mode == TAP_WORDS else 1, np.int64)
     sub = acc.shape[0] // cout_g // NR * NR          # pixels per sub-chunk: [Cout / g, sub] int32 fits ``acc``
     zxa = np.full(1, zx, np.int64)
+    scratch = np.empty(MR * NR, np.int32)
     for n0 in range(0, n_b, per):
         n1 = min(n_b, n0 + per)
         np_ = (n1 - n0) * pixels
         npad = -(-np_ // NR) * NR
         colt = np.empty((2, min(npad, sub)), np.int64)
+        colt_all = np.empty((2, npad if fuse else 1), np.int64)
         bsums = np.empty(np_ + WORD, np.int64)
         blk = np.empty(WORD, np.uint64)
         for gi in range(groups):
@@ -442,6 +525,12 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
                 _pack(cols[:np_ * rb].reshape((np_, rb)), np_, rb, NR, planes, add, shift_b, coefs, fill, bpanels,
                       bsums)
             zw_g = zw[gi * cout_g:(gi + 1) * cout_g] if per_w else zw
+            if fuse:                            # requantized in the tiles' epilogue, straight into the output
+                _fill_terms(wsums[gi], zw_g, w_offset, k, bsums[:np_], zxa, offset, xor, rowt, colt_all)
+                _gemm_rq_into(wpanels[gi], w_planes * words * MR, bpanels, planes * words * NR, qa, qb, coef, xor,
+                              words, rowt, colt_all, cout_g, np_, outb, (n0 * groups + gi) * cout_g * pixels, pixels,
+                              groups * cout_g * pixels, rqp[gi], rqs[gi], zp, qmin, qmax, 1 if fixed else 0, scratch)
+                continue
             for s0 in range(0, np_, sub):       # pixels by sub-chunk: its accumulators requantized while in cache
                 s1 = min(np_, s0 + sub)
                 _fill_terms(wsums[gi], zw_g, w_offset, k, bsums[s0:s1], zxa, offset, xor, rowt, colt)
