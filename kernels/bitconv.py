@@ -260,11 +260,13 @@ def _tap_panels(frame, n_img, hp, wp, cw, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw
                 c += popcount64(frame[(q * fp + f) * cw + m])
             fsum[q * fp + f] = c
     bases = np.empty(16, np.int64)
+    masks = np.empty(16, np.uint64)
     n, y, xo = n0, 0, 0
     for t in range(-(-np_ // 16)):
-        for lane in range(16):                  # each lane's top-left frame pixel (-1: past the last pixel)
+        for lane in range(16):                  # each lane's top-left frame pixel (past the last pixel: 0, masked)
             if t * 16 + lane < np_:
                 bases[lane] = (n * hp + y * sh) * wp + xo * sw
+                masks[lane] = np.uint64(0xFFFFFFFFFFFFFFFF)
                 xo += 1
                 if xo == ow:
                     xo = 0
@@ -273,7 +275,11 @@ def _tap_panels(frame, n_img, hp, wp, cw, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw
                         y = 0
                         n += 1
             else:
-                bases[lane] = -1
+                bases[lane] = 0
+                masks[lane] = 0
+        # the 16 pixels in one output row: each tap's words are one strided run of the frame (no gather)
+        run = masks[15] != 0 and bases[15] - bases[0] == 15 * sw
+        step = sw * cw
         for q in range(planes):
             qf = q * fp
             wd = 0
@@ -282,13 +288,17 @@ def _tap_panels(frame, n_img, hp, wp, cw, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw
                     toff = qf + i * dh * wp + j * dw
                     for m in range(cw):
                         o = t * ts + (q * words + wd) * 16
-                        for lane in range(16):
-                            b = bases[lane]
-                            out[o + lane] = frame[(b + toff) * cw + m] if b >= 0 else np.uint64(0)
+                        if run:
+                            src = (bases[0] + toff) * cw + m
+                            for lane in range(16):
+                                out[o + lane] = frame[src + lane * step]
+                        else:
+                            for lane in range(16):
+                                out[o + lane] = frame[(bases[lane] + toff) * cw + m] & masks[lane]
                         wd += 1
         for lane in range(16):
             b = bases[lane]
-            if b >= 0:
+            if masks[lane] != 0:
                 tot = 0
                 for q in range(planes):
                     st = 0
