@@ -27,8 +27,10 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from qgraph.kernels.bitplanes import (WORD, Encoding, _channel_words, _min_max_zero, _pack, _pack_nchw,
-                                     encoding_of, input_encoding, popcount64)
-from qgraph.kernels.bitserial import MR, NR, BitPacked, _fill_terms, _gemm_into, _gemm_rq_into, pack, pair_table
+                                     encoding_for, encoding_of, input_encoding, popcount64)
+from qgraph.kernels.bitserial import (MR, NR, LANES, BitPacked, _fill_terms, _gemm_into, _gemm_rq_into, _tile_and,
+                                     _tile_and8, _tile_and8_rq, _tile_and_rq, _tile_xor, _tile_xor8, _tile_xor8_rq,
+                                     _tile_xor_rq, pack, pair_table)
 from qgraph.kernels.requant import requant_run
 
 #: how ``_conv_chunks`` gets the pixels' planes
@@ -309,29 +311,72 @@ def _tap_panels(frame, n_img, hp, wp, cw, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw
                 sums[t * 16 + lane] = tot
 
 
-def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, out_dtype=None,
-         enc: Encoding | None = None) -> np.ndarray:
+def conv(x, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, out_dtype=None,
+         enc: Encoding | None = None, planes_out: bool = False):
     """``conv.conv_int`` computed bit-serially, same contract: int32 [N, Cout, OH, OW] accumulators,
     or with ``rq = (bias, scale, mult, shift, zp, qmin, qmax, fixed)`` the requantized output
     (``requant.requant_run``, the one requantization). ``enc``: the activation's encoding when the
     caller has it (else from x's values and zx). Per group and chunk of images (``_conv_chunks``):
     the pixels' planes (``FROM_NCHW``, ``TAP_WORDS`` or ``IM2COL``) as the vector operand, the weights
     broadcast. What does not depend on x's values (buffers, the pair table, the arguments' arrays) is
-    built once per input shape, encoding, zero points and ``rq`` (``_conv_setup``, kept with the layer)."""
-    if x.ndim == 3:
-        x = x[:, :, None, :]
-    x = np.ascontiguousarray(x)
+    built once per input shape, encoding, zero points and ``rq`` (``_conv_setup``, kept with the layer).
+
+    Inside a chain of bit-serial layers: ``x`` may be ``Planes`` (what a producer wrote with
+    ``planes_out``; this conv must then be 1x1, stride 1, unpadded, one group: it reads the panels as they
+    are, no range pass and no packing), and with ``planes_out`` (and ``rq``; one group) the requantized
+    output is returned as ``Planes`` for a pointwise bit-serial consumer instead of int8 / uint8 bytes."""
+    planes_in = x if isinstance(x, Planes) else None
+    if planes_in is not None:
+        if not _pointwise(geo):
+            raise ValueError("conv: packed planes in only for a 1x1, stride-1, unpadded, single-group convolution")
+        enc = planes_in.enc
+        x = np.broadcast_to(np.zeros(1, planes_in.dtype), planes_in.shape)      # shape and dtype only
+    else:
+        if x.ndim == 3:
+            x = x[:, :, None, :]
+        x = np.ascontiguousarray(x)
+    if planes_out and (rq is None or geo.group != 1 or np.dtype(out_dtype).itemsize != 1):
+        raise ValueError("conv: planes out need a requantized int8 / uint8 output of a single-group convolution")
     if x.shape[1] != pc.cin_g * geo.group:
         raise ValueError(f"conv: input has {x.shape[1]} channels, weights expect {pc.cin_g} x group {geo.group}")
     if enc is None:
         enc = input_encoding(x, zx, any(geo.pads))
-    key = (x.shape, x.dtype.str, int(zx), enc, geo, out_dtype)
+    chain = (planes_in is not None, planes_out)
+    key = (x.shape, x.dtype.str, int(zx), enc, geo, out_dtype, chain)
     hit = pc.cache.get("setup")
     if hit is None or hit[0] != key or hit[1] is not zw or hit[2] is not rq:
-        hit = pc.cache["setup"] = (key, zw, rq, _conv_setup(x, zx, pc, zw, geo, rq, out_dtype, enc))
-    out = _run_setup(x, hit[3], -1)
+        hit = pc.cache["setup"] = (key, zw, rq, _conv_setup(x, zx, pc, zw, geo, rq, out_dtype, enc, chain))
+    out = _run_setup(x, hit[3], -1, planes_in)
     assert out is not None
     return out
+
+
+@dataclass
+class Planes:
+    """An activation as the bit planes a pointwise bit-serial convolution reads (``bitplanes._pack_nchw``'s
+    layout): pixel p = n * H * W + i of the NCHW tensor is lane p % 16 of panel p // 16, panels
+    ``[ceil(P / 16)][planes][ceil(C / 64)][16]`` uint64 (channel c is bit c % 64 of word c // 64; lanes past P
+    0), ``sums[p]`` = sum_c (v - offset) (P + 64 entries). Written by a producer's tiles (``conv`` with
+    ``planes_out``), so no int8 tensor is stored and no consumer packs it again."""
+    panels: np.ndarray
+    sums: np.ndarray
+    enc: Encoding
+    shape: tuple                  # NCHW
+    dtype: np.dtype               # the int8 / uint8 tensor these planes stand for
+
+    def values(self) -> np.ndarray:
+        """The int8 / uint8 tensor back from the planes (tests, debugging)."""
+        n, c, h, w = self.shape
+        p_all, words = n * h * w, -(-c // WORD)
+        pan = self.panels.reshape(-1, self.enc.bits, words, 16)
+        bits = (pan[:, :, :, :, None] >> np.arange(WORD, dtype=np.uint64)) & np.uint64(1)   # [t, q, w, lane, bit]
+        bits = bits.transpose(0, 3, 1, 2, 4).reshape(-1, self.enc.bits, words * WORD)[:p_all, :, :c]   # [p, q, c]
+        v = (bits.astype(np.int64) * self.enc.coefs[None, :, None]).sum(axis=1) + self.enc.offset
+        return v.reshape(n, h * w, c).transpose(0, 2, 1).reshape(self.shape).astype(self.dtype)
+
+
+def _pointwise(geo) -> bool:
+    return tuple(geo.kernel) == (1, 1) and tuple(geo.strides) == (1, 1) and geo.group == 1 and not any(geo.pads)
 
 
 def conv_again(x: np.ndarray, pc: BitConv, zw, rq) -> np.ndarray | None:
@@ -342,7 +387,7 @@ def conv_again(x: np.ndarray, pc: BitConv, zw, rq) -> np.ndarray | None:
     the kernel for the new encoding)."""
     hit = pc.cache.get("setup")
     if hit is None or hit[1] is not zw or hit[2] is not rq or x.shape != hit[0][0] or x.dtype.str != hit[0][1] \
-            or not x.flags.c_contiguous:
+            or hit[0][6] != (False, False) or not x.flags.c_contiguous:
         return None
     return _run_setup(x, hit[3], 1)
 
@@ -353,14 +398,46 @@ def setup_encoding(pc: BitConv) -> Encoding | None:
     return None if hit is None else hit[0][3]
 
 
-def _run_setup(x, setup, check: int):
-    mode, pre, head, tail, out_shape, out_dt, out4, enc_code = setup
-    out = np.empty(out_shape, out_dt)
-    flat = x.reshape(-1)
-    if not _conv_run(flat, flat.view(np.uint8), check, *enc_code, *pre, *head, *tail, out,
-                     out.reshape(-1).view(np.uint8)):
+def _run_setup(x, setup, check: int, planes_in: "Planes | None" = None):
+    mode, pre, head, tail, out_shape, out_dt, out4, enc_code, o_par = setup
+    if planes_in is not None:                   # its panels are the vector operand as they are
+        flat = np.zeros(1, planes_in.dtype)
+        tail = tail[:1] + (planes_in.panels,) + tail[2:]
+        in_sums = planes_in.sums
+    else:
+        flat = x.reshape(-1)
+        in_sums = _NO_SUMS
+    if o_par[0]:
+        n_b, cout, pixels = out_shape
+        p_all = n_b * pixels
+        o_panels = np.zeros(-(-p_all // NR) * int(o_par[0]) * int(o_par[3]) * NR, np.uint64)
+        o_sums = np.zeros(p_all + WORD, np.int64)
+        out = np.empty((0, 0, 0), out_dt)
+    else:
+        o_panels, o_sums = _NO_PANELS, _NO_SUMS
+        out = np.empty(out_shape, out_dt)
+    if not _conv_run(flat, flat.view(np.uint8), check, *enc_code, *pre, *head, *tail, planes_in is not None, in_sums,
+                     o_panels, o_sums, o_par, out, out.reshape(-1).view(np.uint8)):
         return None
+    if o_par[0]:
+        enc = setup_out_encoding(o_par)
+        return Planes(o_panels, o_sums, enc, out4, np.dtype(out_dt))
     return out.reshape(out4)
+
+
+_NO_SUMS = np.zeros(1, np.int64)
+_NO_PANELS = np.zeros(1, np.uint64)
+
+
+def setup_out_encoding(o_par) -> Encoding:
+    kind = {v: k for k, v in ENC_KIND.items()}[int(o_par[6])]
+    return Encoding(kind, int(o_par[0]), int(o_par[1]), int(o_par[2]), int(o_par[4]))
+
+
+def planes_encoding(qmin: int, qmax: int, dtype) -> Encoding:
+    """The encoding of a requantized output whose values lie in [qmin, qmax] (its clamp): what a producer writes
+    its consumer's planes in (every value the clamp allows, so exact whatever the values)."""
+    return encoding_for(qmin, qmax, np.dtype(dtype) == np.int8)
 
 
 @njit(cache=True)
@@ -392,7 +469,8 @@ ENC_KIND = {"twos": 0, "unsigned": 1, "pm1": 2}
 def _conv_run(x, xb, check, kind, nbits, padded, signed, zx_w, xf, zx_words, blk, tmp, h, w, pt, pl, hp, wp, c_all, n_b, per,
               pixels, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words, planes, add, shift_b, coefs, fill, offset, cols,
               bpanels, wpanels, wsums, w_planes, w_offset, zw, zx, qa, qb, coef, xor, acc, raw, bias, scale, mult,
-              shift, zp, qmin, qmax, fixed, mode, frame, rqp, rqs, fuse, out, outb):
+              shift, zp, qmin, qmax, fixed, mode, frame, rqp, rqs, fuse, prepacked, in_sums, o_panels, o_sums, o_par,
+              out, outb):
     """One convolution call, compiled whole: with ``check``, the range pass over x and whether its encoding
     (``encoding_code``) is still (kind, nbits), returning False if not; then x's planes are prepared
     (``IM2COL``: the NHWC frame padded with the zero point, ``_to_nhwc``; ``TAP_WORDS``: the frame of words,
@@ -417,11 +495,12 @@ def _conv_run(x, xb, check, kind, nbits, padded, signed, zx_w, xf, zx_words, blk
         src = xb
     _conv_chunks(src, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words, planes, add,
                  shift_b, coefs, fill, offset, cols, bpanels, wpanels, wsums, w_planes, w_offset, zw, zx, qa, qb, coef,
-                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, frame, rqp, rqs, fuse, out, outb)
+                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, frame, rqp, rqs, fuse, prepacked,
+                 in_sums, o_panels, o_sums, o_par, out, outb)
     return True
 
 
-def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding) -> tuple:
+def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding, chain=(False, False)) -> tuple:
     """Everything ``conv`` passes its kernels that does not depend on x's values: (mode, what fills x in
     (``IM2COL``: the NHWC frame; ``TAP_WORDS``: ``_frame_words``'s arguments), ``_conv_chunks``'s
     arguments before and after the frame ones, the output's shape and dtype, its NCHW shape)."""
@@ -455,6 +534,8 @@ def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding) -> tu
     k = kh * kw * pc.cin_g
     words = max(1, -(-k // WORD))
     per = max(1, min(n_b, 4096 // max(pixels, 1)))           # several small images per GEMM
+    if any(chain):                  # planes in or out: all images in one chunk (the planes' pixel order)
+        per = n_b
     cols = np.empty(WORD * WORD if pointwise else WORD if tap else per * pixels * words * WORD + WORD, np.uint8)
     bpanels = np.empty(-(-per * pixels // NR) * NR * enc.bits * words, np.uint64)
     # the accumulators of a sub-chunk of pixels, [Cout / g, sub] int32 contiguous: ~64 KB (in L2 when requantized)
@@ -485,14 +566,87 @@ def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding) -> tu
             np.asarray(bias, np.int32).reshape(-1), np.asarray(scale, np.float32).reshape(-1),
             np.asarray(mult, np.int64).reshape(-1), np.asarray(shift, np.int64).reshape(-1), int(zp), int(qmin),
             int(qmax), bool(fixed), mode, frame, rqp, rqs, not raw and np.dtype(out_dtype).itemsize == 1)
+    o_par = np.zeros(7, np.int64)               # planes out: planes, add, shift, words, offset, signed, kind
+    if chain[1]:
+        oe = planes_encoding(qmin, qmax, out_dtype)
+        o_par[:] = (oe.bits, oe.add & 0xFF, oe.shift, -(-pc.cout // WORD), oe.offset, np.dtype(out_dtype) == np.int8,
+                    ENC_KIND[oe.kind])
     return mode, pre[4:], head, tail, (n_b, pc.cout, pixels), np.int32 if raw else out_dtype, (n_b, pc.cout, oh, ow), \
-        pre[:4]
+        pre[:4], o_par
+
+
+@njit(cache=True)
+def _gemm_planes_into(a, a_words, b, b_words, pa, pb, coef, xor, kw, rowt, colt, m, n, rqp, rqs, zp, qmin, qmax, fixed,
+                      scratch, tilebuf, o_panels, o_sums, o_par):
+    """``_gemm_rq_into`` for a consumer that reads planes: each tile's rows (output channels r0..) are
+    requantized in the tile (``bitserial._make_tile`` with ``rq``; edge tiles through ``scratch`` and
+    ``requant_run``) into the bytes ``tilebuf`` [MR][16], whose planes go straight into the consumer's panels
+    ``o_panels`` (``Planes``' layout; zeroed by the caller; bit p of value v is bit p + shift of the byte
+    v + add) and whose values into ``o_sums`` (sum over channels of v - offset, per pixel). ``o_par``: planes,
+    add, shift, words, offset, signed."""
+    npairs = pa.shape[0]
+    a_ps = kw * MR
+    b_ps = kw * NR
+    o_planes, o_add, o_shift, o_words, o_off, signed = o_par[0], o_par[1], o_par[2], o_par[3], o_par[4], o_par[5]
+    ts_o = o_planes * o_words * NR
+    for nt in range(-(-n // NR)):
+        c0 = nt * NR
+        half = n - c0 <= LANES
+        cols = LANES if half else NR
+        ncols = min(cols, n - c0)
+        for mt in range(-(-m // MR)):
+            r0 = mt * MR
+            nrows = min(MR, m - r0)
+            if ncols == cols and half and xor:
+                _tile_xor8_rq(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                              c0, tilebuf, 0, NR, rqp, rqs, zp, qmin, qmax, fixed, nrows)
+            elif ncols == cols and half:
+                _tile_and8_rq(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                              c0, tilebuf, 0, NR, rqp, rqs, zp, qmin, qmax, fixed, nrows)
+            elif ncols == cols and xor:
+                _tile_xor_rq(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                             c0, tilebuf, 0, NR, rqp, rqs, zp, qmin, qmax, fixed, nrows)
+            elif ncols == cols:
+                _tile_and_rq(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                             c0, tilebuf, 0, NR, rqp, rqs, zp, qmin, qmax, fixed, nrows)
+            else:
+                if half and xor:
+                    _tile_xor8(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0,
+                               colt, c0, scratch, 0, NR)
+                elif half:
+                    _tile_and8(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0,
+                               colt, c0, scratch, 0, NR)
+                elif xor:
+                    _tile_xor(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0,
+                              colt, c0, scratch, 0, NR)
+                else:
+                    _tile_and(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0,
+                              colt, c0, scratch, 0, NR)
+                for r in range(nrows):
+                    rr = r0 + r
+                    requant_run(scratch[r * NR:r * NR + ncols], np.int32(rqp[0, rr]), rqs[rr], rqp[1, rr], rqp[2, rr],
+                                zp, qmin, qmax, fixed, tilebuf[r * NR:r * NR + ncols])
+            for r in range(nrows):
+                ch = r0 + r
+                bit = np.uint64(ch & 63)
+                for q in range(o_planes):
+                    base = nt * ts_o + (q * o_words + (ch >> 6)) * NR
+                    sq = np.uint64(q + o_shift)
+                    for lane in range(ncols):
+                        byte = np.uint64((np.int64(tilebuf[r * NR + lane]) + o_add) & 0xFF)
+                        o_panels[base + lane] |= ((byte >> sq) & np.uint64(1)) << bit
+                for lane in range(ncols):
+                    v = np.int64(tilebuf[r * NR + lane])
+                    if signed and v > 127:
+                        v -= 256
+                    o_sums[c0 + lane] += v - o_off
 
 
 @njit(cache=True)
 def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words, planes, add,
                  shift_b, coefs, fill, offset, cols, bpanels, wpanels, wsums, w_planes, w_offset, zw, zx, qa, qb, coef,
-                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, frame, rqp, rqs, fuse, out, outb):
+                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, frame, rqp, rqs, fuse, prepacked,
+                 in_sums, o_panels, o_sums, o_par, out, outb):
     """The whole convolution, chunk of images by chunk, group by group: the pixels' rows and their
     planes (``mode``: ``IM2COL`` im2col rows (``_im2col``) then ``bitplanes._pack``; ``FROM_NCHW`` a
     1x1 conv's planes straight from the NCHW input, ``bitplanes._pack_nchw``; ``TAP_WORDS`` each pixel's
@@ -512,18 +666,22 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
     sub = acc.shape[0] // cout_g // NR * NR          # pixels per sub-chunk: [Cout / g, sub] int32 fits ``acc``
     zxa = np.full(1, zx, np.int64)
     scratch = np.empty(MR * NR, np.int32)
+    tilebuf = np.empty(MR * NR, np.uint8)
     for n0 in range(0, n_b, per):
         n1 = min(n_b, n0 + per)
         np_ = (n1 - n0) * pixels
         npad = -(-np_ // NR) * NR
         colt = np.empty((2, min(npad, sub)), np.int64)
-        colt_all = np.empty((2, npad if fuse else 1), np.int64)
+        colt_all = np.empty((2, npad if fuse or o_par[0] else 1), np.int64)
         bsums = np.empty(np_ + WORD, np.int64)
         blk = np.empty(WORD, np.uint64)
         for gi in range(groups):
-            last = (np_ // NR) * NR * planes * words           # the last panel's unused lanes stay 0
-            bpanels[last:npad * planes * words] = 0
-            if mode == TAP_WORDS:               # the taps' words of the frame packed once per input pixel
+            if not prepacked:
+                last = (np_ // NR) * NR * planes * words           # the last panel's unused lanes stay 0
+                bpanels[last:npad * planes * words] = 0
+            if prepacked:                       # a producer's planes (``Planes``), read as they are
+                bsums = in_sums
+            elif mode == TAP_WORDS:               # the taps' words of the frame packed once per input pixel
                 _tap_panels(frame, n_b, hp, wp, c_all // WORD, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw, planes, coefs,
                             bpanels, bsums, fsum)
             elif mode == FROM_NCHW:             # a 1x1 conv's planes straight from NCHW
@@ -535,6 +693,12 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
                 _pack(cols[:np_ * rb].reshape((np_, rb)), np_, rb, NR, planes, add, shift_b, coefs, fill, bpanels,
                       bsums)
             zw_g = zw[gi * cout_g:(gi + 1) * cout_g] if per_w else zw
+            if o_par[0]:                        # requantized in the tiles, packed as the consumer's planes
+                _fill_terms(wsums[gi], zw_g, w_offset, k, bsums[:np_], zxa, offset, xor, rowt, colt_all)
+                _gemm_planes_into(wpanels[gi], w_planes * words * MR, bpanels, planes * words * NR, qa, qb, coef, xor,
+                                  words, rowt, colt_all, cout_g, np_, rqp[gi], rqs[gi], zp, qmin, qmax,
+                                  1 if fixed else 0, scratch, tilebuf, o_panels, o_sums, o_par)
+                continue
             if fuse:                            # requantized in the tiles' epilogue, straight into the output
                 _fill_terms(wsums[gi], zw_g, w_offset, k, bsums[:np_], zxa, offset, xor, rowt, colt_all)
                 _gemm_rq_into(wpanels[gi], w_planes * words * MR, bpanels, planes * words * NR, qa, qb, coef, xor,

@@ -299,6 +299,39 @@ def test_a_step_called_again_rechecks_the_encoding():
         assert np.array_equal(got, conv_int(xi, -1, pc, 0, geo, rq=rq, out_dtype=np.int8))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_planes_handed_between_layers_equal_the_int8_kernel(seed):
+    # a producer writes its requantized output as the planes of a pointwise consumer (``planes_out``), which
+    # reads them as they are (``Planes`` in): both outputs equal the int8 kernel's two layers; the producer a
+    # pointwise or a padded 3x3 conv, 1 or 2 images, channels across a 64-bit word (70, 24), narrow clamps
+    # (ReLU-like [zp, 3]: 2 planes) and full int8 / uint8 ranges (8 planes), fixed and float
+    rng = np.random.default_rng(9300 + seed)
+    from qgraph.ops import fixed_multiplier
+    cin, mid, cout = (48, 70, 24) if seed % 2 else (144, 24, 64)
+    k = 3 if seed % 3 == 1 else 1
+    geo1 = ConvGeometry((k, k), (1, 1), (1, 1), (k // 2,) * 4, 1)
+    geo2 = ConvGeometry((1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 1)
+    x = _operand(rng, (1 + seed % 2, cin, 7, 9 if seed < 3 else 8), 2, False)
+    w1 = _operand(rng, (mid, cin, k, k), 1, True, seed % 2 == 0)
+    w2 = _operand(rng, (cout, mid, 1, 1), 2, True)
+    fixed = seed % 2 == 0
+    def rq(n, zy, lo, hi):
+        scale = rng.uniform(0.001, 0.2, n).astype(np.float32)
+        mult, shift = fixed_multiplier(scale) if fixed else (np.zeros(n, np.int64), np.ones(n, np.int64))
+        return (rng.integers(-500, 500, n).astype(np.int32), scale, mult, shift, zy, lo, hi, fixed)
+    mid_t, (zy1, lo1, hi1) = [(np.uint8, (0, 0, 3)), (np.int8, (-2, -128, 127)), (np.uint8, (5, 0, 255))][seed % 3]
+    rq1, rq2 = rq(mid, zy1, lo1, hi1), rq(cout, 1, -128, 127)
+    b1, b2 = bitconv.pack_conv(w1, 1), bitconv.pack_conv(w2, 1)
+    y1 = conv_int(x, 0, pack_conv(w1, 1), 0, geo1, rq=rq1, out_dtype=mid_t)
+    want = conv_int(y1, zy1, pack_conv(w2, 1), 0, geo2, rq=rq2, out_dtype=np.int8)
+    for _ in range(2):                          # the second time through the layers' kept setups
+        planes = bitconv.conv(x, 0, b1, 0, geo1, rq=rq1, out_dtype=mid_t, planes_out=True)
+        assert planes.enc == bitconv.planes_encoding(lo1, hi1, mid_t)
+        assert np.array_equal(planes.values(), y1), _reproduce("planes_handed", seed)
+        got = bitconv.conv(planes, zy1, b2, 0, geo2, rq=rq2, out_dtype=np.int8)
+        assert np.array_equal(got, want), _reproduce("planes_handed", seed)
+
+
 def test_conv_padding_reads_the_zero_point_in_the_encoding():
     # +-1 activations with zero point 0 and padding: the padded 0s are values too (2 planes, not XOR)
     x = np.array([[[[1, -1], [-1, 1]]]], np.int8)
