@@ -28,9 +28,7 @@ from numba.extending import intrinsic
 
 from qgraph.kernels.bitplanes import (WORD, Encoding, _channel_words, _min_max_zero, _pack, _pack_nchw,
                                      encoding_for, encoding_of, input_encoding, popcount64)
-from qgraph.kernels.bitserial import (MR, NR, LANES, BitPacked, _fill_terms, _gemm_into, _gemm_rq_into, _tile_and,
-                                     _tile_and8, _tile_and8_rq, _tile_and_rq, _tile_xor, _tile_xor8, _tile_xor8_rq,
-                                     _tile_xor_rq, pack, pair_table)
+from qgraph.kernels.bitserial import MR, NR, BitPacked, _fill_terms, _gemm_into, _gemm_rq_into, pack, pair_table
 from qgraph.kernels.requant import requant_run
 
 #: how ``_conv_chunks`` gets the pixels' planes
@@ -324,7 +322,9 @@ def conv(x, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, out_dtype=No
     Inside a chain of bit-serial layers: ``x`` may be ``Planes`` (what a producer wrote with
     ``planes_out``; this conv must then be 1x1, stride 1, unpadded, one group: it reads the panels as they
     are, no range pass and no packing), and with ``planes_out`` (and ``rq``; one group) the requantized
-    output is returned as ``Planes`` for a pointwise bit-serial consumer instead of int8 / uint8 bytes."""
+    output is returned as ``Planes`` for a pointwise bit-serial consumer instead of int8 / uint8 bytes: the
+    tiles requantize into the output's bytes as usual (still in cache) and the same compiled call packs them
+    (``bitplanes._pack_nchw``, the output's few planes), so the consumer neither passes over nor packs them."""
     planes_in = x if isinstance(x, Planes) else None
     if planes_in is not None:
         if not _pointwise(geo):
@@ -375,6 +375,22 @@ class Planes:
         return v.reshape(n, h * w, c).transpose(0, 2, 1).reshape(self.shape).astype(self.dtype)
 
 
+def pack_planes(x: np.ndarray, enc: Encoding | None = None) -> Planes:
+    """An int8 / uint8 NCHW tensor as ``Planes`` (``bitplanes._pack_nchw``), in ``enc`` (default: from its
+    values): how a chain's first input would be packed, and the tests' and benchmark's way to make planes."""
+    x = np.ascontiguousarray(x)
+    if x.ndim != 4 or x.dtype not in (np.int8, np.uint8):
+        raise ValueError(f"pack_planes wants an int8/uint8 NCHW tensor, got {x.dtype} {x.shape}")
+    enc = input_encoding(x, 0, False) if enc is None else enc
+    n, c, h, w = x.shape
+    p_all, words = n * h * w, max(1, -(-c // WORD))
+    panels = np.empty(-(-p_all // NR) * enc.bits * words * NR, np.uint64)
+    sums = np.zeros(p_all + WORD, np.int64)
+    _pack_nchw(x.reshape(-1).view(np.uint8), n, c, h * w, NR, enc.bits, np.uint8(enc.add & 0xFF), enc.shift, enc.coefs,
+               np.uint8(enc.fill & 0xFF), panels, sums, np.empty(WORD, np.uint64), np.empty(WORD * WORD, np.uint8))
+    return Planes(panels, sums, enc, x.shape, x.dtype)
+
+
 def _pointwise(geo) -> bool:
     return tuple(geo.kernel) == (1, 1) and tuple(geo.strides) == (1, 1) and geo.group == 1 and not any(geo.pads)
 
@@ -399,7 +415,7 @@ def setup_encoding(pc: BitConv) -> Encoding | None:
 
 
 def _run_setup(x, setup, check: int, planes_in: "Planes | None" = None):
-    mode, pre, head, tail, out_shape, out_dt, out4, enc_code, o_par = setup
+    mode, pre, head, tail, out_shape, out_dt, out4, enc_code, o_par, o_enc = setup
     if planes_in is not None:                   # its panels are the vector operand as they are
         flat = np.zeros(1, planes_in.dtype)
         tail = tail[:1] + (planes_in.panels,) + tail[2:]
@@ -407,31 +423,24 @@ def _run_setup(x, setup, check: int, planes_in: "Planes | None" = None):
     else:
         flat = x.reshape(-1)
         in_sums = _NO_SUMS
+    out = np.empty(out_shape, out_dt)           # planes out: the tiles' requantized bytes, packed from there
     if o_par[0]:
         n_b, cout, pixels = out_shape
         p_all = n_b * pixels
-        o_panels = np.zeros(-(-p_all // NR) * int(o_par[0]) * int(o_par[3]) * NR, np.uint64)
-        o_sums = np.zeros(p_all + WORD, np.int64)
-        out = np.empty((0, 0, 0), out_dt)
+        o_panels = np.empty(-(-p_all // NR) * int(o_par[0]) * int(o_par[3]) * NR, np.uint64)   # _pack_nchw writes all
+        o_sums = np.empty(p_all + WORD, np.int64)
     else:
         o_panels, o_sums = _NO_PANELS, _NO_SUMS
-        out = np.empty(out_shape, out_dt)
     if not _conv_run(flat, flat.view(np.uint8), check, *enc_code, *pre, *head, *tail, planes_in is not None, in_sums,
                      o_panels, o_sums, o_par, out, out.reshape(-1).view(np.uint8)):
         return None
     if o_par[0]:
-        enc = setup_out_encoding(o_par)
-        return Planes(o_panels, o_sums, enc, out4, np.dtype(out_dt))
+        return Planes(o_panels, o_sums, o_enc, out4, np.dtype(out_dt))
     return out.reshape(out4)
 
 
 _NO_SUMS = np.zeros(1, np.int64)
 _NO_PANELS = np.zeros(1, np.uint64)
-
-
-def setup_out_encoding(o_par) -> Encoding:
-    kind = {v: k for k, v in ENC_KIND.items()}[int(o_par[6])]
-    return Encoding(kind, int(o_par[0]), int(o_par[1]), int(o_par[2]), int(o_par[4]))
 
 
 def planes_encoding(qmin: int, qmax: int, dtype) -> Encoding:
@@ -567,79 +576,13 @@ def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding, chain
             np.asarray(mult, np.int64).reshape(-1), np.asarray(shift, np.int64).reshape(-1), int(zp), int(qmin),
             int(qmax), bool(fixed), mode, frame, rqp, rqs, not raw and np.dtype(out_dtype).itemsize == 1)
     o_par = np.zeros(7, np.int64)               # planes out: planes, add, shift, words, offset, signed, kind
+    oe = None
     if chain[1]:
         oe = planes_encoding(qmin, qmax, out_dtype)
         o_par[:] = (oe.bits, oe.add & 0xFF, oe.shift, -(-pc.cout // WORD), oe.offset, np.dtype(out_dtype) == np.int8,
                     ENC_KIND[oe.kind])
     return mode, pre[4:], head, tail, (n_b, pc.cout, pixels), np.int32 if raw else out_dtype, (n_b, pc.cout, oh, ow), \
-        pre[:4], o_par
-
-
-@njit(cache=True)
-def _gemm_planes_into(a, a_words, b, b_words, pa, pb, coef, xor, kw, rowt, colt, m, n, rqp, rqs, zp, qmin, qmax, fixed,
-                      scratch, tilebuf, o_panels, o_sums, o_par):
-    """``_gemm_rq_into`` for a consumer that reads planes: each tile's rows (output channels r0..) are
-    requantized in the tile (``bitserial._make_tile`` with ``rq``; edge tiles through ``scratch`` and
-    ``requant_run``) into the bytes ``tilebuf`` [MR][16], whose planes go straight into the consumer's panels
-    ``o_panels`` (``Planes``' layout; zeroed by the caller; bit p of value v is bit p + shift of the byte
-    v + add) and whose values into ``o_sums`` (sum over channels of v - offset, per pixel). ``o_par``: planes,
-    add, shift, words, offset, signed."""
-    npairs = pa.shape[0]
-    a_ps = kw * MR
-    b_ps = kw * NR
-    o_planes, o_add, o_shift, o_words, o_off, signed = o_par[0], o_par[1], o_par[2], o_par[3], o_par[4], o_par[5]
-    ts_o = o_planes * o_words * NR
-    for nt in range(-(-n // NR)):
-        c0 = nt * NR
-        half = n - c0 <= LANES
-        cols = LANES if half else NR
-        ncols = min(cols, n - c0)
-        for mt in range(-(-m // MR)):
-            r0 = mt * MR
-            nrows = min(MR, m - r0)
-            if ncols == cols and half and xor:
-                _tile_xor8_rq(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
-                              c0, tilebuf, 0, NR, rqp, rqs, zp, qmin, qmax, fixed, nrows)
-            elif ncols == cols and half:
-                _tile_and8_rq(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
-                              c0, tilebuf, 0, NR, rqp, rqs, zp, qmin, qmax, fixed, nrows)
-            elif ncols == cols and xor:
-                _tile_xor_rq(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
-                             c0, tilebuf, 0, NR, rqp, rqs, zp, qmin, qmax, fixed, nrows)
-            elif ncols == cols:
-                _tile_and_rq(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
-                             c0, tilebuf, 0, NR, rqp, rqs, zp, qmin, qmax, fixed, nrows)
-            else:
-                if half and xor:
-                    _tile_xor8(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0,
-                               colt, c0, scratch, 0, NR)
-                elif half:
-                    _tile_and8(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0,
-                               colt, c0, scratch, 0, NR)
-                elif xor:
-                    _tile_xor(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0,
-                              colt, c0, scratch, 0, NR)
-                else:
-                    _tile_and(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0,
-                              colt, c0, scratch, 0, NR)
-                for r in range(nrows):
-                    rr = r0 + r
-                    requant_run(scratch[r * NR:r * NR + ncols], np.int32(rqp[0, rr]), rqs[rr], rqp[1, rr], rqp[2, rr],
-                                zp, qmin, qmax, fixed, tilebuf[r * NR:r * NR + ncols])
-            for r in range(nrows):
-                ch = r0 + r
-                bit = np.uint64(ch & 63)
-                for q in range(o_planes):
-                    base = nt * ts_o + (q * o_words + (ch >> 6)) * NR
-                    sq = np.uint64(q + o_shift)
-                    for lane in range(ncols):
-                        byte = np.uint64((np.int64(tilebuf[r * NR + lane]) + o_add) & 0xFF)
-                        o_panels[base + lane] |= ((byte >> sq) & np.uint64(1)) << bit
-                for lane in range(ncols):
-                    v = np.int64(tilebuf[r * NR + lane])
-                    if signed and v > 127:
-                        v -= 256
-                    o_sums[c0 + lane] += v - o_off
+        pre[:4], o_par, oe
 
 
 @njit(cache=True)
@@ -666,13 +609,12 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
     sub = acc.shape[0] // cout_g // NR * NR          # pixels per sub-chunk: [Cout / g, sub] int32 fits ``acc``
     zxa = np.full(1, zx, np.int64)
     scratch = np.empty(MR * NR, np.int32)
-    tilebuf = np.empty(MR * NR, np.uint8)
     for n0 in range(0, n_b, per):
         n1 = min(n_b, n0 + per)
         np_ = (n1 - n0) * pixels
         npad = -(-np_ // NR) * NR
         colt = np.empty((2, min(npad, sub)), np.int64)
-        colt_all = np.empty((2, npad if fuse or o_par[0] else 1), np.int64)
+        colt_all = np.empty((2, npad if fuse else 1), np.int64)
         bsums = np.empty(np_ + WORD, np.int64)
         blk = np.empty(WORD, np.uint64)
         for gi in range(groups):
@@ -693,12 +635,6 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
                 _pack(cols[:np_ * rb].reshape((np_, rb)), np_, rb, NR, planes, add, shift_b, coefs, fill, bpanels,
                       bsums)
             zw_g = zw[gi * cout_g:(gi + 1) * cout_g] if per_w else zw
-            if o_par[0]:                        # requantized in the tiles, packed as the consumer's planes
-                _fill_terms(wsums[gi], zw_g, w_offset, k, bsums[:np_], zxa, offset, xor, rowt, colt_all)
-                _gemm_planes_into(wpanels[gi], w_planes * words * MR, bpanels, planes * words * NR, qa, qb, coef, xor,
-                                  words, rowt, colt_all, cout_g, np_, rqp[gi], rqs[gi], zp, qmin, qmax,
-                                  1 if fixed else 0, scratch, tilebuf, o_panels, o_sums, o_par)
-                continue
             if fuse:                            # requantized in the tiles' epilogue, straight into the output
                 _fill_terms(wsums[gi], zw_g, w_offset, k, bsums[:np_], zxa, offset, xor, rowt, colt_all)
                 _gemm_rq_into(wpanels[gi], w_planes * words * MR, bpanels, planes * words * NR, qa, qb, coef, xor,
@@ -724,3 +660,13 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
                             c = o if per_s else 0
                             requant_run(src, np.int32(bias[o] if bias.shape[0] > 1 else bias[0]), scale[c], mult[c],
                                         shift[c], zp, qmin, qmax, fixed, dst)
+    if o_par[0]:        # planes out: the requantized bytes (still in cache) packed as a pointwise consumer reads them
+        o_planes = o_par[0]
+        ocoefs = np.empty(o_planes, np.int64)
+        for q in range(o_planes):
+            ocoefs[q] = 1 << q
+        if o_par[6] == 0:                       # two's complement: the sign plane weighs -2^(b-1)
+            ocoefs[o_planes - 1] = -ocoefs[o_planes - 1]
+        _pack_nchw(outb, n_b, groups * cout_g, pixels, NR, o_planes, np.uint8(o_par[1]), o_par[2], ocoefs,
+                   np.uint8((-o_par[1]) & 0xFF), o_panels, o_sums, np.empty(WORD, np.uint64),
+                   np.empty(WORD * WORD, np.uint8))

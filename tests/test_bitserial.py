@@ -330,6 +330,8 @@ def test_planes_handed_between_layers_equal_the_int8_kernel(seed):
         assert np.array_equal(planes.values(), y1), _reproduce("planes_handed", seed)
         got = bitconv.conv(planes, zy1, b2, 0, geo2, rq=rq2, out_dtype=np.int8)
         assert np.array_equal(got, want), _reproduce("planes_handed", seed)
+    packed = bitconv.pack_planes(y1, planes.enc)                # the same planes from the int8 tensor
+    assert np.array_equal(packed.panels, planes.panels) and np.array_equal(packed.sums, planes.sums)
 
 
 def test_conv_padding_reads_the_zero_point_in_the_encoding():
