@@ -26,9 +26,9 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from qgraph.kernels.bitplanes import (WORD, Encoding, _channel_words, _pack, _pack_nchw, encoding_of,
-                                     input_encoding, popcount64)
-from qgraph.kernels.bitserial import MR, NR, BitPacked, _fill_terms, _gemm_into, pack, pair_table
+from qgraph.kernels.bitplanes import (WORD, Encoding, _channel_words, _min_max_zero, _pack, _pack_nchw,
+                                     encoding_for, encoding_of, input_encoding, popcount64)
+from qgraph.kernels.bitserial import MR, NR, BitPacked, _fill_terms, _gemm_into, _gemm_rq_into, pack, pair_table
 from qgraph.kernels.requant import requant_run
 
 #: how ``_conv_chunks`` gets the pixels' planes
@@ -260,11 +260,13 @@ def _tap_panels(frame, n_img, hp, wp, cw, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw
                 c += popcount64(frame[(q * fp + f) * cw + m])
             fsum[q * fp + f] = c
     bases = np.empty(16, np.int64)
+    masks = np.empty(16, np.uint64)
     n, y, xo = n0, 0, 0
     for t in range(-(-np_ // 16)):
-        for lane in range(16):                  # each lane's top-left frame pixel (-1: past the last pixel)
+        for lane in range(16):                  # each lane's top-left frame pixel (past the last pixel: 0, masked)
             if t * 16 + lane < np_:
                 bases[lane] = (n * hp + y * sh) * wp + xo * sw
+                masks[lane] = np.uint64(0xFFFFFFFFFFFFFFFF)
                 xo += 1
                 if xo == ow:
                     xo = 0
@@ -273,7 +275,11 @@ def _tap_panels(frame, n_img, hp, wp, cw, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw
                         y = 0
                         n += 1
             else:
-                bases[lane] = -1
+                bases[lane] = 0
+                masks[lane] = 0
+        # the 16 pixels in one output row: each tap's words are one strided run of the frame (no gather)
+        run = masks[15] != 0 and bases[15] - bases[0] == 15 * sw
+        step = sw * cw
         for q in range(planes):
             qf = q * fp
             wd = 0
@@ -282,13 +288,17 @@ def _tap_panels(frame, n_img, hp, wp, cw, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw
                     toff = qf + i * dh * wp + j * dw
                     for m in range(cw):
                         o = t * ts + (q * words + wd) * 16
-                        for lane in range(16):
-                            b = bases[lane]
-                            out[o + lane] = frame[(b + toff) * cw + m] if b >= 0 else np.uint64(0)
+                        if run:
+                            src = (bases[0] + toff) * cw + m
+                            for lane in range(16):
+                                out[o + lane] = frame[src + lane * step]
+                        else:
+                            for lane in range(16):
+                                out[o + lane] = frame[(bases[lane] + toff) * cw + m] & masks[lane]
                         wd += 1
         for lane in range(16):
             b = bases[lane]
-            if b >= 0:
+            if masks[lane] != 0:
                 tot = 0
                 for q in range(planes):
                     st = 0
@@ -299,49 +309,207 @@ def _tap_panels(frame, n_img, hp, wp, cw, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw
                 sums[t * 16 + lane] = tot
 
 
-def conv(x: np.ndarray, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, out_dtype=None,
-         enc: Encoding | None = None) -> np.ndarray:
+def conv(x, zx: int, pc: BitConv, zw, geo, rq: tuple | None = None, out_dtype=None,
+         enc: Encoding | None = None, planes_out: bool = False):
     """``conv.conv_int`` computed bit-serially, same contract: int32 [N, Cout, OH, OW] accumulators,
     or with ``rq = (bias, scale, mult, shift, zp, qmin, qmax, fixed)`` the requantized output
     (``requant.requant_run``, the one requantization). ``enc``: the activation's encoding when the
     caller has it (else from x's values and zx). Per group and chunk of images (``_conv_chunks``):
     the pixels' planes (``FROM_NCHW``, ``TAP_WORDS`` or ``IM2COL``) as the vector operand, the weights
     broadcast. What does not depend on x's values (buffers, the pair table, the arguments' arrays) is
-    built once per input shape, encoding, zero points and ``rq`` (``_conv_setup``, kept with the layer)."""
-    if x.ndim == 3:
-        x = x[:, :, None, :]
-    x = np.ascontiguousarray(x)
+    built once per input shape, encoding, zero points and ``rq`` (``_conv_setup``, kept with the layer).
+
+    Inside a chain of bit-serial layers: ``x`` may be ``Planes`` (what a producer wrote with
+    ``planes_out``; this conv must then be 1x1, stride 1, unpadded, one group: it reads the panels as they
+    are, no range pass and no packing), and with ``planes_out`` (and ``rq``; one group) the requantized
+    output is returned as ``Planes`` for a pointwise bit-serial consumer instead of int8 / uint8 bytes: the
+    tiles requantize into the output's bytes as usual (still in cache) and the same compiled call packs them
+    (``bitplanes._pack_nchw``, the output's few planes), so the consumer neither passes over nor packs them."""
+    planes_in = x if isinstance(x, Planes) else None
+    if planes_in is not None:
+        if not _pointwise(geo):
+            raise ValueError("conv: packed planes in only for a 1x1, stride-1, unpadded, single-group convolution")
+        enc = planes_in.enc
+        x = np.broadcast_to(np.zeros(1, planes_in.dtype), planes_in.shape)      # shape and dtype only
+    else:
+        if x.ndim == 3:
+            x = x[:, :, None, :]
+        x = np.ascontiguousarray(x)
+    if planes_out and (rq is None or geo.group != 1 or np.dtype(out_dtype).itemsize != 1):
+        raise ValueError("conv: planes out need a requantized int8 / uint8 output of a single-group convolution")
     if x.shape[1] != pc.cin_g * geo.group:
         raise ValueError(f"conv: input has {x.shape[1]} channels, weights expect {pc.cin_g} x group {geo.group}")
     if enc is None:
         enc = input_encoding(x, zx, any(geo.pads))
-    key = (x.shape, x.dtype.str, int(zx), enc, geo, out_dtype)
+    chain = (planes_in is not None, planes_out)
+    key = (x.shape, x.dtype.str, int(zx), enc, geo, out_dtype, chain)
     hit = pc.cache.get("setup")
     if hit is None or hit[0] != key or hit[1] is not zw or hit[2] is not rq:
-        hit = pc.cache["setup"] = (key, zw, rq, _conv_setup(x, zx, pc, zw, geo, rq, out_dtype, enc))
-    mode, fill_x, head, tail, out_shape, out_dt, out4 = hit[3]
-    n_b, c_in, h, w = x.shape
-    xb = x.reshape(-1).view(np.uint8)
-    if mode == IM2COL:                          # x to NHWC, in the frame padded with the zero point
-        xf, hp, wp, pt, pl = fill_x
-        n_xp = n_b * hp * wp * c_in
-        if hp != h or wp != w:
-            xf[:n_xp] = np.uint8(int(zx) & 0xFF)
-            _to_nhwc(xb, xf[:n_xp], n_b, c_in, h, w, w, wp, pt * wp + pl)     # row by row, into the padded frame
-        else:                                   # nothing padded: each image is one run of h*w pixels
-            _to_nhwc(xb, xf[:n_xp], n_b, c_in, 1, h * w, 0, 0, 0)
-    elif mode == TAP_WORDS:
-        frame_args = fill_x
-        _frame_words(xb, *frame_args)
-        xf = xb
+        hit = pc.cache["setup"] = (key, zw, rq, _conv_setup(x, zx, pc, zw, geo, rq, out_dtype, enc, chain))
+    out = _run_setup(x, hit[3], -1, planes_in)
+    assert out is not None
+    return out
+
+
+@dataclass
+class Planes:
+    """An activation as the bit planes a pointwise bit-serial convolution reads (``bitplanes._pack_nchw``'s
+    layout): pixel p = n * H * W + i of the NCHW tensor is lane p % 16 of panel p // 16, panels
+    ``[ceil(P / 16)][planes][ceil(C / 64)][16]`` uint64 (channel c is bit c % 64 of word c // 64; lanes past P
+    0), ``sums[p]`` = sum_c (v - offset) (P + 64 entries). Written by a producer's tiles (``conv`` with
+    ``planes_out``), so no int8 tensor is stored and no consumer packs it again."""
+    panels: np.ndarray
+    sums: np.ndarray
+    enc: Encoding
+    shape: tuple                  # NCHW
+    dtype: np.dtype               # the int8 / uint8 tensor these planes stand for
+
+    def values(self) -> np.ndarray:
+        """The int8 / uint8 tensor back from the planes (tests, debugging)."""
+        n, c, h, w = self.shape
+        p_all, words = n * h * w, -(-c // WORD)
+        pan = self.panels.reshape(-1, self.enc.bits, words, 16)
+        bits = (pan[:, :, :, :, None] >> np.arange(WORD, dtype=np.uint64)) & np.uint64(1)   # [t, q, w, lane, bit]
+        bits = bits.transpose(0, 3, 1, 2, 4).reshape(-1, self.enc.bits, words * WORD)[:p_all, :, :c]   # [p, q, c]
+        v = (bits.astype(np.int64) * self.enc.coefs[None, :, None]).sum(axis=1) + self.enc.offset
+        return v.reshape(n, h * w, c).transpose(0, 2, 1).reshape(self.shape).astype(self.dtype)
+
+
+def pack_planes(x: np.ndarray, enc: Encoding | None = None) -> Planes:
+    """An int8 / uint8 NCHW tensor as ``Planes`` (``bitplanes._pack_nchw``), in ``enc`` (default: from its
+    values): how a chain's first input would be packed, and the tests' and benchmark's way to make planes."""
+    x = np.ascontiguousarray(x)
+    if x.ndim != 4 or x.dtype not in (np.int8, np.uint8):
+        raise ValueError(f"pack_planes wants an int8/uint8 NCHW tensor, got {x.dtype} {x.shape}")
+    enc = input_encoding(x, 0, False) if enc is None else enc
+    n, c, h, w = x.shape
+    p_all, words = n * h * w, max(1, -(-c // WORD))
+    panels = np.empty(-(-p_all // NR) * enc.bits * words * NR, np.uint64)
+    sums = np.zeros(p_all + WORD, np.int64)
+    _pack_nchw(x.reshape(-1).view(np.uint8), n, c, h * w, NR, enc.bits, np.uint8(enc.add & 0xFF), enc.shift, enc.coefs,
+               np.uint8(enc.fill & 0xFF), panels, sums, np.empty(WORD, np.uint64), np.empty(WORD * WORD, np.uint8))
+    return Planes(panels, sums, enc, x.shape, x.dtype)
+
+
+def _pointwise(geo) -> bool:
+    return tuple(geo.kernel) == (1, 1) and tuple(geo.strides) == (1, 1) and geo.group == 1 and not any(geo.pads)
+
+
+def conv_again(x: np.ndarray, pc: BitConv, zw, rq) -> np.ndarray | None:
+    """``conv`` for a step called again as last time (same input shape and dtype, zero points, ``rq``, and an
+    input whose encoding is the one the setup was made for), in one compiled call that also checks that
+    encoding (``_conv_run``: the range pass, the packing, the tiles and their requantization): no Python
+    pass over x, no key to build. None when any of that differs: then ``conv`` (after the caller has chosen
+    the kernel for the new encoding)."""
+    hit = pc.cache.get("setup")
+    if hit is None or hit[1] is not zw or hit[2] is not rq or x.shape != hit[0][0] or x.dtype.str != hit[0][1] \
+            or hit[0][6] != (False, False) or not x.flags.c_contiguous:
+        return None
+    return _run_setup(x, hit[3], 1)
+
+
+def setup_encoding(pc: BitConv) -> Encoding | None:
+    """The activation encoding of ``pc``'s current setup (what ``conv_again`` checks inputs against)."""
+    hit = pc.cache.get("setup")
+    return None if hit is None else hit[0][3]
+
+
+def _run_setup(x, setup, check: int, planes_in: "Planes | None" = None):
+    mode, pre, head, tail, out_shape, out_dt, out4, enc_code, o_par, o_enc = setup
+    if planes_in is not None:                   # its panels are the vector operand as they are
+        flat = np.zeros(1, planes_in.dtype)
+        tail = tail[:1] + (planes_in.panels,) + tail[2:]
+        in_sums = planes_in.sums
     else:
-        xf = xb
-    out = np.empty(out_shape, out_dt)
-    _conv_chunks(xf, *head, *tail, out)
+        flat = x.reshape(-1)
+        in_sums = _NO_SUMS
+    out = np.empty(out_shape, out_dt)           # planes out: the tiles' requantized bytes, packed from there
+    if o_par[0]:
+        n_b, cout, pixels = out_shape
+        p_all = n_b * pixels
+        o_panels = np.empty(-(-p_all // NR) * int(o_par[0]) * int(o_par[3]) * NR, np.uint64)   # _pack_nchw writes all
+        o_sums = np.empty(p_all + WORD, np.int64)
+    else:
+        o_panels, o_sums = _NO_PANELS, _NO_SUMS
+    if not _conv_run(flat, flat.view(np.uint8), check, *enc_code, *pre, *head, *tail, planes_in is not None, in_sums,
+                     o_panels, o_sums, o_par, out, out.reshape(-1).view(np.uint8)):
+        return None
+    if o_par[0]:
+        return Planes(o_panels, o_sums, o_enc, out4, np.dtype(out_dt))
     return out.reshape(out4)
 
 
-def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding) -> tuple:
+_NO_SUMS = np.zeros(1, np.int64)
+_NO_PANELS = np.zeros(1, np.uint64)
+
+
+def planes_encoding(qmin: int, qmax: int, dtype) -> Encoding:
+    """The encoding of a requantized output whose values lie in [qmin, qmax] (its clamp): what a producer writes
+    its consumer's planes in (every value the clamp allows, so exact whatever the values)."""
+    return encoding_for(qmin, qmax, np.dtype(dtype) == np.int8)
+
+
+@njit(cache=True)
+def encoding_code(lo, hi, has_zero, signed, padded, zx):
+    """``bitplanes.input_encoding`` from (min, max, whether a 0 occurs) of the values, compiled: (kind, bits),
+    kind 0 two's complement, 1 unsigned, 2 +-1 (tests check it against ``input_encoding``)."""
+    zero_free = signed and lo == -1 and hi == 1 and not has_zero
+    if padded:
+        lo = min(lo, zx)
+        hi = max(hi, zx)
+        zero_free = zero_free and zx != 0
+    if signed:
+        if lo == -1 and hi == 1 and zero_free:
+            return 2, 1
+        b = 1
+        while not (-(1 << (b - 1)) <= lo and hi <= (1 << (b - 1)) - 1):
+            b += 1
+        return 0, b
+    b = 1
+    while hi >> b:
+        b += 1
+    return 1, b
+
+
+ENC_KIND = {"twos": 0, "unsigned": 1, "pm1": 2}
+
+
+@njit(cache=True)
+def _conv_run(x, xb, check, kind, nbits, padded, signed, zx_w, xf, zx_words, blk, tmp, h, w, pt, pl, hp, wp, c_all, n_b, per,
+              pixels, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words, planes, add, shift_b, coefs, fill, offset, cols,
+              bpanels, wpanels, wsums, w_planes, w_offset, zw, zx, qa, qb, coef, xor, acc, raw, bias, scale, mult,
+              shift, zp, qmin, qmax, fixed, mode, frame, rqp, rqs, fuse, prepacked, in_sums, o_panels, o_sums, o_par,
+              out, outb):
+    """One convolution call, compiled whole: with ``check``, the range pass over x and whether its encoding
+    (``encoding_code``) is still (kind, nbits), returning False if not; then x's planes are prepared
+    (``IM2COL``: the NHWC frame padded with the zero point, ``_to_nhwc``; ``TAP_WORDS``: the frame of words,
+    ``_frame_words``) and ``_conv_chunks`` runs."""
+    if check > 0 and x.shape[0]:
+        lo, hi, z = _min_max_zero(x)
+        kd, nb = encoding_code(np.int64(lo), np.int64(hi), z, signed, padded, np.int64(zx))
+        if kd != kind or nb != nbits:
+            return False
+    if mode == IM2COL:                          # x to NHWC, in the frame padded with the zero point
+        n_xp = n_b * hp * wp * c_all
+        if hp != h or wp != w:
+            xf[:n_xp] = zx_w
+            _to_nhwc(xb, xf[:n_xp], n_b, c_all, h, w, w, wp, pt * wp + pl)     # row by row, into the padded frame
+        else:                                   # nothing padded: each image is one run of h*w pixels
+            _to_nhwc(xb, xf[:n_xp], n_b, c_all, 1, h * w, 0, 0, 0)
+        src = xf
+    elif mode == TAP_WORDS:
+        _frame_words(xb, n_b, c_all, h, w, hp, wp, pt, pl, planes, add, shift_b, zx_words, frame, blk, tmp)
+        src = xb
+    else:
+        src = xb
+    _conv_chunks(src, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words, planes, add,
+                 shift_b, coefs, fill, offset, cols, bpanels, wpanels, wsums, w_planes, w_offset, zw, zx, qa, qb, coef,
+                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, frame, rqp, rqs, fuse, prepacked,
+                 in_sums, o_panels, o_sums, o_par, out, outb)
+    return True
+
+
+def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding, chain=(False, False)) -> tuple:
     """Everything ``conv`` passes its kernels that does not depend on x's values: (mode, what fills x in
     (``IM2COL``: the NHWC frame; ``TAP_WORDS``: ``_frame_words``'s arguments), ``_conv_chunks``'s
     arguments before and after the frame ones, the output's shape and dtype, its NCHW shape)."""
@@ -364,19 +532,19 @@ def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding) -> tu
     tap = not pointwise and g == 1 and c_in % WORD == 0
     mode = FROM_NCHW if pointwise else TAP_WORDS if tap else IM2COL
     frame = np.empty(enc.bits * n_b * hp * wp * (c_in // WORD) if tap else 1, np.uint64)
-    if tap:
-        zx_words = np.array([0xFFFFFFFFFFFFFFFF if ((int(zx) + enc.add) & 0xFF) >> (q + enc.shift) & 1 else 0
-                             for q in range(enc.bits)], np.uint64)
-        fill_x = (n_b, c_in, h, w, hp, wp, pt, pl, enc.bits, np.uint8(enc.add & 0xFF), enc.shift, zx_words, frame,
-                  np.empty(WORD, np.uint64), np.empty(WORD * WORD, np.uint8))
-    elif mode == IM2COL:
-        fill_x = (np.empty(n_b * hp * wp * c_in + WORD, np.uint8), hp, wp, pt, pl)   # + slack for 64-byte moves
-    else:
-        fill_x = None
+    zx_words = np.array([0xFFFFFFFFFFFFFFFF if ((int(zx) + enc.add) & 0xFF) >> (q + enc.shift) & 1 else 0
+                         for q in range(enc.bits)], np.uint64)
+    # what _conv_run prepares x's planes with: the NHWC frame (IM2COL; + slack for 64-byte moves), the zero
+    # point's plane words and scratch (TAP_WORDS), the image's size and padding
+    pre = (ENC_KIND[enc.kind], enc.bits, bool(any(geo.pads)), x.dtype == np.int8, np.uint8(int(zx) & 0xFF),
+           np.empty(n_b * hp * wp * c_in + WORD if mode == IM2COL else 1, np.uint8), zx_words,
+           np.empty(WORD, np.uint64), np.empty(WORD * WORD, np.uint8), h, w, pt, pl)
     pixels = oh * ow
     k = kh * kw * pc.cin_g
     words = max(1, -(-k // WORD))
     per = max(1, min(n_b, 4096 // max(pixels, 1)))           # several small images per GEMM
+    if any(chain):                  # planes in or out: all images in one chunk (the planes' pixel order)
+        per = n_b
     cols = np.empty(WORD * WORD if pointwise else WORD if tap else per * pixels * words * WORD + WORD, np.uint8)
     bpanels = np.empty(-(-per * pixels // NR) * NR * enc.bits * words, np.uint64)
     # the accumulators of a sub-chunk of pixels, [Cout / g, sub] int32 contiguous: ~64 KB (in L2 when requantized)
@@ -388,20 +556,40 @@ def _conv_setup(x, zx, pc: BitConv, zw, geo, rq, out_dtype, enc: Encoding) -> tu
         rq = (np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.int64), np.ones(1, np.int64), 0, 0, 0,
               False)
     bias, scale, mult, shift, zp, qmin, qmax, fixed = rq
+    # the requantization per output channel, per group padded to whole row tiles (``bitserial._gemm_rq_into``)
+    cg = pc.cout // g
+    mp = -(-cg // MR) * MR
+    rqp = np.zeros((g, 4, mp), np.int64)
+    rqs = np.ones((g, mp), np.float32)
+    per_ch = lambda v, dt: np.broadcast_to(np.asarray(v, dt).reshape(-1), (pc.cout,)).reshape(g, cg)   # noqa: E731
+    if not raw:
+        rqp[:, 0, :cg] = per_ch(bias, np.int32)
+        rqp[:, 1, :cg] = per_ch(mult, np.int64)
+        rqp[:, 2, :cg] = per_ch(shift, np.int64)
+        rqp[:, 3, :cg] = np.int64(1) << np.maximum(rqp[:, 2, :cg] - 1, 0)
+        rqs[:, :cg] = per_ch(scale, np.float32)
     head = (hp, wp, c_in, n_b, per, pixels, pc.cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words,
             enc.bits, np.uint8(enc.add & 0xFF), enc.shift, enc.coefs, np.uint8(enc.fill & 0xFF), enc.offset)
     tail = (cols, bpanels, pc.panels, pc.sums, pc.enc.bits, pc.enc.offset,
             np.asarray(zw, np.int64).reshape(-1), int(zx), qa, qb, coef, xor, acc, raw,
             np.asarray(bias, np.int32).reshape(-1), np.asarray(scale, np.float32).reshape(-1),
             np.asarray(mult, np.int64).reshape(-1), np.asarray(shift, np.int64).reshape(-1), int(zp), int(qmin),
-            int(qmax), bool(fixed), mode, frame)
-    return mode, fill_x, head, tail, (n_b, pc.cout, pixels), np.int32 if raw else out_dtype, (n_b, pc.cout, oh, ow)
+            int(qmax), bool(fixed), mode, frame, rqp, rqs, not raw and np.dtype(out_dtype).itemsize == 1)
+    o_par = np.zeros(7, np.int64)               # planes out: planes, add, shift, words, offset, signed, kind
+    oe = None
+    if chain[1]:
+        oe = planes_encoding(qmin, qmax, out_dtype)
+        o_par[:] = (oe.bits, oe.add & 0xFF, oe.shift, -(-pc.cout // WORD), oe.offset, np.dtype(out_dtype) == np.int8,
+                    ENC_KIND[oe.kind])
+    return mode, pre[4:], head, tail, (n_b, pc.cout, pixels), np.int32 if raw else out_dtype, (n_b, pc.cout, oh, ow), \
+        pre[:4], o_par, oe
 
 
 @njit(cache=True)
 def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh, dw, oh, ow, k, words, planes, add,
                  shift_b, coefs, fill, offset, cols, bpanels, wpanels, wsums, w_planes, w_offset, zw, zx, qa, qb, coef,
-                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, frame, out):
+                 xor, acc, raw, bias, scale, mult, shift, zp, qmin, qmax, fixed, mode, frame, rqp, rqs, fuse, prepacked,
+                 in_sums, o_panels, o_sums, o_par, out, outb):
     """The whole convolution, chunk of images by chunk, group by group: the pixels' rows and their
     planes (``mode``: ``IM2COL`` im2col rows (``_im2col``) then ``bitplanes._pack``; ``FROM_NCHW`` a
     1x1 conv's planes straight from the NCHW input, ``bitplanes._pack_nchw``; ``TAP_WORDS`` each pixel's
@@ -420,17 +608,22 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
     fsum = np.empty(planes * n_b * hp * wp if mode == TAP_WORDS else 1, np.int64)
     sub = acc.shape[0] // cout_g // NR * NR          # pixels per sub-chunk: [Cout / g, sub] int32 fits ``acc``
     zxa = np.full(1, zx, np.int64)
+    scratch = np.empty(MR * NR, np.int32)
     for n0 in range(0, n_b, per):
         n1 = min(n_b, n0 + per)
         np_ = (n1 - n0) * pixels
         npad = -(-np_ // NR) * NR
         colt = np.empty((2, min(npad, sub)), np.int64)
+        colt_all = np.empty((2, npad if fuse else 1), np.int64)
         bsums = np.empty(np_ + WORD, np.int64)
         blk = np.empty(WORD, np.uint64)
         for gi in range(groups):
-            last = (np_ // NR) * NR * planes * words           # the last panel's unused lanes stay 0
-            bpanels[last:npad * planes * words] = 0
-            if mode == TAP_WORDS:               # the taps' words of the frame packed once per input pixel
+            if not prepacked:
+                last = (np_ // NR) * NR * planes * words           # the last panel's unused lanes stay 0
+                bpanels[last:npad * planes * words] = 0
+            if prepacked:                       # a producer's planes (``Planes``), read as they are
+                bsums = in_sums
+            elif mode == TAP_WORDS:               # the taps' words of the frame packed once per input pixel
                 _tap_panels(frame, n_b, hp, wp, c_all // WORD, n0, n1, oh, ow, kh, kw, sh, sw, dh, dw, planes, coefs,
                             bpanels, bsums, fsum)
             elif mode == FROM_NCHW:             # a 1x1 conv's planes straight from NCHW
@@ -442,6 +635,12 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
                 _pack(cols[:np_ * rb].reshape((np_, rb)), np_, rb, NR, planes, add, shift_b, coefs, fill, bpanels,
                       bsums)
             zw_g = zw[gi * cout_g:(gi + 1) * cout_g] if per_w else zw
+            if fuse:                            # requantized in the tiles' epilogue, straight into the output
+                _fill_terms(wsums[gi], zw_g, w_offset, k, bsums[:np_], zxa, offset, xor, rowt, colt_all)
+                _gemm_rq_into(wpanels[gi], w_planes * words * MR, bpanels, planes * words * NR, qa, qb, coef, xor,
+                              words, rowt, colt_all, cout_g, np_, outb, (n0 * groups + gi) * cout_g * pixels, pixels,
+                              groups * cout_g * pixels, rqp[gi], rqs[gi], zp, qmin, qmax, 1 if fixed else 0, scratch)
+                continue
             for s0 in range(0, np_, sub):       # pixels by sub-chunk: its accumulators requantized while in cache
                 s1 = min(np_, s0 + sub)
                 _fill_terms(wsums[gi], zw_g, w_offset, k, bsums[s0:s1], zxa, offset, xor, rowt, colt)
@@ -461,3 +660,13 @@ def _conv_chunks(xf, hp, wp, c_all, n_b, per, pixels, cin_g, kh, kw, sh, sw, dh,
                             c = o if per_s else 0
                             requant_run(src, np.int32(bias[o] if bias.shape[0] > 1 else bias[0]), scale[c], mult[c],
                                         shift[c], zp, qmin, qmax, fixed, dst)
+    if o_par[0]:        # planes out: the requantized bytes (still in cache) packed as a pointwise consumer reads them
+        o_planes = o_par[0]
+        ocoefs = np.empty(o_planes, np.int64)
+        for q in range(o_planes):
+            ocoefs[q] = 1 << q
+        if o_par[6] == 0:                       # two's complement: the sign plane weighs -2^(b-1)
+            ocoefs[o_planes - 1] = -ocoefs[o_planes - 1]
+        _pack_nchw(outb, n_b, groups * cout_g, pixels, NR, o_planes, np.uint8(o_par[1]), o_par[2], ocoefs,
+                   np.uint8((-o_par[1]) & 0xFF), o_panels, o_sums, np.empty(WORD, np.uint64),
+                   np.empty(WORD * WORD, np.uint8))

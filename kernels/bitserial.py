@@ -39,6 +39,7 @@ from numba.extending import intrinsic
 
 from qgraph.kernels import cpu
 from qgraph.kernels.bitplanes import WORD, Encoding, _pack, encoding_of, input_encoding, pack_panels, planes_reference
+from qgraph.kernels.requant import requant_run
 from qgraph.kernels.tiles import broadcast, tile_loop
 
 MR = 6          # rows of the broadcast operand per tile
@@ -71,7 +72,7 @@ def use_bitserial(kernel: str, w: Encoding | None, x: Encoding, k: int) -> bool:
     return kernel == "auto" and w is not None and pairs(w, x) <= AUTO_MAX_PAIRS and k >= AUTO_MIN_K
 
 
-def _make_tile(op: str, nv: int = NV):
+def _make_tile(op: str, nv: int = NV, rq: bool = False):
     """The tile intrinsic: for rows r < MR of the broadcast operand and columns c < 8 * nv (NR, or 8 for
     a last tile of at most 8 columns, which reads the first half of its 16-column panel),
 
@@ -81,16 +82,25 @@ def _make_tile(op: str, nv: int = NV):
 
     (the zero-point and XOR terms of ``_terms``, so C is the finished int32 accumulator), stored at
     ``c`` + c_off with row stride ldc. alpha/beta/eps are read from row ``r0``, gamma/delta from
-    column ``c0`` (both padded to whole tiles)."""
+    column ``c0`` (both padded to whole tiles).
 
-    @intrinsic
-    def tile(typingctx, a, a_off, a_ps, b, b_off, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0, c, c_off, ldc):
+    With ``rq`` the tile requantizes C in its epilogue, while it is still in registers, and stores bytes:
+    ``c`` is a uint8 array (the int8 / uint8 output's bytes), rows r < ``nrows`` only, per row r0 + r the
+    int64 parameters ``rqp`` [4][rows] (bias, multiplier m, shift n, 2^(n-1)) and float32 ``rqs`` [rows]
+    (scale s), and ``requant.requant_run``'s arithmetic lane by lane (v = C + bias, wrapping int32):
+
+        fixed:  clamp(((int64(v) * m + 2^(n-1)) >> n) + zp, qmin, qmax)
+        float:  rint(clamp(float32(v) * s, qmin - zp, qmax - zp)) + zp        (float32; rint: half to even)
+
+    so the bytes equal what ``requant_run`` writes from the stored accumulators (tests)."""
+
+    def typed(a, b, pa, pb, coef, rowt, colt, c, extra=()):
         sig = types.void(a, types.intp, types.intp, b, types.intp, types.intp, pa, pb, coef, types.intp, types.intp,
-                         rowt, types.intp, colt, types.intp, c, types.intp, types.intp)
+                         rowt, types.intp, colt, types.intp, c, types.intp, types.intp, *extra)
 
         def codegen(context, builder, signature, args):
             (_, a_off_v, a_ps_v, _, b_off_v, b_ps_v, _, _, _, np_v, kw_v, _, r0_v, _, c0_v, _, c_off_v,
-             ldc_v) = args
+             ldc_v) = args[:18]
             arrs = [context.make_array(signature.args[i])(context, builder, args[i])
                     for i in (0, 3, 6, 7, 8, 11, 13, 15)]
             i32, i64 = ir.IntType(32), ir.IntType(64)
@@ -102,7 +112,7 @@ def _make_tile(op: str, nv: int = NV):
             cf_p = builder.bitcast(arrs[4].data, i64.as_pointer())
             row_p = builder.bitcast(arrs[5].data, i64.as_pointer())        # [3][rows]: alpha, beta, eps
             col_p = builder.bitcast(arrs[6].data, i64.as_pointer())        # [2][cols]: gamma, delta
-            c_p = builder.gep(builder.bitcast(arrs[7].data, i32.as_pointer()), [c_off_v])
+            c_p = builder.gep(builder.bitcast(arrs[7].data, (ir.IntType(8) if rq else i32).as_pointer()), [c_off_v])
             name = f"llvm.ctpop.v{LANES}i64"
             ctpop = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(vt, [vt]), name)
             zero = ir.Constant(vt, None)
@@ -195,26 +205,115 @@ def _make_tile(op: str, nv: int = NV):
             v32 = ir.VectorType(i32, LANES)
             gamma = [builder.trunc(col_vec(0, v), v32) for v in range(nv)]
             delta = [builder.trunc(col_vec(1, v), v32) for v in range(nv)]
+            vals = []
             for r in range(MR):
                 alpha, beta, eps = (builder.trunc(row_val(w, r), v32) for w in range(3))
-                row = builder.gep(c_p, [builder.mul(ir.Constant(i64, r), ldc_v)])
                 for v in range(nv):
-                    val = builder.add(builder.trunc(new[r * nv + v], v32),
-                                      builder.add(builder.mul(gamma[v], alpha), builder.add(builder.mul(delta[v], beta),
-                                                                                            eps)))
-                    q = builder.bitcast(builder.gep(row, [ir.Constant(i64, LANES * v)]), v32.as_pointer())
-                    builder.store(val, q, align=4)
+                    vals.append(builder.add(builder.trunc(new[r * nv + v], v32),
+                                            builder.add(builder.mul(gamma[v], alpha),
+                                                        builder.add(builder.mul(delta[v], beta), eps))))
+            if not rq:
+                for r in range(MR):
+                    row = builder.gep(c_p, [builder.mul(ir.Constant(i64, r), ldc_v)])
+                    for v in range(nv):
+                        q = builder.bitcast(builder.gep(row, [ir.Constant(i64, LANES * v)]), v32.as_pointer())
+                        builder.store(vals[r * nv + v], q, align=4)
+                return context.get_dummy_value()
+            _requant_epilogue(context, builder, signature, args, vals, nv, c_p, ldc_v, r0_v)
             return context.get_dummy_value()
 
         return sig, codegen
 
+    if rq:
+        @intrinsic
+        def tile_rq(typingctx, a, a_off, a_ps, b, b_off, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0, c, c_off,
+                    ldc, rqp, rqs, zp, qmin, qmax, fixed, nrows):
+            return typed(a, b, pa, pb, coef, rowt, colt, c, (rqp, rqs) + (types.intp,) * 5)
+        return tile_rq
+
+    @intrinsic
+    def tile(typingctx, a, a_off, a_ps, b, b_off, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt, c0, c, c_off, ldc):
+        return typed(a, b, pa, pb, coef, rowt, colt, c)
     return tile
+
+
+def _requant_epilogue(context, builder, signature, args, vals, nv, c_p, ldc_v, r0_v):
+    """The ``rq`` tile's epilogue (``_make_tile``): the finished int32 lanes ``vals`` [MR * nv] (<8 x i32>)
+    requantized and stored as bytes, rows r < nrows; fixed or float chosen by the ``fixed`` argument."""
+    i8, i32, i64, f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+    v8, v32, v64, vf = (ir.VectorType(t, LANES) for t in (i8, i32, i64, f32))
+    rqp = context.make_array(signature.args[18])(context, builder, args[18])
+    rqs = context.make_array(signature.args[19])(context, builder, args[19])
+    zp_v, qmin_v, qmax_v, fixed_v, nrows_v = args[20:25]
+    rqp_p = builder.bitcast(rqp.data, i64.as_pointer())
+    rqs_p = builder.bitcast(rqs.data, f32.as_pointer())
+    n_rq = builder.extract_value(rqp.shape, 1)
+    rint = builder.module.globals.get("llvm.rint.v8f32") or ir.Function(builder.module, ir.FunctionType(vf, [vf]),
+                                                                        "llvm.rint.v8f32")
+
+    def param(which, r):
+        at = builder.add(builder.add(builder.mul(ir.Constant(i64, which), n_rq), r0_v), ir.Constant(i64, r))
+        return builder.load(builder.gep(rqp_p, [at]))
+
+    def clamp(x, lo, hi, vt):
+        lo_v, hi_v = broadcast(builder, lo, vt), broadcast(builder, hi, vt)
+        x = builder.select(builder.icmp_signed("<", x, lo_v), lo_v, x)
+        return builder.select(builder.icmp_signed(">", x, hi_v), hi_v, x)
+
+    done = builder.append_basic_block("rq_done")
+    for kind in ("fixed", "float"):
+        block = builder.append_basic_block(f"rq_{kind}")
+        nxt = builder.append_basic_block(f"rq_not_{kind}") if kind == "fixed" else None
+        if kind == "fixed":
+            builder.cbranch(builder.icmp_signed("!=", fixed_v, ir.Constant(i64, 0)), block, nxt)
+        else:
+            builder.branch(block)
+        builder.position_at_end(block)
+        for r in range(MR):
+            store = builder.append_basic_block(f"rq_{kind}_row{r}")
+            skip = builder.append_basic_block(f"rq_{kind}_row{r}_done")
+            builder.cbranch(builder.icmp_signed("<", ir.Constant(i64, r), nrows_v), store, skip)
+            builder.position_at_end(store)
+            bias = broadcast(builder, builder.trunc(param(0, r), i32), v32)
+            row = builder.gep(c_p, [builder.mul(ir.Constant(i64, r), ldc_v)])
+            if kind == "fixed":
+                m = broadcast(builder, param(1, r), v64)
+                sh = broadcast(builder, param(2, r), v64)
+                half = broadcast(builder, param(3, r), v64)
+            else:
+                s = broadcast(builder, builder.load(builder.gep(rqs_p, [builder.add(r0_v, ir.Constant(i64, r))])), vf)
+                lo = broadcast(builder, builder.sitofp(builder.sub(qmin_v, zp_v), f32), vf)
+                hi = broadcast(builder, builder.sitofp(builder.sub(qmax_v, zp_v), f32), vf)
+                zp32 = broadcast(builder, builder.trunc(zp_v, i32), v32)
+            for v in range(nv):
+                val = builder.add(vals[r * nv + v], bias)                  # wrapping int32, as np.int32(acc + bias)
+                if kind == "fixed":
+                    y = builder.ashr(builder.add(builder.mul(builder.sext(val, v64), m), half), sh)
+                    y = clamp(builder.add(y, broadcast(builder, zp_v, v64)), qmin_v, qmax_v, v64)
+                else:
+                    f = builder.fmul(builder.sitofp(val, vf), s)
+                    f = builder.select(builder.fcmp_ordered("<", f, lo), lo, f)      # max(f, lo)
+                    f = builder.select(builder.fcmp_ordered(">", f, hi), hi, f)      # min(., hi)
+                    y = builder.add(builder.fptosi(builder.call(rint, [f]), v32), zp32)
+                q = builder.bitcast(builder.gep(row, [ir.Constant(i64, LANES * v)]), v8.as_pointer())
+                builder.store(builder.trunc(y, v8), q, align=1)
+            builder.branch(skip)
+            builder.position_at_end(skip)
+        builder.branch(done)
+        if nxt is not None:
+            builder.position_at_end(nxt)
+    builder.position_at_end(done)
 
 
 _tile_and = _make_tile("and")
 _tile_xor = _make_tile("xor")
 _tile_and8 = _make_tile("and", 1)      # a last tile of at most 8 columns: half the popcounts of a 16-column one
 _tile_xor8 = _make_tile("xor", 1)
+# the same tiles requantizing in their epilogue (``_gemm_rq_into``)
+_tile_and_rq = _make_tile("and", NV, True)
+_tile_xor_rq = _make_tile("xor", NV, True)
+_tile_and8_rq = _make_tile("and", 1, True)
+_tile_xor8_rq = _make_tile("xor", 1, True)
 
 
 # ----------------------------------------------------------------------------- packed operands
@@ -303,6 +402,68 @@ def _gemm_into(a, a_words, b, b_words, pa, pb, coef, xor, kw, rowt, colt, out):
                 for r in range(min(MR, m - r0)):
                     for c in range(min(cols, n - c0)):
                         out[r0 + r, c0 + c] = scratch[r * NR + c]
+
+
+@njit(cache=True)
+def _gemm_rq_into(a, a_words, b, b_words, pa, pb, coef, xor, kw, rowt, colt, m, n, out, o_base, pixels, img_stride,
+                  rqp, rqs, zp, qmin, qmax, fixed, scratch):
+    """``_gemm_into`` requantized in the tiles' epilogue (``_make_tile`` with ``rq``): C[m, n] (rows: output
+    channels, columns: pixels of consecutive images) goes to the bytes ``out`` (the int8 / uint8 output,
+    flat) at ``o_base + (c // pixels) * img_stride + r * pixels + c % pixels``. A tile whose columns are whole
+    and lie in one image is requantized and stored by the tile itself (rows past m skipped); any other (the
+    last, partial column tile; one straddling two images) is written to ``scratch`` as int32 and requantized
+    by ``requant_run`` per row and image. ``rqp`` [4][rows] int64 (bias, m, n, 2^(n-1)), ``rqs`` [rows] float32."""
+    npairs = pa.shape[0]
+    a_ps = kw * MR
+    b_ps = kw * NR
+    for nt in range(-(-n // NR)):
+        c0 = nt * NR
+        half = n - c0 <= LANES                  # at most 8 columns left: the 8-column tile
+        cols = LANES if half else NR
+        img = c0 // pixels
+        fused = c0 + cols <= n and (c0 + cols - 1) // pixels == img
+        off = o_base + img * img_stride + (c0 - img * pixels)
+        for mt in range(-(-m // MR)):
+            r0 = mt * MR
+            nrows = min(MR, m - r0)
+            if fused:
+                o = off + r0 * pixels
+                if half and xor:
+                    _tile_xor8_rq(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0,
+                                  colt, c0, out, o, pixels, rqp, rqs, zp, qmin, qmax, fixed, nrows)
+                elif half:
+                    _tile_and8_rq(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0,
+                                  colt, c0, out, o, pixels, rqp, rqs, zp, qmin, qmax, fixed, nrows)
+                elif xor:
+                    _tile_xor_rq(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0,
+                                 colt, c0, out, o, pixels, rqp, rqs, zp, qmin, qmax, fixed, nrows)
+                else:
+                    _tile_and_rq(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0,
+                                 colt, c0, out, o, pixels, rqp, rqs, zp, qmin, qmax, fixed, nrows)
+                continue
+            if half and xor:
+                _tile_xor8(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                           c0, scratch, 0, NR)
+            elif half:
+                _tile_and8(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                           c0, scratch, 0, NR)
+            elif xor:
+                _tile_xor(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                          c0, scratch, 0, NR)
+            else:
+                _tile_and(a, mt * a_words, a_ps, b, nt * b_words, b_ps, pa, pb, coef, npairs, kw, rowt, r0, colt,
+                          c0, scratch, 0, NR)
+            c1 = min(n, c0 + cols)
+            for r in range(nrows):
+                rr = r0 + r
+                j = c0
+                while j < c1:                   # the tile's columns image by image
+                    im = j // pixels
+                    e = min(c1, (im + 1) * pixels)
+                    d = o_base + im * img_stride + rr * pixels + (j - im * pixels)
+                    requant_run(scratch[r * NR + j - c0:r * NR + e - c0], np.int32(rqp[0, rr]), rqs[rr], rqp[1, rr],
+                                rqp[2, rr], zp, qmin, qmax, fixed, out[d:d + e - j])
+                    j = e
 
 
 def _terms(pa: BitPacked, za, pb: BitPacked, zb, xor: bool) -> tuple[np.ndarray, np.ndarray]:

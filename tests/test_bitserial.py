@@ -228,6 +228,112 @@ def test_conv_with_whole_words_of_channels_equals_the_int8_kernel(seed):
         _reproduce("whole_words", seed)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_requantizing_tiles_equal_the_int8_kernel(seed):
+    # the requantization in the tile's epilogue (``bitserial._gemm_rq_into``): images whose pixels fill whole
+    # 16-pixel tiles (8x8, 4x8: the tile stores bytes itself) and ones that do not (7x7, 5x3: tiles straddling
+    # two images and the last, partial one go through scratch and requant_run); Cout that leaves a partial row
+    # tile; fixed and float; int8 and uint8 outputs, narrow clamps (a folded Relu: qmin = zp) and accumulators
+    # far outside them; per-channel and per-tensor scales; the three packings (pointwise, 64 channels, im2col)
+    rng = np.random.default_rng(9100 + seed)
+    cin, (kh, kw), pads = [(96, (1, 1), (0, 0, 0, 0)), (64, (3, 3), (1, 1, 1, 1)), (16, (3, 3), (1, 1, 1, 1)),
+                           (5, (2, 3), (0, 1, 1, 0))][seed % 4]
+    h, w = [(8, 8), (7, 7), (4, 8), (5, 3)][seed // 2 % 4]
+    geo = ConvGeometry((kh, kw), (1, 1), (1, 1), pads, 1)
+    pm1 = seed % 3 == 0
+    wb, ab = (1, 1) if pm1 else (int(rng.integers(1, 5)), int(rng.integers(1, 5)))
+    cout = int(rng.choice([5, 13, 16, 24]))
+    weights = _operand(rng, (cout, cin, kh, kw), wb, True, pm1)
+    x = _operand(rng, (int(rng.integers(1, 4)), cin, h, w), ab, pm1, pm1)
+    zx = -1 if pm1 else int(_zero_point(rng, ab, False)[0])
+    bits, pc = bitconv.pack_conv(weights, 1), pack_conv(weights, 1)
+    from qgraph.ops import fixed_multiplier
+    for fixed in (True, False):
+        for dtype, (zy, qmin, qmax) in ((np.int8, (-3, -128, 127)), (np.uint8, (10, 10, 255)), (np.int8, (0, 0, 6))):
+            scale = rng.uniform(0.0005, 0.3, cout if rng.random() < 0.5 else 1).astype(np.float32)
+            mult, shift = fixed_multiplier(scale) if fixed else (np.zeros(scale.size, np.int64),
+                                                                  np.ones(scale.size, np.int64))
+            rq = (rng.integers(-3000, 3000, cout).astype(np.int32), scale, mult, shift, zy, qmin, qmax, fixed)
+            got = bitconv.conv(x, zx, bits, 0, geo, rq=rq, out_dtype=dtype)
+            want = conv_int(x, zx, pc, 0, geo, rq=rq, out_dtype=dtype)
+            assert got.dtype == want.dtype and np.array_equal(got, want), \
+                f"{x.shape} * {weights.shape} fixed={fixed} {np.dtype(dtype).name} {zy, qmin, qmax}: " + \
+                _reproduce("requantizing_tiles", seed)
+
+
+def test_compiled_encoding_choice_equals_input_encoding():
+    # ``bitconv.encoding_code`` (the range check inside the compiled call) picks what ``input_encoding`` picks
+    rng = np.random.default_rng(5)
+    for _ in range(400):
+        signed = bool(rng.random() < 0.5)
+        lo, hi = sorted(int(v) for v in (rng.integers(-128, 128, 2) if signed else rng.integers(0, 256, 2)))
+        if rng.random() < 0.3 and signed:
+            lo, hi = -1, 1
+        vals = np.array([lo, hi] + ([0] if rng.random() < 0.5 and lo <= 0 <= hi else []), np.int8 if signed else np.uint8)
+        if signed and lo == -1 and hi == 1 and 0 not in vals:
+            vals = np.array([-1, 1, 1], np.int8)
+        for padded, zx in ((False, 0), (True, int(rng.integers(lo, hi + 1))), (True, -1 if signed else 0)):
+            enc = bitplanes.input_encoding(vals, zx, padded)
+            lo_, hi_, z = bitplanes._value_range(vals)
+            assert bitconv.encoding_code(lo_, hi_, z, signed, padded, zx) == (bitconv.ENC_KIND[enc.kind], enc.bits), \
+                (vals, zx, padded, enc)
+
+
+def test_a_step_called_again_rechecks_the_encoding():
+    # ``conv_again`` (the runtime's repeated call) runs only while x keeps the encoding its setup was made for:
+    # +-1 input, then one with a 0 (2-bit two's complement), then +-1 again, each equal to the int8 kernel
+    rng = np.random.default_rng(11)
+    w = _operand(rng, (24, 64, 1, 1), 1, True, True)
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 1)
+    rq = (np.zeros(24, np.int32), np.full(24, 0.05, np.float32), np.zeros(24, np.int64), np.ones(24, np.int64), 0,
+          -128, 127, False)
+    bits, pc = bitconv.pack_conv(w, 1), pack_conv(w, 1)
+    x = _operand(rng, (1, 64, 4, 8), 1, True, True)
+    x2 = x.copy()
+    x2[0, 3, 1, 1] = 0
+    for xi, again in ((x, None), (x, True), (x2, False), (x, False), (x, True)):
+        got = bitconv.conv_again(xi, bits, 0, rq) if again is not None else None
+        assert (got is not None) == bool(again)
+        if got is None:
+            got = bitconv.conv(xi, -1, bits, 0, geo, rq=rq, out_dtype=np.int8)
+        assert np.array_equal(got, conv_int(xi, -1, pc, 0, geo, rq=rq, out_dtype=np.int8))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_planes_handed_between_layers_equal_the_int8_kernel(seed):
+    # a producer writes its requantized output as the planes of a pointwise consumer (``planes_out``), which
+    # reads them as they are (``Planes`` in): both outputs equal the int8 kernel's two layers; the producer a
+    # pointwise or a padded 3x3 conv, 1 or 2 images, channels across a 64-bit word (70, 24), narrow clamps
+    # (ReLU-like [zp, 3]: 2 planes) and full int8 / uint8 ranges (8 planes), fixed and float
+    rng = np.random.default_rng(9300 + seed)
+    from qgraph.ops import fixed_multiplier
+    cin, mid, cout = (48, 70, 24) if seed % 2 else (144, 24, 64)
+    k = 3 if seed % 3 == 1 else 1
+    geo1 = ConvGeometry((k, k), (1, 1), (1, 1), (k // 2,) * 4, 1)
+    geo2 = ConvGeometry((1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 1)
+    x = _operand(rng, (1 + seed % 2, cin, 7, 9 if seed < 3 else 8), 2, False)
+    w1 = _operand(rng, (mid, cin, k, k), 1, True, seed % 2 == 0)
+    w2 = _operand(rng, (cout, mid, 1, 1), 2, True)
+    fixed = seed % 2 == 0
+    def rq(n, zy, lo, hi):
+        scale = rng.uniform(0.001, 0.2, n).astype(np.float32)
+        mult, shift = fixed_multiplier(scale) if fixed else (np.zeros(n, np.int64), np.ones(n, np.int64))
+        return (rng.integers(-500, 500, n).astype(np.int32), scale, mult, shift, zy, lo, hi, fixed)
+    mid_t, (zy1, lo1, hi1) = [(np.uint8, (0, 0, 3)), (np.int8, (-2, -128, 127)), (np.uint8, (5, 0, 255))][seed % 3]
+    rq1, rq2 = rq(mid, zy1, lo1, hi1), rq(cout, 1, -128, 127)
+    b1, b2 = bitconv.pack_conv(w1, 1), bitconv.pack_conv(w2, 1)
+    y1 = conv_int(x, 0, pack_conv(w1, 1), 0, geo1, rq=rq1, out_dtype=mid_t)
+    want = conv_int(y1, zy1, pack_conv(w2, 1), 0, geo2, rq=rq2, out_dtype=np.int8)
+    for _ in range(2):                          # the second time through the layers' kept setups
+        planes = bitconv.conv(x, 0, b1, 0, geo1, rq=rq1, out_dtype=mid_t, planes_out=True)
+        assert planes.enc == bitconv.planes_encoding(lo1, hi1, mid_t)
+        assert np.array_equal(planes.values(), y1), _reproduce("planes_handed", seed)
+        got = bitconv.conv(planes, zy1, b2, 0, geo2, rq=rq2, out_dtype=np.int8)
+        assert np.array_equal(got, want), _reproduce("planes_handed", seed)
+    packed = bitconv.pack_planes(y1, planes.enc)                # the same planes from the int8 tensor
+    assert np.array_equal(packed.panels, planes.panels) and np.array_equal(packed.sums, planes.sums)
+
+
 def test_conv_padding_reads_the_zero_point_in_the_encoding():
     # +-1 activations with zero point 0 and padding: the padded 0s are values too (2 planes, not XOR)
     x = np.array([[[[1, -1], [-1, 1]]]], np.int8)

@@ -13,7 +13,11 @@ contenders alternate, best of --reps each, so load from other jobs slows them al
   conv   one QLinearConv layer (LeNet-5, digits CNN and MobileNetV2 shapes): ORT QLinearConv u8s8 on
          8-bit data vs our runtime's step with ``--kernel int8`` and with ``--kernel bitserial`` on
          data of the given widths (same shapes, our two outputs checked equal; +-1 activations use
-         zero point -1, so the zero padding is a +-1 code too and the XOR form applies).
+         zero point -1, so the zero padding is a +-1 code too and the XOR form applies). The pointwise
+         layers at W1A1 and W2A2 are also timed in the kernel itself (``conv_in_chain``): alone (int8 in,
+         range pass and packing included, int8 out) and inside a chain of bit-serial layers (planes in as a
+         producer writes them, planes out for a pointwise consumer), each against ORT in the same loop.
+         Those rows are not in the acceptance: the runtime does not hand planes between steps yet.
 
 GOP/s counts 2*M*N*K (each product-accumulate as two operations), for every contender alike.
 Prints the CPU (``bench_common.cpu_model``) and whether it has AVX2, AVX-512 VNNI, AMX-INT8 and
@@ -151,10 +155,10 @@ def _qlinear_conv(x_t, w, g, k, s, x_shape, zx):
                   [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
 
 
-def bench_conv(quick: bool, reps: int) -> list[dict]:
+def bench_conv(quick: bool, reps: int) -> tuple[list[dict], list[dict]]:
     from qgraph.kernels import lower, run
     rng = np.random.default_rng(1)
-    rows = []
+    rows, chain_rows = [], []
     for name, nb, cin, h, cout, k, s, g in (CONVS[:2] + CONVS[3:4] if quick else CONVS):
         x_shape = (nb, cin, h, h)
         oh = (h + 2 * (k // 2) - k) // s + 1
@@ -178,7 +182,50 @@ def bench_conv(quick: bool, reps: int) -> list[dict]:
             print(f"  conv {name:<28} {label(wb, ab):<11} bit-serial {row['bitserial_gops']:7.1f} GOP/s | "
                   f"ORT u8s8 {row['ort_u8s8_gops']:6.1f} (x{row['vs_ort']:.2f}) | ours int8 "
                   f"{row['ours_int8_gops']:6.1f} (x{row['vs_ours_int8']:.2f}) | equal {exact}", flush=True)
-    return rows
+            if k == 1 and s == 1 and g == 1 and (wb, ab) in CHAIN_WIDTHS:
+                chain_rows.append(_in_chain(name, ops, w, x, -1 if ab == 1 else 0, ort_sess, x8, reps, wb, ab))
+    return rows, chain_rows
+
+
+#: the widths whose pointwise layers are also timed as inside a chain of bit-serial layers (``_in_chain``)
+CHAIN_WIDTHS = [(1, 1), (2, 2)]
+
+
+def _in_chain(name, ops, w, x, zx, ort_sess, x8, reps, wb, ab) -> dict:
+    """One pointwise layer timed two ways in the bit-serial kernel itself (``bitconv.conv``, no runtime step
+    around it), each against the same ORT QLinearConv u8s8 in the same loop: ``alone`` reads the int8 tensor
+    (range pass and packing included) and writes int8; ``in chain`` reads planes as a bit-serial producer
+    writes them (``Planes``; no range pass, no packing) and writes its output as the planes of a bit-serial
+    pointwise consumer (``planes_out``). The output is requantized to [0, 3] (uint8: a ReLU-clipped 2-bit
+    activation, 2 planes) in both, and checked equal to the int8 kernel. At W1A1 the input planes are +-1:
+    a producer with binary (sign) activations, which qgraph's quantizer does not make (act_bits >= 2), so
+    that chain is hypothetical; W2A2 (2-bit in and out) is what ``quant:bits=2,act_bits=2`` gives."""
+    from qgraph.kernels import bitconv
+    from qgraph.kernels.conv import conv_int, pack_conv
+    from qgraph.ops import ConvGeometry, fixed_multiplier
+    cout = w.shape[0]
+    geo = ConvGeometry((1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 1)
+    scale = np.full(cout, 0.02, np.float32)
+    mult, shift = fixed_multiplier(scale)
+    rq = (np.zeros(cout, np.int32), scale, mult, shift, 0, 0, 3, True)
+    pc = bitconv.pack_conv(w, 1)
+    planes_in = bitconv.pack_planes(x)
+    want = conv_int(x, zx, pack_conv(w, 1), 0, geo, rq=rq, out_dtype=np.uint8)
+    alone = bitconv.conv(x, zx, pc, 0, geo, rq=rq, out_dtype=np.uint8)
+    chained = bitconv.conv(planes_in, zx, pc, 0, geo, rq=rq, out_dtype=np.uint8, planes_out=True)
+    exact = bool(np.array_equal(alone, want) and np.array_equal(chained.values(), want))
+    pc_alone = bitconv.pack_conv(w, 1)          # its own setup cache: the two calls do not rebuild each other's
+    t = best_of_each({"ort": lambda: ort_sess.run(None, {"x": x8}),
+                      "alone": lambda: bitconv.conv(x, zx, pc_alone, 0, geo, rq=rq, out_dtype=np.uint8),
+                      "chain": lambda: bitconv.conv(planes_in, zx, pc, 0, geo, rq=rq, out_dtype=np.uint8,
+                                                    planes_out=True)}, reps)
+    row = {"layer": name, "widths": label(wb, ab), "ort_u8s8_gops": ops / t["ort"] / 1e9,
+           "alone_gops": ops / t["alone"] / 1e9, "in_chain_gops": ops / t["chain"] / 1e9,
+           "alone_vs_ort": t["ort"] / t["alone"], "in_chain_vs_ort": t["ort"] / t["chain"], "equal_to_int8": exact}
+    print(f"       kernel alone {row['alone_gops']:7.1f} GOP/s (x{row['alone_vs_ort']:.2f} ORT) | in a chain "
+          f"(planes in, 2-bit planes out) {row['in_chain_gops']:7.1f} GOP/s (x{row['in_chain_vs_ort']:.2f} ORT) | "
+          f"equal {exact}", flush=True)
+    return row
 
 
 #: chains of real layers, run as whole quantized models (graph input and output float, as qgraph writes them):
@@ -286,6 +333,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {cell('W1A1 (xnor)', 'vs_ort', 'vs_ours_int8')} | "
                      f"{cell('W2A2', 'vs_ours_int8', 'vs_ort')} | {cell('W4A4', 'vs_ours_int8')} | "
                      f"{cell('W1A8', 'vs_ours_int8')} | {cell('W2A8', 'vs_ours_int8')} |")
+    chain = result.get("conv_in_chain", [])
+    if chain:
+        lines += ["", "| pointwise layer | widths | ORT u8s8 GOP/s | kernel alone ÷ ORT | in a chain ÷ ORT |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['widths']} | {r['ort_u8s8_gops']:.1f} | {r['alone_vs_ort']:.2f} | "
+                  f"{r['in_chain_vs_ort']:.2f} |" for r in chain]
     return "\n".join(lines)
 
 
@@ -314,7 +367,7 @@ def main(argv=None) -> int:
     if "gemm" in args.sections:
         result["gemm"] = bench_gemm(args.quick, args.reps)
     if "conv" in args.sections:
-        result["conv"] = bench_conv(args.quick, args.reps)
+        result["conv"], result["conv_in_chain"] = bench_conv(args.quick, args.reps)
     if "chain" in args.sections:
         result["chain"] = bench_chain(args.quick, args.reps)
     result["acceptance"] = acceptance(result.get("gemm", []) + result.get("conv", []))
@@ -324,6 +377,12 @@ def main(argv=None) -> int:
               f"{'met' if a['met'] else 'NOT met'}")
     met = sum(a["met"] for a in result["acceptance"])
     print(f"  {met} of {len(result['acceptance'])} met", flush=True)
+    if result.get("conv_in_chain"):
+        print("\npointwise layers, the kernel alone and inside a chain of bit-serial layers (x ORT u8s8; not counted "
+              "above: the runtime does not hand planes between steps yet):")
+        for r in result["conv_in_chain"]:
+            print(f"  {r['widths']:<11} {r['layer']:<28} alone x{r['alone_vs_ort']:.2f}  in a chain "
+                  f"x{r['in_chain_vs_ort']:.2f}  equal {r['equal_to_int8']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
     if args.markdown:
